@@ -1,0 +1,104 @@
+"""Contracts shared by data/, models/ and envs/: what an action chunk and a sample look like.
+
+This module imports nothing of ours, so every layer can depend on it without depending on each
+other (models/ knows nothing about files, data/ nothing about the network).
+
+Sample dict (what a dataset item holds; collate stacks along a new batch dim B):
+
+    images       uint8   [V, 3, H, W]   V cameras, in the order of the data config's `cameras`
+    proprio      float32 [S]            proprioception (Meta-World: hand xyz + gripper opening)
+    instruction  str                    one phrasing of the task's instruction
+    actions      float32 [T, A]         the next T actions (or keyframes), raw units
+    action_mask  bool    [T]            False for steps padded past the episode's end
+    task         str                    task name, e.g. "reach-v3" or "close_jar"
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+COMPONENT_KINDS = ("position", "quaternion", "gripper", "raw")
+"""How the action decoder and the normalizer treat a slice of the action vector:
+
+- position:   Cartesian coordinates; min/max normalized to [-1, 1].
+- quaternion: [qx, qy, qz, qw]; decoded to unit length with qw >= 0 (sign-canonical), never
+              rescaled by the normalizer (rescaling would break unit length).
+- gripper:    open (1) / closed (0); decoded in [0, 1], never rescaled.
+- raw:        any other continuous value (Meta-World's xyz deltas and gripper effort); min/max
+              normalized to [-1, 1].
+"""
+
+
+@dataclass(frozen=True)
+class ActionComponent:
+    name: str
+    kind: str
+    dim: int
+
+    def __post_init__(self) -> None:
+        if self.kind not in COMPONENT_KINDS:
+            raise ValueError(
+                f"action component {self.name!r} has kind {self.kind!r}; "
+                f"expected one of {COMPONENT_KINDS}"
+            )
+        if self.kind == "quaternion" and self.dim != 4:
+            raise ValueError(f"action component {self.name!r}: a quaternion has dim 4, got {self.dim}")
+        if self.dim < 1:
+            raise ValueError(f"action component {self.name!r}: dim must be >= 1, got {self.dim}")
+
+
+@dataclass(frozen=True)
+class ActionSpec:
+    """The layout of one action vector, read from the data config (`data.action_spec`)."""
+
+    components: tuple[ActionComponent, ...]
+
+    @property
+    def dim(self) -> int:
+        return sum(c.dim for c in self.components)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.components)
+
+    def slices(self) -> dict[str, slice]:
+        """Where each component sits in the action vector, by name."""
+        out, start = {}, 0
+        for c in self.components:
+            out[c.name] = slice(start, start + c.dim)
+            start += c.dim
+        return out
+
+    def to_config(self) -> dict:
+        return {"components": [{"name": c.name, "kind": c.kind, "dim": c.dim} for c in self.components]}
+
+    @classmethod
+    def from_config(cls, cfg: Mapping | Iterable) -> ActionSpec:
+        """Build from `{"components": [{name, kind, dim}, ...]}` (a dict or an OmegaConf node)."""
+        components = cfg["components"] if isinstance(cfg, Mapping) or hasattr(cfg, "keys") else cfg
+        built = tuple(ActionComponent(str(c["name"]), str(c["kind"]), int(c["dim"])) for c in components)
+        if not built:
+            raise ValueError("action_spec has no components")
+        names = [c.name for c in built]
+        if len(set(names)) != len(names):
+            raise ValueError(f"action_spec has duplicate component names: {names}")
+        return cls(built)
+
+
+RLBENCH_ACTION_SPEC = ActionSpec(
+    (
+        ActionComponent("position", "position", 3),
+        ActionComponent("rotation", "quaternion", 4),
+        ActionComponent("gripper", "gripper", 1),
+    )
+)
+"""RLBench end-effector actions `[x, y, z, qx, qy, qz, qw, gripper_open]`."""
+
+METAWORLD_ACTION_SPEC = ActionSpec(
+    (
+        ActionComponent("delta_position", "raw", 3),
+        ActionComponent("gripper_effort", "raw", 1),
+    )
+)
+"""Meta-World actions `[dx, dy, dz, gripper]`, each in [-1, 1]."""
