@@ -24,10 +24,13 @@ CASES = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py") if p.stem not 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("cases", nargs="*", choices=CASES + [[]], default=[], help=f"subset of {CASES}")
+    parser.add_argument("cases", nargs="*", help=f"any of {CASES} (default: all)")
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument("--json", type=pathlib.Path, help="also write the rows to this JSON file")
     args = parser.parse_args()
+    unknown = sorted(set(args.cases) - set(CASES))
+    if unknown:
+        parser.error(f"unknown case(s) {unknown}; choose from {CASES}")
     rows = []
     for case in args.cases or CASES:
         rows += importlib.import_module(f"benchmarks.{case}").run(args)
