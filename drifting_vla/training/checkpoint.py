@@ -1,0 +1,367 @@
+"""Checkpoints that survive a crash mid-write, and resume to bit-identical training on CPU.
+
+Layout, one directory per optimizer step:
+
+    checkpoints/
+      step_00001000/
+        model.safetensors     the model's weights (what `from_pretrained`-style loading reads)
+        ema.safetensors       the EMA shadow weights (what is evaluated and exported)
+        trainer_state.pt      optimizer, scheduler, RNG states, step, sampler position, extra
+        config.yaml           the resolved config of the run
+        normalization.json    the action/proprio normalization statistics
+        complete              written last: {"step": ..., "files": {name: size in bytes}}
+      .partial-step_00002000-<pid>/   a write in progress (or a crash); never read
+
+A checkpoint is written into a hidden temporary directory beside the final one and renamed into
+place with `os.replace`, which is atomic on POSIX file systems: a reader sees either no
+`step_00002000` or a whole one. The `complete` marker, with the size of every file, also catches
+copies that were cut short (rsync, a full disk on a network file system).
+
+`trainer_state.pt` holds only tensors and plain Python values, so it loads with
+`torch.load(weights_only=True)`: a checkpoint from somewhere else cannot run code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_file, load_model, save_file, save_model
+from torch import nn
+
+from drifting_vla.training.ema import EMA
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.safetensors"
+EMA_FILE = "ema.safetensors"
+TRAINER_STATE_FILE = "trainer_state.pt"
+CONFIG_FILE = "config.yaml"
+NORMALIZATION_FILE = "normalization.json"
+COMPLETE_MARKER = "complete"
+_STEP_DIR = re.compile(r"^step_(\d{8,})$")
+
+
+def checkpoint_dir_name(step: int) -> str:
+    """`step_00001000` for step 1000: zero-padded so names sort like steps."""
+    return f"step_{step:08d}"
+
+
+# --------------------------------------------------------------------------------------------
+# RNG states
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """The state of every random generator a training step draws from: python, numpy, torch, cuda.
+
+    numpy's key array is stored as a torch tensor so the result loads with `weights_only=True`.
+    """
+    numpy_state = np.random.get_state(legacy=False)
+    state = {
+        "python": random.getstate(),
+        "numpy": {
+            "bit_generator": numpy_state["bit_generator"],
+            "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+            "pos": int(numpy_state["state"]["pos"]),
+            "has_gauss": int(numpy_state["has_gauss"]),
+            "gauss": float(numpy_state["gauss"]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Put back what `capture_rng_state` captured; the next draws repeat the captured run's draws."""
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    numpy_state = state["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": numpy_state["bit_generator"],
+            "state": {
+                "key": numpy_state["key"].numpy().astype(np.uint32),
+                "pos": numpy_state["pos"],
+            },
+            "has_gauss": numpy_state["has_gauss"],
+            "gauss": numpy_state["gauss"],
+        }
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        _restore_cuda_rng_state(state["cuda"])
+
+
+def _restore_cuda_rng_state(cuda_states: list[torch.Tensor]) -> None:
+    if not torch.cuda.is_available():
+        log.warning(
+            "the checkpoint has CUDA RNG states but no GPU is visible; they are not restored"
+        )
+        return
+    if len(cuda_states) != torch.cuda.device_count():
+        log.warning(
+            "the checkpoint has CUDA RNG states for %d devices but %d are visible; not restored, so "
+            "GPU random draws will differ from the original run",
+            len(cuda_states),
+            torch.cuda.device_count(),
+        )
+        return
+    torch.cuda.set_rng_state_all(cuda_states)
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+def _json_default(value: Any) -> Any:
+    """Tensors and arrays in the normalization stats become nested lists."""
+    if isinstance(value, torch.Tensor | np.ndarray | np.generic):
+        return value.tolist()
+    raise TypeError(f"normalization stats hold a {type(value).__name__}, which is not JSON data")
+
+
+def _fsync_path(path: Path) -> None:
+    """Flush a file or directory to disk, so a power loss cannot reorder the rename before the data."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_files(
+    target: Path,
+    *,
+    step: int,
+    model: nn.Module,
+    ema: EMA,
+    trainer_state: dict[str, Any],
+    config: Mapping,
+    normalization: Mapping,
+) -> None:
+    """Every checkpoint file except the marker, into the (temporary) directory `target`."""
+    save_model(model, str(target / MODEL_FILE), metadata={"step": str(step)})
+    save_file(
+        {k: v.contiguous() for k, v in ema.state_dict().items()},
+        str(target / EMA_FILE),
+        metadata={"step": str(step)},
+    )
+    torch.save(trainer_state, target / TRAINER_STATE_FILE)
+    (target / CONFIG_FILE).write_text(yaml.safe_dump(dict(config), sort_keys=False))
+    (target / NORMALIZATION_FILE).write_text(
+        json.dumps(dict(normalization), indent=2, default=_json_default)
+    )
+
+
+def _write_complete_marker(target: Path, step: int) -> None:
+    files = {p.name: p.stat().st_size for p in sorted(target.iterdir())}
+    for name in files:
+        _fsync_path(target / name)
+    (target / COMPLETE_MARKER).write_text(json.dumps({"step": step, "files": files}, indent=2))
+    _fsync_path(target / COMPLETE_MARKER)
+
+
+def _remove_stale_partials(checkpoints_dir: Path) -> None:
+    """Temporary directories left by a run that died while writing a checkpoint."""
+    for stale in checkpoints_dir.glob(".partial-*"):
+        log.warning("removing a partial checkpoint left by an interrupted write: %s", stale)
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def save_checkpoint(
+    checkpoints_dir: str | os.PathLike,
+    *,
+    step: int,
+    model: nn.Module,
+    ema: EMA,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    config: Mapping,
+    normalization: Mapping,
+    sampler_state: Mapping | None = None,
+    extra: Mapping | None = None,
+) -> Path:
+    """Write `checkpoints_dir/step_XXXXXXXX/` atomically and return its path.
+
+    `model` is the unwrapped module (`ddp.module`), `config` the resolved config as plain data
+    (`OmegaConf.to_container(cfg, resolve=True)`), `normalization` JSON-able stats (tensors and
+    arrays are converted), `sampler_state` where the data sampler stands (epoch, index), `extra`
+    any other plain data the trainer needs back. The RNG states are captured here, so call this at
+    the point the resumed run should continue from. Call it on rank 0 only.
+    """
+    checkpoints_dir = Path(checkpoints_dir)
+    checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(checkpoints_dir)
+    final = checkpoints_dir / checkpoint_dir_name(step)
+    partial_dir = checkpoints_dir / f".partial-{final.name}-{os.getpid()}"
+    partial_dir.mkdir()
+    trainer_state = {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": capture_rng_state(),
+        "sampler": dict(sampler_state or {}),
+        "extra": dict(extra or {}),
+    }
+    _write_files(
+        partial_dir,
+        step=step,
+        model=model,
+        ema=ema,
+        trainer_state=trainer_state,
+        config=config,
+        normalization=normalization,
+    )
+    _write_complete_marker(partial_dir, step)
+    _replace_directory(partial_dir, final)
+    _fsync_path(checkpoints_dir)
+    return final
+
+
+def _replace_directory(source: Path, final: Path) -> None:
+    """Rename `source` to `final`; an existing `final` (the same step saved again) is swapped out."""
+    if not final.exists():
+        os.replace(source, final)
+        return
+    retired = final.with_name(f".partial-retired-{final.name}-{os.getpid()}")
+    os.replace(final, retired)
+    os.replace(source, final)
+    shutil.rmtree(retired)
+
+
+# --------------------------------------------------------------------------------------------
+# Finding and pruning
+
+
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """Why the checkpoint directory at `path` cannot be resumed from, or None when it is whole."""
+    path = Path(path)
+    marker = path / COMPLETE_MARKER
+    if not marker.is_file():
+        return f"no '{COMPLETE_MARKER}' marker (the write did not finish)"
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (ValueError, KeyError) as error:
+        return f"unreadable '{COMPLETE_MARKER}' marker ({error})"
+    for name, size in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"'{name}' is missing"
+        if file.stat().st_size != size:
+            return f"'{name}' has {file.stat().st_size} bytes, the marker says {size}"
+    return None
+
+
+def _step_dirs(checkpoints_dir: Path) -> list[tuple[int, Path]]:
+    """`(step, path)` of every `step_*` directory, newest first."""
+    if not checkpoints_dir.is_dir():
+        return []
+    found = []
+    for path in checkpoints_dir.iterdir():
+        match = _STEP_DIR.match(path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    return sorted(found, reverse=True)
+
+
+def find_latest_valid_checkpoint(checkpoints_dir: str | os.PathLike) -> Path | None:
+    """The newest whole checkpoint under `checkpoints_dir` (for `training.resume=auto`), or None.
+
+    Incomplete or damaged ones are skipped with a warning that names them and says why.
+    """
+    for _, path in _step_dirs(Path(checkpoints_dir)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        log.warning("skipping checkpoint %s: %s", path, problem)
+    return None
+
+
+def prune_checkpoints(checkpoints_dir: str | os.PathLike, keep_last: int) -> list[Path]:
+    """Delete whole checkpoints older than the newest `keep_last`; returns what was deleted.
+
+    Damaged directories are left for a person to inspect (`find_latest_valid_checkpoint` names them).
+    """
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1 (the checkpoint to resume from), got {keep_last}")
+    whole = [
+        path for _, path in _step_dirs(Path(checkpoints_dir)) if checkpoint_problem(path) is None
+    ]
+    deleted = whole[keep_last:]
+    for path in deleted:
+        shutil.rmtree(path)
+    return deleted
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+@dataclass
+class ResumeState:
+    """What a checkpoint gives back beyond the objects it restores in place."""
+
+    path: Path
+    step: int
+    sampler_state: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+    normalization: dict = field(default_factory=dict)
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    model: nn.Module,
+    ema: EMA,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> ResumeState:
+    """Restore model, EMA, optimizer, scheduler and every RNG from the checkpoint at `path`.
+
+    Build the objects exactly as for a fresh run first (same config), then call this. The model's
+    weights are loaded strictly: a checkpoint from another architecture is an error, not a silent
+    partial load.
+    """
+    path = Path(path)
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise FileNotFoundError(
+            f"cannot resume from {path}: {problem}. Use find_latest_valid_checkpoint() to pick a "
+            "whole one, or start a fresh run."
+        )
+    device = next(model.parameters()).device
+    missing, unexpected = load_model(
+        model, str(path / MODEL_FILE), strict=False, device=str(device)
+    )
+    if missing or unexpected:
+        raise KeyError(
+            f"{path / MODEL_FILE} does not match the model: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}. Was it written with the same model config?"
+        )
+    ema.load_state_dict(load_file(str(path / EMA_FILE), device=str(device)))
+    state = torch.load(path / TRAINER_STATE_FILE, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    restore_rng_state(state["rng"])
+    return ResumeState(
+        path=path,
+        step=int(state["step"]),
+        sampler_state=state["sampler"],
+        extra=state["extra"],
+        config=yaml.safe_load((path / CONFIG_FILE).read_text()) or {},
+        normalization=json.loads((path / NORMALIZATION_FILE).read_text()),
+    )

@@ -1,0 +1,180 @@
+"""Atomic checkpoints, resume=auto, pruning, and a resume that is bit-identical on CPU."""
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from drifting_vla.training import checkpoint as ckpt
+from drifting_vla.training.checkpoint import (
+    capture_rng_state,
+    find_latest_valid_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    restore_rng_state,
+    save_checkpoint,
+)
+from drifting_vla.training.ema import EMA
+from drifting_vla.training.optimizer import OptimizerConfig, build_optimizer, build_scheduler
+
+CONFIG = {"model": {"hidden": 8}, "training": {"learning_rate": 1e-2}}
+NORMALIZATION = {"actions": {"min": np.zeros(4, dtype=np.float32), "max": torch.ones(4)}}
+
+
+class Run:
+    """Model, EMA, optimizer and scheduler built the same way a fresh run builds them."""
+
+    def __init__(self, seed: int = 0) -> None:
+        torch.manual_seed(seed)
+        self.model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 4))
+        self.ema = EMA(self.model, max_decay=0.9)
+        cfg = OptimizerConfig(learning_rate=1e-2, warmup_steps=2, max_steps=20)
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+
+    def train_step(self, step: int) -> None:
+        """One step whose inputs come from all three RNGs, so a wrong restore changes the weights."""
+        x = torch.randn(16, 4) + float(np.random.rand()) + random.random()
+        loss = (self.model(x) - x.flip(1)).pow(2).mean()
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.ema.update(self.model, step)
+
+    def save(self, directory: Path, step: int) -> Path:
+        return save_checkpoint(
+            directory,
+            step=step,
+            model=self.model,
+            ema=self.ema,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            config=CONFIG,
+            normalization=NORMALIZATION,
+            sampler_state={"epoch": 0, "index": step * 16},
+        )
+
+    def load(self, path: Path) -> ckpt.ResumeState:
+        return load_checkpoint(
+            path, model=self.model, ema=self.ema, optimizer=self.optimizer, scheduler=self.scheduler
+        )
+
+
+def test_checkpoint_directory_holds_every_file_and_the_complete_marker(tmp_path):
+    path = Run().save(tmp_path, step=1000)
+    assert path.name == "step_00001000"
+    names = {p.name for p in path.iterdir()}
+    assert names == {
+        "model.safetensors",
+        "ema.safetensors",
+        "trainer_state.pt",
+        "config.yaml",
+        "normalization.json",
+        "complete",
+    }
+    assert json.loads((path / "normalization.json").read_text())["actions"]["max"] == [1.0] * 4
+
+
+def test_resumed_run_is_bit_identical_to_an_uninterrupted_run(tmp_path):
+    torch.manual_seed(1), np.random.seed(1), random.seed(1)
+    reference = Run()
+    for step in range(6):
+        reference.train_step(step)
+
+    torch.manual_seed(1), np.random.seed(1), random.seed(1)
+    interrupted = Run()
+    for step in range(3):
+        interrupted.train_step(step)
+    path = interrupted.save(tmp_path, step=3)
+    for step in range(3, 5):  # work lost to the crash, on a different RNG stream
+        interrupted.train_step(step)
+
+    resumed = Run(seed=123)
+    state = resumed.load(path)
+    assert state.step == 3 and state.sampler_state == {"epoch": 0, "index": 48}
+    assert state.config == CONFIG
+    for step in range(state.step, 6):
+        resumed.train_step(step)
+
+    for (name, a), b in zip(
+        reference.model.state_dict().items(), resumed.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    for name, a in reference.ema.state_dict().items():
+        assert torch.equal(a, resumed.ema.state_dict()[name]), name
+    assert resumed.scheduler.get_last_lr() == reference.scheduler.get_last_lr()
+
+
+def test_rng_round_trip_repeats_the_next_draws():
+    state = capture_rng_state()
+    first = (random.random(), np.random.rand(), np.random.randn(), torch.rand(3))
+    restore_rng_state(state)
+    second = (random.random(), np.random.rand(), np.random.randn(), torch.rand(3))
+    assert first[:3] == second[:3] and torch.equal(first[3], second[3])
+
+
+def test_crash_mid_write_leaves_the_previous_checkpoint_valid(tmp_path, monkeypatch):
+    run = Run()
+    good = run.save(tmp_path, step=10)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(ckpt, "_write_complete_marker", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run.save(tmp_path, step=20)
+    assert not (tmp_path / "step_00000020").exists()
+    assert find_latest_valid_checkpoint(tmp_path) == good
+
+    monkeypatch.undo()
+    run.save(tmp_path, step=30)
+    assert not list(tmp_path.glob(".partial-*")), "the next save cleans up the interrupted write"
+
+
+def test_find_latest_skips_incomplete_and_truncated_checkpoints_with_a_warning(tmp_path, caplog):
+    run = Run()
+    good = run.save(tmp_path, step=1)
+    truncated = run.save(tmp_path, step=2)
+    with open(truncated / "model.safetensors", "r+b") as f:
+        f.truncate(10)
+    unfinished = run.save(tmp_path, step=3)
+    (unfinished / "complete").unlink()
+
+    with caplog.at_level("WARNING"):
+        assert find_latest_valid_checkpoint(tmp_path) == good
+    assert "step_00000003" in caplog.text and "marker" in caplog.text
+    assert "step_00000002" in caplog.text and "model.safetensors" in caplog.text
+    with pytest.raises(FileNotFoundError, match="find_latest_valid_checkpoint"):
+        run.load(unfinished)
+
+
+def test_find_latest_in_an_empty_or_missing_directory_is_none(tmp_path):
+    assert find_latest_valid_checkpoint(tmp_path / "nothing") is None
+
+
+def test_prune_keeps_the_newest_k_whole_checkpoints(tmp_path):
+    run = Run()
+    paths = [run.save(tmp_path, step=s) for s in (5, 10, 15, 20)]
+    deleted = prune_checkpoints(tmp_path, keep_last=2)
+    assert sorted(deleted) == paths[:2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000015", "step_00000020"]
+
+
+def test_saving_the_same_step_again_replaces_it(tmp_path):
+    run = Run()
+    run.save(tmp_path, step=7)
+    run.save(tmp_path, step=7)
+    assert find_latest_valid_checkpoint(tmp_path).name == "step_00000007"
+
+
+def test_loading_into_another_architecture_is_an_error(tmp_path):
+    path = Run().save(tmp_path, step=1)
+    other = Run()
+    other.model[2] = nn.Linear(8, 5)
+    with pytest.raises(Exception, match="does not match|size|shape"):
+        other.load(path)
