@@ -1,0 +1,173 @@
+"""DriftingLoss: the multi-temperature, normalized drifting objective (DRIFTING.md, section 3).
+
+    x [B, G, ...] generated  --flatten-->  B problems of G samples, D features
+                                           (or B*T problems of D = A with per-timestep problems)
+    S      = weighted mean generated-to-target distance over ALL problems (global across ranks)
+    s_in   = S / sqrt(D)                   work in x / s_in: the mean distance is about sqrt(D)
+    V_T    = field at temperature T on distances / S, in x / s_in coordinates
+    lambda_T = RMS of V_T over all problems and dims (global across ranks)
+    V      = sum_T V_T / lambda_T          normalized per temperature, then summed
+    loss   = mean((x / s_in - stopgrad(x / s_in + V))^2)
+
+The loss value sits around 1..9 by construction and never reaches zero; its gradient is
+d loss / d x = -2 V / (numel(x) * s_in). Convergence is read from `lambda_V` and the
+per-temperature `raw_drift_norm/<T>`, which do go down.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from drifting_vla.training.drifting_field import drift_from_distances, pairwise_distances
+
+
+@dataclass
+class DriftingOutput:
+    """`loss`: scalar to backpropagate. `field`: the normalized field V in x's own coordinates
+    (`V * s_in`, shaped like x), i.e. where this step moves each sample. `metrics`: 0-dim detached
+    tensors (no host sync until the caller logs them)."""
+
+    loss: Tensor
+    field: Tensor
+    metrics: dict[str, Tensor]
+
+
+class DriftingLoss(nn.Module):
+    """One drift problem per condition; statistics global across data-parallel ranks; fp32 math.
+
+    Args:
+        temperatures: kernel temperatures, in units of the feature scale S.
+        affinity_floor: the release's `sqrt(max(A_row * A_col, floor))`; 0 is Algorithm 2 exactly.
+        per_timestep: for x `[B, G, T, A]`, make each chunk step its own problem over A
+            (B*T problems) instead of one problem over the flattened chunk (D = T*A).
+    """
+
+    def __init__(
+        self,
+        temperatures: Sequence[float] = (0.02, 0.05, 0.2),
+        *,
+        affinity_floor: float = 1e-6,
+        per_timestep: bool = False,
+    ) -> None:
+        super().__init__()
+        if not temperatures or any(t <= 0 for t in temperatures):
+            raise ValueError(f"temperatures must be a non-empty list of positive numbers, got {temperatures}")
+        self.temperatures = tuple(float(t) for t in temperatures)
+        self.affinity_floor = affinity_floor
+        self.per_timestep = per_timestep
+
+    def forward(
+        self,
+        x: Tensor,
+        y_pos: Tensor,
+        y_neg: Tensor | None = None,
+        neg_weight: float | Tensor = 1.0,
+    ) -> DriftingOutput:
+        """x `[B, G, ...]` generated; y_pos `[B, P, ...]` expert samples of the same condition;
+        y_neg `[B, K, ...]` optional unconditional negatives (e.g. expert chunks of OTHER
+        observations, for guidance) with weight `neg_weight` (scalar or `[K]`), the paper's
+        `(alpha - 1)(G - 1) / K`. The generated samples are always negatives too (self-masked)."""
+        _check_shapes(x, y_pos, y_neg)
+        gen = self._problems(x)
+        extra = [] if y_neg is None else [self._problems(y_neg.detach())]
+        pos = self._problems(y_pos.detach())
+        num_problems, num_gen, feat_dim = gen.shape
+
+        with torch.no_grad():
+            gen_fixed = gen.detach().float()
+            targets = torch.cat([gen_fixed, *[e.float() for e in extra], pos.float()], dim=1)
+            weights = self._column_weights(num_gen, extra, pos.shape[1], neg_weight, gen.device)
+            distances = pairwise_distances(gen_fixed, targets)
+
+            weighted_sum = (distances * weights).sum()
+            weight_total = weights.sum() * num_gen * num_problems
+            weighted_sum, weight_total = _global_sums(torch.stack([weighted_sum, weight_total]))
+            feature_scale = (weighted_sum / weight_total).clamp_min(1e-12)
+            s_in = feature_scale / math.sqrt(feat_dim)
+
+            x_scaled, targets_scaled = gen_fixed / s_in, targets / s_in
+            raw_fields = [
+                drift_from_distances(
+                    distances / feature_scale,
+                    x_scaled,
+                    targets_scaled,
+                    num_negatives=targets.shape[1] - pos.shape[1],
+                    temperature=t,
+                    negatives_are_x=True,
+                    column_weights=weights,
+                    affinity_floor=self.affinity_floor,
+                )
+                for t in self.temperatures
+            ]
+            summed_raw = torch.stack(raw_fields).sum(0)
+            squares = torch.stack([v.square().sum() for v in [*raw_fields, summed_raw]])
+            count = torch.tensor(float(summed_raw.numel()), device=gen.device)
+            sums = _global_sums(torch.cat([squares, count[None]]))
+            rms = (sums[:-1] / sums[-1]).sqrt()
+            lambdas = rms[:-1].clamp_min(1e-4)
+            field_scaled = sum(v / lam for v, lam in zip(raw_fields, lambdas, strict=True))
+            goal = x_scaled + field_scaled
+
+        loss = (gen.float() / s_in - goal).square().mean()
+        metrics = {
+            "loss": loss.detach(),
+            "lambda_V": rms[-1],
+            "raw_drift_norm": rms[-1] * s_in,
+            "feature_scale": feature_scale,
+            **{f"raw_drift_norm/{t:g}": lam for t, lam in zip(self.temperatures, rms[:-1], strict=True)},
+        }
+        return DriftingOutput(loss=loss, field=self._unproblems(field_scaled * s_in, x.shape), metrics=metrics)
+
+    def _problems(self, samples: Tensor) -> Tensor:
+        """`[B, S, ...]` -> `[problems, S, D]`: one problem per condition, or per chunk step."""
+        if self.per_timestep:
+            if samples.dim() != 4:
+                raise ValueError(f"per_timestep needs [B, G, T, A] inputs, got shape {tuple(samples.shape)}")
+            b, s, t, a = samples.shape
+            return samples.permute(0, 2, 1, 3).reshape(b * t, s, a)
+        return samples.flatten(2)
+
+    def _unproblems(self, field: Tensor, shape: torch.Size) -> Tensor:
+        if self.per_timestep:
+            b, g, t, a = shape
+            return field.reshape(b, t, g, a).permute(0, 2, 1, 3)
+        return field.reshape(shape)
+
+    @staticmethod
+    def _column_weights(
+        num_gen: int, extra: list[Tensor], num_pos: int, neg_weight: float | Tensor, device: torch.device
+    ) -> Tensor:
+        """Weights of the target columns `[C]`: 1 for generated and positive columns, the
+        guidance weight for unconditional negatives."""
+        parts = [torch.ones(num_gen, device=device)]
+        if extra:
+            k = extra[0].shape[1]
+            parts.append(torch.as_tensor(neg_weight, dtype=torch.float32, device=device).expand(k).clone())
+        parts.append(torch.ones(num_pos, device=device))
+        return torch.cat(parts)
+
+
+def _check_shapes(x: Tensor, y_pos: Tensor, y_neg: Tensor | None) -> None:
+    for name, y in (("y_pos", y_pos), ("y_neg", y_neg)):
+        if y is not None and (y.shape[0] != x.shape[0] or y.shape[2:] != x.shape[2:]):
+            raise ValueError(
+                f"{name} has shape {tuple(y.shape)} but x has {tuple(x.shape)}: expected [B, *, "
+                f"{', '.join(map(str, x.shape[2:]))}] with the same B (one drift problem per condition)"
+            )
+    if x.shape[1] < 2:
+        raise ValueError(f"x has G={x.shape[1]} samples per condition; the drifting loss needs G >= 2")
+
+
+def _global_sums(values: Tensor) -> Tensor:
+    """Sum a small vector of statistics over all data-parallel ranks (identity when not distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
