@@ -1,0 +1,149 @@
+"""The embedded Meta-World demonstrations: on-disk store and dataset.
+
+On-disk format (one folder per collection config, one sub-folder per task):
+
+    <root>/<config hash>/
+        collection.json              the collection config the hash was made from
+        <task>/
+            images.npy   uint8   [N, V, 3, H, W]   all steps of all episodes, back to back
+            proprio.npy  float32 [N, 4]            hand xyz + gripper opening
+            state.npy    float32 [N, 39]           Meta-World's full state (privileged baseline)
+            actions.npy  float32 [N, 4]            expert action taken at that step
+            episode_ends.npy int64 [E]             exclusive end row of each episode
+            seeds.npy    int64   [E]               reset seed of each kept episode
+            meta.json                              written last: marks the task complete
+
+Why plain `.npy`: images are stored uint8 and uncompressed, so `np.load(mmap_mode="r")` gives O(1)
+random access with no decoding; loader workers share the OS page cache instead of each holding a
+copy; nothing beyond numpy is needed to read it (any language with an .npy reader can). The
+default set (5 tasks, 2 cameras at 64x64) is a few hundred MB. PNG/MP4 would be smaller but cost
+a decode per sample; zarr/HDF5 would add a dependency for no gain at this size.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from drifting_vla.data.transforms import action_window
+
+ARRAYS = ("images", "proprio", "state", "actions")
+FORMAT_VERSION = 1
+
+
+def write_task_store(task_dir: pathlib.Path, episodes: list[dict], meta: dict) -> None:
+    """Write the kept episodes of one task atomically (a temp folder renamed into place)."""
+    task_dir = pathlib.Path(task_dir)
+    if not episodes:
+        raise ValueError(f"no successful episodes to write for {task_dir.name}: {meta}")
+    tmp = task_dir.with_name(task_dir.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    for key in ARRAYS:
+        np.save(tmp / f"{key}.npy", np.concatenate([ep[key] for ep in episodes]))
+    np.save(tmp / "episode_ends.npy", np.cumsum([len(ep["actions"]) for ep in episodes]).astype(np.int64))
+    np.save(tmp / "seeds.npy", np.array([ep["seed"] for ep in episodes], dtype=np.int64))
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    tmp.rename(task_dir)
+
+
+def task_store_complete(task_dir: pathlib.Path) -> bool:
+    return (pathlib.Path(task_dir) / "meta.json").is_file()
+
+
+class MetaWorldDataset(Dataset):
+    """Items are sample dicts (`drifting_vla.specs`): for step t of an episode, the observation at t
+    and the expert actions t .. t+T-1, padded with the last action past the episode's end.
+
+        step:     t   t+1 ... t+T-1
+        images    o_t
+        actions   a_t a_t+1 ... a_t+T-1   (mask False where past the end)
+    """
+
+    def __init__(
+        self,
+        store_dir: str | pathlib.Path,
+        tasks: list[str],
+        cameras: list[str],
+        horizon: int,
+        privileged_state: bool = False,
+    ) -> None:
+        self.store_dir = pathlib.Path(store_dir)
+        self.tasks = list(tasks)
+        self.horizon = int(horizon)
+        self.privileged_state = privileged_state
+        if not self.tasks:
+            raise ValueError("MetaWorldDataset: the task list is empty")
+        collection = json.loads((self.store_dir / "collection.json").read_text())
+        stored_cameras = list(collection["cameras"])
+        missing = [c for c in cameras if c not in stored_cameras]
+        if missing or not cameras:
+            raise ValueError(
+                f"camera(s) {missing or cameras} not in the collected demos at {self.store_dir} "
+                f"(collected: {stored_cameras}); recollect with these cameras or choose among them"
+            )
+        self.cameras = list(cameras)
+        self._camera_index = [stored_cameras.index(c) for c in cameras]
+        self.instructions, self._ends, self._index = {}, [], []
+        for task_id, task in enumerate(self.tasks):
+            task_dir = self.store_dir / task
+            if not task_store_complete(task_dir):
+                raise FileNotFoundError(
+                    f"no complete demos for task {task!r} in {task_dir}; run scripts/collect_demos.py "
+                    f"(collected tasks: {sorted(p.name for p in self.store_dir.iterdir() if task_store_complete(p))})"
+                )
+            self.instructions[task] = json.loads((task_dir / "meta.json").read_text())["instruction"]
+            ends = np.load(task_dir / "episode_ends.npy")
+            self._ends.append(ends)
+            starts = np.concatenate([[0], ends[:-1]])
+            for start, end in zip(starts, ends, strict=True):
+                rows = np.arange(start, end)
+                self._index.append(np.stack([np.full_like(rows, task_id), rows, np.full_like(rows, end)], 1))
+        self._index = np.concatenate(self._index) if self._index else np.zeros((0, 3), dtype=np.int64)
+        if len(self._index) == 0:
+            raise ValueError(f"MetaWorldDataset at {self.store_dir} has no samples for tasks {self.tasks}")
+        self._arrays: list[dict] | None = None  # memmaps, opened lazily in each worker process
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __getitem__(self, i: int) -> dict:
+        task_id, row, end = (int(v) for v in self._index[i])
+        arrays = self._open()[task_id]
+        chunk, mask = action_window(arrays["actions"][row:end], 0, self.horizon)
+        item = {
+            "images": torch.from_numpy(np.ascontiguousarray(arrays["images"][row, self._camera_index])),
+            "proprio": torch.from_numpy(np.array(arrays["proprio"][row])),
+            "instruction": self.instructions[self.tasks[task_id]],
+            "actions": torch.from_numpy(chunk),
+            "action_mask": torch.from_numpy(mask),
+            "task": self.tasks[task_id],
+        }
+        if self.privileged_state:
+            item["state"] = torch.from_numpy(np.array(arrays["state"][row]))
+        return item
+
+    def all_actions(self) -> np.ndarray:
+        """Every action of every episode, float32 [N, 4] (for normalization statistics)."""
+        return np.concatenate([a["actions"] for a in self._open()])
+
+    def all_proprio(self) -> np.ndarray:
+        return np.concatenate([a["proprio"] for a in self._open()])
+
+    def episodes(self, task: str) -> int:
+        return len(self._ends[self.tasks.index(task)])
+
+    def __getstate__(self) -> dict:
+        # A pickled memmap would copy the whole array into every worker: reopen there instead.
+        return {**self.__dict__, "_arrays": None}
+
+    def _open(self) -> list[dict]:
+        if self._arrays is None:
+            self._arrays = [
+                {key: np.load(self.store_dir / task / f"{key}.npy", mmap_mode="r") for key in ARRAYS}
+                for task in self.tasks
+            ]
+        return self._arrays

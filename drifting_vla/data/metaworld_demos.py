@@ -1,0 +1,134 @@
+"""Collect (and cache) the Meta-World expert demonstrations.
+
+    store = ensure_metaworld_demos(data_cfg)      # collects what is missing, returns the store dir
+
+Deterministic for a config: episode k of a task starts from `reset(seed=train_seeds.start + k)`,
+failed expert episodes are dropped (and counted in `meta.json`), and kept episodes are written in
+seed order whatever the number of workers. The store folder is named by a hash of everything that
+changes its content, so a changed config never reads stale demos and an unchanged one is not
+collected twice.
+
+Collection runs the simulator through `drifting_vla.envs.metaworld_env.MetaWorldEnv`, the same
+wrapper the closed-loop evaluation uses (imported lazily: reading demos needs no simulator).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import pathlib
+import time
+
+from tqdm import tqdm
+
+from drifting_vla.data.metaworld_dataset import FORMAT_VERSION, task_store_complete, write_task_store
+
+DEFAULT_ROOT = "~/.cache/drifting_vla/metaworld"
+
+
+def collection_config(cfg) -> dict:
+    """The part of the data config that determines the demos' content (what the hash covers)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "cameras": [str(c) for c in cfg["cameras"]],
+        "image_size": int(cfg["image_size"]),
+        "max_episode_steps": int(cfg["max_episode_steps"]),
+        "train_seeds": {"start": int(cfg["train_seeds"]["start"]), "count": int(cfg["train_seeds"]["count"])},
+    }
+
+
+def store_dir(cfg) -> pathlib.Path:
+    collection = collection_config(cfg)
+    digest = hashlib.sha1(json.dumps(collection, sort_keys=True).encode()).hexdigest()[:12]
+    root = pathlib.Path(str(cfg.get("root") or DEFAULT_ROOT)).expanduser()
+    return root / digest
+
+
+def ensure_metaworld_demos(cfg, workers: int | None = None, progress: bool = True) -> pathlib.Path:
+    """Collect the demos of every task in `cfg.tasks` not yet complete in the store; return the
+    store folder. `workers` defaults to `cfg.collect_workers`."""
+    from drifting_vla.envs.metaworld_env import check_task, instruction_for
+
+    tasks = [str(t) for t in cfg["tasks"]]
+    for task in tasks:
+        check_task(task)
+    out = store_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    collection = collection_config(cfg)
+    (out / "collection.json").write_text(json.dumps(collection, indent=2))
+    todo = [t for t in tasks if not task_store_complete(out / t)]
+    if not todo:
+        return out
+    seeds = range(collection["train_seeds"]["start"], collection["train_seeds"]["start"] + collection["train_seeds"]["count"])
+    jobs = [(task, seed, collection) for task in todo for seed in seeds]
+    workers = max(1, int(workers if workers is not None else cfg.get("collect_workers", 1)))
+    start = time.perf_counter()
+    results: dict[str, list[dict]] = {t: [] for t in todo}
+    bar = tqdm(total=len(jobs), desc="collecting Meta-World demos", unit="ep", disable=not progress)
+    if workers == 1:
+        for job in jobs:
+            _keep(results, _collect_one(job), bar)
+        _close_env()
+    else:
+        # spawn: one fresh process (one GL context, one env at a time) per worker.
+        with mp.get_context("spawn").Pool(workers) as pool:
+            for ep in pool.imap(_collect_one, jobs, chunksize=max(1, len(seeds) // (4 * workers))):
+                _keep(results, ep, bar)
+    bar.close()
+    for task in todo:
+        kept = [ep for ep in results[task] if ep["success"]]
+        meta = {
+            "task": task,
+            "instruction": instruction_for(task),
+            "episodes_attempted": len(results[task]),
+            "episodes_kept": len(kept),
+            "episodes_failed": len(results[task]) - len(kept),
+            "failed_seeds": [ep["seed"] for ep in results[task] if not ep["success"]],
+            "steps": int(sum(len(ep["actions"]) for ep in kept)),
+            **collection,
+        }
+        write_task_store(out / task, kept, meta)
+        if progress:
+            print(
+                f"{task}: kept {meta['episodes_kept']}/{meta['episodes_attempted']} expert episodes "
+                f"({meta['episodes_failed']} failed), {meta['steps']} steps"
+            )
+    if progress:
+        print(f"collected {len(todo)} task(s) in {time.perf_counter() - start:.0f} s -> {out}")
+    return out
+
+
+def _keep(results: dict, episode: dict, bar: tqdm) -> None:
+    results[episode["task"]].append(episode)
+    bar.update(1)
+    bar.set_postfix(task=episode["task"], success=episode["success"])
+
+
+_ENV = None
+
+
+def _close_env() -> None:
+    global _ENV
+    if _ENV is not None:
+        _ENV.close()
+        _ENV = None
+
+
+def _collect_one(job: tuple) -> dict:
+    """Worker: one expert episode. Keeps one env per process and rebuilds it when the task changes."""
+    global _ENV
+    from drifting_vla.envs.metaworld_env import MetaWorldEnv, run_expert_episode
+
+    task, seed, collection = job
+    if _ENV is None or _ENV.task != task:
+        _close_env()
+        _ENV = MetaWorldEnv(
+            task,
+            cameras=collection["cameras"],
+            image_size=collection["image_size"],
+            max_episode_steps=collection["max_episode_steps"],
+        )
+    episode = run_expert_episode(_ENV, seed)
+    episode["task"] = task
+    return episode

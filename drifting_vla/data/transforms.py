@@ -1,0 +1,32 @@
+"""Small array transforms shared by the dataset classes (numpy in, numpy out)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def action_window(actions: np.ndarray, start: int, horizon: int) -> tuple[np.ndarray, np.ndarray]:
+    """The `horizon` rows of `actions` [L, A] from `start`, padded past the end with the last row.
+
+    Returns (chunk float32 [T, A], mask bool [T]); mask is False on padded rows.
+
+        episode rows:  a0 a1 a2 a3 a4            (L = 5), start = 3, horizon = 4
+        chunk:         a3 a4 a4 a4
+        mask:          1  1  0  0
+    """
+    end = min(start + horizon, len(actions))
+    chunk = np.empty((horizon, actions.shape[1]), dtype=np.float32)
+    chunk[: end - start] = actions[start:end]
+    chunk[end - start :] = actions[end - 1]
+    mask = np.zeros(horizon, dtype=bool)
+    mask[: end - start] = True
+    return chunk, mask
+
+
+def canonical_quaternion(quat: np.ndarray) -> np.ndarray:
+    """Unit length and qw >= 0 for `[..., 4]` quaternions `[qx, qy, qz, qw]` (q and -q are the
+    same rotation; one sign makes the target unique)."""
+    quat = np.asarray(quat, dtype=np.float64)
+    quat = quat / np.maximum(np.linalg.norm(quat, axis=-1, keepdims=True), 1e-12)
+    quat = np.where(quat[..., 3:4] < 0, -quat, quat)
+    return quat.astype(np.float32)

@@ -1,0 +1,59 @@
+"""The interface every simulator implements, so rollouts and policies never depend on a simulator.
+
+An observation is the sample dict of `drifting_vla.specs` without the action keys:
+
+    images       uint8   [V, 3, H, W]   the configured cameras, in config order
+    proprio      float32 [S]
+    instruction  str
+    task         str
+
+so a policy sees in closed loop exactly what it saw in the demonstrations.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class StepResult:
+    """What `step` returns: the next observation, the reward, whether the episode is over
+    (success, or the step limit reached) and whether the task was solved."""
+
+    observation: dict
+    reward: float
+    done: bool
+    success: bool
+    info: dict = field(default_factory=dict)
+
+
+class BaseEnv(ABC):
+    """One task of one simulator. Not thread-safe; one instance per process."""
+
+    task: str
+    instruction: str
+    max_episode_steps: int
+
+    @abstractmethod
+    def reset(self, seed: int) -> dict:
+        """Start an episode whose initial state is a pure function of `seed`; return the observation."""
+
+    @abstractmethod
+    def step(self, action: np.ndarray) -> StepResult:
+        """Apply one action (raw units of the dataset's action spec)."""
+
+    @abstractmethod
+    def render(self) -> np.ndarray:
+        """A frame for videos: uint8 [H, W, 3] (larger than the policy's images)."""
+
+    def close(self) -> None:
+        """Free simulator resources (GL contexts, processes)."""
+
+    def __enter__(self) -> BaseEnv:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
