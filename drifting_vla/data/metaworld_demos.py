@@ -22,7 +22,11 @@ import time
 
 from tqdm import tqdm
 
-from drifting_vla.data.metaworld_dataset import FORMAT_VERSION, task_store_complete, write_task_store
+from drifting_vla.data.metaworld_dataset import (
+    FORMAT_VERSION,
+    task_store_complete,
+    write_task_store,
+)
 
 DEFAULT_ROOT = "~/.cache/drifting_vla/metaworld"
 

@@ -49,6 +49,7 @@ class BaseEnv(ABC):
     def render(self) -> np.ndarray:
         """A frame for videos: uint8 [H, W, 3] (larger than the policy's images)."""
 
+    @abstractmethod
     def close(self) -> None:
         """Free simulator resources (GL contexts, processes)."""
 

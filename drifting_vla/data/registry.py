@@ -1,0 +1,69 @@
+"""One registry of dataset builders, keyed by the data config's `name`.
+
+    dataset = build_dataset(cfg.data)          # a torch Dataset of sample dicts (specs.py)
+    loader = DataLoader(dataset, collate_fn=collate_samples, ...)
+
+A new task suite registers one builder here; the trainer never changes.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Callable
+
+from torch.utils.data import Dataset
+
+DATASETS: dict[str, Callable[..., Dataset]] = {}
+
+
+def register_dataset(name: str):
+    def wrap(fn):
+        DATASETS[name] = fn
+        return fn
+
+    return wrap
+
+
+def build_dataset(cfg, split: str = "train") -> Dataset:
+    name = str(cfg["name"])
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; registered: {sorted(DATASETS)}")
+    return DATASETS[name](cfg, split)
+
+
+@register_dataset("metaworld")
+def build_metaworld(cfg, split: str = "train") -> Dataset:
+    """Collects the demos first if the cache lacks them (minutes, once)."""
+    from drifting_vla.data.metaworld_dataset import MetaWorldDataset
+    from drifting_vla.data.metaworld_demos import ensure_metaworld_demos
+
+    if split != "train":
+        raise ValueError(f"Meta-World demos have only a train split (evaluation runs in simulation), got {split!r}")
+    store = ensure_metaworld_demos(cfg)
+    return MetaWorldDataset(
+        store,
+        tasks=list(cfg["tasks"]),
+        cameras=list(cfg["cameras"]),
+        horizon=int(cfg["horizon"]),
+        privileged_state=bool(cfg.get("privileged_state", False)),
+    )
+
+
+@register_dataset("rlbench")
+def build_rlbench(cfg, split: str = "train") -> Dataset:
+    from drifting_vla.data.rlbench_dataset import RLBenchDataset
+
+    root = pathlib.Path(str(cfg["root"])).expanduser() / split
+    cache_dir = cfg.get("cache_dir")
+    return RLBenchDataset(
+        root,
+        tasks=list(cfg["tasks"]),
+        cameras=list(cfg["cameras"]),
+        horizon=int(cfg["horizon"]),
+        keyframes=bool(cfg.get("keyframes", False)),
+        image_size=cfg.get("image_size"),
+        cache_dir=pathlib.Path(str(cache_dir)).expanduser() / split if cache_dir else None,
+        skip_corrupt=bool(cfg.get("skip_corrupt", False)),
+        random_instruction=split == "train",
+        max_episodes_per_task=cfg.get("max_episodes_per_task"),
+    )

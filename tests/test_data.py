@@ -1,0 +1,385 @@
+"""Datasets, the safe RLBench reader, the downloader's offline paths, normalization, the queue."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from drifting_vla.data.collate import collate_samples
+from drifting_vla.data.fixtures import write_rlbench_fixture
+from drifting_vla.data.metaworld_dataset import MetaWorldDataset, write_task_store
+from drifting_vla.data.normalization import Normalizer, compute_stats, dataset_stats
+from drifting_vla.data.rlbench_dataset import (
+    RLBENCH_TASKS,
+    RLBenchDataset,
+    keyframe_indices,
+    load_rlbench_episode,
+)
+from drifting_vla.data.rlbench_download import (
+    DownloadError,
+    check_request,
+    download_rlbench,
+    unpack_task_zip,
+)
+from drifting_vla.data.rlbench_pickle import CorruptEpisodeError, UnsafePickleError, loads_rlbench
+from drifting_vla.data.sample_queue import SampleQueue
+from drifting_vla.data.transforms import action_window
+from drifting_vla.specs import METAWORLD_ACTION_SPEC, RLBENCH_ACTION_SPEC
+
+SAMPLE_KEYS = {"images", "proprio", "instruction", "actions", "action_mask", "task"}
+
+
+@pytest.fixture(scope="module")
+def rlbench_root(tmp_path_factory):
+    return write_rlbench_fixture(tmp_path_factory.mktemp("rlbench"), tasks=("close_jar", "open_drawer"))
+
+
+def _episode(root, task="close_jar", n=0):
+    return root / task / "all_variations" / "episodes" / f"episode{n}"
+
+
+def _assert_sample(sample, views, size, proprio, horizon, action_dim):
+    assert set(sample) == SAMPLE_KEYS
+    assert sample["images"].dtype == torch.uint8 and sample["images"].shape == (views, 3, size, size)
+    assert sample["proprio"].dtype == torch.float32 and sample["proprio"].shape == (proprio,)
+    assert sample["actions"].dtype == torch.float32 and sample["actions"].shape == (horizon, action_dim)
+    assert sample["action_mask"].dtype == torch.bool and sample["action_mask"].shape == (horizon,)
+    assert isinstance(sample["instruction"], str) and isinstance(sample["task"], str)
+
+
+# --- the restricted unpickler -------------------------------------------------------------------
+
+
+def test_pickle_naming_os_system_is_refused_not_executed(tmp_path):
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    with pytest.raises(UnsafePickleError, match="os.system|posix.system"):
+        loads_rlbench(pickle.dumps(Evil()))
+    assert not marker.exists()
+
+
+def test_pickle_naming_builtins_eval_is_refused():
+    payload = b"cbuiltins\neval\n(S'1+1'\ntR."
+    with pytest.raises(UnsafePickleError, match="builtins.eval"):
+        loads_rlbench(payload)
+
+
+def test_numpy_arrays_and_plain_values_load(tmp_path):
+    value = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.float64(2.5), "c": [1, "x"]}
+    for protocol in (0, 2, 4, 5):
+        out = loads_rlbench(pickle.dumps(value, protocol=protocol))
+        np.testing.assert_array_equal(out["a"], value["a"])
+        assert out["b"] == 2.5 and out["c"] == [1, "x"]
+
+
+def test_episode_reads_without_rlbench_installed(rlbench_root):
+    ep = load_rlbench_episode(_episode(rlbench_root))
+    assert "rlbench" not in sys.modules
+    assert ep.instructions[0] == "close jar"
+    assert ep.gripper_pose.shape == (10, 7) and ep.gripper_open.shape == (10,)
+    assert ep.joint_positions.shape == (10, 7)
+    assert ep.rgb("front", 0).shape == (16, 16, 3)
+    np.testing.assert_allclose(ep.depth("front", 0), 0.01 + 0.5 * 4.5, atol=1e-5)
+
+
+def test_quaternions_are_unit_and_sign_canonical(rlbench_root):
+    ep = load_rlbench_episode(_episode(rlbench_root))
+    q = ep.gripper_pose[:, 3:]
+    np.testing.assert_allclose(np.linalg.norm(q, axis=1), 1.0, atol=1e-5)
+    assert (q[:, 3] >= 0).all()
+
+
+def test_truncated_pickle_raises_naming_the_file(tmp_path):
+    root = write_rlbench_fixture(tmp_path, episodes=2, steps=6)
+    bad = _episode(root, n=1) / "low_dim_obs.pkl"
+    bad.write_bytes(bad.read_bytes()[:50])
+    with pytest.raises(CorruptEpisodeError, match="episode1/low_dim_obs.pkl"):
+        RLBenchDataset(root, ["close_jar"], ["front"], horizon=2)
+    ds = RLBenchDataset(root, ["close_jar"], ["front"], horizon=2, skip_corrupt=True)
+    assert len(ds.skipped) == 1 and len(ds.episodes) == 1
+
+
+def test_missing_image_and_missing_camera_are_clear_errors(tmp_path):
+    root = write_rlbench_fixture(tmp_path, episodes=1, steps=6)
+    (_episode(root) / "front_rgb" / "5.png").unlink()
+    with pytest.raises(CorruptEpisodeError, match="front_rgb/5.png"):
+        RLBenchDataset(root, ["close_jar"], ["front"], horizon=2)
+    with pytest.raises(CorruptEpisodeError, match="camera 'overhead' missing.*present"):
+        RLBenchDataset(root, ["close_jar"], ["wrist", "overhead"], horizon=2)
+
+
+def test_corrupt_png_raises_naming_the_file(tmp_path):
+    root = write_rlbench_fixture(tmp_path, episodes=1, steps=6)
+    (_episode(root) / "wrist_rgb" / "0.png").write_bytes(b"not a png")
+    ds = RLBenchDataset(root, ["close_jar"], ["wrist"], horizon=2)
+    with pytest.raises(CorruptEpisodeError, match="wrist_rgb/0.png"):
+        ds[0]
+
+
+def test_unknown_task_lists_the_18_names(rlbench_root):
+    with pytest.raises(ValueError, match="open_drawer.*place_cups"):
+        RLBenchDataset(rlbench_root, ["close_jars"], ["front"], horizon=2)
+    assert len(RLBENCH_TASKS) == 18
+
+
+def test_task_folder_absent_points_to_the_downloader(tmp_path):
+    with pytest.raises(FileNotFoundError, match="download_rlbench_data.py"):
+        RLBenchDataset(tmp_path, ["stack_cups"], ["front"], horizon=2)
+
+
+# --- RLBench samples ------------------------------------------------------------------------------
+
+
+def test_rlbench_dense_samples_follow_the_contract(rlbench_root, tmp_path):
+    ds = RLBenchDataset(rlbench_root, ["close_jar", "open_drawer"], ["front", "wrist"], horizon=4, cache_dir=tmp_path)
+    assert len(ds) == 2 * 2 * 9  # tasks * episodes * (steps - 1)
+    _assert_sample(ds[0], 2, 16, 8, 4, 8)
+    ep = ds.episodes[0]
+    np.testing.assert_allclose(ds[0]["actions"].numpy(), ep.actions()[1:5])
+    last = ds[8]  # step 8 of a 10-step episode: one real target, three padded
+    assert last["action_mask"].tolist() == [True, False, False, False]
+    assert torch.equal(last["actions"][1], last["actions"][0])
+
+
+def test_rlbench_keyframe_targets_are_the_next_keyframes(rlbench_root):
+    ds = RLBenchDataset(rlbench_root, ["close_jar"], ["front"], horizon=2, keyframes=True)
+    ep = ds.episodes[0]
+    keys = ep.keyframes()
+    assert keys == [5, 7, 9]
+    np.testing.assert_allclose(ds[0]["actions"].numpy(), ep.actions()[[5, 7]])
+    np.testing.assert_allclose(ds[5]["actions"][0].numpy(), ep.actions()[7])
+
+
+def test_keyframes_detect_gripper_change_stops_and_the_end():
+    gripper = np.array([1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0], dtype=np.float32)
+    vel = np.full((12, 7), 1.0)
+    vel[2] = 0.0  # a stop
+    assert keyframe_indices(gripper, vel) == [2, 5, 11]
+
+
+def test_png_cache_returns_the_same_images_as_decoding(rlbench_root, tmp_path):
+    plain = RLBenchDataset(rlbench_root, ["close_jar"], ["front", "wrist"], horizon=2)
+    cached = RLBenchDataset(rlbench_root, ["close_jar"], ["front", "wrist"], horizon=2, cache_dir=tmp_path)
+    for i in (0, 3, 10):
+        assert torch.equal(plain[i]["images"], cached[i]["images"])
+    assert len(list(tmp_path.rglob("*.npy"))) == 2  # one file per episode, decoded once
+
+
+def test_rlbench_resizes_to_image_size(rlbench_root):
+    ds = RLBenchDataset(rlbench_root, ["close_jar"], ["front"], horizon=2, image_size=8)
+    assert ds[0]["images"].shape == (1, 3, 8, 8)
+
+
+def test_training_instructions_vary_evaluation_instructions_do_not(rlbench_root):
+    train = RLBenchDataset(rlbench_root, ["close_jar"], ["front"], horizon=2)
+    evaluation = RLBenchDataset(rlbench_root, ["close_jar"], ["front"], horizon=2, random_instruction=False)
+    torch.manual_seed(0)
+    assert len({train[0]["instruction"] for _ in range(30)}) > 1
+    assert {evaluation[0]["instruction"] for _ in range(5)} == {"close jar"}
+
+
+def test_fixture_writer_leaves_no_fake_rlbench_modules(tmp_path):
+    write_rlbench_fixture(tmp_path, episodes=1, steps=3)
+    assert not [m for m in sys.modules if m == "rlbench" or m.startswith("rlbench.")]
+
+
+# --- the downloader (no network) ------------------------------------------------------------------
+
+
+def test_downloader_rejects_a_wrong_task_name_before_any_network(tmp_path):
+    with pytest.raises(ValueError, match="close_jars.*the 18 valid names.*stack_cups"):
+        download_rlbench(["close_jars"], "train", tmp_path)
+
+
+def test_downloader_fails_at_once_when_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DownloadError, match="HF_HUB_OFFLINE"):
+        check_request(["close_jar"], "train")
+    with pytest.raises(ValueError, match="split"):
+        check_request(["close_jar"], "training")
+
+
+def test_download_script_exits_with_a_message_offline(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "scripts/download_rlbench_data.py", "--tasks", "close_jar", "--output", str(tmp_path)],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.getcwd()},
+        timeout=60,
+    )
+    assert result.returncode == 2 and "HF_HUB_OFFLINE" in result.stderr
+
+
+def _zip_dir(src, zip_path, prefix):
+    with zipfile.ZipFile(zip_path, "w") as zf:
+        for p in sorted(src.rglob("*")):
+            if p.is_file():
+                zf.write(p, f"{prefix}/{p.relative_to(src)}")
+
+
+def test_unpack_verifies_unzips_and_marks_complete(rlbench_root, tmp_path):
+    zip_path = tmp_path / "close_jar.zip"
+    _zip_dir(rlbench_root / "close_jar", zip_path, "close_jar")
+    target = unpack_task_zip(zip_path, "close_jar", tmp_path / "train")
+    assert (target / ".complete").is_file()
+    ds = RLBenchDataset(tmp_path / "train", ["close_jar"], ["front"], horizon=2)
+    assert len(ds.episodes) == 2
+
+
+def test_corrupt_zip_is_deleted_with_a_message(tmp_path):
+    zip_path = tmp_path / "close_jar.zip"
+    with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_STORED) as zf:
+        zf.writestr("close_jar/all_variations/episodes/episode0/x.txt", "hello world" * 100)
+    data = bytearray(zip_path.read_bytes())
+    data[60:70] = b"XXXXXXXXXX"  # inside the stored member: CRC mismatch
+    zip_path.write_bytes(bytes(data))
+    with pytest.raises(DownloadError, match="corrupt.*re-run"):
+        unpack_task_zip(zip_path, "close_jar", tmp_path / "train")
+    assert not zip_path.exists()
+
+
+# --- Meta-World store and dataset (synthetic episodes; collection is tested in test_envs) ---------
+
+
+def _fake_episodes(n, steps, views=2, size=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return [
+        {
+            "images": rng.integers(0, 256, (steps, views, 3, size, size), dtype=np.uint8),
+            "proprio": rng.normal(size=(steps, 4)).astype(np.float32),
+            "state": rng.normal(size=(steps, 39)).astype(np.float32),
+            "actions": rng.uniform(-1, 1, (steps, 4)).astype(np.float32),
+            "seed": k,
+        }
+        for k in range(n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def metaworld_store(tmp_path_factory):
+    store = tmp_path_factory.mktemp("mw")
+    (store / "collection.json").write_text(json.dumps({"cameras": ["corner", "topview"], "image_size": 8}))
+    for task in ("reach-v3", "push-v3"):
+        write_task_store(store / task, _fake_episodes(3, 5), {"instruction": f"do {task}"})
+    return store
+
+
+def test_metaworld_samples_follow_the_contract(metaworld_store):
+    ds = MetaWorldDataset(metaworld_store, ["reach-v3", "push-v3"], ["corner", "topview"], horizon=4)
+    assert len(ds) == 2 * 3 * 5
+    _assert_sample(ds[0], 2, 8, 4, 4, 4)
+    actions = np.load(metaworld_store / "reach-v3" / "actions.npy")
+    np.testing.assert_array_equal(ds[3]["actions"][:2].numpy(), actions[3:5])  # episode 0, step 3
+    assert ds[3]["action_mask"].tolist() == [True, True, False, False]
+    assert ds[5]["action_mask"].all()  # first step of episode 1: does not run into episode 0
+    assert ds[20]["task"] == "push-v3" and ds[20]["instruction"] == "do push-v3"
+
+
+def test_metaworld_camera_subset_and_missing_camera(metaworld_store):
+    ds = MetaWorldDataset(metaworld_store, ["reach-v3"], ["topview"], horizon=2)
+    images = np.load(metaworld_store / "reach-v3" / "images.npy")
+    np.testing.assert_array_equal(ds[0]["images"].numpy(), images[0, 1:2])
+    with pytest.raises(ValueError, match="gripperPOV.*collected"):
+        MetaWorldDataset(metaworld_store, ["reach-v3"], ["gripperPOV"], horizon=2)
+    with pytest.raises(FileNotFoundError, match="window-open-v3.*collect_demos"):
+        MetaWorldDataset(metaworld_store, ["window-open-v3"], ["corner"], horizon=2)
+
+
+def test_both_datasets_batch_identically_through_workers(metaworld_store, rlbench_root):
+    mw = MetaWorldDataset(metaworld_store, ["reach-v3"], ["corner"], horizon=3)
+    rl = RLBenchDataset(rlbench_root, ["close_jar"], ["front"], horizon=3)
+    for ds in (mw, rl):
+        batch = next(iter(DataLoader(ds, batch_size=4, num_workers=1, collate_fn=collate_samples)))
+        assert set(batch) == SAMPLE_KEYS
+        assert batch["images"].shape[:2] == (4, 1) and batch["actions"].shape[:2] == (4, 3)
+        assert isinstance(batch["instruction"], list) and len(batch["task"]) == 4
+
+
+# --- normalization --------------------------------------------------------------------------------
+
+
+def test_normalizer_scales_positions_to_unit_range_and_keeps_quaternions_and_gripper(rlbench_root):
+    ds = RLBenchDataset(rlbench_root, ["close_jar"], ["front"], horizon=2)
+    norm = Normalizer(dataset_stats(ds), RLBENCH_ACTION_SPEC, proprio_dim=8)
+    actions = torch.from_numpy(ds.all_actions())
+    out = norm.normalize("actions", actions)
+    assert out[:, :3].min() >= -1 - 1e-5 and out[:, :3].max() <= 1 + 1e-5
+    assert torch.equal(out[:, 3:], actions[:, 3:])
+    torch.testing.assert_close(norm.unnormalize("actions", out), actions)
+
+
+def test_normalizer_round_trips_through_a_plain_dict(metaworld_store):
+    ds = MetaWorldDataset(metaworld_store, ["reach-v3"], ["corner"], horizon=2)
+    norm = Normalizer(dataset_stats(ds), METAWORLD_ACTION_SPEC, proprio_dim=4)
+    saved = json.loads(json.dumps(norm.to_dict()))
+    loaded = Normalizer.from_dict(saved, METAWORLD_ACTION_SPEC, proprio_dim=4)
+    x = torch.randn(5, 3, 4)
+    torch.testing.assert_close(loaded.normalize("actions", x), norm.normalize("actions", x))
+    torch.testing.assert_close(loaded.normalize("proprio", x), norm.normalize("proprio", x))
+    assert set(saved["stats"]["actions"]) == {"mean", "std", "min", "max", "q01", "q99"}
+
+
+def test_normalizer_refuses_stats_of_another_layout():
+    stats = compute_stats({"actions": np.random.rand(10, 4), "proprio": np.random.rand(10, 4)})
+    with pytest.raises(ValueError, match=r"stats\['actions'\]\['mean'\] has 4 dims, expected 8"):
+        Normalizer(stats, RLBENCH_ACTION_SPEC)
+    with pytest.raises(ValueError, match=r"stats\['proprio'\].*expected 8.*proprio_dim"):
+        Normalizer(stats, METAWORLD_ACTION_SPEC, proprio_dim=8)
+    with pytest.raises(ValueError, match="lack key"):
+        Normalizer({"actions": stats["actions"]}, METAWORLD_ACTION_SPEC)
+    saved = Normalizer(stats, METAWORLD_ACTION_SPEC).to_dict()
+    with pytest.raises(ValueError, match="action spec"):
+        Normalizer.from_dict(saved, RLBENCH_ACTION_SPEC)
+    with pytest.raises(ValueError, match="last dim of the input is 3"):
+        Normalizer(stats, METAWORLD_ACTION_SPEC).normalize("actions", torch.zeros(2, 3))
+
+
+def test_constant_dimensions_do_not_divide_by_zero():
+    stats = compute_stats({"actions": np.ones((5, 4)), "proprio": np.zeros((5, 4))})
+    out = Normalizer(stats, METAWORLD_ACTION_SPEC).normalize("actions", torch.ones(2, 4))
+    assert torch.isfinite(out).all() and torch.equal(out, torch.zeros(2, 4))
+
+
+# --- small pieces ---------------------------------------------------------------------------------
+
+
+def test_action_window_pads_with_the_last_row():
+    rows = np.arange(10, dtype=np.float32).reshape(5, 2)
+    chunk, mask = action_window(rows, 3, 4)
+    np.testing.assert_array_equal(chunk, rows[[3, 4, 4, 4]])
+    assert mask.tolist() == [True, True, False, False]
+
+
+def test_sample_queue_returns_chunks_of_the_same_task_only():
+    q = SampleQueue(capacity_per_task=3)
+    q.push(["a", "b", "a"], torch.tensor([1.0, 2.0, 3.0]).view(3, 1, 1).expand(3, 2, 4))
+    out = q.sample(["a", "b"], k=5)
+    assert out.shape == (2, 5, 2, 4)
+    assert set(out[0].flatten().tolist()) <= {1.0, 3.0} and set(out[1].flatten().tolist()) == {2.0}
+    q.push(["a"] * 4, torch.full((4, 2, 4), 9.0))
+    assert q.size("a") == 3 and set(q.sample(["a"], 20).flatten().tolist()) == {9.0}
+    with pytest.raises(ValueError, match="no chunks yet.*'c'"):
+        q.sample(["c"], 1)
+
+
+def test_sample_queue_skips_padded_chunks():
+    q = SampleQueue(4)
+    q.push(["a", "a"], torch.zeros(2, 3, 4), mask=torch.tensor([[True, True, True], [True, False, False]]))
+    assert q.size("a") == 1
+
+
+def test_collate_stacks_tensors_and_keeps_strings_as_lists():
+    samples = [{"x": torch.zeros(2), "s": "hi", "n": np.ones(3)} for _ in range(3)]
+    batch = collate_samples(samples)
+    assert batch["x"].shape == (3, 2) and batch["n"].shape == (3, 3) and batch["s"] == ["hi"] * 3
