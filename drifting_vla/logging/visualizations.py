@@ -116,7 +116,9 @@ class PanelInputs:
             raise ValueError(f"{len(self.dim_names)} dim_names for an action dim of {a}")
 
     @classmethod
-    def from_step(cls, generated, expert, drift, spec: ActionSpec, history: MetricHistory):
+    def from_step(
+        cls, generated, expert, drift, spec: ActionSpec, history: MetricHistory
+    ) -> PanelInputs:
         """Build from the trainer's tensors (any device/dtype) and the dataset's action spec."""
         end_effector, is_delta = end_effector_dims(spec)
         return cls(
