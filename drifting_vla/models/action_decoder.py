@@ -1,0 +1,60 @@
+"""Action decoder: DiT features -> an action chunk laid out by the dataset's ActionSpec.
+
+    features [B, G, T, D] --one MLP head per component--> actions [B, G, T, A] (normalized space)
+
+Each component kind gets the output its kind means (see `drifting_vla.specs.COMPONENT_KINDS`):
+
+- position, raw: unbounded linear output (the normalizer maps these to roughly [-1, 1]).
+- quaternion:    unit length and sign-canonical (qw >= 0), since q and -q are the same rotation and
+                 the generator should not have to pick between two targets.
+- gripper:       sigmoid, in [0, 1].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from drifting_vla.specs import ActionSpec
+
+
+def canonical_quaternion(q: torch.Tensor) -> torch.Tensor:
+    """[..., 4] as [qx, qy, qz, qw] -> unit length with qw >= 0."""
+    q = F.normalize(q, dim=-1, eps=1e-8)
+    return torch.where(q[..., 3:4] < 0, -q, q)
+
+
+OUTPUT_ACTIVATIONS = {
+    "position": lambda x: x,
+    "raw": lambda x: x,
+    "quaternion": canonical_quaternion,
+    "gripper": torch.sigmoid,
+}
+"""Component kind -> how a head's raw output becomes a valid action component."""
+
+
+class ActionDecoder(nn.Module):
+    def __init__(self, action_spec: ActionSpec, dim: int, hidden_size: int):
+        super().__init__()
+        self.action_spec = action_spec
+        self.heads = nn.ModuleDict(
+            {
+                c.name: nn.Sequential(nn.Linear(dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, c.dim))
+                for c in action_spec.components
+            }
+        )
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """features [..., D] -> actions [..., A], components in the spec's order."""
+        return torch.cat(
+            [OUTPUT_ACTIVATIONS[c.kind](self.heads[c.name](features)) for c in self.action_spec.components],
+            dim=-1,
+        )

