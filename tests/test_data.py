@@ -296,6 +296,15 @@ def test_metaworld_camera_subset_and_missing_camera(metaworld_store):
         MetaWorldDataset(metaworld_store, ["window-open-v3"], ["corner"], horizon=2)
 
 
+def test_corrupt_metaworld_array_names_the_file(tmp_path):
+    (tmp_path / "collection.json").write_text(json.dumps({"cameras": ["corner"], "image_size": 8}))
+    write_task_store(tmp_path / "reach-v3", _fake_episodes(1, 3, views=1), {"instruction": "reach"})
+    (tmp_path / "reach-v3" / "images.npy").write_bytes(b"garbage")
+    ds = MetaWorldDataset(tmp_path, ["reach-v3"], ["corner"], horizon=2)
+    with pytest.raises(CorruptEpisodeError, match="reach-v3/images.npy.*collect_demos"):
+        ds[0]
+
+
 def test_both_datasets_batch_identically_through_workers(metaworld_store, rlbench_root):
     mw = MetaWorldDataset(metaworld_store, ["reach-v3"], ["corner"], horizon=3)
     rl = RLBenchDataset(rlbench_root, ["close_jar"], ["front"], horizon=3)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from drifting_vla.data.rlbench_pickle import CorruptEpisodeError
 from drifting_vla.data.transforms import action_window
 
 ARRAYS = ("images", "proprio", "state", "actions")
@@ -96,7 +97,7 @@ class MetaWorldDataset(Dataset):
                     f"(collected tasks: {sorted(p.name for p in self.store_dir.iterdir() if task_store_complete(p))})"
                 )
             self.instructions[task] = json.loads((task_dir / "meta.json").read_text())["instruction"]
-            ends = np.load(task_dir / "episode_ends.npy")
+            ends = _load(task_dir / "episode_ends.npy")
             self._ends.append(ends)
             starts = np.concatenate([[0], ends[:-1]])
             for start, end in zip(starts, ends, strict=True):
@@ -143,7 +144,17 @@ class MetaWorldDataset(Dataset):
     def _open(self) -> list[dict]:
         if self._arrays is None:
             self._arrays = [
-                {key: np.load(self.store_dir / task / f"{key}.npy", mmap_mode="r") for key in ARRAYS}
+                {key: _load(self.store_dir / task / f"{key}.npy", mmap_mode="r") for key in ARRAYS}
                 for task in self.tasks
             ]
         return self._arrays
+
+
+def _load(path: pathlib.Path, mmap_mode: str | None = None) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode=mmap_mode)
+    except (OSError, ValueError, EOFError) as e:
+        raise CorruptEpisodeError(
+            f"cannot read {path} ({type(e).__name__}: {e}); delete {path.parent} and run "
+            "scripts/collect_demos.py again"
+        ) from e

@@ -52,7 +52,7 @@ def store_dir(cfg) -> pathlib.Path:
 def ensure_metaworld_demos(cfg, workers: int | None = None, progress: bool = True) -> pathlib.Path:
     """Collect the demos of every task in `cfg.tasks` not yet complete in the store; return the
     store folder. `workers` defaults to `cfg.collect_workers`."""
-    from drifting_vla.envs.metaworld_env import check_task, instruction_for
+    from drifting_vla.envs.metaworld_env import check_task, instruction_for, seed_range
 
     tasks = [str(t) for t in cfg["tasks"]]
     for task in tasks:
@@ -64,7 +64,7 @@ def ensure_metaworld_demos(cfg, workers: int | None = None, progress: bool = Tru
     todo = [t for t in tasks if not task_store_complete(out / t)]
     if not todo:
         return out
-    seeds = range(collection["train_seeds"]["start"], collection["train_seeds"]["start"] + collection["train_seeds"]["count"])
+    seeds = seed_range(collection["train_seeds"])
     jobs = [(task, seed, collection) for task in todo for seed in seeds]
     workers = max(1, int(workers if workers is not None else cfg.get("collect_workers", 1)))
     start = time.perf_counter()

@@ -161,6 +161,19 @@ class MetaWorldEnv(BaseEnv):
         self.state = np.zeros(STATE_DIM)
         self.steps = 0
 
+    @classmethod
+    def from_config(cls, data_cfg, task: str, **kwargs) -> MetaWorldEnv:
+        """The env with the data config's observation settings (those the demos were collected
+        with), so evaluation observations match training ones."""
+        return cls(
+            task,
+            cameras=tuple(data_cfg["cameras"]),
+            image_size=int(data_cfg["image_size"]),
+            max_episode_steps=int(data_cfg["max_episode_steps"]),
+            privileged_state=bool(data_cfg.get("privileged_state", False)),
+            **kwargs,
+        )
+
     def reset(self, seed: int) -> dict:
         self._env.seed(int(seed))
         self.state, _ = self._env.reset()
@@ -215,6 +228,11 @@ class MetaWorldEnv(BaseEnv):
         renderer.update_scene(self._env.data, camera=camera)
         frame = renderer.render()
         return frame[::-1, ::-1].copy() if camera in UPSIDE_DOWN_CAMERAS else frame
+
+
+def seed_range(seeds) -> range:
+    """`{start, count}` from the data config (`train_seeds`, `eval_seeds`) as a range of seeds."""
+    return range(int(seeds["start"]), int(seeds["start"]) + int(seeds["count"]))
 
 
 def run_expert_episode(env: MetaWorldEnv, seed: int) -> dict:

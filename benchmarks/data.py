@@ -1,0 +1,62 @@
+"""Loader throughput: the embedded default with its configured workers (0: the memory-mapped
+store is faster read in the training process than shipped from worker processes) against 2
+workers, and
+RLBench PNG frames decoded every time against the decode-once cache (128x128 fixture).
+
+    python scripts/benchmark.py data
+
+The Meta-World demos are collected first if the cache lacks them (about 3 minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import tempfile
+
+import torch
+import yaml
+from torch.utils.data import DataLoader, RandomSampler
+
+from benchmarks.timing import Row, time_call
+from drifting_vla.data.collate import collate_samples
+from drifting_vla.data.fixtures import write_rlbench_fixture
+from drifting_vla.data.registry import build_dataset
+from drifting_vla.data.rlbench_dataset import RLBenchDataset
+
+CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "data" / "metaworld.yaml"
+BATCH = 64
+
+
+def run(args) -> list[Row]:
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    cfg = yaml.safe_load(CONFIG.read_text())
+    workers = int(cfg["num_workers"])
+    other = 2 if workers == 0 else 0
+    metaworld = build_dataset(cfg)
+    rows = [
+        _loader_row(f"metaworld loader, workers={other}", metaworld, other, None),
+        _loader_row(f"metaworld loader, workers={workers} (config)", metaworld, workers, f"metaworld loader, workers={other}"),
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = write_rlbench_fixture(pathlib.Path(tmp) / "rl", episodes=2, steps=40, cameras=("front", "wrist"), image_size=128)
+        plain = RLBenchDataset(root, ["close_jar"], ["front", "wrist"], horizon=1)
+        cached = RLBenchDataset(root, ["close_jar"], ["front", "wrist"], horizon=1, cache_dir=pathlib.Path(tmp) / "cache")
+        for i in range(len(cached)):  # the one-time decode is not what an epoch costs
+            cached[i]
+        rows += [
+            _loader_row("rlbench 2x128px, decode PNG each time", plain, 0, None),
+            _loader_row("rlbench 2x128px, decoded-once cache", cached, 0, "rlbench 2x128px, decode PNG each time"),
+        ]
+    return rows
+
+
+def _loader_row(name: str, dataset, workers: int, baseline: str | None) -> Row:
+    sampler = RandomSampler(dataset, replacement=True, num_samples=10**9, generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(
+        dataset, batch_size=BATCH, sampler=sampler, num_workers=workers, collate_fn=collate_samples,
+        persistent_workers=workers > 0,
+    )
+    batches = iter(loader)
+    seconds = time_call(lambda: next(batches), warmup=2 + 2 * workers, repeats=20, min_seconds=2.0)
+    return Row("data", name, seconds, baseline, {"samples/s": f"{BATCH / seconds:.0f}", "batch": BATCH})
