@@ -33,7 +33,7 @@ def step_inputs(spec: ActionSpec, b: int = 6, g: int = 8, t: int = 16) -> PanelI
     for step in range(0, 300, 10):
         history.record(step, {"train/loss": 3.0, "train/lambda_V": 1.0 / (1 + step)})
         for temperature in ("0.02", "0.05", "0.2"):
-            history.record(step, {f"train/raw_drift_norm/T={temperature}": 0.5 / (1 + step)})
+            history.record(step, {f"train/raw_drift_norm/{temperature}": 0.5 / (1 + step)})
     return PanelInputs.from_step(generated, expert, drift, spec, history)
 
 

@@ -30,7 +30,7 @@ from drifting_vla.specs import ActionSpec
 LAMBDA_V_KEY = "train/lambda_V"
 LOSS_KEYS = ("train/loss", "val/loss")
 RAW_DRIFT_NORM_PREFIX = "train/raw_drift_norm/"
-"""Per-temperature drift norms are logged as `train/raw_drift_norm/T=0.02` etc."""
+"""Per-temperature drift norms: `train/raw_drift_norm/0.02` etc. (DriftingLoss metrics + `train/`)."""
 
 MAX_OBSERVATIONS_SHOWN = 4
 
@@ -375,7 +375,7 @@ def loss_and_drift_norms(inputs: PanelInputs, theme: PanelTheme = THEME) -> np.n
                 values[positive],
                 color=color,
                 lw=2,
-                label=key.removeprefix(RAW_DRIFT_NORM_PREFIX),
+                label=f"T = {key.removeprefix(RAW_DRIFT_NORM_PREFIX)}",
             )
         norm_axes.set_ylabel("raw drift norm (log)")
         norm_axes.set_xlabel("step")
