@@ -30,11 +30,13 @@ from drifting_vla.training.drifting_field import drift_from_distances, pairwise_
 @dataclass
 class DriftingOutput:
     """`loss`: scalar to backpropagate. `field`: the normalized field V in x's own coordinates
-    (`V * s_in`, shaped like x), i.e. where this step moves each sample. `metrics`: 0-dim detached
-    tensors (no host sync until the caller logs them)."""
+    (`V * s_in`, shaped like x), i.e. where this step moves each sample. `raw_field`: the sum of
+    the unnormalized per-temperature fields, same coordinates; unlike `field` it goes to zero at
+    equilibrium. `metrics`: 0-dim detached tensors (no host sync until the caller logs them)."""
 
     loss: Tensor
     field: Tensor
+    raw_field: Tensor
     metrics: dict[str, Tensor]
 
 
@@ -122,7 +124,12 @@ class DriftingLoss(nn.Module):
             "feature_scale": feature_scale,
             **{f"raw_drift_norm/{t:g}": lam for t, lam in zip(self.temperatures, rms[:-1], strict=True)},
         }
-        return DriftingOutput(loss=loss, field=self._unproblems(field_scaled * s_in, x.shape), metrics=metrics)
+        return DriftingOutput(
+            loss=loss,
+            field=self._unproblems(field_scaled * s_in, x.shape),
+            raw_field=self._unproblems(summed_raw * s_in, x.shape),
+            metrics=metrics,
+        )
 
     def _problems(self, samples: Tensor) -> Tensor:
         """`[B, S, ...]` -> `[problems, S, D]`: one problem per condition, or per chunk step."""
