@@ -3,7 +3,9 @@
 - latency: one action chunk for one observation (batch 1), one generator pass (1 NFE), against the
   same network called 10 times in a row on the same condition, the cost of a 10-step iterative
   sampler (diffusion / flow matching with 10 NFE) on this exact network. Both include one
-  `encode_condition`, which any sampler pays once.
+  `encode_condition`, which any sampler pays once. On CPU these run on one thread: at batch 1 the
+  ops are too small to split, and with a second busy process on the machine, two OpenMP threads
+  were measured 100x slower than one (every parallel region waits for the descheduled thread).
 - training step: forward of G samples per observation, DriftingLoss, backward, AdamW step, against
   the forward pass alone (how much backward + loss + optimizer add).
 
@@ -62,11 +64,15 @@ def _bench(model_name: str, data_name: str, batch_size: int, device: torch.devic
                 out = model.generate(condition, num_samples=1)
             return out
 
+    threads = torch.get_num_threads()
+    latency_extra = {**extra, "threads": 1 if device.type == "cpu" else threads}
+    torch.set_num_threads(latency_extra["threads"])
     base_latency = f"{model_name} latency: {BASELINE_STEPS}-NFE sampler, same net"
     rows = [
-        Row("model", base_latency, time_call(iterative), extra=extra),
-        Row("model", f"{model_name} latency: one-step (1 NFE), batch 1", time_call(one_step), base_latency, extra),
+        Row("model", base_latency, time_call(iterative), extra=latency_extra),
+        Row("model", f"{model_name} latency: one-step (1 NFE), batch 1", time_call(one_step), base_latency, latency_extra),
     ]
+    torch.set_num_threads(threads)
 
     obs = _observation(data, batch_size, device)
     model.train()
@@ -85,7 +91,7 @@ def _bench(model_name: str, data_name: str, batch_size: int, device: torch.devic
         loss.backward()
         optimizer.step()
 
-    step_extra = {**extra, "B": batch_size, "G": NUM_SAMPLES}
+    step_extra = {**extra, "B": batch_size, "G": NUM_SAMPLES, "threads": threads}
     base_train = f"{model_name} forward only, B={batch_size} G={NUM_SAMPLES}"
     rows += [
         Row("model", base_train, time_call(forward_only, repeats=5), extra=step_extra),

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from drifting_vla.models.dit import init_linear_layers
 from drifting_vla.specs import ActionSpec
 
 
@@ -47,10 +48,7 @@ class ActionDecoder(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_linear_layers(self)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """features [..., D] -> actions [..., A], components in the spec's order."""

@@ -23,6 +23,14 @@ import torch.nn.functional as F
 from einops import rearrange
 
 
+def init_linear_layers(module: nn.Module) -> None:
+    """Xavier-uniform weights and zero biases for every nn.Linear inside `module` (DiT's default)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale) + shift
 
@@ -108,10 +116,7 @@ class DiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_linear_layers(self)
         nn.init.normal_(self.pos_embed, std=0.02)
         # adaLN-Zero: blocks start as the identity; conditioning switches them on during training.
         for block in self.blocks:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from drifting_vla.models.dit import Attention, Mlp
+from drifting_vla.models.dit import Attention, Mlp, init_linear_layers
 
 
 class FusionLayer(nn.Module):
@@ -60,10 +60,7 @@ class Fusion(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_linear_layers(self)
         nn.init.normal_(self.type_embed, std=0.02)
         nn.init.normal_(self.queries, std=0.02)
 

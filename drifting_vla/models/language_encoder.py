@@ -31,8 +31,8 @@ from drifting_vla.models.frozen import FrozenModule, frozen_forward, load_pretra
 class CachedTextEncoder(FrozenModule):
     """A frozen text model whose outputs are cached per instruction string.
 
-    Subclasses implement `encode_texts(texts) -> (tokens [N, L, D], mask [N, L], pooled [N, D])`
-    with a fixed L, so cached entries stack into a batch.
+    Subclasses set `tokenizer` and `max_length` and implement
+    `encode_texts(texts) -> (tokens [N, L, D], mask [N, L], pooled [N, D])`.
     """
 
     def __init__(self) -> None:
@@ -41,6 +41,13 @@ class CachedTextEncoder(FrozenModule):
 
     def encode_texts(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Padded to `max_length`, so every cached entry has the same L."""
+        batch = self.tokenizer(
+            texts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        return batch.to(next(self.parameters()).device)
 
     def forward(self, instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         device = next(self.parameters()).device
@@ -103,10 +110,7 @@ class ClipTextEncoder(CachedTextEncoder):
         return self._tokenizer
 
     def encode_texts(self, texts):
-        device = next(self.parameters()).device
-        batch = self.tokenizer(
-            texts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
-        ).to(device)
+        batch = self.tokenize(texts)
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         return out.last_hidden_state, batch["attention_mask"].bool(), out.pooler_output
 
@@ -133,10 +137,7 @@ class MiniLMEncoder(CachedTextEncoder):
         self.freeze()
 
     def encode_texts(self, texts):
-        device = next(self.parameters()).device
-        batch = self.tokenizer(
-            texts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
-        ).to(device)
+        batch = self.tokenize(texts)
         tokens = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         mask = batch["attention_mask"].bool()
         weights = mask.unsqueeze(-1).to(tokens.dtype)
