@@ -259,3 +259,12 @@ def test_parameter_table_lists_each_component_with_total_and_trainable():
     total = sum(p.numel() for p in model.parameters())
     assert f"{total:,}" in table.splitlines()[-1]
     assert model.action_spec == METAWORLD_ACTION_SPEC
+
+
+def test_build_model_accepts_the_composed_omegaconf_config():
+    from omegaconf import OmegaConf
+
+    cfg = compose("tiny", "rlbench")
+    model = build_model(OmegaConf.create(cfg))
+    assert model.action_spec == RLBENCH_ACTION_SPEC
+    assert model.vision_encoder.num_cameras == len(cfg["data"]["cameras"])
