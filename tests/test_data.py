@@ -286,6 +286,17 @@ def test_metaworld_samples_follow_the_contract(metaworld_store):
     assert ds[20]["task"] == "push-v3" and ds[20]["instruction"] == "do push-v3"
 
 
+def test_metaworld_val_split_holds_out_whole_episodes(metaworld_store):
+    kwargs = dict(tasks=["reach-v3", "push-v3"], cameras=["corner"], horizon=2, val_every=3)
+    train = MetaWorldDataset(metaworld_store, split="train", **kwargs)
+    val = MetaWorldDataset(metaworld_store, split="val", **kwargs)
+    assert len(train) == 2 * 2 * 5 and len(val) == 2 * 1 * 5  # episode 2 of each task is val
+    actions = np.load(metaworld_store / "reach-v3" / "actions.npy")
+    np.testing.assert_array_equal(val[0]["actions"][:1].numpy(), actions[10:11])
+    with pytest.raises(ValueError, match="val_every"):
+        MetaWorldDataset(metaworld_store, split="val", tasks=["reach-v3"], cameras=["corner"], horizon=2)
+
+
 def test_metaworld_camera_subset_and_missing_camera(metaworld_store):
     ds = MetaWorldDataset(metaworld_store, ["reach-v3"], ["topview"], horizon=2)
     images = np.load(metaworld_store / "reach-v3" / "images.npy")

@@ -71,7 +71,13 @@ class MetaWorldDataset(Dataset):
         cameras: list[str],
         horizon: int,
         privileged_state: bool = False,
+        split: str = "all",
+        val_every: int = 0,
     ) -> None:
+        """`split` "train" / "val" holds out every `val_every`-th episode of each task for
+        validation (episodes, not steps: steps of one episode are near-duplicates); "all" keeps all."""
+        if split not in ("all", "train", "val") or (split != "all" and val_every < 2):
+            raise ValueError(f"split must be all, or train/val with val_every >= 2; got {split!r}, val_every={val_every}")
         self.store_dir = pathlib.Path(store_dir)
         self.tasks = list(tasks)
         self.horizon = int(horizon)
@@ -100,7 +106,10 @@ class MetaWorldDataset(Dataset):
             ends = _load(task_dir / "episode_ends.npy")
             self._ends.append(ends)
             starts = np.concatenate([[0], ends[:-1]])
-            for start, end in zip(starts, ends, strict=True):
+            for episode, (start, end) in enumerate(zip(starts, ends, strict=True)):
+                held_out = val_every >= 2 and episode % val_every == val_every - 1
+                if (split == "train" and held_out) or (split == "val" and not held_out):
+                    continue
                 rows = np.arange(start, end)
                 self._index.append(np.stack([np.full_like(rows, task_id), rows, np.full_like(rows, end)], 1))
         self._index = np.concatenate(self._index) if self._index else np.zeros((0, 3), dtype=np.int64)

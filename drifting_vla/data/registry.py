@@ -33,12 +33,13 @@ def build_dataset(cfg, split: str = "train") -> Dataset:
 
 @register_dataset("metaworld")
 def build_metaworld(cfg, split: str = "train") -> Dataset:
-    """Collects the demos first if the cache lacks them (minutes, once)."""
+    """Collects the demos first if the cache lacks them (minutes, once). The val split is every
+    `data.val_every`-th demo episode of each task, held out of train."""
     from drifting_vla.data.metaworld_dataset import MetaWorldDataset
     from drifting_vla.data.metaworld_demos import ensure_metaworld_demos
 
-    if split != "train":
-        raise ValueError(f"Meta-World demos have only a train split (evaluation runs in simulation), got {split!r}")
+    if split not in ("train", "val"):
+        raise ValueError(f"Meta-World demos have a train and a val split, got {split!r}")
     store = ensure_metaworld_demos(cfg)
     return MetaWorldDataset(
         store,
@@ -46,6 +47,8 @@ def build_metaworld(cfg, split: str = "train") -> Dataset:
         cameras=list(cfg["cameras"]),
         horizon=int(cfg["horizon"]),
         privileged_state=bool(cfg.get("privileged_state", False)),
+        split=split,
+        val_every=int(cfg.get("val_every", 10)),
     )
 
 
