@@ -1,0 +1,375 @@
+"""The training loop. It reads like the algorithm:
+
+    for step in range(start, max_steps):
+        batch   = next(loader)                        # uint8 images, raw actions, on the device
+        actions = normalize(batch.actions)            # the normalizer is saved with every checkpoint
+        noise   = global_noise(step)[rank]            # the same global batch whatever the world size
+        out     = objective(model, obs, actions, noise)   # G chunks per observation, one drift problem each
+        out.loss.backward(); clip; optimizer.step(); scheduler.step(); ema.update()
+        log / validate / panels / checkpoint / evaluate in simulation, each at its cadence
+
+Distributed training is plain torchrun + DDP: rank r takes slice r of each global batch (data and
+noise), the drift statistics are all-reduced inside DriftingLoss, DDP averages the gradients, so a
+W-rank run follows the same trajectory as one process on the global batch. Rank 0 alone logs,
+renders panels, writes checkpoints and runs the simulation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import imageio.v2 as imageio
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from drifting_vla.data.collate import collate_samples
+from drifting_vla.data.normalization import Normalizer, dataset_stats
+from drifting_vla.data.registry import build_dataset
+from drifting_vla.data.sampler import ResumableBatchSampler
+from drifting_vla.logging.visualizations import PANELS, MetricHistory, PanelInputs, due_panels
+from drifting_vla.logging.wandb_logger import create_run_logger
+from drifting_vla.models import build_model, parameter_table
+from drifting_vla.specs import ActionSpec
+from drifting_vla.training.checkpoint import (
+    find_latest_valid_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from drifting_vla.training.config import validate_training_config
+from drifting_vla.training.ema import EMA
+from drifting_vla.training.objectives import build_objective
+from drifting_vla.training.optimizer import OptimizerConfig, build_optimizer, build_scheduler
+
+
+@dataclass
+class DistributedContext:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(backend: str, device: str) -> DistributedContext:
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is a single process."""
+    cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(("nccl" if cuda else "gloo") if backend == "auto" else backend)
+    return DistributedContext(rank, world_size, torch.device(f"cuda:{local_rank}" if cuda else "cpu"))
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig) -> None:
+        validate_training_config(cfg.training)
+        self.cfg, t = cfg, cfg.training
+        self.ctx = init_distributed(t.distributed.backend, str(cfg.device))
+        self.device = self.ctx.device
+        if t.num_threads:
+            torch.set_num_threads(int(t.num_threads))
+        torch.manual_seed(int(cfg.seed))
+        self.run_dir = Path(str(cfg.run_dir))
+        self.checkpoints_dir = self.run_dir / "checkpoints"
+        self.action_spec = ActionSpec.from_config(cfg.data.action_spec)
+
+        self.train_set = build_dataset(cfg.data, "train")
+        self.val_set = build_dataset(cfg.data, "val") if t.val_every else None
+        self.normalizer = Normalizer(dataset_stats(self.train_set), self.action_spec, int(cfg.data.proprio_dim)).to(self.device)
+        if str(cfg.model.language.name) == "task_embedding":
+            with _unlocked(cfg):
+                cfg.data.instructions = sorted(set(self.train_set.instructions.values()))
+
+        self.model = build_model(cfg).to(self.device)
+        if t.compile:
+            self.model.dit = torch.compile(self.model.dit)
+        self.ema = EMA(self.model, float(t.ema_decay))
+        opt_cfg = OptimizerConfig(
+            learning_rate=float(t.learning_rate), weight_decay=float(t.weight_decay), betas=tuple(t.betas),
+            warmup_steps=int(t.warmup_steps), max_steps=int(t.max_steps), min_lr_ratio=float(t.min_lr_ratio),
+        )
+        self.optimizer = build_optimizer(self.model, opt_cfg)
+        self.scheduler = build_scheduler(self.optimizer, opt_cfg)
+        self.network = (
+            DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            if self.ctx.world_size > 1 else self.model
+        )
+        self.objective = build_objective(t)
+        self.autocast_dtype = _autocast_dtype(str(t.precision), self.device)
+
+        self.sampler = ResumableBatchSampler(
+            len(self.train_set), int(t.batch_size), seed=int(cfg.seed), rank=self.ctx.rank, world_size=self.ctx.world_size
+        )
+        self.step, self.skipped_steps, self.batches_consumed = 0, 0, 0
+        self.history = MetricHistory()
+        self.logger = create_run_logger(
+            self.run_dir, rank=self.ctx.rank, mode=str(t.wandb.mode), project=str(t.wandb.project),
+            run_name=t.wandb.name, config=OmegaConf.to_container(cfg, resolve=True),
+        )
+        if self.ctx.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            print(parameter_table(self.model), flush=True)
+        if t.resume:
+            self._resume(str(t.resume))
+
+    # ------------------------------------------------------------------------------ the loop
+    def fit(self) -> dict | None:
+        """Train to `training.max_steps`, then evaluate in simulation; returns the eval summary."""
+        t = self.cfg.training
+        self.sampler_start = self.sampler.state_dict()
+        batches = iter(self._loader(self.train_set, self.sampler))
+        meter = _Throughput()
+        bar = tqdm(total=int(t.max_steps), initial=self.step, desc="train", dynamic_ncols=True, disable=not self.ctx.is_main)
+        while self.step < int(t.max_steps):
+            meter.start()
+            step_metrics, last = self._train_step(batches, meter)
+            self.step += 1
+            meter.stop(int(t.batch_size) * int(t.grad_accum_steps) * self.ctx.world_size)
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_metrics['train/loss']:.3f}", lambda_V=f"{step_metrics['train/lambda_V']:.4f}" if "train/lambda_V" in step_metrics else "-",
+                            samples_s=f"{meter.samples_per_second:.0f}", data_wait=f"{meter.data_wait_share:.0%}", refresh=False)
+            self._after_step(step_metrics, last, meter)
+        bar.close()
+        summary = self._evaluate_in_sim(final=True) if t.eval.at_end else None
+        if self.ctx.is_main:
+            self._save_checkpoint()
+        self.logger.close()
+        return summary
+
+    def _train_step(self, batches, meter: _Throughput) -> tuple[dict[str, float], tuple]:
+        t = self.cfg.training
+        accum = int(t.grad_accum_steps)
+        totals: dict[str, torch.Tensor] = defaultdict(float)
+        for micro in range(accum):
+            with meter.waiting_for_data():
+                batch = next(batches)
+            self.batches_consumed += 1
+            obs, actions = self._to_device(batch)
+            noise = self._noise(self.step * accum + micro, len(actions))
+            sync = contextlib.nullcontext() if micro == accum - 1 or self.ctx.world_size == 1 else self.network.no_sync()
+            with sync, torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
+                out = self.objective(self.network, obs, actions, noise)
+            if not self._loss_is_finite(out.loss, batch):
+                self.optimizer.zero_grad(set_to_none=True)
+                self.skipped_steps += 1
+                return {"train/loss": float("nan"), "train/skipped_steps": self.skipped_steps}, (obs, actions, out)
+            with sync:
+                (out.loss / accum).backward()
+            for key, value in out.metrics.items():
+                totals[key] = totals[key] + value.float() / accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), float(t.grad_clip))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ema.update(self.model, self.step)
+        metrics = {f"train/{k}": float(v) for k, v in totals.items()}
+        metrics.update({"train/grad_norm": float(grad_norm), "train/lr": self.scheduler.get_last_lr()[0]})
+        return metrics, (obs, actions, out)
+
+    def _after_step(self, metrics: dict[str, float], last: tuple, meter: _Throughput) -> None:
+        t, step = self.cfg.training, self.step
+        if step % int(t.log_every) == 0 or step == int(t.max_steps):
+            metrics.update({"perf/samples_per_s": meter.samples_per_second, "perf/data_wait_share": meter.data_wait_share,
+                            "train/skipped_steps": self.skipped_steps})
+            self._log(metrics)
+        if self.val_set is not None and int(t.val_every) and step % int(t.val_every) == 0:
+            self._log(self.validate())
+        if self.ctx.is_main:
+            self._render_panels(last)
+        if step % int(t.checkpoint_every) == 0 and step < int(t.max_steps):
+            if self.ctx.is_main:
+                self._save_checkpoint()
+            self._barrier()
+        if int(t.eval.every) and step % int(t.eval.every) == 0 and step < int(t.max_steps):
+            self._evaluate_in_sim(final=False)
+
+    # ------------------------------------------------------------------------------ pieces
+    def _to_device(self, batch: dict) -> tuple[dict, torch.Tensor]:
+        """Images stay uint8 until the device; proprio and actions are normalized there."""
+        obs = {
+            "images": batch["images"].to(self.device, non_blocking=True),
+            "proprio": self.normalizer.normalize("proprio", batch["proprio"].to(self.device, non_blocking=True).float()),
+            "instruction": batch["instruction"],
+            "task": batch["task"],
+            "action_mask": batch["action_mask"].to(self.device, non_blocking=True),
+        }
+        actions = self.normalizer.normalize("actions", batch["actions"].to(self.device, non_blocking=True).float())
+        return obs, actions
+
+    def _noise(self, draw: int, local_batch: int) -> torch.Tensor:
+        """Noise for the GLOBAL batch from (seed, draw), sliced for this rank: results do not
+        depend on the number of ranks, and a resumed run draws what the killed one would have."""
+        g = torch.Generator().manual_seed(int(self.cfg.seed) * 1_000_003 + draw)
+        shape = (local_batch * self.ctx.world_size, self.objective.num_samples, self.model.horizon, self.model.noise_dim)
+        noise = torch.randn(shape, generator=g)
+        return noise[self.ctx.rank * local_batch : (self.ctx.rank + 1) * local_batch].to(self.device)
+
+    def _loss_is_finite(self, loss: torch.Tensor, batch: dict) -> bool:
+        finite = torch.isfinite(loss.detach()).float()
+        if self.ctx.world_size > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item() == 1.0:
+            return True
+        if str(self.cfg.training.nan_policy) == "stop":
+            raise FloatingPointError(
+                f"non-finite loss ({loss.item()}) at step {self.step} on a batch of tasks {sorted(set(batch['task']))}; "
+                f"the run stops rather than train on it. Lower training.learning_rate, check the data, or set "
+                f"training.nan_policy=skip to drop such steps (they are counted in train/skipped_steps)."
+            )
+        return False
+
+    def _loader(self, dataset, batch_sampler) -> DataLoader:
+        workers = int(self.cfg.data.get("num_workers", 0))
+        return DataLoader(
+            dataset, batch_sampler=batch_sampler, collate_fn=collate_samples, num_workers=workers,
+            pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
+        )
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """val/loss and val/drift_norm of the EMA weights on held-out episodes (same batches every time)."""
+        t = self.cfg.training
+        size = min(int(t.batch_size), len(self.val_set) // self.ctx.world_size)
+        sampler = ResumableBatchSampler(len(self.val_set), size, seed=int(self.cfg.seed), rank=self.ctx.rank, world_size=self.ctx.world_size)
+        totals: dict[str, float] = defaultdict(float)
+        batches = int(t.val_batches)
+        with self.ema.applied_to(self.model):
+            for i, batch in zip(range(batches), self._loader(self.val_set, sampler), strict=False):
+                obs, actions = self._to_device(batch)
+                out = self.objective(self.model, obs, actions, self._noise(-1 - i, len(actions)))
+                totals["val/loss"] += float(out.loss) / batches
+                totals["val/drift_norm"] += float(out.metrics.get("lambda_V", out.loss)) / batches
+                totals["val/action_mse"] += float((out.samples[:, 0] - actions).square().mean()) / batches
+        return dict(totals)
+
+    def _log(self, metrics: dict[str, float]) -> None:
+        self.history.record(self.step, metrics)
+        self.logger.log_metrics(metrics, self.step)
+
+    def _render_panels(self, last: tuple) -> None:
+        names = due_panels(self.step, self.cfg.training.wandb.visualizations)
+        if not names:
+            return
+        _, actions, out = last
+        inputs = PanelInputs.from_step(out.samples, actions, out.field, self.action_spec, self.history)
+        for name in names:
+            self.logger.log_panel(name, PANELS[name](inputs), self.step)
+
+    def _save_checkpoint(self) -> None:
+        save_checkpoint(
+            self.checkpoints_dir, step=self.step, model=self.model, ema=self.ema, optimizer=self.optimizer,
+            scheduler=self.scheduler, config=OmegaConf.to_container(self.cfg, resolve=True),
+            normalization=self.normalizer.to_dict(),
+            sampler_state=self.sampler.state_after(self.sampler_start, self.batches_consumed),
+            extra={"skipped_steps": self.skipped_steps},
+        )
+        prune_checkpoints(self.checkpoints_dir, int(self.cfg.training.keep_checkpoints))
+
+    def _resume(self, resume: str) -> None:
+        if resume == "auto":
+            path = find_latest_valid_checkpoint(self.checkpoints_dir)
+            if path is None:
+                if self.ctx.is_main:
+                    print(f"training.resume=auto: no valid checkpoint in {self.checkpoints_dir}; starting from step 0")
+                return
+        else:
+            path = Path(resume)
+            path = find_latest_valid_checkpoint(path / "checkpoints") or find_latest_valid_checkpoint(path) or path
+        state = load_checkpoint(path, model=self.model, ema=self.ema, optimizer=self.optimizer, scheduler=self.scheduler)
+        if state.normalization["stats"] != self.normalizer.to_dict()["stats"]:
+            raise ValueError(
+                f"the normalization statistics saved in {path} differ from this run's data ({self.cfg.data.name}); "
+                f"resuming would train on differently scaled actions. Resume with the same data config."
+            )
+        self.step = state.step
+        self.sampler.load_state_dict(state.sampler_state)
+        self.skipped_steps = int(state.extra.get("skipped_steps", 0))
+        if self.ctx.is_main:
+            print(f"resumed from {path} at step {self.step}", flush=True)
+
+    def _evaluate_in_sim(self, final: bool) -> dict | None:
+        """Closed-loop success rate of the EMA policy (rank 0; other ranks wait)."""
+        summary = None
+        if self.ctx.is_main:
+            from drifting_vla.inference.policy import DriftingPolicy
+            from drifting_vla.inference.rollout import evaluate
+
+            e = self.cfg.training.eval
+            out_dir = self.run_dir / ("eval" if final else f"eval/step_{self.step:08d}")
+            with self.ema.applied_to(self.model):
+                policy = DriftingPolicy(self.model, self.normalizer, self.cfg.data, execution=str(e.execution),
+                                        execute_steps=int(e.execute_steps), ensemble_decay=float(e.ensemble_decay))
+                result = evaluate(policy, self.cfg.data, episodes=int(e.episodes), num_workers=int(e.workers),
+                                  output_dir=out_dir, videos_per_task=int(e.videos_per_task))
+            summary = result.to_dict()
+            self._log({"sim/success_rate": summary["success_rate"],
+                       **{f"sim/success_rate/{task}": rate for task, rate in summary["per_task"].items()}})
+            for video in sorted(out_dir.glob("videos/*.mp4"))[:1]:
+                self.logger.log_video("sim/rollout_video", np.stack(imageio.mimread(video, memtest=False)), self.step)
+            if final:
+                (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+                print(result.format_table(), flush=True)
+                print(f"summary: {self.run_dir / 'summary.json'}", flush=True)
+        self._barrier()
+        return summary
+
+    def _barrier(self) -> None:
+        if self.ctx.world_size > 1:
+            dist.barrier()
+
+
+class _Throughput:
+    """Samples/s and the share of step time spent waiting for the loader, smoothed."""
+
+    def __init__(self, decay: float = 0.9) -> None:
+        self.decay, self.samples_per_second, self.data_wait_share = decay, 0.0, 0.0
+        self._start, self._wait = 0.0, 0.0
+
+    def start(self) -> None:
+        self._start, self._wait = time.perf_counter(), 0.0
+
+    @contextlib.contextmanager
+    def waiting_for_data(self):
+        t0 = time.perf_counter()
+        yield
+        self._wait += time.perf_counter() - t0
+
+    def stop(self, samples: int) -> None:
+        elapsed = max(time.perf_counter() - self._start, 1e-9)
+        rate, share = samples / elapsed, self._wait / elapsed
+        first = self.samples_per_second == 0.0
+        self.samples_per_second = rate if first else self.decay * self.samples_per_second + (1 - self.decay) * rate
+        self.data_wait_share = share if first else self.decay * self.data_wait_share + (1 - self.decay) * share
+
+
+def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+@contextlib.contextmanager
+def _unlocked(cfg: DictConfig):
+    OmegaConf.set_struct(cfg, False)
+    try:
+        yield
+    finally:
+        OmegaConf.set_struct(cfg, True)
+

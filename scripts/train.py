@@ -1,0 +1,29 @@
+"""Train a Drifting-VLA policy. With no arguments: the embedded default (Meta-World demos,
+collected on first use; the dit_s model on the CPU), then closed-loop evaluation in simulation.
+
+    python scripts/train.py
+    python scripts/train.py training.max_steps=500 training.learning_rate=1e-3
+    python scripts/train.py experiment=rlbench_18                  # GPU, inside drifting-vla:rlbench
+    python scripts/train.py hydra.run.dir=runs/my_run training.resume=auto
+    torchrun --nproc_per_node=8 scripts/train.py experiment=rlbench_18
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from drifting_vla.training.trainer import Trainer  # noqa: E402
+
+
+@hydra.main(version_base=None, config_path="../configs", config_name="config")
+def main(cfg: DictConfig) -> None:
+    Trainer(cfg).fit()
+
+
+if __name__ == "__main__":
+    main()
