@@ -1,0 +1,45 @@
+"""Simulators behind one interface (`base_env.BaseEnv`), chosen by the data config's `name`.
+
+    env = make_env(cfg.data, "drawer-open-v3")      # MetaWorldEnv.from_config(cfg.data, task)
+
+The registry maps a name to an import path (`"module:Class"`), not to a class, so a worker process
+started with `spawn` can build the same env from plain strings, and the simulator module is only
+imported where an env is actually built (RLBench exists only inside its Docker image). A data
+config whose `name` is itself an import path (`"my_package.envs:MyEnv"`) needs no registration.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+ENVS: dict[str, str] = {
+    "metaworld": "drifting_vla.envs.metaworld_env:MetaWorldEnv",
+    "rlbench": "drifting_vla.envs.rlbench_env:RLBenchEnv",
+}
+
+
+def register_env(name: str, import_path: str) -> None:
+    """Register `"module:Class"` (a `BaseEnv` with a `from_config(data_cfg, task)` classmethod)."""
+    if ":" not in import_path:
+        raise ValueError(f"env import path must look like 'module:Class', got {import_path!r}")
+    ENVS[name] = import_path
+
+
+def env_import_path(data_cfg) -> str:
+    """The import path of the env class for a data config (its `name`, or a `module:Class` name)."""
+    name = str(data_cfg["name"])
+    if name in ENVS:
+        return ENVS[name]
+    if ":" in name:
+        return name
+    raise ValueError(f"no simulator registered for data.name={name!r}; registered: {sorted(ENVS)}")
+
+
+def env_class(import_path: str) -> type:
+    module_name, _, class_name = import_path.partition(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def make_env(data_cfg, task: str, **kwargs):
+    """Build the env of `data_cfg.name` for `task` with the data config's observation settings."""
+    return env_class(env_import_path(data_cfg)).from_config(data_cfg, task, **kwargs)

@@ -1,0 +1,438 @@
+"""Closed-loop evaluation: seeded episodes in simulator worker processes, one batched policy.
+
+    summary = evaluate(policy, cfg.data, tasks=["drawer-open-v3"], seeds=range(100000, 100050),
+                       num_workers=2, output_dir="runs/x/eval")
+    print(summary.format_table()); summary.to_dict()["success_rate"]
+
+    main process                                  worker processes (spawn, ONE env each)
+    ------------                                  ---------------------------------------
+    episode queue: (task, seed) for every task x seed
+    obs of all live envs --stack--> policy.select_action (one generator call for all envs that replan)
+    action b  ------------------------------------------->  worker b: env.step(action), render frame
+    obs b     <-------------------------------------------  observation, done, success (or an error)
+
+The policy runs once per control step on the batch of all live envs, so the network cost is shared
+and the simulators step in parallel. A worker builds its env from plain strings (the env import
+path and the data config), so nothing unpicklable crosses the process boundary; it switches envs
+when the next episode is of another task (one env alive per process: several MuJoCo GL contexts
+in one process have corrupted frames). A simulator exception or a dead or hung worker ends THAT
+episode as a failure with the error in its record; the worker is restarted and the evaluation goes on.
+
+Outputs under `output_dir`:
+
+    episodes.jsonl         one JSON object per finished episode: task, seed, success, steps, seconds, error, video
+    videos/<task>_seed<seed>.mp4   the first `videos_per_task` episodes of each task (H.264)
+
+Success rates come with a 95% Wilson score interval (sound for rates near 0 or 1 and few episodes).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+import time
+import traceback
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from drifting_vla.envs import env_class, env_import_path
+
+VIDEO_FPS = 30
+
+
+# ----------------------------------------------------------------------------------------------
+# Records and the summary
+
+
+@dataclass
+class EpisodeRecord:
+    task: str
+    seed: int
+    success: bool
+    steps: int
+    seconds: float
+    error: str | None = None
+    video: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% (z = 1.96) Wilson score interval of a success rate; (0, 1) when n = 0."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass
+class EvalSummary:
+    """Every episode's record plus timings; rates are computed from the records."""
+
+    records: list[EpisodeRecord]
+    seconds: float = 0.0
+    policy_seconds: float = 0.0  # time inside policy.select_action
+    policy_calls: int = 0  # batched select_action calls
+    protocol: str = ""
+    videos: list[str] = field(default_factory=list)
+
+    @property
+    def episodes(self) -> int:
+        return len(self.records)
+
+    @property
+    def success_rate(self) -> float:
+        return sum(r.success for r in self.records) / max(1, len(self.records))
+
+    def per_task(self) -> dict[str, list[EpisodeRecord]]:
+        tasks: dict[str, list[EpisodeRecord]] = {}
+        for record in self.records:
+            tasks.setdefault(record.task, []).append(record)
+        return tasks
+
+    def to_dict(self) -> dict:
+        per_task = self.per_task()
+        steps = sum(r.steps for r in self.records)
+        return {
+            "success_rate": self.success_rate,
+            "ci95": list(wilson_interval(sum(r.success for r in self.records), self.episodes)),
+            "episodes": self.episodes,
+            "per_task": {t: sum(r.success for r in rs) / len(rs) for t, rs in per_task.items()},
+            "per_task_ci95": {t: list(wilson_interval(sum(r.success for r in rs), len(rs))) for t, rs in per_task.items()},
+            "per_task_episodes": {t: len(rs) for t, rs in per_task.items()},
+            "errors": sum(r.error is not None for r in self.records),
+            "protocol": self.protocol,
+            "seconds": self.seconds,
+            "episodes_per_second": self.episodes / self.seconds if self.seconds else 0.0,
+            "env_steps": steps,
+            "env_steps_per_second": steps / self.seconds if self.seconds else 0.0,
+            "policy_ms_per_call": 1000 * self.policy_seconds / max(1, self.policy_calls),
+            "videos": list(self.videos),
+        }
+
+    def format_table(self) -> str:
+        """Per-task success with its 95% interval, then the mean over all episodes."""
+        summary = self.to_dict()
+        lines = [f"{'task':<32} {'success':>8} {'95% CI':>15} {'episodes':>9} {'errors':>7}"]
+        for task, records in self.per_task().items():
+            lo, hi = summary["per_task_ci95"][task]
+            errors = sum(r.error is not None for r in records)
+            rate = summary["per_task"][task]
+            lines.append(f"{task:<32} {rate:>8.3f} {f'[{lo:.2f}, {hi:.2f}]':>15} {len(records):>9} {errors:>7}")
+        lo, hi = summary["ci95"]
+        lines.append(
+            f"{'overall':<32} {self.success_rate:>8.3f} {f'[{lo:.2f}, {hi:.2f}]':>15} "
+            f"{self.episodes:>9} {summary['errors']:>7}"
+        )
+        if self.protocol:
+            lines.append(f"protocol: {self.protocol}")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Seeds
+
+
+def evaluation_seeds(data_cfg: Mapping, episodes: int | None = None) -> list[int]:
+    """The first `episodes` seeds of `data.eval_seeds` (all of them by default), checked to be
+    disjoint from `data.train_seeds` when the config has both."""
+    if "eval_seeds" not in data_cfg:
+        raise KeyError("the data config has no eval_seeds {start, count}; pass seeds= explicitly")
+    start, count = int(data_cfg["eval_seeds"]["start"]), int(data_cfg["eval_seeds"]["count"])
+    episodes = count if episodes is None else int(episodes)
+    if not 1 <= episodes <= count:
+        raise ValueError(f"episodes={episodes} per task, but data.eval_seeds has {count} seeds; raise its count")
+    seeds = list(range(start, start + episodes))
+    if "train_seeds" in data_cfg:
+        train = range(int(data_cfg["train_seeds"]["start"]), int(data_cfg["train_seeds"]["start"]) + int(data_cfg["train_seeds"]["count"]))
+        overlap = [s for s in seeds if s in train]
+        if overlap:
+            raise ValueError(f"evaluation seeds {overlap[:5]} are training seeds; move data.eval_seeds.start")
+    return seeds
+
+
+# ----------------------------------------------------------------------------------------------
+# Worker processes
+
+
+class WorkerError(RuntimeError):
+    """A worker died, hung or could not be reached; the episode it ran is a failure."""
+
+
+def _worker_main(conn, import_path: str, data_cfg: dict) -> None:
+    """Serve reset/step requests for one env at a time until told to close."""
+    env, task, frames, video = None, None, None, None
+    while True:
+        message = conn.recv()
+        if message[0] == "close":
+            break
+        try:
+            if message[0] == "reset":
+                _, next_task, seed, video = message
+                if next_task != task:
+                    if env is not None:
+                        env.close()
+                    env, task = None, None  # a failed build must not leave the old env in use
+                    env, task = env_class(import_path).from_config(data_cfg, next_task), next_task
+                obs = env.reset(int(seed))
+                frames = [env.render()] if video else None
+                conn.send(("obs", obs, False, False))
+            else:
+                result = env.step(message[1])
+                if frames is not None:
+                    frames.append(env.render())
+                    if result.done:
+                        write_video(video, frames)
+                        frames = None
+                conn.send(("obs", result.observation, result.done, result.success))
+        except Exception as error:  # the simulator's failure ends the episode, not the worker loop
+            last = traceback.extract_tb(error.__traceback__)[-1]
+            conn.send(("error", f"{type(error).__name__}: {error} ({last.filename}:{last.lineno})"))
+    if env is not None:
+        env.close()
+
+
+def write_video(path: str | Path, frames: Sequence[np.ndarray], fps: int = VIDEO_FPS) -> None:
+    """Frames uint8 [H, W, 3] -> an H.264 MP4 (imageio-ffmpeg)."""
+    import imageio.v2 as imageio
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    imageio.mimwrite(path, list(frames), fps=fps, codec="libx264", macro_block_size=2)
+
+
+class _Worker:
+    """One simulator process and its pipe; `restart` replaces a dead or broken one."""
+
+    def __init__(self, context, import_path: str, data_cfg: dict, timeout_s: float) -> None:
+        self._context, self._args, self.timeout_s = context, (import_path, data_cfg), timeout_s
+        self._start()
+
+    def _start(self) -> None:
+        self.conn, child = self._context.Pipe()
+        self.process = self._context.Process(target=_worker_main, args=(child, *self._args), daemon=True)
+        self.process.start()
+        child.close()
+
+    def send(self, message: tuple) -> None:
+        try:
+            self.conn.send(message)
+        except (BrokenPipeError, ConnectionResetError, EOFError) as error:
+            raise WorkerError(f"worker pid {self.process.pid} is gone ({type(error).__name__})") from error
+
+    def recv(self) -> tuple:
+        try:
+            if not self.conn.poll(self.timeout_s):
+                raise WorkerError(f"worker pid {self.process.pid} sent nothing for {self.timeout_s:.0f} s")
+            return self.conn.recv()
+        except (EOFError, ConnectionResetError, BrokenPipeError) as error:
+            self.process.join(timeout=1)
+            raise WorkerError(
+                f"worker pid {self.process.pid} died (exit code {self.process.exitcode})"
+            ) from error
+
+    def restart(self) -> None:
+        self.stop(graceful=False)
+        self._start()
+
+    def stop(self, graceful: bool = True) -> None:
+        if graceful and self.process.is_alive():
+            try:
+                self.conn.send(("close",))
+            except (BrokenPipeError, ConnectionResetError, EOFError):
+                pass
+            self.process.join(timeout=10)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self.conn.close()
+
+
+@dataclass
+class _Slot:
+    """What one worker is doing: its episode, the latest observation, the step count."""
+
+    worker: _Worker
+    task: str = ""
+    seed: int = 0
+    video: str | None = None
+    obs: dict | None = None
+    steps: int = 0
+    started: float = 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# The evaluation loop
+
+
+def evaluate(
+    policy,
+    data_cfg: Mapping,
+    tasks: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
+    episodes: int | None = None,
+    num_workers: int = 2,
+    output_dir: str | Path | None = None,
+    video_dir: str | Path | None = None,
+    videos_per_task: int = 2,
+    max_episode_steps: int | None = None,
+    step_timeout_s: float = 300.0,
+    progress: bool = True,
+    protocol: str = "",
+) -> EvalSummary:
+    """Run every task on every seed with `policy` (a `DriftingPolicy` or anything with
+    `reset(env_index)` and `select_action(obs, env_ids)`).
+
+    tasks: default `data.tasks`. seeds: the same seed list for every task; default the first
+    `episodes` of `data.eval_seeds`. output_dir: where episodes.jsonl goes (None: not written).
+    video_dir: default `<output_dir>/videos`. max_episode_steps overrides the data config's.
+    `protocol` labels the results (e.g. RLBench "keyframe-planner" vs "dense-ik").
+    """
+    import os
+
+    from tqdm import tqdm
+
+    data = _plain(data_cfg)
+    if max_episode_steps is not None:
+        data["max_episode_steps"] = int(max_episode_steps)
+    tasks = list(tasks) if tasks is not None else list(data["tasks"])
+    seeds = list(seeds) if seeds is not None else evaluation_seeds(data, episodes)
+    if not tasks or not seeds:
+        raise ValueError(f"nothing to evaluate: tasks={tasks}, seeds={seeds}")
+    output_dir = Path(output_dir) if output_dir is not None else None
+    if video_dir is None and output_dir is not None:
+        video_dir = output_dir / "videos"
+    queue = deque()
+    for task in tasks:
+        for k, seed in enumerate(seeds):
+            video = None
+            if video_dir is not None and k < videos_per_task:
+                video = str(Path(video_dir) / f"{task}_seed{seed}.mp4")
+            queue.append((task, int(seed), video))
+    total = len(queue)
+
+    jsonl = None
+    if output_dir is not None:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        jsonl = (output_dir / "episodes.jsonl").open("w")
+    os.environ.setdefault("MUJOCO_GL", "egl")  # inherited by the spawned workers
+    context = mp.get_context("spawn")
+    import_path = env_import_path(data)
+    summary = EvalSummary(records=[], protocol=protocol)
+    started = time.perf_counter()
+    slots = [_Slot(_Worker(context, import_path, data, step_timeout_s)) for _ in range(min(num_workers, total))]
+    bar = tqdm(total=total, unit="ep", desc="evaluate", disable=not progress, dynamic_ncols=True)
+
+    def finish(index: int, success: bool, error: str | None = None) -> None:
+        slot = slots[index]
+        video = slot.video if slot.video and Path(slot.video).is_file() else None
+        record = EpisodeRecord(slot.task, slot.seed, success, slot.steps, time.perf_counter() - slot.started, error, video)
+        summary.records.append(record)
+        if video:
+            summary.videos.append(video)
+        if jsonl is not None:
+            jsonl.write(json.dumps(record.to_dict()) + "\n")
+            jsonl.flush()
+        if error is not None:
+            tqdm.write(f"episode {slot.task} seed {slot.seed} failed with an error: {error}")
+        slot.obs = None
+        bar.update(1)
+        bar.set_postfix(success=f"{summary.success_rate:.2f}")
+
+    def start(index: int) -> None:
+        """Reset slot `index` onto the next queued episode, until one starts or the queue is empty."""
+        slot = slots[index]
+        while queue and slot.obs is None:
+            slot.task, slot.seed, slot.video = queue.popleft()
+            slot.steps, slot.started = 0, time.perf_counter()
+            policy.reset(index)
+            try:
+                slot.worker.send(("reset", slot.task, slot.seed, slot.video))
+                reply = slot.worker.recv()
+            except WorkerError as error:
+                slot.worker.restart()
+                finish(index, False, str(error))
+                continue
+            if reply[0] == "error":
+                slot.worker.restart()
+                finish(index, False, reply[1])
+                continue
+            slot.obs = reply[1]
+
+    try:
+        for index in range(len(slots)):
+            start(index)
+        while True:
+            live = [i for i, slot in enumerate(slots) if slot.obs is not None]
+            if not live:
+                break
+            obs = _batch([slots[i].obs for i in live])
+            t0 = time.perf_counter()
+            actions = policy.select_action(obs, env_ids=live)
+            summary.policy_seconds += time.perf_counter() - t0
+            summary.policy_calls += 1
+            for i, action in zip(live, actions, strict=True):
+                _send_step(slots[i], action)
+            for i in live:
+                slot = slots[i]
+                try:
+                    reply = slot.worker.recv()
+                except WorkerError as error:
+                    slot.worker.restart()
+                    finish(i, False, str(error))
+                    start(i)
+                    continue
+                if reply[0] == "error":
+                    slot.worker.restart()
+                    finish(i, False, reply[1])
+                    start(i)
+                    continue
+                slot.steps += 1
+                _, slot.obs, done, success = reply
+                if done or slot.steps >= int(data["max_episode_steps"]):
+                    finish(i, bool(success))
+                    start(i)
+    finally:
+        bar.close()
+        for slot in slots:
+            slot.worker.stop()
+        if jsonl is not None:
+            jsonl.close()
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _send_step(slot: _Slot, action: np.ndarray) -> None:
+    """Send the action; a dead worker is noticed at the following `recv`."""
+    try:
+        slot.worker.send(("step", np.asarray(action, dtype=np.float32)))
+    except WorkerError:
+        pass
+
+
+def _batch(observations: list[dict]) -> dict:
+    """Stack per-env observations into the collated batch format the policy reads."""
+    return {
+        "images": np.stack([o["images"] for o in observations]),
+        "proprio": np.stack([o["proprio"] for o in observations]).astype(np.float32),
+        "instruction": [o["instruction"] for o in observations],
+    }
+
+
+def _plain(node):
+    """A config (dict or OmegaConf) as plain dicts and lists, picklable for the workers."""
+    if isinstance(node, Mapping) or hasattr(node, "keys"):
+        return {str(k): _plain(node[k]) for k in node.keys()}
+    if isinstance(node, (list, tuple)):
+        return [_plain(v) for v in node]
+    if hasattr(node, "__iter__") and not isinstance(node, (str, bytes)):
+        return [_plain(v) for v in node]
+    return node

@@ -1,0 +1,66 @@
+"""Test-only simulators, importable by spawned rollout workers as `tests.fake_envs:<Class>`.
+
+`ScriptedEnv` decides each episode's fate from its seed, so a rollout test can mix outcomes:
+
+    seed % 4 == 0   success at step 3
+    seed % 4 == 1   the simulator raises at step 2 (like InvalidActionError)
+    seed % 4 == 2   the worker process dies at step 2 (like a segfaulting simulator)
+    seed % 4 == 3   never succeeds: runs to max_episode_steps
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from drifting_vla.envs.base_env import BaseEnv, StepResult
+
+
+class ScriptedEnv(BaseEnv):
+    def __init__(self, task: str, instruction: str, cameras: int, image_size: int, max_episode_steps: int):
+        self.task, self.instruction = task, instruction
+        self.cameras, self.image_size = cameras, image_size
+        self.max_episode_steps = max_episode_steps
+        self.seed, self.steps = 0, 0
+
+    @classmethod
+    def from_config(cls, data_cfg, task: str) -> ScriptedEnv:
+        if task == "unbuildable":
+            raise RuntimeError("this task cannot be built")
+        return cls(
+            task,
+            str(data_cfg["instructions"][0]),
+            len(data_cfg["cameras"]),
+            int(data_cfg["image_size"]),
+            int(data_cfg["max_episode_steps"]),
+        )
+
+    def reset(self, seed: int) -> dict:
+        self.seed, self.steps = seed, 0
+        return self._obs()
+
+    def step(self, action: np.ndarray) -> StepResult:
+        self.steps += 1
+        fate = self.seed % 4
+        if fate == 1 and self.steps == 2:
+            raise RuntimeError("simulated InvalidActionError")
+        if fate == 2 and self.steps == 2:
+            os._exit(3)
+        success = fate == 0 and self.steps == 3
+        return StepResult(self._obs(), 0.0, success or self.steps >= self.max_episode_steps, success)
+
+    def render(self) -> np.ndarray:
+        return np.full((32, 32, 3), 10 * self.steps % 255, dtype=np.uint8)
+
+    def close(self) -> None:
+        pass
+
+    def _obs(self) -> dict:
+        size = self.image_size
+        return {
+            "images": np.zeros((self.cameras, 3, size, size), dtype=np.uint8),
+            "proprio": np.full(4, self.steps, dtype=np.float32),
+            "instruction": self.instruction,
+            "task": self.task,
+        }

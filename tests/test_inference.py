@@ -1,0 +1,287 @@
+"""Inference: DriftingPolicy from a checkpoint, closed-loop execution modes, parallel rollouts, RLBench env."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from drifting_vla.data.normalization import Normalizer, compute_stats
+from drifting_vla.envs import env_import_path, make_env
+from drifting_vla.envs.metaworld_env import instruction_for
+from drifting_vla.inference.policy import DriftingPolicy
+from drifting_vla.inference.rollout import (
+    EpisodeRecord,
+    EvalSummary,
+    evaluate,
+    evaluation_seeds,
+    wilson_interval,
+)
+from drifting_vla.models.drifting_vla import build_model
+from drifting_vla.specs import ActionSpec
+from drifting_vla.training.checkpoint import save_checkpoint
+from drifting_vla.training.ema import EMA
+
+TASK = "reach-v3"
+
+
+def tiny_cfg(horizon: int = 4):
+    model = OmegaConf.load("configs/model/tiny.yaml")
+    data = OmegaConf.load("configs/data/metaworld.yaml")
+    data.image_size = 32
+    data.horizon = horizon
+    data.tasks = [TASK]
+    data.instructions = [instruction_for(TASK)]
+    data.max_episode_steps = 10
+    return OmegaConf.create({"model": model, "data": data, "training": {}})
+
+
+def tiny_normalizer(cfg) -> Normalizer:
+    rng = np.random.default_rng(0)
+    stats = compute_stats(
+        {
+            "actions": rng.uniform([-0.2, 0.0, 0.5, -1.0], [0.2, 0.4, 0.9, 1.0], size=(64, 4)),
+            "proprio": rng.uniform(-0.5, 0.5, size=(64, 4)),
+        }
+    )
+    return Normalizer.from_stats(stats, ActionSpec.from_config(cfg.data.action_spec), proprio_dim=4)
+
+
+def tiny_policy(horizon: int = 4, **kwargs) -> DriftingPolicy:
+    torch.manual_seed(0)
+    cfg = tiny_cfg(horizon)
+    return DriftingPolicy(build_model(cfg), tiny_normalizer(cfg), cfg.data, **kwargs)
+
+
+def observation_batch(batch: int = 2, size: int = 32) -> dict:
+    rng = np.random.default_rng(1)
+    return {
+        "images": torch.from_numpy(rng.integers(0, 256, size=(batch, 2, 3, size, size), dtype=np.uint8)),
+        "proprio": torch.from_numpy(rng.uniform(-0.5, 0.5, size=(batch, 4)).astype(np.float32)),
+        "instruction": [instruction_for(TASK)] * batch,
+    }
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    model = build_model(cfg)
+    ema = EMA(model, max_decay=0.9)
+    for name in ema.shadow:  # EMA weights that differ from the raw ones, to see which are loaded
+        ema.shadow[name] = ema.shadow[name] + 0.01 if ema.shadow[name].is_floating_point() else ema.shadow[name]
+    optimizer = torch.optim.SGD(model.trainable_parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    normalizer = tiny_normalizer(cfg)
+    path = save_checkpoint(
+        tmp_path / "run" / "checkpoints",
+        step=10,
+        model=model,
+        ema=ema,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        config=OmegaConf.to_container(cfg, resolve=True),
+        normalization=normalizer.to_dict(),
+    )
+    return path, model, ema, normalizer
+
+
+# ----------------------------------------------------------------------------------------------
+# Policy
+
+
+def test_from_checkpoint_loads_the_ema_weights_and_the_normalization(checkpoint):
+    path, _, ema, normalizer = checkpoint
+    policy = DriftingPolicy.from_checkpoint(path)
+    weights = policy.model.state_dict()
+    for name, value in ema.shadow.items():
+        torch.testing.assert_close(weights[name], value)
+    torch.testing.assert_close(policy.normalizer.actions_scale, normalizer.actions_scale)
+    assert policy.checkpoint == path
+
+
+def test_from_checkpoint_accepts_a_run_directory(checkpoint):
+    path = checkpoint[0]
+    assert DriftingPolicy.from_checkpoint(path.parent.parent).checkpoint == path
+
+
+def test_from_checkpoint_refuses_normalization_for_another_action_spec(checkpoint):
+    path = checkpoint[0]
+    saved = json.loads((path / "normalization.json").read_text())
+    saved["action_spec"]["components"][0]["dim"] = 2
+    saved["action_spec"]["components"].append({"name": "extra", "kind": "raw", "dim": 1})
+    (path / "normalization.json").write_text(json.dumps(saved))
+    marker = json.loads((path / "complete").read_text())
+    marker["files"]["normalization.json"] = (path / "normalization.json").stat().st_size
+    (path / "complete").write_text(json.dumps(marker))
+    with pytest.raises(ValueError, match="action spec"):
+        DriftingPolicy.from_checkpoint(path)
+
+
+def test_predict_action_chunk_is_one_generator_call_in_raw_units():
+    policy = tiny_policy()
+    obs = observation_batch()
+    torch.manual_seed(5)
+    chunk = policy.predict_action_chunk(obs)
+    assert chunk.shape == (2, 4, 4) and chunk.dtype == torch.float32
+    torch.manual_seed(5)
+    with torch.inference_mode():
+        normalized_obs = {**obs, "proprio": policy.normalizer.normalize("proprio", obs["proprio"])}
+        normalized = policy.model(normalized_obs, num_samples=1)[:, 0]
+    torch.testing.assert_close(chunk, policy.normalizer.unnormalize("actions", normalized))
+    assert not torch.allclose(chunk, normalized)
+
+
+class CountingGenerator:
+    """Stands in for predict_action_chunk: chunk c of a call holds c*100 + env*10 + step."""
+
+    def __init__(self, horizon: int):
+        self.horizon, self.calls, self.batch_sizes = horizon, 0, []
+
+    def __call__(self, obs):
+        batch = len(obs["instruction"])
+        self.batch_sizes.append(batch)
+        env = torch.as_tensor(obs["proprio"])[:, 0].reshape(batch, 1, 1)
+        step = torch.arange(self.horizon, dtype=torch.float32).reshape(1, -1, 1)
+        chunk = self.calls * 100 + env * 10 + step
+        self.calls += 1
+        return chunk.expand(batch, self.horizon, 4).clone()
+
+
+def env_batch(env_ids) -> dict:
+    return {
+        "images": torch.zeros(len(env_ids), 2, 3, 32, 32, dtype=torch.uint8),
+        "proprio": torch.tensor([[float(e), 0, 0, 0] for e in env_ids]),
+        "instruction": [instruction_for(TASK)] * len(env_ids),
+    }
+
+
+def test_chunk_queue_replans_exactly_every_execute_steps():
+    policy = tiny_policy(horizon=8, execution="chunk", execute_steps=3)
+    policy.predict_action_chunk = generator = CountingGenerator(8)
+    executed = [policy.select_action(env_batch([0, 1]))[:, 0] for _ in range(7)]
+    assert generator.calls == 3  # steps 0, 3, 6
+    assert [a[0] for a in executed] == [0, 1, 2, 100, 101, 102, 200]
+    assert [a[1] for a in executed] == [10, 11, 12, 110, 111, 112, 210]
+
+
+def test_chunk_queue_replans_only_the_envs_whose_queue_is_empty():
+    policy = tiny_policy(horizon=8, execution="chunk", execute_steps=2)
+    policy.predict_action_chunk = generator = CountingGenerator(8)
+    policy.select_action(env_batch([0, 1]))
+    policy.reset(1)
+    policy.select_action(env_batch([0, 1]))  # env 1 replans, env 0 executes its queue
+    assert generator.batch_sizes == [2, 1]
+    policy.select_action(env_batch([0, 1]))  # env 0 replans, env 1 does not
+    assert generator.batch_sizes == [2, 1, 1]
+
+
+def test_temporal_ensembling_matches_the_hand_computed_weighted_average():
+    decay = 0.5
+    policy = tiny_policy(horizon=3, execution="ensemble", ensemble_decay=decay)
+    policy.predict_action_chunk = CountingGenerator(3)
+    actions = [policy.select_action(env_batch([0]))[0, 0] for _ in range(4)]
+    w = [math.exp(-decay * i) for i in range(3)]
+    assert actions[0] == pytest.approx(0.0)
+    assert actions[1] == pytest.approx((w[0] * 1 + w[1] * 100) / (w[0] + w[1]))
+    # step 2: chunks from steps 0, 1, 2 cover it at their indices 2, 1, 0 (oldest weighted w0)
+    assert actions[2] == pytest.approx((w[0] * 2 + w[1] * 101 + w[2] * 200) / sum(w))
+    # step 3: the chunk from step 0 (horizon 3) no longer covers it
+    assert actions[3] == pytest.approx((w[0] * 102 + w[1] * 201 + w[2] * 300) / sum(w))
+
+
+def test_reset_of_one_env_restarts_only_its_ensemble():
+    policy = tiny_policy(horizon=3, execution="ensemble", ensemble_decay=0.0)
+    policy.predict_action_chunk = CountingGenerator(3)
+    policy.select_action(env_batch([0, 1]))
+    policy.reset(0)
+    actions = policy.select_action(env_batch([0, 1]))[:, 0]
+    assert actions[0] == pytest.approx(100)  # env 0: a fresh start, only the new chunk
+    assert actions[1] == pytest.approx((11 + 110) / 2)  # env 1 keeps its history
+
+
+# ----------------------------------------------------------------------------------------------
+# Rollouts
+
+
+def test_wilson_interval_matches_the_textbook_values():
+    lo, hi = wilson_interval(8, 10)
+    assert (lo, hi) == (pytest.approx(0.4902, abs=1e-4), pytest.approx(0.9433, abs=1e-4))
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    assert wilson_interval(10, 10)[1] == 1.0
+
+
+def test_evaluation_seeds_come_from_eval_seeds_and_never_from_training_seeds():
+    data = tiny_cfg().data
+    assert evaluation_seeds(data, 3) == [100000, 100001, 100002]
+    data.eval_seeds.start = 10
+    with pytest.raises(ValueError, match="training seeds"):
+        evaluation_seeds(data, 3)
+
+
+def test_summary_dict_and_table_report_rates_per_task():
+    summary = EvalSummary(
+        [EpisodeRecord("a", 0, True, 5, 1.0), EpisodeRecord("a", 1, False, 9, 1.0, error="boom"), EpisodeRecord("b", 0, True, 3, 1.0)],
+        seconds=3.0,
+    )
+    d = summary.to_dict()
+    assert d["success_rate"] == pytest.approx(2 / 3) and d["episodes"] == 3
+    assert d["per_task"] == {"a": 0.5, "b": 1.0} and d["errors"] == 1
+    assert "overall" in summary.format_table() and "b" in summary.format_table()
+
+
+def test_rollout_reports_simulator_errors_and_dead_workers_as_failed_episodes(tmp_path):
+    policy = tiny_policy(execution="chunk", execute_steps=2)
+    data = OmegaConf.to_container(tiny_cfg().data)
+    data["name"] = "tests.fake_envs:ScriptedEnv"
+    assert env_import_path(data) == data["name"]
+    summary = evaluate(
+        policy, data, tasks=[TASK], seeds=[0, 1, 2, 3, 4], num_workers=2, output_dir=tmp_path,
+        videos_per_task=1, max_episode_steps=6, progress=False,
+    )
+    by_seed = {r.seed: r for r in summary.records}
+    assert sorted(by_seed) == [0, 1, 2, 3, 4]
+    assert by_seed[0].success and by_seed[0].steps == 3 and by_seed[4].success
+    assert not by_seed[1].success and "simulated InvalidActionError" in by_seed[1].error
+    assert not by_seed[2].success and "died" in by_seed[2].error
+    assert not by_seed[3].success and by_seed[3].error is None and by_seed[3].steps == 6
+    lines = (tmp_path / "episodes.jsonl").read_text().splitlines()
+    assert len(lines) == 5 and {json.loads(line)["seed"] for line in lines} == {0, 1, 2, 3, 4}
+    assert summary.to_dict()["success_rate"] == pytest.approx(0.4)
+    assert by_seed[0].video and (tmp_path / "videos" / f"{TASK}_seed0.mp4").stat().st_size > 0
+
+
+def test_rollout_reports_an_env_that_cannot_be_built(tmp_path):
+    data = OmegaConf.to_container(tiny_cfg().data)
+    data["name"] = "tests.fake_envs:ScriptedEnv"
+    summary = evaluate(tiny_policy(), data, tasks=["unbuildable", TASK], seeds=[0], num_workers=1, progress=False)
+    errors = {r.task: r.error for r in summary.records}
+    assert "cannot be built" in errors["unbuildable"] and errors[TASK] is None
+
+
+def test_metaworld_rollout_with_two_workers_writes_episodes_summary_and_video(tmp_path):
+    policy = tiny_policy(execution="ensemble")
+    data = tiny_cfg().data
+    summary = evaluate(
+        policy, data, episodes=2, num_workers=2, output_dir=tmp_path, videos_per_task=1,
+        max_episode_steps=10, progress=False,
+    )
+    d = summary.to_dict()
+    assert d["episodes"] == 2 and set(d["per_task"]) == {TASK} and 0.0 <= d["success_rate"] <= 1.0
+    assert d["errors"] == 0, [r.error for r in summary.records]
+    records = [json.loads(line) for line in (tmp_path / "episodes.jsonl").read_text().splitlines()]
+    assert {r["seed"] for r in records} == {100000, 100001}
+    assert all(set(r) >= {"task", "seed", "success", "steps", "seconds", "error"} for r in records)
+    video = tmp_path / "videos" / f"{TASK}_seed100000.mp4"
+    assert video.stat().st_size > 1000 and not (tmp_path / "videos" / f"{TASK}_seed100001.mp4").exists()
+
+
+def test_make_env_picks_the_class_by_data_name():
+    env = make_env(tiny_cfg().data, TASK)
+    try:
+        obs = env.reset(100000)
+        assert obs["images"].shape == (2, 3, 32, 32) and obs["proprio"].shape == (4,)
+    finally:
+        env.close()
