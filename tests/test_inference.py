@@ -285,3 +285,34 @@ def test_make_env_picks_the_class_by_data_name():
         assert obs["images"].shape == (2, 3, 32, 32) and obs["proprio"].shape == (4,)
     finally:
         env.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# RLBench (no CoppeliaSim here: only what runs without the simulator)
+
+
+def test_rlbench_env_without_rlbench_names_the_docker_image(monkeypatch):
+    import sys
+
+    from drifting_vla.envs.rlbench_env import RLBenchEnv
+
+    monkeypatch.setitem(sys.modules, "rlbench", None)  # importing it now fails, installed or not
+    monkeypatch.setitem(sys.modules, "pyrep", None)
+    with pytest.raises(ModuleNotFoundError, match="drifting-vla:rlbench") as error:
+        make_env({"name": "rlbench", "cameras": ["front"], "image_size": 128, "keyframes": True}, "open_drawer")
+    assert "docker/Dockerfile.rlbench" in str(error.value)
+    assert env_import_path({"name": "rlbench"}).endswith(RLBenchEnv.__name__)
+
+
+def test_rlbench_sanitize_makes_a_unit_canonical_quaternion_in_bounds_and_a_binary_gripper():
+    from drifting_vla.envs.rlbench_env import sanitize_action
+
+    bounds = ((-0.3, -0.5, 0.6), (0.7, 0.5, 1.6))
+    out = sanitize_action([1.0, -2.0, 1.0, 0.0, 0.0, 0.6, -0.8 * 2, 0.51], bounds)
+    np.testing.assert_allclose(out[:3], [0.7, -0.5, 1.0])
+    assert np.linalg.norm(out[3:7]) == pytest.approx(1.0) and out[6] > 0
+    np.testing.assert_allclose(out[3:7], -np.array([0.0, 0.0, 0.6, -1.6]) / np.linalg.norm([0.6, 1.6]))
+    assert out[7] == 1.0
+    assert sanitize_action([0, 0, 1, 0, 0, 0, 0, 0.49], bounds)[3:].tolist() == [0, 0, 0, 1, 0]
+    with pytest.raises(ValueError, match="non-finite"):
+        sanitize_action([np.nan, 0, 1, 0, 0, 0, 1, 1], bounds)

@@ -15,8 +15,8 @@ The policy runs once per control step on the batch of all live envs, so the netw
 and the simulators step in parallel. A worker builds its env from plain strings (the env import
 path and the data config), so nothing unpicklable crosses the process boundary; it switches envs
 when the next episode is of another task (one env alive per process: several MuJoCo GL contexts
-in one process have corrupted frames). A simulator exception or a dead or hung worker ends THAT
-episode as a failure with the error in its record; the worker is restarted and the evaluation goes on.
+in one process have corrupted frames). A simulator exception, an env's own `info["error"]` (RLBench: an unreachable
+pose) or a dead or hung worker ends THAT episode as a failure with the error in its record; the worker is restarted and the evaluation goes on.
 
 Outputs under `output_dir`:
 
@@ -184,7 +184,7 @@ def _worker_main(conn, import_path: str, data_cfg: dict) -> None:
                     env, task = env_class(import_path).from_config(data_cfg, next_task), next_task
                 obs = env.reset(int(seed))
                 frames = [env.render()] if video else None
-                conn.send(("obs", obs, False, False))
+                conn.send(("obs", obs, False, False, None))
             else:
                 result = env.step(message[1])
                 if frames is not None:
@@ -192,7 +192,7 @@ def _worker_main(conn, import_path: str, data_cfg: dict) -> None:
                     if result.done:
                         write_video(video, frames)
                         frames = None
-                conn.send(("obs", result.observation, result.done, result.success))
+                conn.send(("obs", result.observation, result.done, result.success, result.info.get("error")))
         except Exception as error:  # the simulator's failure ends the episode, not the worker loop
             last = traceback.extract_tb(error.__traceback__)[-1]
             conn.send(("error", f"{type(error).__name__}: {error} ({last.filename}:{last.lineno})"))
@@ -396,9 +396,9 @@ def evaluate(
                     start(i)
                     continue
                 slot.steps += 1
-                _, slot.obs, done, success = reply
+                _, slot.obs, done, success, error = reply
                 if done or slot.steps >= int(data["max_episode_steps"]):
-                    finish(i, bool(success))
+                    finish(i, bool(success), error)
                     start(i)
     finally:
         bar.close()
