@@ -136,6 +136,10 @@ class MetaWorldDataset(Dataset):
             item["state"] = torch.from_numpy(np.array(arrays["state"][row]))
         return item
 
+    def all_instructions(self) -> list[str]:
+        """Every instruction an item can carry, sorted (the vocabulary of learned task embeddings)."""
+        return sorted(set(self.instructions.values()))
+
     def all_actions(self) -> np.ndarray:
         """Every action of every episode, float32 [N, 4] (for normalization statistics)."""
         return np.concatenate([a["actions"] for a in self._open()])

@@ -238,7 +238,7 @@ class RLBenchDataset(Dataset):
         episode = self.episodes[e]
         rows, first = self._targets[e]
         chunk, mask = action_window(rows, first[t], self.horizon)
-        instructions = episode.instructions or [self.episode_tasks[e].replace("_", " ")]
+        instructions = self._instructions(e)
         pick = int(torch.randint(len(instructions), ()).item()) if self.random_instruction else 0
         return {
             "images": torch.from_numpy(self._images(e, t)),
@@ -248,6 +248,13 @@ class RLBenchDataset(Dataset):
             "action_mask": torch.from_numpy(mask),
             "task": self.episode_tasks[e],
         }
+
+    def all_instructions(self) -> list[str]:
+        """Every phrasing an item can carry, sorted (the vocabulary of learned task embeddings)."""
+        return sorted({text for e in range(len(self.episodes)) for text in self._instructions(e)})
+
+    def _instructions(self, e: int) -> list[str]:
+        return self.episodes[e].instructions or [self.episode_tasks[e].replace("_", " ")]
 
     def all_actions(self) -> np.ndarray:
         """Every target row the dataset can return, float32 [N, 8] (for normalization statistics)."""

@@ -94,7 +94,7 @@ class Trainer:
         self.normalizer = Normalizer(dataset_stats(self.train_set), self.action_spec, int(cfg.data.proprio_dim)).to(self.device)
         if str(cfg.model.language.name) == "task_embedding":
             with _unlocked(cfg):
-                cfg.data.instructions = sorted(set(self.train_set.instructions.values()))
+                cfg.data.instructions = self.train_set.all_instructions()
 
         self.model = build_model(cfg).to(self.device)
         if t.compile:
@@ -236,10 +236,13 @@ class Trainer:
         return False
 
     def _loader(self, dataset, batch_sampler) -> DataLoader:
+        """A loader with its own generator: creating its iterator draws a worker base seed, which
+        from the global RNG would shift every later draw of a resumed run by one."""
         workers = int(self.cfg.data.get("num_workers", 0))
         return DataLoader(
             dataset, batch_sampler=batch_sampler, collate_fn=collate_samples, num_workers=workers,
             pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
+            generator=torch.Generator().manual_seed(int(self.cfg.seed) + self.ctx.rank),
         )
 
     @torch.no_grad()

@@ -1,0 +1,149 @@
+"""The trainer: strict configs, exact resume after SIGKILL, NaN handling, DDP == one process."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file
+
+from drifting_vla.data.fixtures import write_rlbench_fixture
+from drifting_vla.training.config import validate_training_config
+from drifting_vla.training.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def rlbench_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("rlbench")
+    write_rlbench_fixture(root / "train", episodes=3, steps=12, seed=0)
+    write_rlbench_fixture(root / "val", episodes=1, steps=12, seed=1)
+    return root
+
+
+def overrides_for(root: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        "experiment=tiny_cpu", "data=rlbench", f"data.root={root}", "data.tasks=[close_jar]",
+        "data.cameras=[front,wrist]", "data.image_size=16", "data.cache_dir=null", "data.horizon=4",
+        "data.keyframes=false", "data.num_workers=0", f"run_dir={run_dir}", "training.wandb.mode=disabled",
+        "training.num_threads=1", *extra,
+    ]
+
+
+def compose_config(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        return compose("config", overrides=overrides)
+
+
+def test_unknown_config_key_is_an_error_naming_it(tmp_path):
+    with pytest.raises(Exception, match="learning_rat"):
+        compose_config(["training.learning_rat=1e-3"])
+
+
+def test_wrong_type_in_training_config_is_an_error_naming_the_key():
+    cfg = compose_config(["training.max_steps=abc", "run_dir=/tmp/x"])
+    with pytest.raises(ValueError, match="training.max_steps"):
+        validate_training_config(cfg.training)
+    cfg = compose_config(["training.nan_policy=ignore", "run_dir=/tmp/x"])
+    with pytest.raises(ValueError, match="training.nan_policy"):
+        validate_training_config(cfg.training)
+
+
+def _train_script(root: Path, run_dir: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    args = [a for a in overrides_for(root, run_dir, *extra) if not a.startswith("run_dir=")]
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), *args, f"hydra.run.dir={run_dir}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def _final_weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "checkpoints" / f"step_{step:08d}" / "model.safetensors")
+
+
+def test_run_killed_with_sigkill_resumes_to_the_same_weights(rlbench_root, tmp_path):
+    steps = ["training.max_steps=150", "training.checkpoint_every=10", "training.val_every=50", "training.keep_checkpoints=20"]
+    straight = _train_script(rlbench_root, tmp_path / "straight", *steps)
+    assert straight.wait(timeout=300) == 0, straight.stderr.read()
+
+    killed_dir = tmp_path / "killed"
+    killed = _train_script(rlbench_root, killed_dir, *steps)
+    deadline = time.time() + 240
+    while not (killed_dir / "checkpoints" / "step_00000030" / "complete").exists():
+        assert killed.poll() is None, f"run ended before it could be killed: {killed.stderr.read()}"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not (killed_dir / "checkpoints" / "step_00000150").exists(), "the kill came too late to test resume"
+
+    resumed = _train_script(rlbench_root, killed_dir, *steps, "training.resume=auto")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    for name, value in _final_weights(tmp_path / "straight", 150).items():
+        torch.testing.assert_close(_final_weights(killed_dir, 150)[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_nan_loss_stops_the_run_naming_the_step_or_is_skipped_when_configured(rlbench_root, tmp_path, monkeypatch):
+    cfg = compose_config(overrides_for(rlbench_root, tmp_path / "nan", "training.max_steps=3"))
+    trainer = Trainer(cfg)
+    monkeypatch.setattr(trainer.normalizer, "actions_offset", torch.full_like(trainer.normalizer.actions_offset, float("nan")))
+    with pytest.raises(FloatingPointError, match="non-finite loss .* at step 0 .*close_jar"):
+        trainer.fit()
+
+    cfg = compose_config(overrides_for(rlbench_root, tmp_path / "skip", "training.max_steps=3", "training.nan_policy=skip"))
+    trainer = Trainer(cfg)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    monkeypatch.setattr(trainer.normalizer, "actions_offset", torch.full_like(trainer.normalizer.actions_offset, float("nan")))
+    trainer.fit()
+    assert trainer.skipped_steps == 3
+    for name, value in trainer.model.state_dict().items():
+        torch.testing.assert_close(value, before[name], msg=f"{name} changed on a skipped step")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_rank(rank: int, world: int, port: int, overrides: list[str], out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    trainer = Trainer(compose_config(overrides))
+    trainer.fit()
+    torch.save({k: v.detach().clone() for k, v in trainer.model.state_dict().items()}, Path(out) / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_two_gloo_ranks_stay_identical_and_match_one_process_on_the_global_batch(tmp_path):
+    """One phrasing per episode: each rank draws random phrasings from its own stream, the only
+    input a W-rank run does not share with one process on the global batch."""
+    root = tmp_path / "data"
+    write_rlbench_fixture(root / "train", episodes=3, steps=12, seed=0)
+    write_rlbench_fixture(root / "val", episodes=1, steps=12, seed=1)
+    for descriptions in root.glob("*/close_jar/all_variations/episodes/*/variation_descriptions.pkl"):
+        descriptions.write_bytes(pickle.dumps(["close the jar"]))
+    common = ["training.max_steps=6", "training.val_every=3", "training.checkpoint_every=100"]
+    ddp = overrides_for(root, tmp_path / "ddp", *common, "training.batch_size=4")
+    mp.spawn(_ddp_rank, args=(2, _free_port(), ddp, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+
+    single = Trainer(compose_config(overrides_for(root, tmp_path / "single", *common, "training.batch_size=8")))
+    single.fit()
+    for name, value in single.model.state_dict().items():
+        torch.testing.assert_close(ranks[0][name], ranks[1][name], rtol=0, atol=0, msg=f"replicas differ at {name}")
+        torch.testing.assert_close(ranks[0][name], value, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"DDP differs from one process at {name}: {m}")
+    assert any(not np.allclose(v.numpy(), 0) for v in ranks[0].values())
