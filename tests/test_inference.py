@@ -316,3 +316,34 @@ def test_rlbench_sanitize_makes_a_unit_canonical_quaternion_in_bounds_and_a_bina
     assert sanitize_action([0, 0, 1, 0, 0, 0, 0, 0.49], bounds)[3:].tolist() == [0, 0, 0, 1, 0]
     with pytest.raises(ValueError, match="non-finite"):
         sanitize_action([np.nan, 0, 1, 0, 0, 0, 1, 1], bounds)
+
+
+# ----------------------------------------------------------------------------------------------
+# scripts/simulate_eval.py
+
+
+def run_simulate_eval(*overrides):
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "scripts/simulate_eval.py", *overrides], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_simulate_eval_writes_summary_json_and_prints_the_table(checkpoint, tmp_path):
+    out = tmp_path / "eval"
+    result = run_simulate_eval(
+        f"checkpoint={checkpoint[0].parent.parent}", "episodes=1", "workers=1", "max_episode_steps=4",
+        "videos_per_task=0", f"output={out}", "progress=false", "num_threads=1",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["episodes"] == 1 and set(summary["per_task"]) == {TASK}
+    assert isinstance(summary["success_rate"], float) and summary["protocol"] == "metaworld/chunk"
+    assert "overall" in result.stdout
+
+
+def test_simulate_eval_rejects_an_unknown_key_by_name(checkpoint):
+    result = run_simulate_eval(f"checkpoint={checkpoint[0]}", "episdoes=3")
+    assert result.returncode != 0 and "episdoes" in result.stderr
