@@ -347,3 +347,10 @@ def test_simulate_eval_writes_summary_json_and_prints_the_table(checkpoint, tmp_
 def test_simulate_eval_rejects_an_unknown_key_by_name(checkpoint):
     result = run_simulate_eval(f"checkpoint={checkpoint[0]}", "episdoes=3")
     assert result.returncode != 0 and "episdoes" in result.stderr
+
+
+def test_predicting_leaves_a_training_model_in_training_mode():
+    policy = tiny_policy()
+    policy.model.train()
+    policy.predict_action_chunk(observation_batch())
+    assert policy.model.training

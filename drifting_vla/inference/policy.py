@@ -108,7 +108,7 @@ class DriftingPolicy:
         if ensemble_decay < 0:
             raise ValueError(f"ensemble_decay must be >= 0, got {ensemble_decay}")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        self.model = model.to(self.device).eval()
+        self.model = model.to(self.device)
         self.normalizer = normalizer.to(self.device)
         self.data_cfg = data_cfg
         self.action_spec = spec
@@ -170,8 +170,13 @@ class DriftingPolicy:
             "proprio": self.normalizer.normalize("proprio", proprio),
             "instruction": list(obs["instruction"]),
         }
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            chunk = self.model(batch, num_samples=1)[:, 0]
+        training = self.model.training  # the trainer's model goes back to train mode after
+        self.model.eval()
+        try:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                chunk = self.model(batch, num_samples=1)[:, 0]
+        finally:
+            self.model.train(training)
         return self.normalizer.unnormalize("actions", chunk.float()).cpu()
 
     # ------------------------------------------------------------------------------------------
