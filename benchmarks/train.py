@@ -1,0 +1,92 @@
+"""Train case: training samples/s of the embedded default, through the trainer's own pieces.
+
+A drifting step (G = 8 chunks per observation, DriftingLoss, backward, AdamW) against the
+regression baseline's step on the same network (G = 1, MSE), measured in the same run: the ratio
+is what the generative objective costs per step. Extras give the share of a drifting step spent
+in the drift field (loss forward + its backward) and in the observation encoders.
+Synthetic batches in the dataset's format, so the figure is the step alone (the loader is
+`benchmarks/data.py`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+
+from benchmarks.timing import Row, time_call
+from drifting_vla.models import build_model
+from drifting_vla.training.objectives import build_objective
+from drifting_vla.training.optimizer import OptimizerConfig, build_optimizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(args) -> list[Row]:
+    device = torch.device(args.device)
+    overrides = ["run_dir=/tmp/benchmark", "device=" + device.type]
+    if device.type == "cuda":
+        overrides += ["experiment=rlbench_18", "model.pretrained=false"]
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        cfg = compose("config", overrides=overrides)
+    model = build_model(cfg).to(device).train()
+    batch = _synthetic_batch(cfg, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    label = f"{cfg.model.name} B={cfg.training.batch_size}"
+    rows, timings = [], {}
+    for objective_name in ("regression", "drifting"):
+        cfg.training.objective = objective_name
+        objective = build_objective(cfg.training)
+        optimizer = build_optimizer(model, OptimizerConfig(learning_rate=1e-4, warmup_steps=0, max_steps=10))
+        noise = model.sample_noise(int(cfg.training.batch_size), objective.num_samples, device)
+
+        def step(objective=objective, optimizer=optimizer, noise=noise):
+            with autocast:
+                out = objective(model, batch, batch["actions"], noise)
+            out.loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        timings[objective_name] = time_call(step, warmup=2, repeats=5)
+    samples = int(cfg.training.batch_size)
+    base = f"{label} regression step (G=1)"
+    rows.append(Row("train", base, timings["regression"], extra={"samples/s": round(samples / timings["regression"], 1)}))
+    shares = _drifting_shares(model, batch, build_objective(cfg.training), timings["drifting"], device)
+    rows.append(Row("train", f"{label} drifting step (G={cfg.training.num_samples})", timings["drifting"], base,
+                    {"samples/s": round(samples / timings["drifting"], 1), **shares}))
+    if device.type == "cuda":
+        rows[-1].extra["peak_mem_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return rows
+
+
+def _drifting_shares(model, batch, objective, step_seconds: float, device) -> dict:
+    """Share of a drifting step in the field (loss fwd+bwd on fixed samples) and in encode_condition."""
+    samples = model(batch, objective.num_samples, model.sample_noise(len(batch["actions"]), objective.num_samples, device)).detach()
+
+    def field():
+        x = samples.clone().requires_grad_(True)
+        objective.loss(x, batch["actions"][:, None]).loss.backward()
+
+    def encode():
+        with torch.no_grad():
+            model.encode_condition(batch)
+
+    field_seconds = time_call(field, warmup=1, repeats=5)
+    encode_seconds = time_call(encode, warmup=1, repeats=5)
+    return {"drift_field_share": f"{field_seconds / step_seconds:.1%}", "encoders_share": f"{encode_seconds / step_seconds:.1%}"}
+
+
+def _synthetic_batch(cfg, device) -> dict:
+    """A training batch in the dataset's format, normalized as the trainer does."""
+    b, t, a = int(cfg.training.batch_size), int(cfg.data.horizon), sum(int(c.dim) for c in cfg.data.action_spec.components)
+    v, size = len(cfg.data.cameras), int(cfg.data.image_size)
+    g = torch.Generator().manual_seed(0)
+    return {
+        "images": torch.randint(0, 256, (b, v, 3, size, size), generator=g, dtype=torch.uint8).to(device),
+        "proprio": torch.randn(b, int(cfg.data.proprio_dim), generator=g).to(device),
+        "instruction": [f"task number {i % 5}" for i in range(b)],
+        "task": [f"task-{i % 5}" for i in range(b)],
+        "action_mask": torch.ones(b, t, dtype=torch.bool, device=device),
+        "actions": torch.rand(b, t, a, generator=g).mul(2).sub(1).to(device),
+    }
