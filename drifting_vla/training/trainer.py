@@ -324,7 +324,7 @@ class Trainer:
             summary = result.to_dict()
             self._log({"sim/success_rate": summary["success_rate"],
                        **{f"sim/success_rate/{task}": rate for task, rate in summary["per_task"].items()}})
-            for video in sorted(out_dir.glob("videos/*.mp4"))[:1]:
+            for video in result.videos[:1]:
                 self.logger.log_video("sim/rollout_video", np.stack(imageio.mimread(video, memtest=False)), self.step)
             if final:
                 (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
