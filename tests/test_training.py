@@ -147,3 +147,27 @@ def test_two_gloo_ranks_stay_identical_and_match_one_process_on_the_global_batch
         torch.testing.assert_close(ranks[0][name], ranks[1][name], rtol=0, atol=0, msg=f"replicas differ at {name}")
         torch.testing.assert_close(ranks[0][name], value, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"DDP differs from one process at {name}: {m}")
     assert any(not np.allclose(v.numpy(), 0) for v in ranks[0].values())
+
+
+TINY_DINOV2 = (
+    "+model.vision={name: dinov2, name_or_path: random, input_size: 28, arch: {hidden_size: 32, num_hidden_layers: 2, "
+    "num_attention_heads: 2, intermediate_size: 64, patch_size: 14, image_size: 28}}"
+)
+
+
+def test_feature_cache_trains_exactly_like_running_the_frozen_backbone(rlbench_root, tmp_path):
+    results = []
+    for cache in ("false", "true"):
+        cfg = compose_config(overrides_for(rlbench_root, tmp_path / cache, "training.max_steps=4", "~model.vision",
+                                           TINY_DINOV2, f"training.feature_cache={cache}"))
+        trainer = Trainer(cfg)
+        trainer.fit()
+        results.append(trainer.model.state_dict())
+    for name, value in results[0].items():
+        torch.testing.assert_close(results[1][name], value, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_feature_cache_refuses_a_trainable_backbone(rlbench_root, tmp_path):
+    cfg = compose_config(overrides_for(rlbench_root, tmp_path, "training.feature_cache=true"))
+    with pytest.raises(ValueError, match="frozen vision backbone"):
+        Trainer(cfg)

@@ -60,14 +60,18 @@ class DriftingVLA(nn.Module):
         self.noise_dim = dit.noise_dim
 
     def encode_condition(self, obs: Mapping) -> Condition:
-        """obs: images uint8 [B, V, 3, H, W], proprio float [B, S], instruction list[str] (B)."""
+        """obs: images uint8 [B, V, 3, H, W], proprio float [B, S], instruction list[str] (B);
+        optionally vision_features [B, V, N, D] from a frozen backbone, used instead of images."""
         instructions = list(obs["instruction"])
         if len(instructions) != obs["images"].shape[0]:
             raise ValueError(
                 f"got {len(instructions)} instructions for {obs['images'].shape[0]} observations; "
                 f"give one instruction string per observation"
             )
-        vision = self.vision_encoder(obs["images"])
+        if "vision_features" in obs:  # cached outputs of a frozen backbone [B, V, N, D]
+            vision = self.vision_encoder.embed(obs["vision_features"])
+        else:
+            vision = self.vision_encoder(obs["images"])
         language, language_mask, language_pooled = self.language_encoder(instructions)
         tokens, pooled = self.fusion(vision, language, language_mask, language_pooled, obs["proprio"].float())
         return Condition(tokens, pooled)

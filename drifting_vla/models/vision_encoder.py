@@ -169,8 +169,12 @@ class VisionEncoder(nn.Module):
                 f"got {tuple(images.shape)}"
             )
         b, v = images.shape[:2]
-        tokens = self.backbone(images.flatten(0, 1)).unflatten(0, (b, v))  # [B, V, N, D]
-        return (tokens + self.camera_embed).flatten(1, 2)
+        return self.embed(self.backbone(images.flatten(0, 1)).unflatten(0, (b, v)))
+
+    def embed(self, backbone_tokens: torch.Tensor) -> torch.Tensor:
+        """The trainable part after the backbone: [B, V, N, D] -> [B, V * N, D]. Called directly
+        with features cached from a frozen backbone (training.feature_cache)."""
+        return (backbone_tokens.float() + self.camera_embed).flatten(1, 2)
 
 
 def build_vision_encoder(cfg, num_cameras: int, pretrained: bool) -> VisionEncoder:

@@ -49,6 +49,7 @@ from drifting_vla.training.checkpoint import (
 )
 from drifting_vla.training.config import validate_training_config
 from drifting_vla.training.ema import EMA
+from drifting_vla.training.feature_cache import cache_vision_features
 from drifting_vla.training.objectives import build_objective
 from drifting_vla.training.optimizer import OptimizerConfig, build_optimizer, build_scheduler
 
@@ -97,6 +98,10 @@ class Trainer:
                 cfg.data.instructions = self.train_set.all_instructions()
 
         self.model = build_model(cfg).to(self.device)
+        if t.feature_cache:
+            self.train_set = cache_vision_features(self.train_set, self.model.vision_encoder, self.device)
+            if self.val_set is not None:
+                self.val_set = cache_vision_features(self.val_set, self.model.vision_encoder, self.device)
         if t.compile:
             self.model.dit = torch.compile(self.model.dit)
         self.ema = EMA(self.model, float(t.ema_decay))
@@ -210,6 +215,8 @@ class Trainer:
             "task": batch["task"],
             "action_mask": batch["action_mask"].to(self.device, non_blocking=True),
         }
+        if "vision_features" in batch:
+            obs["vision_features"] = batch["vision_features"].to(self.device, non_blocking=True)
         actions = self.normalizer.normalize("actions", batch["actions"].to(self.device, non_blocking=True).float())
         return obs, actions
 
