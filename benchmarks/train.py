@@ -27,6 +27,7 @@ from drifting_vla.training.optimizer import OptimizerConfig, build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_FROZEN_BACKBONE = [
+    "model.pretrained=false",
     "~model.vision",
     "+model.vision={name: dinov2, name_or_path: random, input_size: 56, arch: {hidden_size: 384, "
     "num_hidden_layers: 12, num_attention_heads: 6, intermediate_size: 1536, patch_size: 14, image_size: 56}}",

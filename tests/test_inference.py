@@ -2,6 +2,9 @@
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -322,19 +325,18 @@ def test_rlbench_sanitize_makes_a_unit_canonical_quaternion_in_bounds_and_a_bina
 # scripts/simulate_eval.py
 
 
-def run_simulate_eval(*overrides):
-    import subprocess
-    import sys
-
+def run_simulate_eval(run_dir, *overrides):
+    """The CLI as a user runs it; Hydra's own run directory goes to `run_dir`, not the checkout."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "simulate_eval.py"
     return subprocess.run(
-        [sys.executable, "scripts/simulate_eval.py", *overrides], capture_output=True, text=True, timeout=300
+        [sys.executable, str(script), *overrides, f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=300
     )
 
 
 def test_simulate_eval_writes_summary_json_and_prints_the_table(checkpoint, tmp_path):
     out = tmp_path / "eval"
     result = run_simulate_eval(
-        f"checkpoint={checkpoint[0].parent.parent}", "episodes=1", "workers=1", "max_episode_steps=4",
+        tmp_path / "hydra", f"checkpoint={checkpoint[0].parent.parent}", "episodes=1", "workers=1", "max_episode_steps=4",
         "videos_per_task=0", f"output={out}", "progress=false", "num_threads=1",
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -344,8 +346,8 @@ def test_simulate_eval_writes_summary_json_and_prints_the_table(checkpoint, tmp_
     assert "overall" in result.stdout
 
 
-def test_simulate_eval_rejects_an_unknown_key_by_name(checkpoint):
-    result = run_simulate_eval(f"checkpoint={checkpoint[0]}", "episdoes=3")
+def test_simulate_eval_rejects_an_unknown_key_by_name(checkpoint, tmp_path):
+    result = run_simulate_eval(tmp_path, f"checkpoint={checkpoint[0]}", "episdoes=3")
     assert result.returncode != 0 and "episdoes" in result.stderr
 
 
