@@ -22,20 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from drifting_vla.inference.policy import DriftingPolicy  # noqa: E402
-from drifting_vla.inference.rollout import evaluate, evaluation_seeds  # noqa: E402
+from drifting_vla.inference.rollout import evaluate, evaluation_seeds, protocol_label  # noqa: E402
 
 log = logging.getLogger("simulate_eval")
-
-
-def protocol_label(data_cfg, execution: str) -> str:
-    """What the numbers mean: the simulator, its control mode and the policy's execution mode."""
-    name = str(data_cfg["name"])
-    if name == "rlbench":
-        keyframes = bool(data_cfg.get("keyframes", True))
-        control = data_cfg.get("control") or ("planner" if keyframes else "ik")
-        target = "next-keyframe" if control == "planner" else "dense"
-        return f"rlbench/{target}/{control}/{execution}"
-    return f"{name}/{execution}"
 
 
 @hydra.main(config_path="../configs", config_name="eval", version_base=None)

@@ -273,6 +273,17 @@ class _Slot:
 # The evaluation loop
 
 
+def protocol_label(data_cfg, execution: str) -> str:
+    """What the numbers mean: the simulator, its control mode and the policy's execution mode."""
+    name = str(data_cfg["name"])
+    if name == "rlbench":
+        keyframes = bool(data_cfg.get("keyframes", True))
+        control = data_cfg.get("control") or ("planner" if keyframes else "ik")
+        target = "next-keyframe" if control == "planner" else "dense"
+        return f"rlbench/{target}/{control}/{execution}"
+    return f"{name}/{execution}"
+
+
 def evaluate(
     policy,
     data_cfg: Mapping,

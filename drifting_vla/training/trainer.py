@@ -319,7 +319,7 @@ class Trainer:
         summary = None
         if self.ctx.is_main:
             from drifting_vla.inference.policy import DriftingPolicy
-            from drifting_vla.inference.rollout import evaluate
+            from drifting_vla.inference.rollout import evaluate, protocol_label
 
             e = self.cfg.training.eval
             out_dir = self.run_dir / ("eval" if final else f"eval/step_{self.step:08d}")
@@ -327,7 +327,8 @@ class Trainer:
                 policy = DriftingPolicy(self.model, self.normalizer, self.cfg.data, execution=str(e.execution),
                                         execute_steps=int(e.execute_steps), ensemble_decay=float(e.ensemble_decay))
                 result = evaluate(policy, self.cfg.data, episodes=int(e.episodes), num_workers=int(e.workers),
-                                  output_dir=out_dir, videos_per_task=int(e.videos_per_task))
+                                  output_dir=out_dir, videos_per_task=int(e.videos_per_task),
+                                  protocol=protocol_label(self.cfg.data, str(e.execution)))
             summary = result.to_dict()
             self._log({"sim/success_rate": summary["success_rate"],
                        **{f"sim/success_rate/{task}": rate for task, rate in summary["per_task"].items()}})
