@@ -13,6 +13,7 @@ from drifting_vla.training import checkpoint as ckpt
 from drifting_vla.training.checkpoint import (
     capture_rng_state,
     find_latest_valid_checkpoint,
+    gather_training_state,
     load_checkpoint,
     prune_checkpoints,
     restore_rng_state,
@@ -50,9 +51,7 @@ class Run:
         return save_checkpoint(
             directory,
             step=step,
-            model=self.model,
-            ema=self.ema,
-            optimizer=self.optimizer,
+            state=gather_training_state(self.model, self.ema, self.optimizer),
             scheduler=self.scheduler,
             config=CONFIG,
             normalization=NORMALIZATION,

@@ -24,7 +24,7 @@ from drifting_vla.inference.rollout import (
 )
 from drifting_vla.models.drifting_vla import build_model
 from drifting_vla.specs import ActionSpec
-from drifting_vla.training.checkpoint import save_checkpoint
+from drifting_vla.training.checkpoint import gather_training_state, save_checkpoint
 from drifting_vla.training.ema import EMA
 
 TASK = "reach-v3"
@@ -81,9 +81,7 @@ def checkpoint(tmp_path):
     path = save_checkpoint(
         tmp_path / "run" / "checkpoints",
         step=10,
-        model=model,
-        ema=ema,
-        optimizer=optimizer,
+        state=gather_training_state(model, ema, optimizer),
         scheduler=scheduler,
         config=OmegaConf.to_container(cfg, resolve=True),
         normalization=normalizer.to_dict(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import signal
@@ -17,8 +18,10 @@ import torch
 import torch.multiprocessing as mp
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from drifting_vla.data.fixtures import write_rlbench_fixture
+from drifting_vla.inference.policy import DriftingPolicy
 from drifting_vla.training.config import validate_training_config
 from drifting_vla.training.trainer import Trainer
 
@@ -119,16 +122,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_rank(rank: int, world: int, port: int, overrides: list[str], out: str) -> None:
+def _rank_main(rank: int, world: int, port: int, overrides: list[str], out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     trainer = Trainer(compose_config(overrides))
     trainer.fit()
-    torch.save({k: v.detach().clone() for k, v in trainer.model.state_dict().items()}, Path(out) / f"rank{rank}.pt")
+    weights = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True))
+    torch.save({k: v.detach().clone() for k, v in weights.items()}, Path(out) / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
-def test_two_gloo_ranks_stay_identical_and_match_one_process_on_the_global_batch(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_gloo_ranks_stay_identical_and_match_one_process_on_the_global_batch(tmp_path, strategy):
     """One phrasing per episode: each rank draws random phrasings from its own stream, the only
     input a W-rank run does not share with one process on the global batch."""
     root = tmp_path / "data"
@@ -137,16 +142,29 @@ def test_two_gloo_ranks_stay_identical_and_match_one_process_on_the_global_batch
     for descriptions in root.glob("*/close_jar/all_variations/episodes/*/variation_descriptions.pkl"):
         descriptions.write_bytes(pickle.dumps(["close the jar"]))
     common = ["training.max_steps=6", "training.val_every=3", "training.checkpoint_every=100"]
-    ddp = overrides_for(root, tmp_path / "ddp", *common, "training.batch_size=4")
-    mp.spawn(_ddp_rank, args=(2, _free_port(), ddp, str(tmp_path)), nprocs=2, join=True)
+    ranks_run = overrides_for(root, tmp_path / "ranks", *common, "training.batch_size=4", f"training.distributed.strategy={strategy}")
+    mp.spawn(_rank_main, args=(2, _free_port(), ranks_run, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
     single = Trainer(compose_config(overrides_for(root, tmp_path / "single", *common, "training.batch_size=8")))
     single.fit()
     for name, value in single.model.state_dict().items():
         torch.testing.assert_close(ranks[0][name], ranks[1][name], rtol=0, atol=0, msg=f"replicas differ at {name}")
-        torch.testing.assert_close(ranks[0][name], value, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"DDP differs from one process at {name}: {m}")
+        # Reductions sum in another order (~1e-7 relative), and Adam divides a gradient by its own
+        # size: on a near-zero gradient that can move a weight by up to the learning rate (3e-4).
+        torch.testing.assert_close(ranks[0][name], value, rtol=1e-4, atol=3e-4, msg=lambda m, name=name: f"{strategy} differs from one process at {name}: {m}")
+    logged = [json.loads(line) for line in (tmp_path / "ranks" / "metrics.jsonl").read_text().splitlines()]
+    single_logged = [json.loads(line) for line in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
+    for ours, theirs in zip(logged, single_logged, strict=True):
+        for key in ("train/loss", "train/lambda_V", "train/feature_scale", "val/loss"):
+            if key in theirs:
+                assert ours[key] == pytest.approx(theirs[key], rel=1e-3), (key, ours["step"])
     assert any(not np.allclose(v.numpy(), 0) for v in ranks[0].values())
+    # The checkpoint holds full state whatever the strategy: a single-process policy loads it.
+    policy = DriftingPolicy.from_checkpoint(tmp_path / "ranks")
+    loaded = policy.model.state_dict()
+    for name, value in load_file(tmp_path / "ranks" / "checkpoints" / "step_00000006" / "ema.safetensors").items():
+        torch.testing.assert_close(loaded[name], value, rtol=0, atol=0, msg=name)
 
 
 TINY_DINOV2 = (

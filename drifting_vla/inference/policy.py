@@ -39,7 +39,6 @@ import json
 import os
 from collections import deque
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -53,29 +52,10 @@ from drifting_vla.training.checkpoint import (
     EMA_FILE,
     MODEL_FILE,
     NORMALIZATION_FILE,
-    checkpoint_problem,
-    find_latest_valid_checkpoint,
+    resolve_checkpoint,
 )
 
 EXECUTION_MODES = ("chunk", "ensemble")
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint directory as given, or the newest whole one under a checkpoints or run directory."""
-    path = Path(path).expanduser()
-    if (path / CONFIG_FILE).is_file():
-        problem = checkpoint_problem(path)
-        if problem is not None:
-            raise FileNotFoundError(f"checkpoint {path} is not whole: {problem}")
-        return path
-    for candidate in (path, path / "checkpoints"):
-        found = find_latest_valid_checkpoint(candidate)
-        if found is not None:
-            return found
-    raise FileNotFoundError(
-        f"no whole checkpoint at {path}: give a step_XXXXXXXX directory, its checkpoints/ folder or "
-        "the run directory holding checkpoints/"
-    )
 
 
 class DriftingPolicy:

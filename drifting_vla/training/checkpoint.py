@@ -19,6 +19,11 @@ copies that were cut short (rsync, a full disk on a network file system).
 
 `trainer_state.pt` holds only tensors and plain Python values, so it loads with
 `torch.load(weights_only=True)`: a checkpoint from somewhere else cannot run code.
+
+Every file holds FULL (unsharded) state, whatever the training strategy: under FSDP,
+`gather_training_state` all-gathers it on every rank and rank 0 writes it; loading puts a full
+state into a plain, DDP or FSDP-sharded model alike. A checkpoint written by an 8-GPU FSDP run
+loads into a CPU policy, and the other way round.
 """
 
 from __future__ import annotations
@@ -37,8 +42,15 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from drifting_vla.training.ema import EMA
 
@@ -146,19 +158,14 @@ def _write_files(
     target: Path,
     *,
     step: int,
-    model: nn.Module,
-    ema: EMA,
+    state: TrainingState,
     trainer_state: dict[str, Any],
     config: Mapping,
     normalization: Mapping,
 ) -> None:
     """Every checkpoint file except the marker, into the (temporary) directory `target`."""
-    save_model(model, str(target / MODEL_FILE), metadata={"step": str(step)})
-    save_file(
-        {k: v.contiguous() for k, v in ema.state_dict().items()},
-        str(target / EMA_FILE),
-        metadata={"step": str(step)},
-    )
+    for name, tensors in ((MODEL_FILE, state.model), (EMA_FILE, state.ema)):
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(target / name), metadata={"step": str(step)})
     torch.save(trainer_state, target / TRAINER_STATE_FILE)
     (target / CONFIG_FILE).write_text(yaml.safe_dump(dict(config), sort_keys=False))
     (target / NORMALIZATION_FILE).write_text(
@@ -185,9 +192,7 @@ def save_checkpoint(
     checkpoints_dir: str | os.PathLike,
     *,
     step: int,
-    model: nn.Module,
-    ema: EMA,
-    optimizer: torch.optim.Optimizer,
+    state: TrainingState,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     config: Mapping,
     normalization: Mapping,
@@ -196,7 +201,7 @@ def save_checkpoint(
 ) -> Path:
     """Write `checkpoints_dir/step_XXXXXXXX/` atomically and return its path.
 
-    `model` is the unwrapped module (`ddp.module`), `config` the resolved config as plain data
+    `state` comes from `gather_training_state` (on every rank), `config` the resolved config as plain data
     (`OmegaConf.to_container(cfg, resolve=True)`), `normalization` JSON-able stats (tensors and
     arrays are converted), `sampler_state` where the data sampler stands (epoch, index), `extra`
     any other plain data the trainer needs back. The RNG states are captured here, so call this at
@@ -210,7 +215,7 @@ def save_checkpoint(
     partial_dir.mkdir()
     trainer_state = {
         "step": step,
-        "optimizer": optimizer.state_dict(),
+        "optimizer": state.optimizer,
         "scheduler": scheduler.state_dict(),
         "rng": capture_rng_state(),
         "sampler": dict(sampler_state or {}),
@@ -219,8 +224,7 @@ def save_checkpoint(
     _write_files(
         partial_dir,
         step=step,
-        model=model,
-        ema=ema,
+        state=state,
         trainer_state=trainer_state,
         config=config,
         normalization=normalization,
@@ -290,6 +294,24 @@ def find_latest_valid_checkpoint(checkpoints_dir: str | os.PathLike) -> Path | N
     return None
 
 
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint directory as given, or the newest whole one under a checkpoints or run directory."""
+    path = Path(path).expanduser()
+    if (path / MODEL_FILE).is_file():
+        problem = checkpoint_problem(path)
+        if problem is not None:
+            raise FileNotFoundError(f"checkpoint {path} is not whole: {problem}")
+        return path
+    for candidate in (path, path / "checkpoints"):
+        found = find_latest_valid_checkpoint(candidate)
+        if found is not None:
+            return found
+    raise FileNotFoundError(
+        f"no whole checkpoint at {path}: give a step_XXXXXXXX directory, its checkpoints/ folder or "
+        "the run directory holding checkpoints/"
+    )
+
+
 def prune_checkpoints(checkpoints_dir: str | os.PathLike, keep_last: int) -> list[Path]:
     """Delete whole checkpoints older than the newest `keep_last`; returns what was deleted.
 
@@ -307,6 +329,28 @@ def prune_checkpoints(checkpoints_dir: str | os.PathLike, keep_last: int) -> lis
 
 
 # --------------------------------------------------------------------------------------------
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+@dataclass
+class TrainingState:
+    """Full (unsharded) state dicts of the model, its EMA and the optimizer (keyed by parameter
+    names, so they load into any wrapping of the same model)."""
+
+    model: dict[str, torch.Tensor]
+    ema: dict[str, torch.Tensor]
+    optimizer: dict
+
+
+def gather_training_state(model: nn.Module, ema: EMA, optimizer: torch.optim.Optimizer) -> TrainingState:
+    """Collective under FSDP (every rank must call it); a plain copy to CPU otherwise."""
+    return TrainingState(
+        model=get_model_state_dict(model, options=FULL_STATE),
+        ema=ema.state_dict(),
+        optimizer=get_optimizer_state_dict(model, optimizer, options=FULL_STATE),
+    )
+
+
 # Loading
 
 
@@ -343,18 +387,18 @@ def load_checkpoint(
             f"cannot resume from {path}: {problem}. Use find_latest_valid_checkpoint() to pick a "
             "whole one, or start a fresh run."
         )
-    device = next(model.parameters()).device
-    missing, unexpected = load_model(
-        model, str(path / MODEL_FILE), strict=False, device=str(device)
-    )
+    weights = load_file(str(path / MODEL_FILE))
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
     if missing or unexpected:
         raise KeyError(
-            f"{path / MODEL_FILE} does not match the model: missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]}. Was it written with the same model config?"
+            f"{path / MODEL_FILE} does not match the model: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}. Was it written with the same model config?"
         )
-    ema.load_state_dict(load_file(str(path / EMA_FILE), device=str(device)))
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+    ema.load_state_dict(load_file(str(path / EMA_FILE)))
     state = torch.load(path / TRAINER_STATE_FILE, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(state["scheduler"])
     restore_rng_state(state["rng"])
     return ResumeState(

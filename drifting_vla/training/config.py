@@ -24,6 +24,7 @@ class DriftingConfig:
 
 @dataclass
 class DistributedConfig:
+    strategy: str = "ddp"
     backend: str = "auto"
 
 
@@ -81,6 +82,7 @@ class TrainingConfig:
 CHOICES = {
     "precision": ("auto", "bf16", "fp32"),
     "nan_policy": ("stop", "skip"),
+    "distributed.strategy": ("ddp", "fsdp"),
     "distributed.backend": ("auto", "nccl", "gloo"),
     "eval.execution": ("chunk", "ensemble"),
     "wandb.mode": ("online", "offline", "disabled"),

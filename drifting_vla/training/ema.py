@@ -19,6 +19,9 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from drifting_vla.training.distributed import full_tensor
 
 
 def ema_decay(step: int, max_decay: float) -> float:
@@ -110,8 +113,9 @@ class EMA:
                     tensor.copy_(saved)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The shadow tensors by model name (safetensors-ready: a flat dict of tensors)."""
-        return dict(self.shadow)
+        """The full shadow tensors by model name, on CPU (safetensors-ready). Under FSDP the
+        shadow is sharded like the parameters and this all-gathers it: call on every rank."""
+        return {name: full_tensor(tensor).detach().cpu() for name, tensor in self.shadow.items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore the shadow; the names must be exactly the ones this EMA tracks."""
@@ -125,4 +129,12 @@ class EMA:
             )
         with torch.no_grad():
             for name, tensor in self.shadow.items():
-                tensor.copy_(state[name])
+                tensor.copy_(_like(state[name], tensor))
+
+
+def _like(full: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """`full` placed as `target` is: this rank's shard of a sharded (DTensor) target."""
+    full = full.to(device=target.device, dtype=target.dtype)
+    if isinstance(target, DTensor):
+        return distribute_tensor(full, target.device_mesh, target.placements)
+    return full

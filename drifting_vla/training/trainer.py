@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 import imageio.v2 as imageio
@@ -29,6 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -42,39 +41,20 @@ from drifting_vla.logging.wandb_logger import create_run_logger
 from drifting_vla.models import build_model, parameter_table
 from drifting_vla.specs import ActionSpec
 from drifting_vla.training.checkpoint import (
+    FULL_STATE,
     find_latest_valid_checkpoint,
+    gather_training_state,
     load_checkpoint,
     prune_checkpoints,
+    resolve_checkpoint,
     save_checkpoint,
 )
 from drifting_vla.training.config import validate_training_config
+from drifting_vla.training.distributed import full_tensor, init_distributed, shard_model
 from drifting_vla.training.ema import EMA
 from drifting_vla.training.feature_cache import cache_vision_features
 from drifting_vla.training.objectives import build_objective
 from drifting_vla.training.optimizer import OptimizerConfig, build_optimizer, build_scheduler
-
-
-@dataclass
-class DistributedContext:
-    rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(backend: str, device: str) -> DistributedContext:
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is a single process."""
-    cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    if cuda:
-        torch.cuda.set_device(local_rank)
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(("nccl" if cuda else "gloo") if backend == "auto" else backend)
-    return DistributedContext(rank, world_size, torch.device(f"cuda:{local_rank}" if cuda else "cpu"))
 
 
 class Trainer:
@@ -98,6 +78,9 @@ class Trainer:
                 cfg.data.instructions = self.train_set.all_instructions()
 
         self.model = build_model(cfg).to(self.device)
+        self.sharded = t.distributed.strategy == "fsdp" and self.ctx.world_size > 1
+        if self.sharded:
+            shard_model(self.model)
         if t.feature_cache:
             self.train_set = cache_vision_features(self.train_set, self.model.vision_encoder, self.device)
             if self.val_set is not None:
@@ -113,7 +96,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, opt_cfg)
         self.network = (
             DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-            if self.ctx.world_size > 1 else self.model
+            if self.ctx.world_size > 1 and not self.sharded else self.model
         )
         self.objective = build_objective(t)
         self.autocast_dtype = _autocast_dtype(str(t.precision), self.device)
@@ -153,8 +136,7 @@ class Trainer:
             self._after_step(step_metrics, last, meter)
         bar.close()
         summary = self._evaluate_in_sim(final=True) if t.eval.at_end else None
-        if self.ctx.is_main:
-            self._save_checkpoint()
+        self._save_checkpoint()
         self.logger.close()
         return summary
 
@@ -168,7 +150,7 @@ class Trainer:
             self.batches_consumed += 1
             obs, actions = self._to_device(batch)
             noise = self._noise(self.step * accum + micro, len(actions))
-            sync = contextlib.nullcontext() if micro == accum - 1 or self.ctx.world_size == 1 else self.network.no_sync()
+            sync = self._gradient_sync(last_micro_batch=micro == accum - 1)
             with sync, torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
                 out = self.objective(self.network, obs, actions, noise)
             if not self._loss_is_finite(out.loss, batch):
@@ -179,7 +161,7 @@ class Trainer:
                 (out.loss / accum).backward()
             for key, value in out.metrics.items():
                 totals[key] = totals[key] + value.float() / accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), float(t.grad_clip))
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), float(t.grad_clip)))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -193,15 +175,13 @@ class Trainer:
         if step % int(t.log_every) == 0 or step == int(t.max_steps):
             metrics.update({"perf/samples_per_s": meter.samples_per_second, "perf/data_wait_share": meter.data_wait_share,
                             "train/skipped_steps": self.skipped_steps})
-            self._log(metrics)
+            self._log(self._mean_over_ranks(metrics))
         if self.val_set is not None and int(t.val_every) and step % int(t.val_every) == 0:
             self._log(self.validate())
         if self.ctx.is_main:
             self._render_panels(last)
         if step % int(t.checkpoint_every) == 0 and step < int(t.max_steps):
-            if self.ctx.is_main:
-                self._save_checkpoint()
-            self._barrier()
+            self._save_checkpoint()
         if int(t.eval.every) and step % int(t.eval.every) == 0 and step < int(t.max_steps):
             self._evaluate_in_sim(final=False)
 
@@ -254,7 +234,8 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """val/loss and val/drift_norm of the EMA weights on held-out episodes (same batches every time)."""
+        """val/loss and val/drift_norm of the EMA weights on held-out episodes (same batches every
+        time), averaged over the ranks' shards."""
         t = self.cfg.training
         size = min(int(t.batch_size), len(self.val_set) // self.ctx.world_size)
         sampler = ResumableBatchSampler(len(self.val_set), size, seed=int(self.cfg.seed), rank=self.ctx.rank, world_size=self.ctx.world_size)
@@ -267,11 +248,19 @@ class Trainer:
                 totals["val/loss"] += float(out.loss) / batches
                 totals["val/drift_norm"] += float(out.metrics.get("lambda_V", out.loss)) / batches
                 totals["val/action_mse"] += float((out.samples[:, 0] - actions).square().mean()) / batches
-        return dict(totals)
+        return self._mean_over_ranks(dict(totals))
 
     def _log(self, metrics: dict[str, float]) -> None:
         self.history.record(self.step, metrics)
         self.logger.log_metrics(metrics, self.step)
+
+    def _mean_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Each rank's mean over its shard -> the mean over the global batch (collective)."""
+        if self.ctx.world_size == 1:
+            return metrics
+        values = torch.tensor(list(metrics.values()), dtype=torch.float64, device=self.device)
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        return dict(zip(metrics, (values / self.ctx.world_size).tolist(), strict=True))
 
     def _render_panels(self, last: tuple) -> None:
         names = due_panels(self.step, self.cfg.training.wandb.visualizations)
@@ -282,15 +271,44 @@ class Trainer:
         for name in names:
             self.logger.log_panel(name, PANELS[name](inputs), self.step)
 
+    def _gradient_sync(self, last_micro_batch: bool):
+        """Gradients are reduced across ranks on the last micro-batch of an accumulation only."""
+        if self.sharded:
+            self.model.set_requires_gradient_sync(last_micro_batch)
+            return contextlib.nullcontext()
+        if last_micro_batch or self.ctx.world_size == 1:
+            return contextlib.nullcontext()
+        return self.network.no_sync()
+
     def _save_checkpoint(self) -> None:
-        save_checkpoint(
-            self.checkpoints_dir, step=self.step, model=self.model, ema=self.ema, optimizer=self.optimizer,
-            scheduler=self.scheduler, config=OmegaConf.to_container(self.cfg, resolve=True),
-            normalization=self.normalizer.to_dict(),
-            sampler_state=self.sampler.state_after(self.sampler_start, self.batches_consumed),
-            extra={"skipped_steps": self.skipped_steps},
-        )
-        prune_checkpoints(self.checkpoints_dir, int(self.cfg.training.keep_checkpoints))
+        """Rank 0 writes full state; under FSDP every rank takes part in gathering it."""
+        if self.ctx.is_main or self.sharded:
+            state = gather_training_state(self.model, self.ema, self.optimizer)
+        if self.ctx.is_main:
+            save_checkpoint(
+                self.checkpoints_dir, step=self.step, state=state, scheduler=self.scheduler,
+                config=OmegaConf.to_container(self.cfg, resolve=True), normalization=self.normalizer.to_dict(),
+                sampler_state=self.sampler.state_after(self.sampler_start, self.batches_consumed),
+                extra={"skipped_steps": self.skipped_steps},
+            )
+            prune_checkpoints(self.checkpoints_dir, int(self.cfg.training.keep_checkpoints))
+        self._barrier()
+
+    @contextlib.contextmanager
+    def _ema_model(self):
+        """The EMA weights in a whole model for rank 0 to run alone: the training model itself,
+        or under FSDP an unsharded copy (gathering is collective: every rank enters)."""
+        if not self.sharded:
+            with self.ema.applied_to(self.model):
+                yield self.model
+            return
+        weights = {**get_model_state_dict(self.model, options=FULL_STATE), **self.ema.state_dict()}
+        if not self.ctx.is_main:
+            yield None
+            return
+        copy = build_model(OmegaConf.merge(self.cfg, {"model": {"pretrained": False}}))
+        copy.load_state_dict(weights)
+        yield copy.to(self.device)
 
     def _resume(self, resume: str) -> None:
         if resume == "auto":
@@ -300,8 +318,7 @@ class Trainer:
                     print(f"training.resume=auto: no valid checkpoint in {self.checkpoints_dir}; starting from step 0")
                 return
         else:
-            path = Path(resume)
-            path = find_latest_valid_checkpoint(path / "checkpoints") or find_latest_valid_checkpoint(path) or path
+            path = resolve_checkpoint(resume)
         state = load_checkpoint(path, model=self.model, ema=self.ema, optimizer=self.optimizer, scheduler=self.scheduler)
         if state.normalization["stats"] != self.normalizer.to_dict()["stats"]:
             raise ValueError(
@@ -316,29 +333,31 @@ class Trainer:
 
     def _evaluate_in_sim(self, final: bool) -> dict | None:
         """Closed-loop success rate of the EMA policy (rank 0; other ranks wait)."""
-        summary = None
-        if self.ctx.is_main:
-            from drifting_vla.inference.policy import DriftingPolicy
-            from drifting_vla.inference.rollout import evaluate, protocol_label
-
-            e = self.cfg.training.eval
-            out_dir = self.run_dir / ("eval" if final else f"eval/step_{self.step:08d}")
-            with self.ema.applied_to(self.model):
-                policy = DriftingPolicy(self.model, self.normalizer, self.cfg.data, execution=str(e.execution),
-                                        execute_steps=int(e.execute_steps), ensemble_decay=float(e.ensemble_decay))
-                result = evaluate(policy, self.cfg.data, episodes=int(e.episodes), num_workers=int(e.workers),
-                                  output_dir=out_dir, videos_per_task=int(e.videos_per_task),
-                                  protocol=protocol_label(self.cfg.data, str(e.execution)))
-            summary = result.to_dict()
-            self._log({"sim/success_rate": summary["success_rate"],
-                       **{f"sim/success_rate/{task}": rate for task, rate in summary["per_task"].items()}})
-            for video in result.videos[:1]:
-                self.logger.log_video("sim/rollout_video", np.stack(imageio.mimread(video, memtest=False)), self.step)
-            if final:
-                (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-                print(result.format_table(), flush=True)
-                print(f"summary: {self.run_dir / 'summary.json'}", flush=True)
+        with self._ema_model() as model:
+            summary = self._run_simulation(model, final) if self.ctx.is_main else None
         self._barrier()
+        return summary
+
+    def _run_simulation(self, model, final: bool) -> dict:
+        from drifting_vla.inference.policy import DriftingPolicy
+        from drifting_vla.inference.rollout import evaluate, protocol_label
+
+        e = self.cfg.training.eval
+        out_dir = self.run_dir / ("eval" if final else f"eval/step_{self.step:08d}")
+        policy = DriftingPolicy(model, self.normalizer, self.cfg.data, execution=str(e.execution),
+                                execute_steps=int(e.execute_steps), ensemble_decay=float(e.ensemble_decay))
+        result = evaluate(policy, self.cfg.data, episodes=int(e.episodes), num_workers=int(e.workers),
+                          output_dir=out_dir, videos_per_task=int(e.videos_per_task),
+                          protocol=protocol_label(self.cfg.data, str(e.execution)))
+        summary = result.to_dict()
+        self._log({"sim/success_rate": summary["success_rate"],
+                   **{f"sim/success_rate/{task}": rate for task, rate in summary["per_task"].items()}})
+        for video in result.videos[:1]:
+            self.logger.log_video("sim/rollout_video", np.stack(imageio.mimread(video, memtest=False)), self.step)
+        if final:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            print(result.format_table(), flush=True)
+            print(f"summary: {self.run_dir / 'summary.json'}", flush=True)
         return summary
 
     def _barrier(self) -> None:
