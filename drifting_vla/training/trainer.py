@@ -135,8 +135,8 @@ class Trainer:
                             samples_s=f"{meter.samples_per_second:.0f}", data_wait=f"{meter.data_wait_share:.0%}", refresh=False)
             self._after_step(step_metrics, last, meter)
         bar.close()
+        self._save_checkpoint()  # before evaluating: a failed evaluation never costs the weights
         summary = self._evaluate_in_sim(final=True) if t.eval.at_end else None
-        self._save_checkpoint()
         self.logger.close()
         return summary
 
