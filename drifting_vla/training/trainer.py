@@ -86,7 +86,7 @@ class Trainer:
             if self.val_set is not None:
                 self.val_set = cache_vision_features(self.val_set, self.model.vision_encoder, self.device)
         if t.compile:
-            self.model.dit = torch.compile(self.model.dit)
+            self.model.dit.compile()  # in place: parameter names (and checkpoints) stay the same
         self.ema = EMA(self.model, float(t.ema_decay))
         opt_cfg = OptimizerConfig(
             learning_rate=float(t.learning_rate), weight_decay=float(t.weight_decay), betas=tuple(t.betas),
