@@ -193,3 +193,12 @@ def test_loss_rejects_inputs_that_pool_different_conditions():
     x, y = _loss_inputs()
     with pytest.raises(ValueError, match="one drift problem per condition"):
         DriftingLoss()(x, y[:3])
+
+
+def test_loss_field_stays_fp32_inside_a_bf16_autocast_region():
+    x, y = _loss_inputs(seed=4)
+    reference = DriftingLoss()(x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = DriftingLoss()(x, y)
+    assert autocast.loss.dtype == torch.float32
+    torch.testing.assert_close(autocast.field, reference.field, rtol=1e-5, atol=1e-6)

@@ -132,8 +132,8 @@ def _rank_main(rank: int, world: int, port: int, overrides: list[str], out: str)
     torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_gloo_ranks_stay_identical_and_match_one_process_on_the_global_batch(tmp_path, strategy):
+@pytest.mark.parametrize("strategy,accum", [("ddp", 1), ("ddp", 2), ("fsdp", 1)])
+def test_two_gloo_ranks_stay_identical_and_match_one_process_on_the_global_batch(tmp_path, strategy, accum):
     """One phrasing per episode: each rank draws random phrasings from its own stream, the only
     input a W-rank run does not share with one process on the global batch."""
     root = tmp_path / "data"
@@ -142,11 +142,12 @@ def test_two_gloo_ranks_stay_identical_and_match_one_process_on_the_global_batch
     for descriptions in root.glob("*/close_jar/all_variations/episodes/*/variation_descriptions.pkl"):
         descriptions.write_bytes(pickle.dumps(["close the jar"]))
     common = ["training.max_steps=6", "training.val_every=3", "training.checkpoint_every=100"]
-    ranks_run = overrides_for(root, tmp_path / "ranks", *common, "training.batch_size=4", f"training.distributed.strategy={strategy}")
+    common.append(f"training.grad_accum_steps={accum}")
+    ranks_run = overrides_for(root, tmp_path / "ranks", *common, f"training.batch_size={4 // accum}", f"training.distributed.strategy={strategy}")
     mp.spawn(_rank_main, args=(2, _free_port(), ranks_run, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
-    single = Trainer(compose_config(overrides_for(root, tmp_path / "single", *common, "training.batch_size=8")))
+    single = Trainer(compose_config(overrides_for(root, tmp_path / "single", *common, f"training.batch_size={8 // accum}")))
     single.fit()
     for name, value in single.model.state_dict().items():
         torch.testing.assert_close(ranks[0][name], ranks[1][name], rtol=0, atol=0, msg=f"replicas differ at {name}")

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
+
+COLLECTIVE_TIMEOUT = timedelta(hours=3)
 
 
 @dataclass
@@ -39,7 +42,8 @@ def init_distributed(backend: str, device: str) -> DistributedContext:
     if cuda:
         torch.cuda.set_device(local_rank)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(("nccl" if cuda else "gloo") if backend == "auto" else backend)
+        # Other ranks wait at a barrier while rank 0 runs the simulation evaluation (many minutes).
+        dist.init_process_group(("nccl" if cuda else "gloo") if backend == "auto" else backend, timeout=COLLECTIVE_TIMEOUT)
     return DistributedContext(rank, world_size, torch.device(f"cuda:{local_rank}" if cuda else "cpu"))
 
 

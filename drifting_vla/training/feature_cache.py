@@ -43,8 +43,8 @@ class CachedFeatures(Dataset):
 def cache_vision_features(dataset: Dataset, vision_encoder, device: torch.device, batch_size: int = 64) -> CachedFeatures:
     """Run the frozen backbone over every sample once, in order; refuse a trainable backbone.
 
-    Kept in bf16 on GPU (what the backbone computes in there, at half the memory) and in fp32 on
-    CPU, so a cached run trains on the features an uncached run would compute."""
+    Kept in bf16 on GPU (half the memory; a bf16 run rounds to about that precision anyway) and
+    in fp32 on CPU, where a cached run trains exactly like an uncached one (tested)."""
     backbone = vision_encoder.backbone
     if any(p.requires_grad for p in backbone.parameters()):
         raise ValueError(

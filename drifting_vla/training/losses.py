@@ -81,7 +81,8 @@ class DriftingLoss(nn.Module):
         pos = self._problems(y_pos.detach())
         num_problems, num_gen, feat_dim = gen.shape
 
-        with torch.no_grad():
+        # fp32 field math even inside the trainer's bf16 autocast (which would recast the matmuls).
+        with torch.no_grad(), torch.autocast(gen.device.type, enabled=False):
             gen_fixed = gen.detach().float()
             targets = torch.cat([gen_fixed, *[e.float() for e in extra], pos.float()], dim=1)
             weights = self._column_weights(num_gen, extra, pos.shape[1], neg_weight, gen.device)
@@ -116,7 +117,8 @@ class DriftingLoss(nn.Module):
             field_scaled = sum(v / lam for v, lam in zip(raw_fields, lambdas, strict=True))
             goal = x_scaled + field_scaled
 
-        loss = (gen.float() / s_in - goal).square().mean()
+        with torch.autocast(gen.device.type, enabled=False):
+            loss = (gen.float() / s_in - goal).square().mean()
         metrics = {
             "loss": loss.detach(),
             "lambda_V": rms[-1],

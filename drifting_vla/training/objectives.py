@@ -46,6 +46,7 @@ class DriftingObjective:
         positives = actions[:, None]
         if self.queue is not None:
             if torch.is_grad_enabled():
+                # Chunks padded past an episode's end repeat its last action: a valid "hold" target.
                 self.queue.push(list(obs["task"]), actions.detach())
             extra = self.queue.sample(list(obs["task"]), self.extra_positives).to(actions)
             positives = torch.cat([positives, extra], dim=1)

@@ -78,13 +78,13 @@ class Trainer:
                 cfg.data.instructions = self.train_set.all_instructions()
 
         self.model = build_model(cfg).to(self.device)
-        self.sharded = t.distributed.strategy == "fsdp" and self.ctx.world_size > 1
-        if self.sharded:
-            shard_model(self.model)
-        if t.feature_cache:
+        if t.feature_cache:  # before sharding: the backbone runs alone, outside the model's forward
             self.train_set = cache_vision_features(self.train_set, self.model.vision_encoder, self.device)
             if self.val_set is not None:
                 self.val_set = cache_vision_features(self.val_set, self.model.vision_encoder, self.device)
+        self.sharded = t.distributed.strategy == "fsdp" and self.ctx.world_size > 1
+        if self.sharded:
+            shard_model(self.model)
         if t.compile:
             self.model.dit.compile()  # in place: parameter names (and checkpoints) stay the same
         self.ema = EMA(self.model, float(t.ema_decay))
@@ -150,18 +150,18 @@ class Trainer:
             self.batches_consumed += 1
             obs, actions = self._to_device(batch)
             noise = self._noise(self.step * accum + micro, len(actions))
-            sync = self._gradient_sync(last_micro_batch=micro == accum - 1)
-            with sync, torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
-                out = self.objective(self.network, obs, actions, noise)
-            if not self._loss_is_finite(out.loss, batch):
-                self.optimizer.zero_grad(set_to_none=True)
-                self.skipped_steps += 1
-                return {"train/loss": float("nan"), "train/skipped_steps": self.skipped_steps}, (obs, actions, out)
-            with sync:
+            # One context for forward and backward: DDP's no_sync() can be entered only once.
+            with self._gradient_sync(last_micro_batch=micro == accum - 1):
+                with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
+                    out = self.objective(self.network, obs, actions, noise)
+                if not self._is_finite(out.loss, "loss", batch):
+                    return self._skip_step(), (obs, actions, out)
                 (out.loss / accum).backward()
             for key, value in out.metrics.items():
                 totals[key] = totals[key] + value.float() / accum
         grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), float(t.grad_clip)))
+        if not self._is_finite(grad_norm, "gradient norm", batch):
+            return self._skip_step(), (obs, actions, out)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -208,19 +208,27 @@ class Trainer:
         noise = torch.randn(shape, generator=g)
         return noise[self.ctx.rank * local_batch : (self.ctx.rank + 1) * local_batch].to(self.device)
 
-    def _loss_is_finite(self, loss: torch.Tensor, batch: dict) -> bool:
-        finite = torch.isfinite(loss.detach()).float()
+    def _is_finite(self, value: torch.Tensor, what: str, batch: dict) -> bool:
+        """Agreed across ranks. Under nan_policy=stop a non-finite value ends the run, naming the step."""
+        finite = torch.isfinite(value.detach()).float()
         if self.ctx.world_size > 1:
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         if finite.item() == 1.0:
             return True
         if str(self.cfg.training.nan_policy) == "stop":
             raise FloatingPointError(
-                f"non-finite loss ({loss.item()}) at step {self.step} on a batch of tasks {sorted(set(batch['task']))}; "
+                f"non-finite {what} ({value.item()}) at step {self.step} on a batch of tasks {sorted(set(batch['task']))}; "
                 f"the run stops rather than train on it. Lower training.learning_rate, check the data, or set "
                 f"training.nan_policy=skip to drop such steps (they are counted in train/skipped_steps)."
             )
         return False
+
+    def _skip_step(self) -> dict[str, float]:
+        """Drop this step's gradients; the schedule still advances so the LR follows the step count."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.skipped_steps += 1
+        return {"train/loss": float("nan"), "train/skipped_steps": self.skipped_steps}
 
     def _loader(self, dataset, batch_sampler) -> DataLoader:
         """A loader with its own generator: creating its iterator draws a worker base seed, which
@@ -238,6 +246,8 @@ class Trainer:
         time), averaged over the ranks' shards."""
         t = self.cfg.training
         size = min(int(t.batch_size), len(self.val_set) // self.ctx.world_size)
+        if size < 1:
+            raise ValueError(f"the val split has {len(self.val_set)} samples, fewer than the {self.ctx.world_size} ranks")
         sampler = ResumableBatchSampler(len(self.val_set), size, seed=int(self.cfg.seed), rank=self.ctx.rank, world_size=self.ctx.world_size)
         totals: dict[str, float] = defaultdict(float)
         batches = int(t.val_batches)
@@ -248,6 +258,8 @@ class Trainer:
                 totals["val/loss"] += float(out.loss) / batches
                 totals["val/drift_norm"] += float(out.metrics.get("lambda_V", out.loss)) / batches
                 totals["val/action_mse"] += float((out.samples[:, 0] - actions).square().mean()) / batches
+            if self.sharded:  # FSDP keeps the root unsharded after forward: drop the EMA copy it holds
+                self.model.reshard()
         return self._mean_over_ranks(dict(totals))
 
     def _log(self, metrics: dict[str, float]) -> None:
@@ -333,7 +345,8 @@ class Trainer:
 
     def _evaluate_in_sim(self, final: bool) -> dict | None:
         """Closed-loop success rate of the EMA policy (rank 0; other ranks wait)."""
-        with self._ema_model() as model:
+        # The checkpoint holds the RNG state before evaluation; evaluating must not shift it.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), self._ema_model() as model:
             summary = self._run_simulation(model, final) if self.ctx.is_main else None
         self._barrier()
         return summary
