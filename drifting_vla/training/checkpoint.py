@@ -366,6 +366,21 @@ class ResumeState:
     normalization: dict = field(default_factory=dict)
 
 
+def load_weights(model: nn.Module, file: Path) -> None:
+    """Strictly load a full-state safetensors file into a plain, DDP-wrapped or FSDP-sharded
+    model; a mismatch is an error naming the keys."""
+    weights = load_file(str(file))
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+    if missing or unexpected:
+        raise KeyError(
+            f"{file} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}. Was it "
+            "written with the same model config? (For pretrained encoders, model.vision.arch and "
+            "model.language.arch must describe the checkpoint's architecture.)"
+        )
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     *,
@@ -387,15 +402,7 @@ def load_checkpoint(
             f"cannot resume from {path}: {problem}. Use find_latest_valid_checkpoint() to pick a "
             "whole one, or start a fresh run."
         )
-    weights = load_file(str(path / MODEL_FILE))
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
-    if missing or unexpected:
-        raise KeyError(
-            f"{path / MODEL_FILE} does not match the model: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}. Was it written with the same model config?"
-        )
-    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+    load_weights(model, path / MODEL_FILE)
     ema.load_state_dict(load_file(str(path / EMA_FILE)))
     state = torch.load(path / TRAINER_STATE_FILE, map_location="cpu", weights_only=True)
     set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
