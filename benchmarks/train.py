@@ -15,17 +15,14 @@ DINOv2-L/14 at 224 px.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
-from hydra import compose, initialize_config_dir
 
+from benchmarks.inputs import compose_config, synthetic_batch
 from benchmarks.timing import Row, time_call
 from drifting_vla.models import build_model
 from drifting_vla.training.objectives import build_objective
 from drifting_vla.training.optimizer import OptimizerConfig, build_optimizer
 
-ROOT = Path(__file__).resolve().parents[1]
 CPU_FROZEN_BACKBONE = [
     "model.pretrained=false",
     "~model.vision",
@@ -36,16 +33,11 @@ CPU_FROZEN_BACKBONE = [
 
 def run(args) -> list[Row]:
     device = torch.device(args.device)
-    overrides = ["run_dir=/tmp/benchmark", "device=" + device.type]
+    overrides = ["device=" + device.type]
     if device.type == "cuda":
         overrides += ["experiment=rlbench_18", "model.pretrained=false"]
-    rows = _objective_rows(_compose(overrides), device)
-    return rows + _feature_cache_rows(_compose(overrides + ([] if device.type == "cuda" else CPU_FROZEN_BACKBONE)), device)
-
-
-def _compose(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
-        return compose("config", overrides=overrides)
+    rows = _objective_rows(compose_config(overrides), device)
+    return rows + _feature_cache_rows(compose_config(overrides + ([] if device.type == "cuda" else CPU_FROZEN_BACKBONE)), device)
 
 
 def _step_fn(model, objective, batch, device):
@@ -65,7 +57,7 @@ def _step_fn(model, objective, batch, device):
 
 def _feature_cache_rows(cfg, device) -> list[Row]:
     model = build_model(cfg).to(device).train()
-    batch = _synthetic_batch(cfg, device)
+    batch = synthetic_batch(cfg, device)
     objective = build_objective(cfg.training)
     with torch.no_grad():
         images = batch["images"]
@@ -81,7 +73,7 @@ def _feature_cache_rows(cfg, device) -> list[Row]:
 
 def _objective_rows(cfg, device) -> list[Row]:
     model = build_model(cfg).to(device).train()
-    batch = _synthetic_batch(cfg, device)
+    batch = synthetic_batch(cfg, device)
     label = f"{cfg.model.name} B={cfg.training.batch_size}"
     rows, timings = [], {}
     for objective_name in ("regression", "drifting"):
@@ -113,18 +105,3 @@ def _drifting_shares(model, batch, objective, step_seconds: float, device) -> di
     field_seconds = time_call(field, warmup=1, repeats=5)
     encode_seconds = time_call(encode, warmup=1, repeats=5)
     return {"drift_field_share": f"{field_seconds / step_seconds:.1%}", "encoders_share": f"{encode_seconds / step_seconds:.1%}"}
-
-
-def _synthetic_batch(cfg, device) -> dict:
-    """A training batch in the dataset's format, normalized as the trainer does."""
-    b, t, a = int(cfg.training.batch_size), int(cfg.data.horizon), sum(int(c.dim) for c in cfg.data.action_spec.components)
-    v, size = len(cfg.data.cameras), int(cfg.data.image_size)
-    g = torch.Generator().manual_seed(0)
-    return {
-        "images": torch.randint(0, 256, (b, v, 3, size, size), generator=g, dtype=torch.uint8).to(device),
-        "proprio": torch.randn(b, int(cfg.data.proprio_dim), generator=g).to(device),
-        "instruction": [f"task number {i % 5}" for i in range(b)],
-        "task": [f"task-{i % 5}" for i in range(b)],
-        "action_mask": torch.ones(b, t, dtype=torch.bool, device=device),
-        "actions": torch.rand(b, t, a, generator=g).mul(2).sub(1).to(device),
-    }

@@ -1,0 +1,33 @@
+"""What every benchmark case runs on: the composed Hydra config and a synthetic batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def compose_config(overrides: list[str]):
+    """configs/config.yaml with `overrides`, as `scripts/train.py` would compose it."""
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        return compose("config", overrides=["run_dir=/tmp/benchmark", *overrides])
+
+
+def synthetic_batch(cfg, device: torch.device, batch_size: int | None = None) -> dict:
+    """A batch in the dataset's format (normalized actions, as the trainer feeds them);
+    `training.batch_size` observations unless `batch_size` is given."""
+    b = int(cfg.training.batch_size) if batch_size is None else batch_size
+    t, a = int(cfg.data.horizon), sum(int(c.dim) for c in cfg.data.action_spec.components)
+    v, size = len(cfg.data.cameras), int(cfg.data.image_size)
+    g = torch.Generator().manual_seed(0)
+    return {
+        "images": torch.randint(0, 256, (b, v, 3, size, size), generator=g, dtype=torch.uint8).to(device),
+        "proprio": torch.randn(b, int(cfg.data.proprio_dim), generator=g).to(device),
+        "instruction": [f"task number {i % 5}" for i in range(b)],
+        "task": [f"task-{i % 5}" for i in range(b)],
+        "action_mask": torch.ones(b, t, dtype=torch.bool, device=device),
+        "actions": torch.rand(b, t, a, generator=g).mul(2).sub(1).to(device),
+    }
