@@ -6,7 +6,6 @@ import json
 import os
 import pickle
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import free_port
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -116,11 +116,6 @@ def test_nan_loss_stops_the_run_naming_the_step_or_is_skipped_when_configured(rl
         torch.testing.assert_close(value, before[name], msg=f"{name} changed on a skipped step")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _rank_main(rank: int, world: int, port: int, overrides: list[str], out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -144,7 +139,7 @@ def test_two_gloo_ranks_stay_identical_and_match_one_process_on_the_global_batch
     common = ["training.max_steps=6", "training.val_every=3", "training.checkpoint_every=100"]
     common.append(f"training.grad_accum_steps={accum}")
     ranks_run = overrides_for(root, tmp_path / "ranks", *common, f"training.batch_size={4 // accum}", f"training.distributed.strategy={strategy}")
-    mp.spawn(_rank_main, args=(2, _free_port(), ranks_run, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(2, free_port(), ranks_run, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
     single = Trainer(compose_config(overrides_for(root, tmp_path / "single", *common, f"training.batch_size={8 // accum}")))

@@ -57,6 +57,14 @@ def shard_model(model: nn.Module) -> None:
     fully_shard(model)
 
 
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """A small vector of statistics summed over all ranks (a copy; itself when not distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor of a sharded DTensor (collective: every rank calls it), else itself."""
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor

@@ -21,9 +21,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
+from drifting_vla.training.distributed import all_reduce_sum
 from drifting_vla.training.drifting_field import drift_from_distances, pairwise_distances
 
 
@@ -90,7 +90,7 @@ class DriftingLoss(nn.Module):
 
             weighted_sum = (distances * weights).sum()
             weight_total = weights.sum() * num_gen * num_problems
-            weighted_sum, weight_total = _global_sums(torch.stack([weighted_sum, weight_total]))
+            weighted_sum, weight_total = all_reduce_sum(torch.stack([weighted_sum, weight_total]))
             feature_scale = (weighted_sum / weight_total).clamp_min(1e-12)
             s_in = feature_scale / math.sqrt(feat_dim)
 
@@ -111,7 +111,7 @@ class DriftingLoss(nn.Module):
             summed_raw = torch.stack(raw_fields).sum(0)
             squares = torch.stack([v.square().sum() for v in [*raw_fields, summed_raw]])
             count = torch.tensor(float(summed_raw.numel()), device=gen.device)
-            sums = _global_sums(torch.cat([squares, count[None]]))
+            sums = all_reduce_sum(torch.cat([squares, count[None]]))
             rms = (sums[:-1] / sums[-1]).sqrt()
             lambdas = rms[:-1].clamp_min(1e-4)
             field_scaled = sum(v / lam for v, lam in zip(raw_fields, lambdas, strict=True))
@@ -171,12 +171,4 @@ def _check_shapes(x: Tensor, y_pos: Tensor, y_neg: Tensor | None) -> None:
             )
     if x.shape[1] < 2:
         raise ValueError(f"x has G={x.shape[1]} samples per condition; the drifting loss needs G >= 2")
-
-
-def _global_sums(values: Tensor) -> Tensor:
-    """Sum a small vector of statistics over all data-parallel ranks (identity when not distributed)."""
-    if dist.is_available() and dist.is_initialized():
-        values = values.clone()
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values
 

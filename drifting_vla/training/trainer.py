@@ -50,7 +50,12 @@ from drifting_vla.training.checkpoint import (
     save_checkpoint,
 )
 from drifting_vla.training.config import validate_training_config
-from drifting_vla.training.distributed import full_tensor, init_distributed, shard_model
+from drifting_vla.training.distributed import (
+    all_reduce_sum,
+    full_tensor,
+    init_distributed,
+    shard_model,
+)
 from drifting_vla.training.ema import EMA
 from drifting_vla.training.feature_cache import cache_vision_features
 from drifting_vla.training.objectives import build_objective
@@ -270,8 +275,7 @@ class Trainer:
         """Each rank's mean over its shard -> the mean over the global batch (collective)."""
         if self.ctx.world_size == 1:
             return metrics
-        values = torch.tensor(list(metrics.values()), dtype=torch.float64, device=self.device)
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        values = all_reduce_sum(torch.tensor(list(metrics.values()), dtype=torch.float64, device=self.device))
         return dict(zip(metrics, (values / self.ctx.world_size).tolist(), strict=True))
 
     def _render_panels(self, last: tuple) -> None:
