@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from drifting_vla.logging.visualizations import kmeans
+
 TARGETS = ("gaussians", "ring", "s_curve", "checkerboard", "image")
 
 
@@ -52,7 +54,7 @@ def make_target(name: str, *, clusters: int = 8, seed: int = 0, image: Path | No
     rng = np.random.default_rng(seed)
     points = {"ring": _ring, "s_curve": _s_curve, "checkerboard": _checkerboard, "image": _image_points}[name](rng, image)
     centers = torch.as_tensor(points, dtype=torch.float32)
-    modes = _kmeans(centers, clusters, seed)
+    modes = torch.as_tensor(kmeans(points, clusters, seed=seed)[0], dtype=torch.float32)
     spread = torch.cdist(centers, modes).min(1).values.mean().item()
     return Target(name, centers, 0.04, modes, 2.0 * spread)
 
@@ -92,15 +94,3 @@ def _image_points(rng: np.random.Generator, image: Path | None) -> np.ndarray:
     size = max(h, w)
     xy = np.stack([cols[pick] - w / 2, h / 2 - rows[pick]], 1) / size * 4.0
     return xy + rng.uniform(-0.5, 0.5, xy.shape) * 4.0 / size
-
-
-def _kmeans(points: Tensor, k: int, seed: int, iters: int = 25) -> Tensor:
-    g = torch.Generator().manual_seed(seed)
-    centers = points[torch.randperm(len(points), generator=g)[:k]].clone()
-    for _ in range(iters):
-        assign = torch.cdist(points, centers).argmin(1)
-        for j in range(k):
-            members = points[assign == j]
-            if len(members):
-                centers[j] = members.mean(0)
-    return centers
