@@ -38,6 +38,8 @@ def main(cfg: DictConfig) -> float:
         execution=cfg.execution,
         execute_steps=cfg.execute_steps,
         ensemble_decay=float(cfg.ensemble_decay),
+        nfe=cfg.nfe,
+        sampler=cfg.sampler,
     )
     data_cfg = policy.cfg["data"]
     log.info("checkpoint %s; %s", policy.checkpoint, policy.describe())
@@ -57,7 +59,7 @@ def main(cfg: DictConfig) -> float:
         videos_per_task=int(cfg.videos_per_task),
         max_episode_steps=cfg.max_episode_steps,
         progress=bool(cfg.progress),
-        protocol=protocol_label(data_cfg, cfg.execution),
+        protocol=protocol_label(data_cfg, policy),
     )
     result = {**summary.to_dict(), "checkpoint": str(policy.checkpoint), "eval": OmegaConf.to_container(cfg, resolve=True)}
     (output / "summary.json").write_text(json.dumps(result, indent=2))

@@ -166,7 +166,7 @@ def test_normalizing_after_summing_would_give_a_different_field():
 
 def test_per_timestep_problems_equal_one_problem_per_chunk_step():
     x, y = _loss_inputs(seed=2)
-    loss = DriftingLoss((0.05,), per_timestep=True)
+    loss = DriftingLoss((0.05,), grouping="timestep")
     field = loss(x, y).field
     flat = DriftingLoss((0.05,))
     for step in range(x.shape[2]):
@@ -175,6 +175,40 @@ def test_per_timestep_problems_equal_one_problem_per_chunk_step():
         alone = flat(x[:, :, step : step + 1], y[:, :, step : step + 1]).field[:, :, 0]
         cos = torch.nn.functional.cosine_similarity(alone.flatten(), field[:, :, step].flatten(), dim=0)
         assert cos > 0.95
+
+
+def test_per_dimension_problems_equal_one_problem_per_action_dimension():
+    x, y = _loss_inputs(seed=3)
+    field = DriftingLoss((0.05,), grouping="dimension")(x, y).field
+    flat = DriftingLoss((0.05,))
+    for dim in range(x.shape[3]):
+        alone = flat(x[..., dim : dim + 1], y[..., dim : dim + 1]).field[..., 0]
+        cos = torch.nn.functional.cosine_similarity(alone.flatten(), field[..., dim].flatten(), dim=0)
+        assert cos > 0.95
+
+
+def test_groupings_keep_each_observation_its_own_problem():
+    # Moving only observation 0's expert changes only observation 0's field, for every grouping.
+    x, y = _loss_inputs(seed=4)
+    moved = y.clone()
+    moved[0] += 1.0
+    for grouping in ("chunk", "timestep", "dimension"):
+        loss = DriftingLoss((0.05, 0.2), grouping=grouping, affinity_floor=0.0)
+        before, after = loss(x, y), loss(x, moved)
+        # Global scalars (S, lambda) change a little; directions of the other problems must not.
+        for b in range(1, x.shape[0]):
+            cos = torch.nn.functional.cosine_similarity(before.raw_field[b].flatten(), after.raw_field[b].flatten(), dim=0)
+            assert cos > 0.999, grouping
+
+
+def test_collapsed_samples_keep_a_bounded_gradient():
+    # Every sample of every problem on its expert: S -> 0. The release clips S and s_in at 1e-3.
+    y = torch.randn(4, 1, 3, 2)
+    x = y.expand(-1, 8, -1, -1).clone().requires_grad_(True)
+    out = DriftingLoss()(x, y)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and torch.isfinite(x.grad).all()
+    assert x.grad.abs().max() < 1e3
 
 
 def test_guidance_weight_strengthens_repulsion_from_unconditional_negatives():

@@ -25,12 +25,14 @@ from drifting_vla.inference.rollout import (
 from drifting_vla.models.drifting_vla import build_model
 from drifting_vla.specs import ActionSpec
 from drifting_vla.training.checkpoint import gather_training_state, save_checkpoint
+from drifting_vla.training.config import training_config
 from drifting_vla.training.ema import EMA
+from drifting_vla.training.objectives import OBJECTIVES, build_objective
 
 TASK = "reach-v3"
 
 
-def tiny_cfg(horizon: int = 4):
+def tiny_cfg(horizon: int = 4, objective: str = "drifting"):
     model = OmegaConf.load("configs/model/tiny.yaml")
     data = OmegaConf.load("configs/data/metaworld.yaml")
     data.image_size = 32
@@ -38,7 +40,7 @@ def tiny_cfg(horizon: int = 4):
     data.tasks = [TASK]
     data.instructions = [instruction_for(TASK)]
     data.max_episode_steps = 10
-    return OmegaConf.create({"model": model, "data": data, "training": {}})
+    return OmegaConf.create({"model": model, "data": data, "training": {"objective": objective}})
 
 
 def tiny_normalizer(cfg) -> Normalizer:
@@ -52,10 +54,10 @@ def tiny_normalizer(cfg) -> Normalizer:
     return Normalizer.from_stats(stats, ActionSpec.from_config(cfg.data.action_spec), proprio_dim=4)
 
 
-def tiny_policy(horizon: int = 4, **kwargs) -> DriftingPolicy:
+def tiny_policy(horizon: int = 4, objective: str = "drifting", **kwargs) -> DriftingPolicy:
     torch.manual_seed(0)
-    cfg = tiny_cfg(horizon)
-    return DriftingPolicy(build_model(cfg), tiny_normalizer(cfg), cfg.data, **kwargs)
+    cfg = tiny_cfg(horizon, objective)
+    return DriftingPolicy(build_model(cfg), tiny_normalizer(cfg), build_objective(training_config(cfg.training)), **kwargs)
 
 
 def observation_batch(batch: int = 2, size: int = 32) -> dict:
@@ -121,18 +123,54 @@ def test_from_checkpoint_refuses_normalization_for_another_action_spec(checkpoin
         DriftingPolicy.from_checkpoint(path)
 
 
-def test_predict_action_chunk_is_one_generator_call_in_raw_units():
-    policy = tiny_policy()
+@pytest.mark.parametrize("objective", sorted(OBJECTIVES))
+def test_policy_chunk_is_the_objectives_own_sample_in_raw_units(objective):
+    # The guard against evaluating something other than what was trained: the policy's chunk is
+    # objective.sample on the same random draws, only unnormalized.
+    policy = tiny_policy(objective=objective)
     obs = observation_batch()
-    torch.manual_seed(5)
-    chunk = policy.predict_action_chunk(obs)
-    assert chunk.shape == (2, 4, 4) and chunk.dtype == torch.float32
-    torch.manual_seed(5)
-    with torch.inference_mode():
+    chunk = policy.predict_action_chunk(obs, generator=torch.Generator().manual_seed(5))
+    assert chunk.shape == (2, 4, 4) and chunk.dtype == np.float32
+    with torch.no_grad():
+        condition = policy.model.encode_condition({**obs, "proprio": policy.normalizer.normalize("proprio", obs["proprio"])})
+        own = policy.objective.sample(policy.model, condition, 1, policy.nfe, policy.sampler, torch.Generator().manual_seed(5))[:, 0]
+    np.testing.assert_allclose(chunk, policy.normalizer.unnormalize("actions", own).numpy(), rtol=1e-5, atol=1e-6)
+    again = policy.predict_action_chunk(obs, generator=torch.Generator().manual_seed(5))
+    np.testing.assert_array_equal(chunk, again)
+
+
+def test_regression_policy_is_deterministic_and_sees_the_zeros_it_was_trained_on():
+    policy = tiny_policy(objective="regression")
+    obs = observation_batch()
+    first, second = policy.predict_action_chunk(obs), policy.predict_action_chunk(obs)
+    np.testing.assert_array_equal(first, second)
+    with torch.no_grad():
         normalized_obs = {**obs, "proprio": policy.normalizer.normalize("proprio", obs["proprio"])}
-        normalized = policy.model(normalized_obs, num_samples=1)[:, 0]
-    torch.testing.assert_close(chunk, policy.normalizer.unnormalize("actions", normalized))
-    assert not torch.allclose(chunk, normalized)
+        zeros = torch.zeros(2, 1, 4, policy.model.noise_dim)
+        trained_on = policy.normalizer.unnormalize("actions", policy.model(normalized_obs, zeros)[:, 0])
+    np.testing.assert_allclose(first, trained_on.numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("objective, nfe", [("drifting", 10), ("regression", 2)])
+def test_one_step_objectives_refuse_another_nfe_naming_the_objective(objective, nfe):
+    with pytest.raises(ValueError, match=f"{objective} objective"):
+        tiny_policy(objective=objective, nfe=nfe)
+
+
+def test_sampler_is_checked_against_the_objective():
+    assert tiny_policy(objective="diffusion", sampler="ddpm", nfe=100).sampler == "ddpm"
+    with pytest.raises(ValueError, match="sampler='ddpm' is not valid for the flow_matching objective"):
+        tiny_policy(objective="flow_matching", sampler="ddpm")
+
+
+def test_one_unbatched_observation_gives_one_action():
+    policy = tiny_policy()
+    obs = observation_batch(batch=1)
+    single = {"images": obs["images"][0], "proprio": obs["proprio"][0], "instruction": obs["instruction"][0]}
+    assert policy.predict_action_chunk(single).shape == (4, 4)
+    assert policy.select_action(single).shape == (4,)
+    with pytest.raises(ValueError, match=r"images \[V, 3, H, W\]"):
+        policy.select_action({**single, "images": obs["images"]})
 
 
 class CountingGenerator:
@@ -141,14 +179,14 @@ class CountingGenerator:
     def __init__(self, horizon: int):
         self.horizon, self.calls, self.batch_sizes = horizon, 0, []
 
-    def __call__(self, obs):
+    def __call__(self, obs, generator=None):
         batch = len(obs["instruction"])
         self.batch_sizes.append(batch)
         env = torch.as_tensor(obs["proprio"])[:, 0].reshape(batch, 1, 1)
         step = torch.arange(self.horizon, dtype=torch.float32).reshape(1, -1, 1)
         chunk = self.calls * 100 + env * 10 + step
         self.calls += 1
-        return chunk.expand(batch, self.horizon, 4).clone()
+        return chunk.expand(batch, self.horizon, 4).numpy().copy()
 
 
 def env_batch(env_ids) -> dict:
@@ -340,7 +378,7 @@ def test_simulate_eval_writes_summary_json_and_prints_the_table(checkpoint, tmp_
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["episodes"] == 1 and set(summary["per_task"]) == {TASK}
-    assert isinstance(summary["success_rate"], float) and summary["protocol"] == "metaworld/chunk"
+    assert isinstance(summary["success_rate"], float) and summary["protocol"] == "metaworld | drifting nfe=1 | chunk 2/4"
     assert "overall" in result.stdout
 
 

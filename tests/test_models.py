@@ -91,7 +91,7 @@ def test_tiny_and_dit_s_generate_b_g_t_a_without_downloads(data):
     for name in ("tiny", "dit_s"):
         cfg = compose(name, data, pretrained=False)
         model = build_model(cfg)
-        out = model(observation(cfg), num_samples=3)
+        out = model(observation(cfg), model.sample_noise(2, 3, torch.device("cpu")))
         assert out.shape == (2, 3, cfg["data"]["horizon"], model.action_spec.dim)
         assert torch.isfinite(out).all()
 
@@ -124,7 +124,7 @@ def test_frozen_encoders_get_no_gradients_and_are_not_in_the_optimizer(frozen_mo
     assert not model.vision_encoder.backbone.training and not model.language_encoder.training
     assert model.dit.training
 
-    model(observation(frozen_model_cfg, image_size=40), num_samples=2).square().mean().backward()
+    model(observation(frozen_model_cfg, image_size=40), model.sample_noise(2, 2, torch.device("cpu"))).square().mean().backward()
     assert all(p.grad is None for p in frozen)
     assert model.vision_encoder.camera_embed.grad is not None
     assert all(p.grad is not None for p in model.fusion.parameters())
@@ -153,7 +153,7 @@ def test_missing_checkpoint_error_says_how_to_run_offline(tmp_path):
 def test_quaternions_are_unit_length_and_sign_canonical():
     cfg = compose("tiny", "rlbench")
     model = build_model(cfg)
-    out = model(observation(cfg, batch_size=4), num_samples=8)
+    out = model.to_actions(model(observation(cfg, batch_size=4), model.sample_noise(4, 8, torch.device("cpu"))))
     slices = RLBENCH_ACTION_SPEC.slices()
     q = out[..., slices["rotation"]]
     torch.testing.assert_close(q.norm(dim=-1), torch.ones(q.shape[:-1]))
@@ -168,8 +168,8 @@ def test_same_noise_gives_same_actions_and_different_noise_different_actions():
     condition = model.encode_condition(observation(cfg))
     noise = model.sample_noise(2, 4, torch.device("cpu"))
     with torch.no_grad():
-        a, b = model.generate(condition, noise=noise), model.generate(condition, noise=noise.clone())
-        c = model.generate(condition, noise=torch.randn_like(noise))
+        a, b = model.predict(condition, noise), model.predict(condition, noise.clone())
+        c = model.predict(condition, torch.randn_like(noise))
     torch.testing.assert_close(a, b)
     # At initialization already: the G samples of one observation must differ from each other too.
     assert (a - c).abs().amin() > 0
@@ -184,17 +184,17 @@ def test_encoders_run_once_per_observation_whatever_g(frozen_model_cfg):
     obs = observation(frozen_model_cfg, batch_size=3)
 
     for g in (1, 16):
-        model(obs, num_samples=g)
+        model(obs, model.sample_noise(3, g, torch.device("cpu")))
     # One vision call per observation batch; language once ever per distinct instruction (cached).
     assert calls == {"vision": 2, "language": 1}
-    model(dict(obs, instruction=["a new instruction"] * 3), num_samples=4)
+    model(dict(obs, instruction=["a new instruction"] * 3), model.sample_noise(3, 4, torch.device("cpu")))
     assert calls == {"vision": 3, "language": 2}
 
 
 def test_bf16_autocast_forward_runs_on_cpu(frozen_model_cfg):
     model = build_model(frozen_model_cfg)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(observation(frozen_model_cfg), num_samples=2)
+        out = model(observation(frozen_model_cfg), model.sample_noise(2, 2, torch.device("cpu")))
     assert out.shape == (2, 2, 1, 8) and torch.isfinite(out.float()).all()
 
 
@@ -233,7 +233,7 @@ def test_task_embedding_refuses_an_unknown_instruction():
     cfg = compose("tiny", "metaworld")
     model = build_model(cfg)
     with pytest.raises(KeyError, match="text encoder"):
-        model(dict(observation(cfg), instruction=["fly to the moon"] * 2))
+        model.encode_condition(dict(observation(cfg), instruction=["fly to the moon"] * 2))
 
 
 def test_build_model_names_a_missing_data_key():
@@ -248,7 +248,7 @@ def test_wrong_camera_count_is_reported_with_the_expected_shape():
     model = build_model(cfg)
     obs = observation(cfg)
     with pytest.raises(ValueError, match="one per camera"):
-        model(dict(obs, images=obs["images"][:, :1]))
+        model.encode_condition(dict(obs, images=obs["images"][:, :1]))
 
 
 def test_parameter_table_lists_each_component_with_total_and_trainable():
@@ -268,3 +268,39 @@ def test_build_model_accepts_the_composed_omegaconf_config():
     model = build_model(OmegaConf.create(cfg))
     assert model.action_spec == RLBENCH_ACTION_SPEC
     assert model.vision_encoder.num_cameras == len(cfg["data"]["cameras"])
+
+
+def _trained_looking(model):
+    """adaLN-Zero starts every modulation at zero, so the conditioning vector does nothing until
+    training moves them: give them weights, as training would (the time embedder stays as built)."""
+    with torch.no_grad():
+        for name, param in model.dit.named_parameters():
+            if "adaLN_modulation" in name:
+                param.normal_(std=0.05)
+    return model
+
+
+def test_time_embedding_starts_at_zero_so_t_changes_nothing_at_init():
+    cfg = compose("tiny", "metaworld")
+    model = _trained_looking(build_model(cfg).eval())
+    condition = model.encode_condition(observation(cfg))
+    noise = model.sample_noise(2, 3, torch.device("cpu"))
+    with torch.no_grad():
+        at_zero = model.predict(condition, noise)
+        at_half = model.predict(condition, noise, torch.full((2, 3), 0.5))
+        model.dit.t_embedder.mlp[-1].bias.fill_(0.1)
+        moved = model.predict(condition, noise, torch.full((2, 3), 0.5))
+    torch.testing.assert_close(at_zero, at_half)
+    assert (moved - at_zero).abs().max() > 1e-4
+
+
+def test_each_sample_gets_its_own_time():
+    cfg = compose("tiny", "metaworld")
+    model = _trained_looking(build_model(cfg).eval())
+    with torch.no_grad():
+        model.dit.t_embedder.mlp[-1].weight.normal_()
+    condition = model.encode_condition(observation(cfg))
+    noise = model.sample_noise(2, 1, torch.device("cpu")).expand(-1, 2, -1, -1)
+    with torch.no_grad():
+        out = model.predict(condition, noise, torch.tensor([[0.1, 0.9], [0.1, 0.9]]))
+    assert (out[:, 0] - out[:, 1]).abs().max() > 1e-4

@@ -1,12 +1,17 @@
 """The closed-loop policy: a trained DriftingVLA, its normalizer and its configs, behind two calls.
 
     policy = DriftingPolicy.from_checkpoint("runs/x/checkpoints")       # newest whole checkpoint, EMA weights
-    chunk = policy.predict_action_chunk(obs)    # [B, T, A] raw units, ONE generator call (G = 1)
+    chunk = policy.predict_action_chunk(obs)    # [B, T, A] raw units, through the checkpoint's objective
+    policy = DriftingPolicy.from_checkpoint(path, nfe=10)                # a flow/diffusion run: 10 steps
     action = policy.select_action(obs)          # [B, A]: the action to execute now, per env
     policy.reset()                              # new episodes (or policy.reset(env_index) for one env)
 
 `obs` is a batch in the dataset's collated format: images uint8 [B, V, 3, H, W], proprio [B, S],
-instruction list[str] (B). Row b of every batch is env b (or `env_ids[b]`, see `select_action`).
+instruction list[str] (B); one unbatched observation (images [V, 3, H, W], proprio [S], one
+instruction string) is taken as a batch of one. Row b of every batch is env b (or `env_ids[b]`).
+
+Chunks are drawn by the objective the checkpoint was trained with (`objective.sample`, the same
+call validation makes), with `nfe` network evaluations: 1 for drifting and regression.
 
 How chunk steps and control steps line up (horizon T = 8):
 
@@ -55,32 +60,37 @@ from drifting_vla.training.checkpoint import (
     load_weights,
     resolve_checkpoint,
 )
+from drifting_vla.training.config import training_config
+from drifting_vla.training.objectives import Objective, build_objective
 
 EXECUTION_MODES = ("chunk", "ensemble")
 
 
 class DriftingPolicy:
-    """A DriftingVLA with its normalizer, run in closed loop over a batch of envs."""
+    """A DriftingVLA with its normalizer and objective, run in closed loop over a batch of envs."""
 
     def __init__(
         self,
         model: DriftingVLA,
         normalizer: Normalizer,
-        data_cfg: Mapping,
+        objective: Objective,
         execution: str = "chunk",
         execute_steps: int | None = None,
         ensemble_decay: float = 0.01,
+        nfe: int | None = None,
+        sampler: str | None = None,
         device: str | torch.device | None = None,
     ) -> None:
         if execution not in EXECUTION_MODES:
             raise ValueError(f"unknown execution mode {execution!r}; choose one of {EXECUTION_MODES}")
-        spec = ActionSpec.from_config(data_cfg["action_spec"])
-        if normalizer.action_spec != spec or model.action_spec != spec:
+        spec = model.action_spec
+        if normalizer.action_spec != spec:
             raise ValueError(
-                f"the data config's action spec {spec.to_config()} does not match the model's "
-                f"{model.action_spec.to_config()} or the normalizer's {normalizer.action_spec.to_config()}; "
-                "evaluate with the data config the checkpoint was trained with"
+                f"the normalizer's action spec {normalizer.action_spec.to_config()} does not match the "
+                f"model's {spec.to_config()}; use the normalization statistics saved with the checkpoint"
             )
+        self.objective = objective
+        self.nfe, self.sampler = objective.resolve(nfe, sampler)
         self.horizon = int(model.horizon)
         if execute_steps is None:  # half the chunk: Diffusion Policy's 8 of 16
             execute_steps = max(1, self.horizon // 2)
@@ -91,7 +101,6 @@ class DriftingPolicy:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device)
         self.normalizer = normalizer.to(self.device)
-        self.data_cfg = data_cfg
         self.action_spec = spec
         self.execution = execution
         self.execute_steps = int(execute_steps)
@@ -106,8 +115,9 @@ class DriftingPolicy:
 
         The model is built with `model.pretrained=false` (architectures from the config's `arch`
         keys, no download): model.safetensors holds every weight, frozen encoders included, and the
-        EMA weights (trainable parameters) are laid over it. Returns a policy whose `cfg` is the
-        run's resolved config.
+        EMA weights (trainable parameters) are laid over it. The objective is the one recorded in
+        the checkpoint's config; `nfe` and `sampler` (kwargs) choose how it samples. Returns a policy
+        whose `cfg` is the run's resolved config.
         """
         from safetensors.torch import load_file
 
@@ -127,7 +137,8 @@ class DriftingPolicy:
             action_spec,
             proprio_dim=int(cfg["data"]["proprio_dim"]),
         )
-        policy = cls(model, normalizer, cfg["data"], device=device, **kwargs)
+        objective = build_objective(training_config(cfg.get("training", {})))
+        policy = cls(model, normalizer, objective, device=device, **kwargs)
         policy.cfg = cfg
         policy.checkpoint = path
         return policy
@@ -136,8 +147,13 @@ class DriftingPolicy:
     # One generator call
 
     @torch.inference_mode()
-    def predict_action_chunk(self, obs: Mapping) -> torch.Tensor:
-        """obs batch -> [B, T, A] float32 actions in raw units (one generator call, G = 1), on CPU."""
+    def predict_action_chunk(self, obs: Mapping, generator: torch.Generator | None = None) -> np.ndarray:
+        """obs batch -> [B, T, A] float32 actions in raw units (numpy, like `select_action`).
+        One `objective.sample` call with this policy's nfe; every random draw comes from
+        `generator` (CPU), so a seeded generator gives the same chunk on any device. One unbatched
+        observation gives [T, A]."""
+        if isinstance(obs["instruction"], str):
+            return self.predict_action_chunk(_as_batch(obs), generator)[0]
         images = torch.as_tensor(obs["images"]).to(self.device)
         proprio = torch.as_tensor(obs["proprio"], dtype=torch.float32).to(self.device)
         batch = {
@@ -149,10 +165,11 @@ class DriftingPolicy:
         self.model.eval()
         try:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                chunk = self.model(batch, num_samples=1)[:, 0]
+                condition = self.model.encode_condition(batch)
+                chunk = self.objective.sample(self.model, condition, 1, self.nfe, self.sampler, generator)[:, 0]
         finally:
             self.model.train(training)
-        return self.normalizer.unnormalize("actions", chunk.float()).cpu()
+        return self.normalizer.unnormalize("actions", chunk.float()).cpu().numpy()
 
     # ------------------------------------------------------------------------------------------
     # Closed loop
@@ -167,7 +184,10 @@ class DriftingPolicy:
 
     def select_action(self, obs: Mapping, env_ids: Sequence[int] | None = None) -> np.ndarray:
         """The action to execute now, float32 [B, A] raw units; row b belongs to env `env_ids[b]`
-        (default: env b). Envs that need a new chunk share ONE generator call."""
+        (default: env b). Envs that need a new chunk share ONE generator call. One unbatched
+        observation gives [A]."""
+        if isinstance(obs["instruction"], str):
+            return self.select_action(_as_batch(obs), env_ids)[0]
         env_ids = list(range(len(obs["instruction"]))) if env_ids is None else list(env_ids)
         if self.execution == "chunk":
             return self._select_from_queue(obs, env_ids)
@@ -176,13 +196,13 @@ class DriftingPolicy:
     def _select_from_queue(self, obs: Mapping, env_ids: list[int]) -> np.ndarray:
         replan = [b for b, env in enumerate(env_ids) if not self._queues.get(env)]
         if replan:
-            chunks = self.predict_action_chunk(_rows(obs, replan)).numpy()
+            chunks = self.predict_action_chunk(_rows(obs, replan))
             for b, chunk in zip(replan, chunks, strict=True):
                 self._queues[env_ids[b]] = deque(chunk[: self.execute_steps])
         return np.stack([self._queues[env].popleft() for env in env_ids])
 
     def _select_ensembled(self, obs: Mapping, env_ids: list[int]) -> np.ndarray:
-        chunks = self.predict_action_chunk(obs).numpy()
+        chunks = self.predict_action_chunk(obs)
         actions = []
         for env, chunk in zip(env_ids, chunks, strict=True):
             t = self._steps.get(env, 0)
@@ -198,7 +218,18 @@ class DriftingPolicy:
         mode = f"chunk queue (execute {self.execute_steps} of {self.horizon})"
         if self.execution == "ensemble":
             mode = f"temporal ensembling (horizon {self.horizon}, decay {self.ensemble_decay:g})"
-        return f"DriftingPolicy on {self.device}: {mode}"
+        return f"DriftingPolicy on {self.device}: {self.objective.label(self.nfe, self.sampler)}, {mode}"
+
+
+def _as_batch(obs: Mapping) -> Mapping:
+    """One unbatched observation (a single instruction string) -> a batch of one."""
+    images, proprio = torch.as_tensor(obs["images"]), torch.as_tensor(obs["proprio"])
+    if images.dim() != 4 or proprio.dim() != 1:
+        raise ValueError(
+            f"one observation needs images [V, 3, H, W] and proprio [S], got {tuple(images.shape)} and "
+            f"{tuple(proprio.shape)}; a batch needs images [B, V, 3, H, W], proprio [B, S] and a list of B instructions"
+        )
+    return {**obs, "images": images[None], "proprio": proprio[None], "instruction": [obs["instruction"]]}
 
 
 def _rows(obs: Mapping, rows: list[int]) -> dict:

@@ -273,15 +273,20 @@ class _Slot:
 # The evaluation loop
 
 
-def protocol_label(data_cfg, execution: str) -> str:
-    """What the numbers mean: the simulator, its control mode and the policy's execution mode."""
+def protocol_label(data_cfg, policy) -> str:
+    """What the numbers mean: the simulator and its control mode, the objective with its sampler
+    and NFE, and the policy's execution mode, e.g. 'metaworld | drifting nfe=1 | chunk 8/16'."""
     name = str(data_cfg["name"])
     if name == "rlbench":
         keyframes = bool(data_cfg.get("keyframes", True))
         control = data_cfg.get("control") or ("planner" if keyframes else "ik")
         target = "next-keyframe" if control == "planner" else "dense"
-        return f"rlbench/{target}/{control}/{execution}"
-    return f"{name}/{execution}"
+        name = f"rlbench/{target}/{control}"
+    execution = (
+        f"chunk {policy.execute_steps}/{policy.horizon}" if policy.execution == "chunk"
+        else f"ensemble decay {policy.ensemble_decay:g}"
+    )
+    return f"{name} | {policy.objective.label(policy.nfe, policy.sampler)} | {execution}"
 
 
 def evaluate(

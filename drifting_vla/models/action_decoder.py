@@ -1,8 +1,11 @@
 """Action decoder: DiT features -> an action chunk laid out by the dataset's ActionSpec.
 
-    features [B, G, T, D] --one MLP head per component--> actions [B, G, T, A] (normalized space)
+    features [B, G, T, D] --one MLP head per component--> outputs [B, G, T, A] (normalized space)
+    outputs --activate--> actions, where the outputs stand for an action chunk
 
-Each component kind gets the output its kind means (see `drifting_vla.specs.COMPONENT_KINDS`):
+The heads are linear: a flow or diffusion objective reads them as a velocity or a noise estimate,
+which no activation may bend. Where the output IS an action chunk (drifting, regression),
+`activate` gives each component kind the output its kind means (`drifting_vla.specs.COMPONENT_KINDS`):
 
 - position, raw: unbounded linear output (the normalizer maps these to roughly [-1, 1]).
 - quaternion:    unit length and sign-canonical (qw >= 0), since q and -q are the same rotation and
@@ -51,8 +54,13 @@ class ActionDecoder(nn.Module):
         init_linear_layers(self)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """features [..., D] -> actions [..., A], components in the spec's order."""
+        """features [..., D] -> head outputs [..., A], components in the spec's order."""
+        return torch.cat([self.heads[c.name](features) for c in self.action_spec.components], dim=-1)
+
+    def activate(self, outputs: torch.Tensor) -> torch.Tensor:
+        """outputs [..., A] -> valid actions [..., A]: each component through its kind's activation."""
+        parts = outputs.split([c.dim for c in self.action_spec.components], dim=-1)
         return torch.cat(
-            [OUTPUT_ACTIVATIONS[c.kind](self.heads[c.name](features)) for c in self.action_spec.components],
+            [OUTPUT_ACTIVATIONS[c.kind](part) for c, part in zip(self.action_spec.components, parts, strict=True)],
             dim=-1,
         )

@@ -3,12 +3,13 @@
     obs.images      uint8 [B, V, 3, H, W] --VisionEncoder-->   [B, V*N, Dv] --+
     obs.instruction list[str] (B)         --language encoder-> [B, L, Dl]   --+--Fusion--> cond [B, K, D], c [B, D]
     obs.proprio     float [B, S]          ----------------------------------+
-    noise           [B, G, T, noise_dim]  --DiT(c, cond)--> [B, G, T, D] --ActionDecoder--> [B, G, T, A]
+    x, t            [B, G, T, noise_dim], [B, G] --DiT(c, cond)--> [B, G, T, D] --ActionDecoder--> [B, G, T, A]
 
-`encode_condition` runs the encoders ONCE per observation; `generate` draws G samples from that one
-condition. Actions come out in the normalized action space (the normalizer lives with the data and
-is applied outside the network). The training objective (drifting, or a baseline) is a separate
-module that consumes `generate`'s output; nothing about it is baked in here.
+`encode_condition` runs the encoders ONCE per observation; `predict` evaluates the DiT for G inputs
+from that one condition. Outputs live in the normalized action space (the normalizer lives with the
+data and is applied outside the network). The objective (drifting, regression, flow matching,
+diffusion; training/objectives.py) owns both the loss and the sampler: it decides what x and t are
+and what the output means. Nothing about it is baked in here.
 """
 
 from __future__ import annotations
@@ -79,26 +80,32 @@ class DriftingVLA(nn.Module):
     def sample_noise(
         self, batch_size: int, num_samples: int, device: torch.device, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """Standard normal noise [B, G, T, noise_dim]."""
+        """Standard normal noise [B, G, T, noise_dim], drawn on the CPU (so a seeded generator gives
+        the same noise on every device) and moved to `device`."""
         shape = (batch_size, num_samples, self.horizon, self.noise_dim)
-        return torch.randn(shape, device=device, generator=generator)
+        return torch.randn(shape, generator=generator).to(device)
 
-    def generate(
-        self, condition: Condition, num_samples: int = 1, noise: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """One generator pass: G action chunks per observation, [B, G, T, A], normalized space.
+    def predict(self, condition: Condition, x: torch.Tensor, timestep: torch.Tensor | None = None) -> torch.Tensor:
+        """One network evaluation for G inputs per observation: x [B, G, T, noise_dim] (noise for a
+        one-step generator, a noisy chunk for flow and diffusion), timestep [B, G] in [0, 1]
+        (None: the fixed t = 0 of one-step objectives) -> head outputs [B, G, T, A].
 
-        `noise` [B, G, T, noise_dim] fixes the samples (same noise, same actions); when given,
-        its G wins over `num_samples`.
-        """
-        if noise is None:
-            noise = self.sample_noise(condition.batch_size, num_samples, condition.pooled.device)
-        features = self.dit(noise, condition.pooled, condition.tokens)
+        What the output means (an action chunk, a velocity, a noise estimate) is the objective's
+        business; `to_actions` applies the action components' output activations where the output
+        is an action chunk."""
+        if timestep is None:
+            timestep = x.new_zeros(x.shape[:2])
+        features = self.dit(x, timestep, condition.pooled, condition.tokens)
         return self.action_decoder(features)
 
-    def forward(self, obs: Mapping, num_samples: int = 1, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """encode_condition then generate: [B, G, T, A]."""
-        return self.generate(self.encode_condition(obs), num_samples, noise)
+    def forward(self, obs: Mapping, x: torch.Tensor, timestep: torch.Tensor | None = None) -> torch.Tensor:
+        """encode_condition then predict: [B, G, T, A] head outputs. Training goes through here, so
+        data-parallel wrappers see one call per step."""
+        return self.predict(self.encode_condition(obs), x, timestep)
+
+    def to_actions(self, outputs: torch.Tensor) -> torch.Tensor:
+        """Head outputs that stand for an action chunk -> valid actions (unit quaternions, gripper in [0, 1])."""
+        return self.action_decoder.activate(outputs)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """What the optimizer gets: everything except the frozen pretrained encoders."""

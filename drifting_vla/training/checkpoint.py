@@ -366,12 +366,27 @@ class ResumeState:
     normalization: dict = field(default_factory=dict)
 
 
+TIME_EMBEDDER_PREFIX = "dit.t_embedder."
+"""Weights added with the time-conditioned DiT. Checkpoints written before it lack them; the
+embedder's output layer starts at zero, so leaving it as built reproduces the old network exactly."""
+
+
+def predates_time_embedder(missing: list[str]) -> bool:
+    return bool(missing) and all(key.startswith(TIME_EMBEDDER_PREFIX) for key in missing)
+
+
 def load_weights(model: nn.Module, file: Path) -> None:
     """Strictly load a full-state safetensors file into a plain, DDP-wrapped or FSDP-sharded
-    model; a mismatch is an error naming the keys."""
+    model; a mismatch is an error naming the keys. A checkpoint written before the DiT had a time
+    embedder loads with that embedder left at its zero-output initialization (same actions)."""
     weights = load_file(str(file))
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+    if predates_time_embedder(missing) and not unexpected:
+        log.warning("%s predates the time-conditioned DiT: %s stays at its zero-output initialization, "
+                    "which reproduces the network it was trained as", file, TIME_EMBEDDER_PREFIX + "*")
+        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+        return
     if missing or unexpected:
         raise KeyError(
             f"{file} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}. Was it "
@@ -402,8 +417,15 @@ def load_checkpoint(
             f"cannot resume from {path}: {problem}. Use find_latest_valid_checkpoint() to pick a "
             "whole one, or start a fresh run."
         )
+    ema_weights = load_file(str(path / EMA_FILE))
+    if predates_time_embedder(sorted(set(ema.state_dict()) - set(ema_weights))):
+        raise ValueError(
+            f"cannot resume from {path}: it was written before the DiT gained its time embedder, so its "
+            "optimizer and EMA state do not cover the new weights. Evaluate it as it is "
+            "(scripts/simulate_eval.py loads it), or start a fresh run."
+        )
     load_weights(model, path / MODEL_FILE)
-    ema.load_state_dict(load_file(str(path / EMA_FILE)))
+    ema.load_state_dict(ema_weights)
     state = torch.load(path / TRAINER_STATE_FILE, map_location="cpu", weights_only=True)
     set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(state["scheduler"])

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -17,9 +17,22 @@ from omegaconf.errors import OmegaConfBaseException
 class DriftingConfig:
     temperatures: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.2])
     affinity_floor: float = 1e-6
-    per_timestep: bool = False
+    grouping: str = "chunk"
     extra_positives: int = 0
     queue_size: int = 256
+
+
+@dataclass
+class FlowMatchingConfig:
+    time_distribution: str = "beta"
+    beta_alpha: float = 1.5
+
+
+@dataclass
+class DiffusionConfig:
+    num_train_timesteps: int = 100
+    prediction_type: str = "epsilon"
+    clip_sample: bool = True
 
 
 @dataclass
@@ -35,9 +48,11 @@ class EvalConfig:
     episodes: int = 25
     workers: int = 2
     videos_per_task: int = 1
-    execution: str = "ensemble"
+    execution: str = "chunk"
     execute_steps: int = 8
-    ensemble_decay: float = 0.1
+    ensemble_decay: float = 0.01
+    nfe: int | None = None
+    sampler: str | None = None
 
 
 @dataclass
@@ -67,6 +82,8 @@ class TrainingConfig:
     num_threads: int | None = None
     nan_policy: str = "stop"
     drifting: DriftingConfig = field(default_factory=DriftingConfig)
+    flow_matching: FlowMatchingConfig = field(default_factory=FlowMatchingConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     log_every: int = 50
     val_every: int = 500
     val_batches: int = 4
@@ -80,6 +97,10 @@ class TrainingConfig:
 
 
 CHOICES = {
+    "objective": ("drifting", "regression", "flow_matching", "diffusion"),
+    "drifting.grouping": ("chunk", "timestep", "dimension"),
+    "flow_matching.time_distribution": ("uniform", "beta"),
+    "diffusion.prediction_type": ("epsilon", "sample"),
     "precision": ("auto", "bf16", "fp32"),
     "nan_policy": ("stop", "skip"),
     "distributed.strategy": ("ddp", "fsdp"),
@@ -89,13 +110,30 @@ CHOICES = {
 }
 
 
-def validate_training_config(training) -> None:
-    """Raise ValueError naming the `training.<key>` that is unknown, mistyped or out of range."""
+def training_config(training) -> DictConfig:
+    """`training.*` merged over the schema's defaults (so a checkpoint written before a key existed
+    still builds its objective), with `drifting.per_timestep` of earlier versions read as
+    `drifting.grouping`. Raises ValueError naming an unknown, mistyped or out-of-range key."""
+    training = OmegaConf.create(OmegaConf.to_container(training, resolve=True) if OmegaConf.is_config(training) else training)
+    legacy = OmegaConf.select(training, "drifting.per_timestep")
+    if legacy is not None:
+        del training.drifting["per_timestep"]
+        training.drifting.grouping = "timestep" if legacy else "chunk"
     try:
-        OmegaConf.merge(OmegaConf.structured(TrainingConfig), training)
+        merged = OmegaConf.merge(OmegaConf.structured(TrainingConfig), training)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"
         raise ValueError(f"config key training.{key}: {err.msg if hasattr(err, 'msg') else err}") from None
+    _check_values(merged)
+    return merged
+
+
+def validate_training_config(training) -> None:
+    """Raise ValueError naming the `training.<key>` that is unknown, mistyped or out of range."""
+    training_config(training)
+
+
+def _check_values(training) -> None:
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(training, key)
         if value not in allowed:
@@ -103,3 +141,5 @@ def validate_training_config(training) -> None:
     for key in ("max_steps", "batch_size", "grad_accum_steps", "log_every", "checkpoint_every"):
         if int(training[key]) < 1:
             raise ValueError(f"config key training.{key} must be >= 1, got {training[key]}")
+    if training.eval.nfe is not None and int(training.eval.nfe) < 1:
+        raise ValueError(f"config key training.eval.nfe must be >= 1 or null, got {training.eval.nfe}")

@@ -1,9 +1,13 @@
 """DriftingLoss: the multi-temperature, normalized drifting objective (DRIFTING.md, section 3).
 
-    x [B, G, ...] generated  --flatten-->  B problems of G samples, D features
-                                           (or B*T problems of D = A with per-timestep problems)
+    x [B, G, T, A] generated  --group-->  problems of G samples, D features each:
+        chunk:      B problems,   D = T*A  (the whole chunk of one observation)
+        timestep:   B*T problems, D = A    (each chunk step of one observation)
+        dimension:  B*A problems, D = T    (each action dimension's trajectory of one observation)
     S      = weighted mean generated-to-target distance over ALL problems (global across ranks)
     s_in   = S / sqrt(D)                   work in x / s_in: the mean distance is about sqrt(D)
+             (S and s_in clipped at 1e-3 as in the authors' release: when the G samples of every
+             problem collapse onto their target, the gradient would otherwise grow as 1 / s_in)
     V_T    = field at temperature T on distances / S, in x / s_in coordinates
     lambda_T = RMS of V_T over all problems and dims (global across ranks)
     V      = sum_T V_T / lambda_T          normalized per temperature, then summed
@@ -26,6 +30,11 @@ from torch import Tensor, nn
 from drifting_vla.training.distributed import all_reduce_sum
 from drifting_vla.training.drifting_field import drift_from_distances, pairwise_distances
 
+GROUPINGS = ("chunk", "timestep", "dimension")
+SCALE_FLOOR = 1e-3
+"""The release's floor on the feature scale S and on s_in = S / sqrt(D): collapsed samples
+(S -> 0) would otherwise blow the normalized coordinates x / s_in, and the gradient, up."""
+
 
 @dataclass
 class DriftingOutput:
@@ -46,8 +55,8 @@ class DriftingLoss(nn.Module):
     Args:
         temperatures: kernel temperatures, in units of the feature scale S.
         affinity_floor: the release's `sqrt(max(A_row * A_col, floor))`; 0 is Algorithm 2 exactly.
-        per_timestep: for x `[B, G, T, A]`, make each chunk step its own problem over A
-            (B*T problems) instead of one problem over the flattened chunk (D = T*A).
+        grouping: how x `[B, G, T, A]` splits into drift problems (module docstring). Every
+            grouping keeps the observation: samples of different observations never share a problem.
     """
 
     def __init__(
@@ -55,14 +64,16 @@ class DriftingLoss(nn.Module):
         temperatures: Sequence[float] = (0.02, 0.05, 0.2),
         *,
         affinity_floor: float = 1e-6,
-        per_timestep: bool = False,
+        grouping: str = "chunk",
     ) -> None:
         super().__init__()
         if not temperatures or any(t <= 0 for t in temperatures):
             raise ValueError(f"temperatures must be a non-empty list of positive numbers, got {temperatures}")
         self.temperatures = tuple(float(t) for t in temperatures)
         self.affinity_floor = affinity_floor
-        self.per_timestep = per_timestep
+        if grouping not in GROUPINGS:
+            raise ValueError(f"grouping={grouping!r} is unknown; choose from {GROUPINGS}")
+        self.grouping = grouping
 
     def forward(
         self,
@@ -91,8 +102,8 @@ class DriftingLoss(nn.Module):
             weighted_sum = (distances * weights).sum()
             weight_total = weights.sum() * num_gen * num_problems
             weighted_sum, weight_total = all_reduce_sum(torch.stack([weighted_sum, weight_total]))
-            feature_scale = (weighted_sum / weight_total).clamp_min(1e-12)
-            s_in = feature_scale / math.sqrt(feat_dim)
+            feature_scale = (weighted_sum / weight_total).clamp_min(SCALE_FLOOR)
+            s_in = (feature_scale / math.sqrt(feat_dim)).clamp_min(SCALE_FLOOR)
 
             x_scaled, targets_scaled = gen_fixed / s_in, targets / s_in
             raw_fields = [
@@ -134,19 +145,23 @@ class DriftingLoss(nn.Module):
         )
 
     def _problems(self, samples: Tensor) -> Tensor:
-        """`[B, S, ...]` -> `[problems, S, D]`: one problem per condition, or per chunk step."""
-        if self.per_timestep:
-            if samples.dim() != 4:
-                raise ValueError(f"per_timestep needs [B, G, T, A] inputs, got shape {tuple(samples.shape)}")
-            b, s, t, a = samples.shape
+        """`[B, S, T, A]` (or any `[B, S, ...]` for chunk grouping) -> `[problems, S, D]`."""
+        if self.grouping == "chunk":
+            return samples.flatten(2)
+        if samples.dim() != 4:
+            raise ValueError(f"grouping={self.grouping!r} needs [B, G, T, A] chunks, got shape {tuple(samples.shape)}")
+        b, s, t, a = samples.shape
+        if self.grouping == "timestep":
             return samples.permute(0, 2, 1, 3).reshape(b * t, s, a)
-        return samples.flatten(2)
+        return samples.permute(0, 3, 1, 2).reshape(b * a, s, t)
 
     def _unproblems(self, field: Tensor, shape: torch.Size) -> Tensor:
-        if self.per_timestep:
-            b, g, t, a = shape
+        if self.grouping == "chunk":
+            return field.reshape(shape)
+        b, g, t, a = shape
+        if self.grouping == "timestep":
             return field.reshape(b, t, g, a).permute(0, 2, 1, 3)
-        return field.reshape(shape)
+        return field.reshape(b, a, g, t).permute(0, 2, 3, 1)
 
     @staticmethod
     def _column_weights(

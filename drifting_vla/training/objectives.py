@@ -1,12 +1,26 @@
-"""Generative objectives on one network: a new objective is one class in this registry.
+"""Objectives on one network: each owns its training loss AND its sampler.
 
-Every objective sees the same thing, the policy network as a callable
-`model(obs, num_samples, noise) -> [B, G, T, A]` and the expert chunk of each observation in
-normalized units, and returns the loss plus what the panels show. The trainer never changes.
+An objective is the only place that knows what the network's input x and time t are and what its
+output means, so training, validation, panels, the closed-loop policy and the benchmarks all draw
+chunks through `objective.sample(...)`: what is evaluated is what was trained. A checkpoint records
+`training.objective`, and a loaded policy rebuilds the same objective.
+
+    objective            network input x, t                      output      sample (nfe network calls)
+    drifting             noise, t = 0                            chunk       1: the output
+    regression           zeros, t = 0                            chunk       1: the output
+    flow_matching        x_t = t eps + (1 - t) a, t in [0, 1]    eps - a     Euler from t = 1 to 0
+    diffusion            x_k = sqrt(ab_k) a + sqrt(1 - ab_k) eps eps or a    DDIM (eta 0) or DDPM (eta 1)
+
+Padded chunk steps (past an episode's end) repeat the episode's last action, and EVERY objective
+learns them as the "hold" target: no objective masks them. This is Diffusion Policy's rule, and
+the only one the drifting loss can follow, since its drift problems span the whole chunk.
+
+A new objective is one class in `OBJECTIVES`; the trainer and the policy never change.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -18,63 +32,265 @@ from drifting_vla.training.losses import DriftingLoss
 
 @dataclass
 class ObjectiveOutput:
-    """loss: scalar. samples `[B, G, T, A]` (detached). field: where the objective moves each
-    sample `[B, G, T, A]` (the drift V for drifting; the error for regression). metrics: 0-dim."""
+    """loss: scalar. metrics: 0-dim detached tensors (no host sync until the caller logs them)."""
 
     loss: Tensor
-    samples: Tensor
-    field: Tensor
     metrics: dict[str, Tensor]
 
 
-class DriftingObjective:
+class Objective:
+    """What the trainer and the policy rely on. Subclasses set `name`, `num_samples` (chunks per
+    observation in a training step), `default_nfe`, `samplers` (first is the default; None for a
+    sampler with no variants) and implement `training_inputs`, `__call__` and `_sample`."""
+
+    name: str
+    num_samples: int = 1
+    default_nfe: int = 1
+    max_nfe: int = 1
+    samplers: tuple[str | None, ...] = (None,)
+
+    def training_inputs(self, batch_size: int, horizon: int, noise_dim: int, generator: torch.Generator) -> dict[str, Tensor]:
+        """The random draws of one training step for `batch_size` observations, every tensor with
+        the observation on dim 0, drawn on the CPU from `generator` (the trainer draws them for the
+        global batch and slices each rank's share)."""
+        raise NotImplementedError
+
+    def __call__(self, model, obs: dict, actions: Tensor, inputs: dict[str, Tensor]) -> ObjectiveOutput:
+        """The training loss of `model` (possibly DDP-wrapped) on normalized expert chunks [B, T, A]."""
+        raise NotImplementedError
+
+    def resolve(self, nfe: int | None = None, sampler: str | None = None) -> tuple[int, str | None]:
+        """(nfe, sampler) with defaults filled in; an error naming the objective for a bad value."""
+        nfe = self.default_nfe if nfe is None else int(nfe)
+        sampler = self.samplers[0] if sampler is None else str(sampler)
+        if not 1 <= nfe <= self.max_nfe:
+            allowed = "1 (it is a one-step generator)" if self.max_nfe == 1 else f"1..{self.max_nfe}"
+            raise ValueError(f"nfe={nfe} is not valid for the {self.name} objective: use {allowed}")
+        if sampler not in self.samplers:
+            raise ValueError(f"sampler={sampler!r} is not valid for the {self.name} objective: choose from {self.samplers}")
+        return nfe, sampler
+
+    def label(self, nfe: int | None = None, sampler: str | None = None) -> str:
+        """e.g. 'drifting nfe=1', 'diffusion/ddim nfe=10': names a sampling protocol in results."""
+        nfe, sampler = self.resolve(nfe, sampler)
+        return f"{self.name}{'' if sampler is None else '/' + sampler} nfe={nfe}"
+
+    @torch.no_grad()
+    def sample(
+        self,
+        model,
+        condition,
+        num_samples: int = 1,
+        nfe: int | None = None,
+        sampler: str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """`num_samples` chunks per observation of `condition`, [B, G, T, A], normalized actions.
+        Every random draw comes from `generator` on the CPU: same generator state, same chunks."""
+        nfe, sampler = self.resolve(nfe, sampler)
+        return self._sample(model, condition, num_samples, nfe, sampler, generator)
+
+    def _sample(self, model, condition, num_samples, nfe, sampler, generator) -> Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def field(self, samples: Tensor, actions: Tensor) -> Tensor:
+        """Where training moves each sample [B, G, T, A] (the panels draw it): the expert minus the
+        sample, unless an objective knows better (drifting: its drift field)."""
+        return actions[:, None] - samples
+
+
+def _noise(model, batch_size: int, num_samples: int, generator: torch.Generator | None, device) -> Tensor:
+    return torch.randn((batch_size, num_samples, model.horizon, model.noise_dim), generator=generator).to(device)
+
+
+def _unwrap(model):
+    """The DriftingVLA inside a data-parallel wrapper (DDP keeps it as `.module`)."""
+    return getattr(model, "module", model)
+
+
+def _require_action_sized_noise(model, objective: str) -> None:
+    model = _unwrap(model)
+    if model.noise_dim != model.action_spec.dim:
+        raise ValueError(
+            f"the {objective} objective feeds noisy action chunks to the network, so model.noise_dim must "
+            f"equal the action dimension {model.action_spec.dim} (got {model.noise_dim}); set model.noise_dim=null"
+        )
+
+
+def _mse(prediction: Tensor, target: Tensor) -> ObjectiveOutput:
+    loss = (prediction.float() - target.float()).square().mean()
+    return ObjectiveOutput(loss, {"loss": loss.detach()})
+
+
+class DriftingObjective(Objective):
     """G chunks per observation from G noise draws; one drift problem per observation with the
     expert chunk as positive (plus `extra_positives` chunks of the same task from a queue, which
     only training batches fill: validation runs without grad and leaves it alone)."""
 
+    name = "drifting"
+
     def __init__(self, cfg) -> None:
         d = cfg.drifting
         self.num_samples = int(cfg.num_samples)
-        self.loss = DriftingLoss(
-            tuple(d.temperatures), affinity_floor=float(d.affinity_floor), per_timestep=bool(d.per_timestep)
-        )
+        self.loss = DriftingLoss(tuple(d.temperatures), affinity_floor=float(d.affinity_floor), grouping=str(d.grouping))
         self.extra_positives = int(d.extra_positives)
         self.queue = SampleQueue(capacity_per_task=int(d.queue_size)) if self.extra_positives else None
 
-    def __call__(self, model, obs: dict, actions: Tensor, noise: Tensor) -> ObjectiveOutput:
-        samples = model(obs, self.num_samples, noise)
+    def training_inputs(self, batch_size, horizon, noise_dim, generator):
+        return {"noise": torch.randn((batch_size, self.num_samples, horizon, noise_dim), generator=generator)}
+
+    def __call__(self, model, obs, actions, inputs):
+        samples = _unwrap(model).to_actions(model(obs, inputs["noise"]))
         positives = actions[:, None]
         if self.queue is not None:
             if torch.is_grad_enabled():
-                # Chunks padded past an episode's end repeat its last action: a valid "hold" target.
                 self.queue.push(list(obs["task"]), actions.detach())
             extra = self.queue.sample(list(obs["task"]), self.extra_positives).to(actions)
             positives = torch.cat([positives, extra], dim=1)
         out = self.loss(samples, positives)
-        return ObjectiveOutput(out.loss, samples.detach(), out.field, out.metrics)
+        return ObjectiveOutput(out.loss, out.metrics)
+
+    def _sample(self, model, condition, num_samples, nfe, sampler, generator):
+        noise = _noise(model, condition.batch_size, num_samples, generator, condition.pooled.device)
+        return model.to_actions(model.predict(condition, noise))
+
+    @torch.no_grad()
+    def field(self, samples, actions):
+        return self.loss(samples, actions[:, None]).field
 
 
-class RegressionObjective:
-    """The simplest baseline: the same network with fixed zero noise, trained by MSE to the expert
-    chunk, so the side-by-side shows what the generative objective buys."""
+class RegressionObjective(Objective):
+    """The simplest baseline: the same network fed zeros (not noise) at t = 0, trained by MSE to
+    the expert chunk; deterministic in training and at inference."""
 
-    num_samples = 1
+    name = "regression"
 
     def __init__(self, cfg) -> None:
         del cfg
 
-    def __call__(self, model, obs: dict, actions: Tensor, noise: Tensor) -> ObjectiveOutput:
-        samples = model(obs, 1, torch.zeros_like(noise[:, :1]))
-        error = actions[:, None] - samples
-        mask = obs["action_mask"][:, None, :, None].to(error.dtype)
-        loss = (error.square() * mask).sum() / (mask.sum() * error.shape[-1]).clamp_min(1)
-        return ObjectiveOutput(loss, samples.detach(), error.detach(), {"loss": loss.detach()})
+    def training_inputs(self, batch_size, horizon, noise_dim, generator):
+        return {}
+
+    def __call__(self, model, obs, actions, inputs):
+        zeros = actions.new_zeros((len(actions), 1, _unwrap(model).horizon, _unwrap(model).noise_dim))
+        return _mse(_unwrap(model).to_actions(model(obs, zeros))[:, 0], actions)
+
+    def _sample(self, model, condition, num_samples, nfe, sampler, generator):
+        zeros = condition.pooled.new_zeros((condition.batch_size, 1, model.horizon, model.noise_dim))
+        return model.to_actions(model.predict(condition, zeros)).expand(-1, num_samples, -1, -1)
 
 
-OBJECTIVES = {"drifting": DriftingObjective, "regression": RegressionObjective}
+class FlowMatchingObjective(Objective):
+    """Rectified flow (pi0's convention): x_t = t eps + (1 - t) a, the network predicts the
+    velocity eps - a, sampling integrates dx/dt from t = 1 (noise) to 0 with `nfe` Euler steps.
+    t ~ uniform, or pi0's Beta(alpha, 1) on [0.001, 1], which favours noisy times."""
+
+    name = "flow_matching"
+    default_nfe = 10
+    max_nfe = 1000
+
+    def __init__(self, cfg) -> None:
+        f = cfg.flow_matching
+        self.time_distribution = str(f.time_distribution)
+        self.beta_alpha = float(f.beta_alpha)
+
+    def training_inputs(self, batch_size, horizon, noise_dim, generator):
+        u = torch.rand((batch_size, 1), generator=generator)
+        # Beta(alpha, 1) by inverse CDF (its CDF is t^alpha), so the draw follows the generator.
+        t = u if self.time_distribution == "uniform" else 0.001 + 0.999 * u.pow(1.0 / self.beta_alpha)
+        return {"noise": torch.randn((batch_size, 1, horizon, noise_dim), generator=generator), "t": t}
+
+    def __call__(self, model, obs, actions, inputs):
+        _require_action_sized_noise(model, self.name)
+        eps, t = inputs["noise"], inputs["t"]
+        a = actions[:, None]
+        x_t = t[..., None, None] * eps + (1 - t[..., None, None]) * a
+        return _mse(model(obs, x_t, t), eps - a)
+
+    def _sample(self, model, condition, num_samples, nfe, sampler, generator):
+        _require_action_sized_noise(model, self.name)
+        x = _noise(model, condition.batch_size, num_samples, generator, condition.pooled.device)
+        for i in range(nfe):
+            t = x.new_full(x.shape[:2], 1.0 - i / nfe)
+            x = x - model.predict(condition, x, t) / nfe
+        return x
 
 
-def build_objective(training_cfg):
+class DiffusionObjective(Objective):
+    """DDPM with Diffusion Policy's defaults: 100 training timesteps, the squaredcos_cap_v2 noise
+    schedule, epsilon (or sample) prediction, predicted chunks clipped to the normalized range.
+    Sampling with `nfe` steps on trailing timesteps (so 1 step starts from pure noise): DDIM
+    (eta = 0) or DDPM (eta = 1; with nfe = 100 this is exactly the ancestral sampler)."""
+
+    name = "diffusion"
+    samplers = ("ddim", "ddpm")
+    default_nfe = 10
+
+    def __init__(self, cfg) -> None:
+        d = cfg.diffusion
+        self.num_train_timesteps = int(d.num_train_timesteps)
+        self.max_nfe = self.num_train_timesteps
+        self.prediction_type = str(d.prediction_type)
+        self.clip_sample = bool(d.clip_sample)
+        self.alphas_cumprod = _squaredcos_cap_v2_alphas_cumprod(self.num_train_timesteps)
+
+    def _time(self, k: Tensor) -> Tensor:
+        """Integer timestep k in [0, K) -> the network's t in [0, 1)."""
+        return k.float() / self.num_train_timesteps
+
+    def training_inputs(self, batch_size, horizon, noise_dim, generator):
+        return {
+            "noise": torch.randn((batch_size, 1, horizon, noise_dim), generator=generator),
+            "k": torch.randint(0, self.num_train_timesteps, (batch_size, 1), generator=generator),
+        }
+
+    def __call__(self, model, obs, actions, inputs):
+        _require_action_sized_noise(model, self.name)
+        eps, k = inputs["noise"], inputs["k"]
+        ab = self.alphas_cumprod.to(actions.device)[k][..., None, None]
+        a = actions[:, None]
+        x_k = ab.sqrt() * a + (1 - ab).sqrt() * eps
+        target = eps if self.prediction_type == "epsilon" else a
+        return _mse(model(obs, x_k, self._time(k)), target)
+
+    def _sample(self, model, condition, num_samples, nfe, sampler, generator):
+        _require_action_sized_noise(model, self.name)
+        eta = 0.0 if sampler == "ddim" else 1.0
+        x = _noise(model, condition.batch_size, num_samples, generator, condition.pooled.device)
+        ab = self.alphas_cumprod.to(x.device)
+        steps = [round(self.num_train_timesteps - i * self.num_train_timesteps / nfe) - 1 for i in range(nfe)]
+        for i, k in enumerate(steps):
+            ab_t = ab[k]
+            ab_prev = ab[steps[i + 1]] if i + 1 < nfe else ab.new_tensor(1.0)
+            out = model.predict(condition, x, x.new_full(x.shape[:2], k / self.num_train_timesteps))
+            x0 = (x - (1 - ab_t).sqrt() * out) / ab_t.sqrt() if self.prediction_type == "epsilon" else out
+            if self.clip_sample:
+                x0 = x0.clamp(-1.0, 1.0)
+            eps = (x - ab_t.sqrt() * x0) / (1 - ab_t).sqrt()  # consistent with the clipped x0
+            sigma = eta * ((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)).sqrt()
+            x = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma.square()).clamp_min(0).sqrt() * eps
+            if eta > 0 and i + 1 < nfe:
+                x = x + sigma * torch.randn(x.shape, generator=generator).to(x.device)
+        return x
+
+
+def _squaredcos_cap_v2_alphas_cumprod(num_steps: int, max_beta: float = 0.999) -> Tensor:
+    """The cosine schedule (Nichol & Dhariwal 2021) as betas capped at 0.999, accumulated: [K] fp32."""
+    alpha_bar = [math.cos((i / num_steps + 0.008) / 1.008 * math.pi / 2) ** 2 for i in range(num_steps + 1)]
+    betas = torch.tensor([min(1 - alpha_bar[i + 1] / alpha_bar[i], max_beta) for i in range(num_steps)], dtype=torch.float64)
+    return torch.cumprod(1 - betas, dim=0).float()
+
+
+OBJECTIVES: dict[str, type[Objective]] = {
+    "drifting": DriftingObjective,
+    "regression": RegressionObjective,
+    "flow_matching": FlowMatchingObjective,
+    "diffusion": DiffusionObjective,
+}
+
+
+def build_objective(training_cfg) -> Objective:
     name = str(training_cfg.objective)
     if name not in OBJECTIVES:
         raise ValueError(f"training.objective={name!r} is unknown; choose from {sorted(OBJECTIVES)}")

@@ -3,8 +3,8 @@
     for step in range(start, max_steps):
         batch   = next(loader)                        # uint8 images, raw actions, on the device
         actions = normalize(batch.actions)            # the normalizer is saved with every checkpoint
-        noise   = global_noise(step)[rank]            # the same global batch whatever the world size
-        out     = objective(model, obs, actions, noise)   # G chunks per observation, one drift problem each
+        inputs  = objective.training_inputs(global batch, seed, step)[rank]   # noise, t: same whatever the world size
+        out     = objective(model, obs, actions, inputs)  # drifting: G chunks per observation, one drift problem each
         out.loss.backward(); clip; optimizer.step(); scheduler.step(); ema.update()
         log / validate / panels / checkpoint / evaluate in simulation, each at its cadence
 
@@ -49,7 +49,7 @@ from drifting_vla.training.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from drifting_vla.training.config import validate_training_config
+from drifting_vla.training.config import training_config
 from drifting_vla.training.distributed import (
     all_reduce_sum,
     full_tensor,
@@ -64,8 +64,12 @@ from drifting_vla.training.optimizer import OptimizerConfig, build_optimizer, bu
 
 class Trainer:
     def __init__(self, cfg: DictConfig) -> None:
-        validate_training_config(cfg.training)
         self.cfg, t = cfg, cfg.training
+        self.objective = build_objective(training_config(t))
+        self.eval_nfe, self.eval_sampler = self.objective.resolve(t.eval.nfe, t.eval.sampler)
+        evaluates = bool(t.eval.at_end) or int(t.eval.every) > 0
+        if evaluates and not 1 <= int(t.eval.execute_steps) <= int(cfg.data.horizon):
+            raise ValueError(f"config key training.eval.execute_steps={t.eval.execute_steps} must be in [1, data.horizon={cfg.data.horizon}]")
         self.ctx = init_distributed(t.distributed.backend, str(cfg.device))
         self.device = self.ctx.device
         if t.num_threads:
@@ -103,7 +107,6 @@ class Trainer:
             DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
             if self.ctx.world_size > 1 and not self.sharded else self.model
         )
-        self.objective = build_objective(t)
         self.autocast_dtype = _autocast_dtype(str(t.precision), self.device)
 
         self.sampler = ResumableBatchSampler(
@@ -154,26 +157,26 @@ class Trainer:
                 batch = next(batches)
             self.batches_consumed += 1
             obs, actions = self._to_device(batch)
-            noise = self._noise(self.step * accum + micro, len(actions))
+            inputs = self._training_inputs(self.step * accum + micro, len(actions))
             # One context for forward and backward: DDP's no_sync() can be entered only once.
             with self._gradient_sync(last_micro_batch=micro == accum - 1):
                 with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
-                    out = self.objective(self.network, obs, actions, noise)
+                    out = self.objective(self.network, obs, actions, inputs)
                 if not self._is_finite(out.loss, "loss", batch):
-                    return self._skip_step(), (obs, actions, out)
+                    return self._skip_step(), (obs, actions)
                 (out.loss / accum).backward()
             for key, value in out.metrics.items():
                 totals[key] = totals[key] + value.float() / accum
         grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), float(t.grad_clip)))
         if not self._is_finite(grad_norm, "gradient norm", batch):
-            return self._skip_step(), (obs, actions, out)
+            return self._skip_step(), (obs, actions)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.ema.update(self.model, self.step)
         metrics = {f"train/{k}": float(v) for k, v in totals.items()}
         metrics.update({"train/grad_norm": float(grad_norm), "train/lr": self.scheduler.get_last_lr()[0]})
-        return metrics, (obs, actions, out)
+        return metrics, (obs, actions)
 
     def _after_step(self, metrics: dict[str, float], last: tuple, meter: _Throughput) -> None:
         t, step = self.cfg.training, self.step
@@ -183,8 +186,7 @@ class Trainer:
             self._log(self._mean_over_ranks(metrics))
         if self.val_set is not None and int(t.val_every) and step % int(t.val_every) == 0:
             self._log(self.validate())
-        if self.ctx.is_main:
-            self._render_panels(last)
+        self._render_panels(last)  # every rank samples (collective under FSDP); rank 0 alone logs
         if step % int(t.checkpoint_every) == 0 and step < int(t.max_steps):
             self._save_checkpoint()
         if int(t.eval.every) and step % int(t.eval.every) == 0 and step < int(t.max_steps):
@@ -205,13 +207,24 @@ class Trainer:
         actions = self.normalizer.normalize("actions", batch["actions"].to(self.device, non_blocking=True).float())
         return obs, actions
 
-    def _noise(self, draw: int, local_batch: int) -> torch.Tensor:
-        """Noise for the GLOBAL batch from (seed, draw), sliced for this rank: results do not
-        depend on the number of ranks, and a resumed run draws what the killed one would have."""
-        g = torch.Generator().manual_seed(int(self.cfg.seed) * 1_000_003 + draw)
-        shape = (local_batch * self.ctx.world_size, self.objective.num_samples, self.model.horizon, self.model.noise_dim)
-        noise = torch.randn(shape, generator=g)
-        return noise[self.ctx.rank * local_batch : (self.ctx.rank + 1) * local_batch].to(self.device)
+    def _generator(self, draw: int) -> torch.Generator:
+        """The CPU generator of random draw `draw` (negative for validation and panels)."""
+        return torch.Generator().manual_seed(int(self.cfg.seed) * 1_000_003 + draw)
+
+    def _training_inputs(self, draw: int, local_batch: int) -> dict[str, torch.Tensor]:
+        """The objective's random inputs (noise, times) for the GLOBAL batch from (seed, draw),
+        sliced for this rank: results do not depend on the number of ranks, and a resumed run
+        draws what the killed one would have."""
+        inputs = self.objective.training_inputs(
+            local_batch * self.ctx.world_size, self.model.horizon, self.model.noise_dim, self._generator(draw)
+        )
+        shard = slice(self.ctx.rank * local_batch, (self.ctx.rank + 1) * local_batch)
+        return {key: value[shard].to(self.device) for key, value in inputs.items()}
+
+    def validation_generator(self, batch_index: int) -> torch.Generator:
+        """The generator validation samples batch `batch_index` with (a policy given the same one
+        draws the same chunks)."""
+        return self._generator(-1 - batch_index)
 
     def _is_finite(self, value: torch.Tensor, what: str, batch: dict) -> bool:
         """Agreed across ranks. Under nan_policy=stop a non-finite value ends the run, naming the step."""
@@ -247,8 +260,10 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """val/loss and val/drift_norm of the EMA weights on held-out episodes (same batches every
-        time), averaged over the ranks' shards."""
+        """On held-out episodes (same batches every time), with the EMA weights, averaged over the
+        ranks' shards: val/loss (the objective's), val/drift_norm (drifting's lambda_V, else the
+        loss) and val/action_mse, the error of the chunks the policy would execute: drawn by
+        `objective.sample` with the evaluation's nfe and sampler, as the rollouts draw them."""
         t = self.cfg.training
         size = min(int(t.batch_size), len(self.val_set) // self.ctx.world_size)
         if size < 1:
@@ -259,10 +274,11 @@ class Trainer:
         with self.ema.applied_to(self.model):
             for i, batch in zip(range(batches), self._loader(self.val_set, sampler), strict=False):
                 obs, actions = self._to_device(batch)
-                out = self.objective(self.model, obs, actions, self._noise(-1 - i, len(actions)))
+                out = self.objective(self.model, obs, actions, self._training_inputs(-1 - i, len(actions)))
+                chunks = self._sample(obs, 1, self.validation_generator(i))[:, 0]
                 totals["val/loss"] += float(out.loss) / batches
                 totals["val/drift_norm"] += float(out.metrics.get("lambda_V", out.loss)) / batches
-                totals["val/action_mse"] += float((out.samples[:, 0] - actions).square().mean()) / batches
+                totals["val/action_mse"] += float((chunks - actions).square().mean()) / batches
             if self.sharded:  # FSDP keeps the root unsharded after forward: drop the EMA copy it holds
                 self.model.reshard()
         return self._mean_over_ranks(dict(totals))
@@ -278,12 +294,36 @@ class Trainer:
         values = all_reduce_sum(torch.tensor(list(metrics.values()), dtype=torch.float64, device=self.device))
         return dict(zip(metrics, (values / self.ctx.world_size).tolist(), strict=True))
 
+    def _sample(self, obs: dict, num_samples: int, generator: torch.Generator) -> torch.Tensor:
+        """Chunks [B, G, T, A] (normalized) as the policy draws them: the objective's sampler."""
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None), self._unsharded_root():
+            condition = self.model.encode_condition(obs)
+            return self.objective.sample(self.model, condition, num_samples, self.eval_nfe, self.eval_sampler, generator).float()
+
+    @contextlib.contextmanager
+    def _unsharded_root(self):
+        """Under FSDP, sampling calls the model's methods, not its forward, so the root's own
+        parameters are gathered here (collective: every rank samples); the blocks gather their own."""
+        if not self.sharded:
+            yield
+            return
+        self.model.unshard()
+        try:
+            yield
+        finally:
+            self.model.reshard()
+
     def _render_panels(self, last: tuple) -> None:
         names = due_panels(self.step, self.cfg.training.wandb.visualizations)
         if not names:
             return
-        _, actions, out = last
-        inputs = PanelInputs.from_step(out.samples, actions, out.field, self.action_spec, self.history)
+        obs, actions = last
+        with torch.no_grad():
+            samples = self._sample(obs, PANEL_SAMPLES, self._generator(-1_000_000 - self.step))
+        if not self.ctx.is_main:
+            return
+        field = self.objective.field(samples, actions)
+        inputs = PanelInputs.from_step(samples, actions, field, self.action_spec, self.history)
         for name in names:
             self.logger.log_panel(name, PANELS[name](inputs), self.step)
 
@@ -361,11 +401,12 @@ class Trainer:
 
         e = self.cfg.training.eval
         out_dir = self.run_dir / ("eval" if final else f"eval/step_{self.step:08d}")
-        policy = DriftingPolicy(model, self.normalizer, self.cfg.data, execution=str(e.execution),
-                                execute_steps=int(e.execute_steps), ensemble_decay=float(e.ensemble_decay))
+        policy = DriftingPolicy(model, self.normalizer, self.objective, execution=str(e.execution),
+                                execute_steps=int(e.execute_steps), ensemble_decay=float(e.ensemble_decay),
+                                nfe=self.eval_nfe, sampler=self.eval_sampler)
         result = evaluate(policy, self.cfg.data, episodes=int(e.episodes), num_workers=int(e.workers),
                           output_dir=out_dir, videos_per_task=int(e.videos_per_task),
-                          protocol=protocol_label(self.cfg.data, str(e.execution)))
+                          protocol=protocol_label(self.cfg.data, policy))
         summary = result.to_dict()
         self._log({"sim/success_rate": summary["success_rate"],
                    **{f"sim/success_rate/{task}": rate for task, rate in summary["per_task"].items()}})
@@ -380,6 +421,10 @@ class Trainer:
     def _barrier(self) -> None:
         if self.ctx.world_size > 1:
             dist.barrier()
+
+
+PANEL_SAMPLES = 8
+"""Chunks drawn per observation for the panels (distributions, mode coverage), whatever the objective."""
 
 
 class _Throughput:

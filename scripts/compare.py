@@ -1,0 +1,335 @@
+"""Side by side: objectives x training seeds on one data config, every run with the same data,
+steps, batch, learning rate, EMA and evaluation seeds; each checkpoint evaluated in closed loop at
+every requested NFE, and each policy's chunk timed at batch 1 on this machine in this run.
+
+    python scripts/compare.py --output comparisons/quickstart                   # the default matrix
+    python scripts/compare.py --output comparisons/quick --runs drifting:0 flow_matching:0 \\
+        --protocols drifting:1 flow_matching:1,10 --episodes 10 -- training.max_steps=500
+
+    --runs        objective:seed[,seed...]    (default: drifting:0,1 regression:0,1 flow_matching:0 diffusion:0)
+    --protocols   objective[/sampler]:nfe,... (default: drifting:1 regression:1 flow_matching:1,2,5,10
+                                               diffusion/ddim:1,2,5,10 diffusion/ddpm:100)
+    after --       Hydra overrides given to EVERY training run (the shared budget)
+
+Layout under --output (a killed comparison resumes: finished runs and evaluations are kept,
+an interrupted training run continues from its newest checkpoint):
+
+    runs/<objective>_seed<s>/          scripts/train.py run directories (logs in train.log)
+    evals/<objective>_seed<s>/<protocol>/summary.json, episodes.jsonl, videos/
+    comparison.json, comparison.md, success_vs_nfe.png, success_vs_latency.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from benchmarks.timing import time_call  # noqa: E402
+from drifting_vla.inference.policy import DriftingPolicy  # noqa: E402
+from drifting_vla.inference.rollout import (  # noqa: E402
+    evaluate,
+    evaluation_seeds,
+    protocol_label,
+    wilson_interval,
+)
+
+DEFAULT_RUNS = ["drifting:0,1", "regression:0,1", "flow_matching:0", "diffusion:0"]
+DEFAULT_PROTOCOLS = ["drifting:1", "regression:1", "flow_matching:1,2,5,10", "diffusion/ddim:1,2,5,10", "diffusion/ddpm:100"]
+
+
+@dataclass(frozen=True)
+class Run:
+    objective: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.objective}_seed{self.seed}"
+
+
+@dataclass(frozen=True)
+class Protocol:
+    objective: str
+    sampler: str | None
+    nfe: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.objective}{'' if self.sampler is None else '-' + self.sampler}_nfe{self.nfe}"
+
+
+def parse_runs(specs: list[str]) -> list[Run]:
+    runs = []
+    for spec in specs:
+        objective, _, seeds = spec.partition(":")
+        if not seeds:
+            raise SystemExit(f"--runs {spec!r}: expected objective:seed[,seed...], e.g. drifting:0,1")
+        runs += [Run(objective, int(s)) for s in seeds.split(",")]
+    return runs
+
+
+def parse_protocols(specs: list[str]) -> list[Protocol]:
+    protocols = []
+    for spec in specs:
+        method, _, nfes = spec.partition(":")
+        if not nfes:
+            raise SystemExit(f"--protocols {spec!r}: expected objective[/sampler]:nfe[,nfe...], e.g. flow_matching:1,10")
+        objective, _, sampler = method.partition("/")
+        protocols += [Protocol(objective, sampler or None, int(n)) for n in nfes.split(",")]
+    return protocols
+
+
+# ----------------------------------------------------------------------------------------------
+# The matrix
+
+
+def train(run: Run, output: Path, overrides: list[str]) -> Path:
+    """Train (or finish training) one run; returns its run directory. Resumable: the trainer
+    continues from the newest checkpoint, and a finished run is not touched."""
+    run_dir = output / "runs" / run.name
+    if (run_dir / "trained.json").exists():
+        return run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    command = [
+        sys.executable, str(ROOT / "scripts" / "train.py"), f"hydra.run.dir={run_dir}", f"seed={run.seed}",
+        f"training.objective={run.objective}", "training.eval.at_end=false", "training.resume=auto", *overrides,
+    ]
+    started = time.time()
+    with open(run_dir / "train.log", "a") as log:
+        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    if result.returncode != 0:
+        raise SystemExit(f"training {run.name} failed (exit {result.returncode}); see {run_dir / 'train.log'}")
+    (run_dir / "trained.json").write_text(json.dumps({"command": command, "seconds": time.time() - started}))
+    return run_dir
+
+
+def evaluate_run(run: Run, run_dir: Path, protocol: Protocol, output: Path, episodes: int, workers: int) -> dict:
+    """Closed-loop success of one checkpoint under one sampling protocol (cached in summary.json)."""
+    out_dir = output / "evals" / run.name / protocol.name
+    summary_file = out_dir / "summary.json"
+    if summary_file.exists():
+        return json.loads(summary_file.read_text())
+    policy = DriftingPolicy.from_checkpoint(run_dir, nfe=protocol.nfe, sampler=protocol.sampler)
+    data_cfg = policy.cfg["data"]
+    summary = evaluate(
+        policy, data_cfg, seeds=evaluation_seeds(data_cfg, episodes), num_workers=workers, output_dir=out_dir,
+        videos_per_task=1, protocol=protocol_label(data_cfg, policy), progress=False,
+    ).to_dict()
+    summary["checkpoint"] = str(policy.checkpoint)
+    summary_file.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def chunk_latency(run_dir: Path, protocol: Protocol, repeats: int = 20) -> dict:
+    """Median ms for one chunk at batch 1 on one thread (end to end, and the encoders alone)."""
+    policy = DriftingPolicy.from_checkpoint(run_dir, nfe=protocol.nfe, sampler=protocol.sampler)
+    data = policy.cfg["data"]
+    size, views = int(data["image_size"]), len(data["cameras"])
+    obs = {
+        "images": torch.randint(0, 256, (1, views, 3, size, size), dtype=torch.uint8),
+        "proprio": torch.zeros(1, int(data["proprio_dim"])),
+        "instruction": [(data.get("instructions") or ["open the drawer"])[0]],  # task embeddings know only theirs
+    }
+    normalized = {**obs, "proprio": policy.normalizer.normalize("proprio", obs["proprio"])}
+    generator = torch.Generator().manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        total = time_call(lambda: policy.predict_action_chunk(obs, generator), repeats=repeats)
+        with torch.inference_mode():
+            encoders = time_call(lambda: policy.model.encode_condition(normalized), repeats=repeats)
+    finally:
+        torch.set_num_threads(threads)
+    return {"ms": 1000 * total, "encoder_ms": 1000 * encoders}
+
+
+# ----------------------------------------------------------------------------------------------
+# Results
+
+
+def aggregate(results: list[dict], latencies: dict[str, dict], runs: list[Run]) -> list[dict]:
+    """One row per protocol: success pooled over every seed's episodes (95% Wilson CI), the
+    spread over training seeds, and the chunk latency with its ratio to drifting's."""
+    drifting_ms = next((lat["ms"] for name, lat in latencies.items() if name.startswith("drifting_")), None)
+    rows = []
+    for name in dict.fromkeys(r["protocol_name"] for r in results):
+        mine = [r for r in results if r["protocol_name"] == name]
+        successes = sum(round(r["success_rate"] * r["episodes"]) for r in mine)
+        episodes = sum(r["episodes"] for r in mine)
+        per_seed = [r["success_rate"] for r in mine]
+        latency = latencies.get(name, {})
+        rows.append({
+            "protocol": name,
+            "objective": mine[0]["objective"],
+            "sampler": mine[0]["sampler"],
+            "nfe": mine[0]["nfe"],
+            "label": mine[0]["protocol"],
+            "success": successes / episodes if episodes else float("nan"),
+            "ci95": list(wilson_interval(successes, episodes)),
+            "episodes": episodes,
+            "seeds": [r["seed"] for r in mine],
+            "success_per_seed": per_seed,
+            "seed_std": float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else None,
+            "per_task": {task: float(np.mean([r["per_task"][task] for r in mine])) for task in mine[0]["per_task"]},
+            "errors": sum(r["errors"] for r in mine),
+            "latency_ms": latency.get("ms"),
+            "encoder_ms": latency.get("encoder_ms"),
+            "slowdown_vs_drifting": latency["ms"] / drifting_ms if latency and drifting_ms else None,
+        })
+    return rows
+
+
+def write_markdown(rows: list[dict], meta: dict, path: Path) -> None:
+    lines = [
+        f"# Comparison: {meta['data']}",
+        "",
+        f"Same data, {meta['max_steps']} steps, batch {meta['batch_size']}, learning rate {meta['learning_rate']}, "
+        f"EMA {meta['ema_decay']} for every run; {meta['episodes_per_task']} evaluation episodes per task on seeds "
+        f"never used in training, chunk execution ({meta['execution']}). Latency: one chunk at batch 1, one CPU "
+        f"thread, median, measured in this run on {meta['machine']}.",
+        "",
+        "| objective | sampler | NFE | success | 95% CI | seeds | spread over seeds (std) | latency ms | of which encoders | x drifting |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        spread = "-" if r["seed_std"] is None else f"{r['seed_std']:.3f} ({', '.join(f'{s:.3f}' for s in r['success_per_seed'])})"
+        latency = "-" if r["latency_ms"] is None else f"{r['latency_ms']:.2f}"
+        encoders = "-" if r["encoder_ms"] is None else f"{r['encoder_ms']:.2f}"
+        ratio = "-" if r["slowdown_vs_drifting"] is None else f"{r['slowdown_vs_drifting']:.1f}x"
+        lo, hi = r["ci95"]
+        lines.append(
+            f"| {r['objective']} | {r['sampler'] or '-'} | {r['nfe']} | **{r['success']:.3f}** | [{lo:.2f}, {hi:.2f}] | "
+            f"{len(r['seeds'])} | {spread} | {latency} | {encoders} | {ratio} |"
+        )
+    tasks = list(rows[0]["per_task"]) if rows else []
+    lines += ["", "Per task (mean over seeds):", "", "| protocol | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    lines += [f"| {r['protocol']} | " + " | ".join(f"{r['per_task'][t]:.2f}" for t in tasks) + " |" for r in rows]
+    lines += ["", f"Wall time of the matrix: {meta['wall_minutes']:.1f} min (training {meta['train_minutes']:.1f}, "
+              f"evaluation {meta['eval_minutes']:.1f}), as recorded by each cell when it ran.", ""]
+    path.write_text("\n".join(lines))
+
+
+def plot(rows: list[dict], output: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"drifting": "tab:red", "regression": "tab:gray", "flow_matching": "tab:blue", "diffusion": "tab:green"}
+    markers = {None: "o", "ddim": "o", "ddpm": "s"}
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    for key in dict.fromkeys((r["objective"], r["sampler"]) for r in rows):
+        mine = sorted((r for r in rows if (r["objective"], r["sampler"]) == key), key=lambda r: r["nfe"])
+        nfe = [r["nfe"] for r in mine]
+        success = np.array([r["success"] for r in mine])
+        err = np.array([[r["success"] - r["ci95"][0], r["ci95"][1] - r["success"]] for r in mine]).T
+        label = key[0] + ("" if key[1] is None else f" ({key[1]})")
+        ax.errorbar(nfe, success, yerr=err, marker=markers.get(key[1], "o"), color=colors.get(key[0]), capsize=3, label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("network evaluations per chunk (NFE, log scale)")
+    ax.set_ylabel("closed-loop success rate (95% CI)")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title("Success vs NFE, same network and budget")
+    fig.tight_layout()
+    fig.savefig(output / "success_vs_nfe.png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    for r in rows:
+        if r["latency_ms"] is None:
+            continue
+        err = [[r["success"] - r["ci95"][0]], [r["ci95"][1] - r["success"]]]
+        ax.errorbar(r["latency_ms"], r["success"], yerr=err, marker=markers.get(r["sampler"], "o"), color=colors.get(r["objective"]), capsize=3)
+        ax.annotate(f"{r['objective']}{'' if r['sampler'] is None else '/' + r['sampler']} {r['nfe']}", (r["latency_ms"], r["success"]),
+                    textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("chunk latency at batch 1, ms (log scale, 1 CPU thread)")
+    ax.set_ylabel("closed-loop success rate (95% CI)")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.set_title("Success vs latency")
+    fig.tight_layout()
+    fig.savefig(output / "success_vs_latency.png")
+    plt.close(fig)
+
+
+def resolved_budget(run_dir: Path) -> dict:
+    import yaml
+
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    t = cfg["training"]
+    return {"data": cfg["data"]["name"] + " " + ", ".join(cfg["data"].get("tasks", [])), "max_steps": t["max_steps"],
+            "batch_size": t["batch_size"], "learning_rate": t["learning_rate"], "ema_decay": t["ema_decay"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--runs", nargs="+", default=DEFAULT_RUNS)
+    parser.add_argument("--protocols", nargs="+", default=DEFAULT_PROTOCOLS)
+    parser.add_argument("--episodes", type=int, default=50, help="evaluation episodes per task (data.eval_seeds)")
+    parser.add_argument("--workers", type=int, default=2, help="simulator processes per evaluation")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every training run (after --)")
+    args = parser.parse_args()
+    runs, protocols = parse_runs(args.runs), parse_protocols(args.protocols)
+    for run in runs:
+        if not any(p.objective == run.objective for p in protocols):
+            raise SystemExit(f"--runs has {run.objective} but --protocols gives it no NFE to evaluate at")
+    args.output.mkdir(parents=True, exist_ok=True)
+
+    cells = [(run, None) for run in runs] + [(run, p) for run in runs for p in protocols if p.objective == run.objective]
+    # Run order: each run is evaluated as soon as it is trained, so results arrive early.
+    cells.sort(key=lambda cell: (runs.index(cell[0]), cell[1] is not None))
+    results, run_dirs = [], {}
+    bar = tqdm(cells, desc="comparison", unit="cell", dynamic_ncols=True)
+    for run, protocol in bar:
+        bar.set_postfix_str(run.name if protocol is None else f"{run.name} @ {protocol.name}")
+        if protocol is None:
+            run_dirs[run] = train(run, args.output, args.overrides)
+            continue
+        summary = evaluate_run(run, run_dirs[run], protocol, args.output, args.episodes, args.workers)
+        results.append({**summary, "protocol_name": protocol.name, "objective": protocol.objective,
+                        "sampler": protocol.sampler, "nfe": protocol.nfe, "seed": run.seed})
+        bar.write(f"{run.name} @ {protocol.name}: success {summary['success_rate']:.3f} over {summary['episodes']} episodes")
+
+    latencies = {}
+    for protocol in tqdm(protocols, desc="latency", unit="policy"):
+        first_run = next(run for run in runs if run.objective == protocol.objective)
+        latencies[protocol.name] = chunk_latency(run_dirs[first_run], protocol)
+    rows = aggregate(results, latencies, runs)
+    train_seconds = sum(json.loads((d / "trained.json").read_text())["seconds"] for d in run_dirs.values())
+    eval_seconds = sum(r["seconds"] for r in results)
+    meta = {
+        **resolved_budget(next(iter(run_dirs.values()))),
+        "episodes_per_task": args.episodes,
+        "execution": results[0]["protocol"].split(" | ")[-1] if results else "",
+        "machine": f"{os.cpu_count()} CPU cores",
+        "train_minutes": train_seconds / 60,
+        "eval_minutes": eval_seconds / 60,
+        "wall_minutes": (train_seconds + eval_seconds) / 60,
+        "overrides": args.overrides,
+    }
+    (args.output / "comparison.json").write_text(json.dumps({"meta": meta, "rows": rows, "cells": results}, indent=2))
+    write_markdown(rows, meta, args.output / "comparison.md")
+    plot(rows, args.output)
+    print((args.output / "comparison.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
