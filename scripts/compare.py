@@ -292,6 +292,9 @@ def main() -> None:
         if not any(p.objective == run.objective for p in protocols):
             raise SystemExit(f"--runs has {run.objective} but --protocols gives it no NFE to evaluate at")
     args.output.mkdir(parents=True, exist_ok=True)
+    # The policy runs in this process during evaluations: one thread, so that a busy machine
+    # (the simulator workers, other jobs) cannot stall it at OpenMP barriers.
+    torch.set_num_threads(1)
 
     cells = [(run, None) for run in runs] + [(run, p) for run in runs for p in protocols if p.objective == run.objective]
     # Run order: each run is evaluated as soon as it is trained, so results arrive early.

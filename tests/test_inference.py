@@ -392,3 +392,40 @@ def test_predicting_leaves_a_training_model_in_training_mode():
     policy.model.train()
     policy.predict_action_chunk(observation_batch())
     assert policy.model.training
+
+
+def _rewrite(path: Path, name: str, weights: dict) -> None:
+    """Replace one file of a checkpoint, keeping its completeness marker true."""
+    from safetensors.torch import save_file
+
+    save_file(weights, str(path / name))
+    marker = json.loads((path / "complete").read_text())
+    marker["files"][name] = (path / name).stat().st_size
+    (path / "complete").write_text(json.dumps(marker))
+
+
+def test_checkpoint_from_before_the_time_embedder_loads_and_acts_the_same(checkpoint):
+    from safetensors.torch import load_file
+
+    path = checkpoint[0]
+    policy = DriftingPolicy.from_checkpoint(path)
+    with torch.no_grad():  # the network as it was before the embedder existed: no time term
+        for param in policy.model.dit.t_embedder.mlp[-1].parameters():
+            param.zero_()
+    obs = observation_batch()
+    expected = policy.predict_action_chunk(obs, generator=torch.Generator().manual_seed(3))
+    for name in ("model.safetensors", "ema.safetensors"):
+        weights = load_file(str(path / name))
+        _rewrite(path, name, {k: v for k, v in weights.items() if not k.startswith("dit.t_embedder.")})
+    old = DriftingPolicy.from_checkpoint(path)
+    np.testing.assert_allclose(old.predict_action_chunk(obs, generator=torch.Generator().manual_seed(3)), expected, atol=1e-6)
+
+
+def test_checkpoint_missing_other_weights_is_an_error_naming_them(checkpoint):
+    from safetensors.torch import load_file
+
+    path = checkpoint[0]
+    weights = load_file(str(path / "model.safetensors"))
+    _rewrite(path, "model.safetensors", {k: v for k, v in weights.items() if not k.startswith("dit.blocks.0.")})
+    with pytest.raises(KeyError, match="dit.blocks.0"):
+        DriftingPolicy.from_checkpoint(path)

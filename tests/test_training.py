@@ -185,3 +185,22 @@ def test_feature_cache_refuses_a_trainable_backbone(rlbench_root, tmp_path):
     cfg = compose_config(overrides_for(rlbench_root, tmp_path, "training.feature_cache=true"))
     with pytest.raises(ValueError, match="frozen vision backbone"):
         Trainer(cfg)
+
+
+@pytest.mark.parametrize("objective", ["drifting", "regression", "flow_matching", "diffusion"])
+def test_validation_measures_the_chunks_the_policy_executes(rlbench_root, tmp_path, objective):
+    # val/action_mse must come from the same sampler, nfe and noise as the closed-loop policy:
+    # a baseline once looked healthy in validation and failed every rollout.
+    cfg = compose_config(overrides_for(rlbench_root, tmp_path / "run", f"training.objective={objective}", "training.max_steps=3"))
+    trainer = Trainer(cfg)
+    trainer.fit()
+    measured = trainer.validate()["val/action_mse"]
+    with trainer.ema.applied_to(trainer.model):
+        policy = DriftingPolicy(trainer.model, trainer.normalizer, trainer.objective, nfe=trainer.eval_nfe, sampler=trainer.eval_sampler)
+        errors = []
+        for i, batch in trainer.validation_batches():
+            chunk = torch.as_tensor(policy.predict_action_chunk(batch, generator=trainer.validation_generator(i)))
+            normalize = trainer.normalizer.normalize
+            errors.append(float((normalize("actions", chunk) - normalize("actions", batch["actions"].float())).square().mean()))
+    assert len(errors) >= 1
+    assert measured == pytest.approx(sum(errors) / len(errors), rel=1e-4)

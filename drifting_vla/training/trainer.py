@@ -264,24 +264,29 @@ class Trainer:
         ranks' shards: val/loss (the objective's), val/drift_norm (drifting's lambda_V, else the
         loss) and val/action_mse, the error of the chunks the policy would execute: drawn by
         `objective.sample` with the evaluation's nfe and sampler, as the rollouts draw them."""
+        totals: dict[str, float] = defaultdict(float)
+        batches = 0
+        with self.ema.applied_to(self.model):
+            for i, batch in self.validation_batches():
+                obs, actions = self._to_device(batch)
+                out = self.objective(self.model, obs, actions, self._training_inputs(-1 - i, len(actions)))
+                chunks = self._sample(obs, 1, self.validation_generator(i))[:, 0]
+                totals["val/loss"] += float(out.loss)
+                totals["val/drift_norm"] += float(out.metrics.get("lambda_V", out.loss))
+                totals["val/action_mse"] += float((chunks - actions).square().mean())
+                batches += 1
+            if self.sharded:  # FSDP keeps the root unsharded after forward: drop the EMA copy it holds
+                self.model.reshard()
+        return self._mean_over_ranks({key: value / batches for key, value in totals.items()})
+
+    def validation_batches(self):
+        """(index, batch) of this rank's validation batches: the same `training.val_batches` every time."""
         t = self.cfg.training
         size = min(int(t.batch_size), len(self.val_set) // self.ctx.world_size)
         if size < 1:
             raise ValueError(f"the val split has {len(self.val_set)} samples, fewer than the {self.ctx.world_size} ranks")
         sampler = ResumableBatchSampler(len(self.val_set), size, seed=int(self.cfg.seed), rank=self.ctx.rank, world_size=self.ctx.world_size)
-        totals: dict[str, float] = defaultdict(float)
-        batches = int(t.val_batches)
-        with self.ema.applied_to(self.model):
-            for i, batch in zip(range(batches), self._loader(self.val_set, sampler), strict=False):
-                obs, actions = self._to_device(batch)
-                out = self.objective(self.model, obs, actions, self._training_inputs(-1 - i, len(actions)))
-                chunks = self._sample(obs, 1, self.validation_generator(i))[:, 0]
-                totals["val/loss"] += float(out.loss) / batches
-                totals["val/drift_norm"] += float(out.metrics.get("lambda_V", out.loss)) / batches
-                totals["val/action_mse"] += float((chunks - actions).square().mean()) / batches
-            if self.sharded:  # FSDP keeps the root unsharded after forward: drop the EMA copy it holds
-                self.model.reshard()
-        return self._mean_over_ranks(dict(totals))
+        return zip(range(int(t.val_batches)), self._loader(self.val_set, sampler), strict=False)
 
     def _log(self, metrics: dict[str, float]) -> None:
         self.history.record(self.step, metrics)

@@ -1,0 +1,53 @@
+"""scripts/compare.py: the matrix runs from one command, writes its table and plots, and resumes."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_compare(output: Path, data_root: Path) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable, str(ROOT / "scripts" / "compare.py"), "--output", str(output),
+        "--runs", "drifting:0", "regression:0", "--protocols", "drifting:1", "regression:1", "--episodes", "1", "--workers", "1",
+        "--", "experiment=tiny_cpu", "data.tasks=[drawer-close-v3]", f"data.root={data_root}",
+        "data.train_seeds.count=3", "data.val_every=3", "data.collect_workers=1", "training.max_steps=4",
+    ]
+    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+
+def test_compare_writes_table_and_plots_and_resumes_without_retraining(tmp_path):
+    output = tmp_path / "cmp"
+    first = run_compare(output, tmp_path / "demos")
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+
+    result = json.loads((output / "comparison.json").read_text())
+    rows = {row["protocol"]: row for row in result["rows"]}
+    assert set(rows) == {"drifting_nfe1", "regression_nfe1"}
+    for row in rows.values():
+        assert row["episodes"] == 1 and 0.0 <= row["success"] <= 1.0 and row["latency_ms"] > 0
+        assert row["label"].startswith("metaworld | " + row["objective"])
+    assert rows["drifting_nfe1"]["slowdown_vs_drifting"] == pytest.approx(1.0)
+    assert "| drifting | - | 1 |" in (output / "comparison.md").read_text()
+    assert (output / "success_vs_nfe.png").stat().st_size > 10_000
+    assert (output / "success_vs_latency.png").stat().st_size > 10_000
+
+    trained = {p: p.stat().st_mtime_ns for p in output.glob("runs/*/trained.json")}
+    evaluated = {p: p.stat().st_mtime_ns for p in output.glob("evals/*/*/summary.json")}
+    second = run_compare(output, tmp_path / "demos")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in output.glob("runs/*/trained.json")} == trained
+    assert {p: p.stat().st_mtime_ns for p in output.glob("evals/*/*/summary.json")} == evaluated
+    assert not list(output.glob("runs/*/checkpoints/step_00000008"))
+
+
+def test_compare_refuses_a_run_without_a_protocol(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "compare.py"), "--output", str(tmp_path), "--runs", "flow_matching:0", "--protocols", "drifting:1"],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert result.returncode != 0 and "flow_matching" in result.stderr
