@@ -136,8 +136,11 @@ class DriftingPolicy:
     # One generator call
 
     @torch.inference_mode()
-    def predict_action_chunk(self, obs: Mapping) -> torch.Tensor:
-        """obs batch -> [B, T, A] float32 actions in raw units (one generator call, G = 1), on CPU."""
+    def predict_action_chunk(self, obs: Mapping, generator: torch.Generator | None = None) -> torch.Tensor:
+        """obs batch -> [B, T, A] float32 actions in raw units (one generator call, G = 1), on CPU.
+
+        `generator` (a CPU torch.Generator) fixes the noise: drawn on CPU, then moved to the device,
+        so a seed gives the same chunk on any device."""
         images = torch.as_tensor(obs["images"]).to(self.device)
         proprio = torch.as_tensor(obs["proprio"], dtype=torch.float32).to(self.device)
         batch = {
@@ -149,7 +152,10 @@ class DriftingPolicy:
         self.model.eval()
         try:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                chunk = self.model(batch, num_samples=1)[:, 0]
+                noise = None
+                if generator is not None:
+                    noise = self.model.sample_noise(len(batch["instruction"]), 1, torch.device("cpu"), generator)
+                chunk = self.model(batch, num_samples=1, noise=None if noise is None else noise.to(self.device))[:, 0]
         finally:
             self.model.train(training)
         return self.normalizer.unnormalize("actions", chunk.float()).cpu()
