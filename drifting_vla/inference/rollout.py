@@ -385,7 +385,7 @@ def evaluate(
             live = [i for i, slot in enumerate(slots) if slot.obs is not None]
             if not live:
                 break
-            obs = _batch([slots[i].obs for i in live])
+            obs = batch_observations([slots[i].obs for i in live])
             t0 = time.perf_counter()
             actions = policy.select_action(obs, env_ids=live)
             summary.policy_seconds += time.perf_counter() - t0
@@ -429,7 +429,7 @@ def _send_step(slot: _Slot, action: np.ndarray) -> None:
         pass
 
 
-def _batch(observations: list[dict]) -> dict:
+def batch_observations(observations: list[dict]) -> dict:
     """Stack per-env observations into the collated batch format the policy reads."""
     return {
         "images": np.stack([o["images"] for o in observations]),
