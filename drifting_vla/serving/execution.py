@@ -116,7 +116,7 @@ class AsyncChunkExecutor:
 
     def _send(self, obs: Mapping) -> None:
         seed = None if self.seed is None else self.seed + self.chunks
-        self._request = (self._thread.submit(self.predict, obs, seed), self.queue.step)
+        self._request = (self._thread.submit(self.predict, _snapshot(obs), seed), self.queue.step)
 
     def _collect(self, block: bool) -> None:
         """Install the in-flight chunk if it has arrived (or, with `block`, once it arrives)."""
@@ -132,6 +132,19 @@ class AsyncChunkExecutor:
             return
         self.dropped += self.queue.install(chunk, obs_step)
         self.chunks += 1
+
+
+def _snapshot(obs: Mapping) -> dict:
+    """A copy of the observation's arrays: the robot may refill its buffers while the request
+    is still being encoded in the background."""
+    copy = {}
+    for key, value in obs.items():
+        if isinstance(value, Mapping):
+            value = _snapshot(value)
+        elif isinstance(value, np.ndarray):
+            value = value.copy()
+        copy[key] = value
+    return copy
 
 
 class ChunkedPolicy:
