@@ -496,3 +496,26 @@ def test_serve_script_drains_and_exits_on_sigterm(checkpoint):  # noqa: F811
         process.send_signal(signal.SIGTERM)
         output = process.communicate(timeout=30)[0]
     assert process.returncode == 0 and "drained: 1 requests served" in output, output
+
+
+@pytest.mark.slow
+def test_remote_metaworld_evaluation_reaches_the_in_process_success(checkpoint):  # noqa: F811
+    """The same on the real simulator (Meta-World reach-v3, 32x32 cameras, 10 steps)."""
+    path = checkpoint[0]
+    process, url = start_serve_script(f"checkpoint={path}")
+    try:
+        from drifting_vla.inference.policy import DriftingPolicy
+
+        local = DriftingPolicy.from_checkpoint(path)
+        in_process = ChunkedPolicy(lambda obs, s: predict_chunks(local, [obs], s)[0], local.horizon, 2, seed=1)
+        with PolicyClient(url) as client:
+            remote = ChunkedPolicy(client.predict, client.metadata["horizon"], 2, seed=1)
+            results = [
+                evaluate(policy, local.cfg["data"], episodes=2, num_workers=2, max_episode_steps=10, progress=False)
+                for policy in (in_process, remote)
+            ]
+        records = [[(r.seed, r.success, r.steps, r.error) for r in sorted(s.records, key=lambda r: r.seed)] for s in results]
+        assert records[0] == records[1] and all(r[3] is None for r in records[0])
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=30)
