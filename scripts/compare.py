@@ -127,7 +127,7 @@ def evaluate_run(run: Run, run_dir: Path, protocol: Protocol, output: Path, epis
     data_cfg = policy.cfg["data"]
     summary = evaluate(
         policy, data_cfg, seeds=evaluation_seeds(data_cfg, episodes), num_workers=workers, output_dir=out_dir,
-        videos_per_task=1, protocol=protocol_label(data_cfg, policy), progress=False,
+        videos_per_task=1, protocol=protocol_label(data_cfg, policy.method, policy.execution_label), progress=False,
     ).to_dict()
     summary["checkpoint"] = str(policy.checkpoint)
     summary_file.write_text(json.dumps(summary, indent=2))

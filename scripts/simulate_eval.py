@@ -3,6 +3,11 @@
     python scripts/simulate_eval.py checkpoint=runs/2026-01-01_12-00-00
     python scripts/simulate_eval.py checkpoint=<dir> tasks=[drawer-open-v3] episodes=10 workers=2 \
         execution=ensemble output=eval/drawer
+    python scripts/simulate_eval.py remote=ws://127.0.0.1:8000 seed=0 episodes=10   # through scripts/serve.py
+
+`seed=S` seeds every chunk's noise from (S, env slot, episode, chunk), so an in-process run and a
+run through a server (`remote=`) with the same seed execute the same actions and reach the same
+success; both run the chunk queue (`execution=chunk`).
 
 Writes <output>/summary.json ({"success_rate", "ci95", "per_task", "episodes", ...}),
 <output>/episodes.jsonl and <output>/videos/, and prints the success table. Keys: configs/eval.yaml.
@@ -17,12 +22,17 @@ from pathlib import Path
 
 import hydra
 import torch
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from drifting_vla.envs import ENVS  # noqa: E402
 from drifting_vla.inference.policy import DriftingPolicy  # noqa: E402
 from drifting_vla.inference.rollout import evaluate, evaluation_seeds, protocol_label  # noqa: E402
+from drifting_vla.serving import ChunkedPolicy, PolicyClient  # noqa: E402
+from drifting_vla.serving.server import predict_chunks  # noqa: E402
+from drifting_vla.training.checkpoint import CONFIG_FILE, resolve_checkpoint  # noqa: E402
 
 log = logging.getLogger("simulate_eval")
 
@@ -31,18 +41,8 @@ log = logging.getLogger("simulate_eval")
 def main(cfg: DictConfig) -> float:
     if cfg.num_threads:
         torch.set_num_threads(int(cfg.num_threads))
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else str(cfg.device)
-    policy = DriftingPolicy.from_checkpoint(
-        cfg.checkpoint,
-        device=device,
-        execution=cfg.execution,
-        execute_steps=cfg.execute_steps,
-        ensemble_decay=float(cfg.ensemble_decay),
-        nfe=cfg.nfe,
-        sampler=cfg.sampler,
-    )
-    data_cfg = policy.cfg["data"]
-    log.info("checkpoint %s; %s", policy.checkpoint, policy.describe())
+    policy, data_cfg, checkpoint, method = _policy(cfg)
+    log.info("checkpoint %s; %s; %s", checkpoint, method, policy.describe())
     seeds = evaluation_seeds(data_cfg, cfg.episodes) if "eval_seeds" in data_cfg else None
     if seeds is None:
         episodes = int(cfg.episodes or 25)
@@ -59,13 +59,61 @@ def main(cfg: DictConfig) -> float:
         videos_per_task=int(cfg.videos_per_task),
         max_episode_steps=cfg.max_episode_steps,
         progress=bool(cfg.progress),
-        protocol=protocol_label(data_cfg, policy),
+        protocol=protocol_label(data_cfg, method, policy.execution_label),
     )
-    result = {**summary.to_dict(), "checkpoint": str(policy.checkpoint), "eval": OmegaConf.to_container(cfg, resolve=True)}
+    settings = OmegaConf.to_container(cfg, resolve=True)
+    settings.pop("remote_token")  # a secret: never written to disk
+    result = {**summary.to_dict(), "checkpoint": checkpoint, "eval": settings}
     (output / "summary.json").write_text(json.dumps(result, indent=2))
     print(summary.format_table())
     print(f"wrote {output / 'summary.json'}")
     return summary.success_rate
+
+
+def _policy(cfg: DictConfig):
+    """(policy for evaluate, the checkpoint's data config, the checkpoint's path, the sampling
+    method) for `cfg`: a DriftingPolicy in-process; with `seed` or `remote`, a seeded chunk queue
+    over the local policy or over the server (which samples with its own nfe and sampler)."""
+    if cfg.remote is None and cfg.checkpoint is None:
+        raise ValueError("give checkpoint=<dir> (in-process) or remote=ws://HOST:PORT (a policy server)")
+    if (cfg.remote is not None or cfg.seed is not None) and cfg.execution != "chunk":
+        raise ValueError("remote= and seed= evaluate with the chunk queue; set execution=chunk")
+    execute_steps = None if cfg.execute_steps is None else int(cfg.execute_steps)
+    seed = None if cfg.seed is None else int(cfg.seed)
+    if cfg.remote is not None:
+        client = PolicyClient(str(cfg.remote), token=cfg.remote_token)
+        meta = client.metadata
+        policy = ChunkedPolicy(client.predict, meta["horizon"], execute_steps, seed)
+        if cfg.nfe is not None or cfg.sampler is not None:
+            raise ValueError("nfe= and sampler= are the server's settings with remote=: start scripts/serve.py with them")
+        if cfg.checkpoint is not None:  # the local copy's data config, trusted like any checkpoint
+            return policy, _data_config(cfg.checkpoint), meta["checkpoint"], meta["method"]
+        if str(meta["data"]["name"]) not in ENVS:  # a name from the network never picks code to import
+            raise ValueError(
+                f"the server's data.name {meta['data']['name']!r} is not a registered simulator {sorted(ENVS)}; "
+                "also give checkpoint=<the served checkpoint> to read its data config locally"
+            )
+        return policy, meta["data"], meta["checkpoint"], meta["method"]
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else str(cfg.device)
+    if seed is None:
+        policy = DriftingPolicy.from_checkpoint(
+            cfg.checkpoint,
+            device=device,
+            execution=cfg.execution,
+            execute_steps=execute_steps,
+            ensemble_decay=float(cfg.ensemble_decay),
+            nfe=cfg.nfe,
+            sampler=cfg.sampler,
+        )
+        return policy, policy.cfg["data"], str(policy.checkpoint), policy.method
+    local = DriftingPolicy.from_checkpoint(cfg.checkpoint, device=device, nfe=cfg.nfe, sampler=cfg.sampler)
+    predict = lambda obs, chunk_seed: predict_chunks(local, [obs], chunk_seed)[0]  # noqa: E731
+    chunked = ChunkedPolicy(predict, local.horizon, execute_steps, seed)
+    return chunked, local.cfg["data"], str(local.checkpoint), local.method
+
+
+def _data_config(checkpoint) -> dict:
+    return yaml.safe_load((resolve_checkpoint(checkpoint) / CONFIG_FILE).read_text())["data"]
 
 
 if __name__ == "__main__":

@@ -64,3 +64,45 @@ class ScriptedEnv(BaseEnv):
             "instruction": self.instruction,
             "task": self.task,
         }
+
+
+class DriftEnv(BaseEnv):
+    """An episode's fate depends on the actions: the hand starts at a seed-dependent x and the
+    episode succeeds once the summed first action component has moved it past x = 0.
+
+    The images show the hand's x (every pixel), so the policy's chunks change with the state."""
+
+    def __init__(self, instruction: str, cameras: int, image_size: int, max_episode_steps: int):
+        self.instruction, self.cameras, self.image_size = instruction, cameras, image_size
+        self.max_episode_steps = max_episode_steps
+        self.x, self.steps = 0.0, 0
+
+    @classmethod
+    def from_config(cls, data_cfg, task: str) -> DriftEnv:
+        return cls(str(data_cfg["instructions"][0]), len(data_cfg["cameras"]), int(data_cfg["image_size"]),
+                   int(data_cfg["max_episode_steps"]))
+
+    def reset(self, seed: int) -> dict:
+        self.x, self.steps = float(np.random.default_rng(seed).uniform(-2.0, 0.5)), 0
+        return self._obs()
+
+    def step(self, action: np.ndarray) -> StepResult:
+        self.steps += 1
+        self.x += float(action[0])
+        success = self.x > 0
+        return StepResult(self._obs(), 0.0, success or self.steps >= self.max_episode_steps, success)
+
+    def render(self) -> np.ndarray:
+        return np.zeros((32, 32, 3), dtype=np.uint8)
+
+    def close(self) -> None:
+        pass
+
+    def _obs(self) -> dict:
+        size, level = self.image_size, int(np.clip(128 + 200 * self.x, 0, 255))
+        return {
+            "images": np.full((self.cameras, 3, size, size), level, dtype=np.uint8),
+            "proprio": np.array([self.x, 0.0, 0.0, self.steps / 10], dtype=np.float32),
+            "instruction": self.instruction,
+            "task": "drift",
+        }

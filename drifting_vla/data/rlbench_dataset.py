@@ -32,7 +32,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from drifting_vla.data.rlbench_pickle import CorruptEpisodeError, load_rlbench_pickle
-from drifting_vla.data.transforms import action_window, canonical_quaternion
+from drifting_vla.data.transforms import action_window, canonical_quaternion, resize_image
 
 log = logging.getLogger(__name__)
 
@@ -296,8 +296,8 @@ class RLBenchDataset(Dataset):
 
     def _decode(self, episode: RLBenchEpisode, camera: str, t: int) -> np.ndarray:
         frame = episode.rgb(camera, t)
-        if self.image_size and frame.shape[0] != self.image_size:
-            frame = np.asarray(Image.fromarray(frame).resize((self.image_size, self.image_size), Image.BILINEAR))
+        if self.image_size:
+            frame = resize_image(frame, self.image_size)
         return frame.transpose(2, 0, 1)
 
     def _cached(self, e: int) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image
 
 
 def action_window(actions: np.ndarray, start: int, horizon: int) -> tuple[np.ndarray, np.ndarray]:
@@ -30,3 +31,11 @@ def canonical_quaternion(quat: np.ndarray) -> np.ndarray:
     quat = quat / np.maximum(np.linalg.norm(quat, axis=-1, keepdims=True), 1e-12)
     quat = np.where(quat[..., 3:4] < 0, -quat, quat)
     return quat.astype(np.float32)
+
+
+def resize_image(frame: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [H, W, 3] -> uint8 [size, size, 3] (PIL bilinear): how frames of another size are
+    brought to `data.image_size`, by the datasets and by the policy server alike."""
+    if frame.shape[:2] == (size, size):
+        return frame
+    return np.asarray(Image.fromarray(frame).resize((size, size), Image.BILINEAR))

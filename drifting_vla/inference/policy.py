@@ -214,11 +214,22 @@ class DriftingPolicy:
             actions.append((weights[:, None] * candidates).sum(0) / weights.sum())
         return np.stack(actions).astype(np.float32)
 
+    @property
+    def method(self) -> str:
+        """The objective, sampler and NFE this policy samples with, e.g. 'diffusion/ddim nfe=10'."""
+        return self.objective.label(self.nfe, self.sampler)
+
+    @property
+    def execution_label(self) -> str:
+        if self.execution == "chunk":
+            return f"chunk {self.execute_steps}/{self.horizon}"
+        return f"ensemble decay {self.ensemble_decay:g}"
+
     def describe(self) -> str:
         mode = f"chunk queue (execute {self.execute_steps} of {self.horizon})"
         if self.execution == "ensemble":
             mode = f"temporal ensembling (horizon {self.horizon}, decay {self.ensemble_decay:g})"
-        return f"DriftingPolicy on {self.device}: {self.objective.label(self.nfe, self.sampler)}, {mode}"
+        return f"DriftingPolicy on {self.device}: {self.method}, {mode}"
 
 
 def _as_batch(obs: Mapping) -> Mapping:

@@ -273,20 +273,16 @@ class _Slot:
 # The evaluation loop
 
 
-def protocol_label(data_cfg, policy) -> str:
-    """What the numbers mean: the simulator and its control mode, the objective with its sampler
-    and NFE, and the policy's execution mode, e.g. 'metaworld | drifting nfe=1 | chunk 8/16'."""
+def protocol_label(data_cfg, method: str, execution: str) -> str:
+    """What the numbers mean: the simulator and its control mode, the sampling method (objective,
+    sampler, NFE) and the execution mode, e.g. 'metaworld | drifting nfe=1 | chunk 8/16'."""
     name = str(data_cfg["name"])
     if name == "rlbench":
         keyframes = bool(data_cfg.get("keyframes", True))
         control = data_cfg.get("control") or ("planner" if keyframes else "ik")
         target = "next-keyframe" if control == "planner" else "dense"
         name = f"rlbench/{target}/{control}"
-    execution = (
-        f"chunk {policy.execute_steps}/{policy.horizon}" if policy.execution == "chunk"
-        else f"ensemble decay {policy.ensemble_decay:g}"
-    )
-    return f"{name} | {policy.objective.label(policy.nfe, policy.sampler)} | {execution}"
+    return f"{name} | {method} | {execution}"
 
 
 def evaluate(
@@ -390,7 +386,7 @@ def evaluate(
             live = [i for i, slot in enumerate(slots) if slot.obs is not None]
             if not live:
                 break
-            obs = _batch([slots[i].obs for i in live])
+            obs = batch_observations([slots[i].obs for i in live])
             t0 = time.perf_counter()
             actions = policy.select_action(obs, env_ids=live)
             summary.policy_seconds += time.perf_counter() - t0
@@ -434,7 +430,7 @@ def _send_step(slot: _Slot, action: np.ndarray) -> None:
         pass
 
 
-def _batch(observations: list[dict]) -> dict:
+def batch_observations(observations: list[dict]) -> dict:
     """Stack per-env observations into the collated batch format the policy reads."""
     return {
         "images": np.stack([o["images"] for o in observations]),

@@ -411,7 +411,7 @@ class Trainer:
                                 nfe=self.eval_nfe, sampler=self.eval_sampler)
         result = evaluate(policy, self.cfg.data, episodes=int(e.episodes), num_workers=int(e.workers),
                           output_dir=out_dir, videos_per_task=int(e.videos_per_task),
-                          protocol=protocol_label(self.cfg.data, policy))
+                          protocol=protocol_label(self.cfg.data, policy.method, policy.execution_label))
         summary = result.to_dict()
         self._log({"sim/success_rate": summary["success_rate"],
                    **{f"sim/success_rate/{task}": rate for task, rate in summary["per_task"].items()}})

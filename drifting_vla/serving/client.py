@@ -1,0 +1,85 @@
+"""The robot side of the policy server: connect, read the metadata, ask for chunks.
+
+    client = PolicyClient("ws://127.0.0.1:8000")           # reads .metadata on connect
+    chunk = client.predict({"images": images,               # uint8 [V, 3, H, W] or [V, H, W, 3]
+                            "proprio": proprio,             # [proprio_dim]
+                            "instruction": "open the drawer"})
+    chunk.shape == (client.metadata["horizon"], client.metadata["action_dim"])   # raw units
+
+Imports no torch: it runs on a robot computer with numpy, msgpack and websockets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from websockets.sync.client import connect
+
+from drifting_vla.serving.protocol import BUSY, PROTOCOL, check_observation, pack, unpack
+
+
+class PolicyError(RuntimeError):
+    """The server answered with an error; `kind` is one of the protocol's error kinds."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+
+
+class ServerBusy(PolicyError):
+    """The server's queue is full; nothing was queued. Retry shortly."""
+
+
+class PolicyClient:
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        timeout_s: float = 30.0,
+        max_message_bytes: int = 16 * 2**20,
+    ) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        self.url, self.timeout_s = url, timeout_s
+        self._connection = connect(
+            url, additional_headers=headers, compression=None, max_size=max_message_bytes, open_timeout=timeout_s
+        )
+        self.metadata: dict = unpack(self._connection.recv(timeout=timeout_s))
+        if self.metadata.get("protocol") != PROTOCOL:
+            self.close()
+            raise PolicyError("protocol", f"the server speaks {self.metadata.get('protocol')!r}, this client {PROTOCOL!r}")
+        self.last_timing: dict | None = None  # the server's decode/queue/model/encode ms of the last reply
+
+    def check(self, obs: Mapping) -> None:
+        """Raise ProtocolError naming what the server would refuse in `obs` (no request is sent)."""
+        check_observation(obs, self.metadata)
+
+    def predict(self, obs: Mapping, seed: int | None = None) -> np.ndarray:
+        """One observation -> its action chunk, float32 [horizon, A] in raw units.
+
+        obs: images (uint8 [V, 3, H, W], [V, H, W, 3] or {camera: image}), proprio [S],
+        instruction (str). `seed` makes the chunk reproducible (the server runs it unbatched).
+        Raises ServerBusy when the server's queue is full, PolicyError for any other error reply.
+        """
+        request = {"images": obs["images"], "proprio": np.asarray(obs["proprio"], dtype=np.float32),
+                   "instruction": obs["instruction"]}
+        if not isinstance(request["images"], Mapping):
+            request["images"] = np.asarray(request["images"])
+        if seed is not None:
+            request["seed"] = int(seed)
+        self._connection.send(pack(request))
+        reply = unpack(self._connection.recv(timeout=self.timeout_s))
+        if "error" in reply:
+            error = ServerBusy if reply["error"] == BUSY else PolicyError
+            raise error(reply["error"], reply.get("message", ""))
+        self.last_timing = reply["timing"]
+        return np.array(reply["actions"], dtype=np.float32)  # a writable copy of the read-only view
+
+    def close(self) -> None:
+        self._connection.close()
+
+    def __enter__(self) -> PolicyClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,168 @@
+"""The wire format between `scripts/serve.py` and `PolicyClient`: msgpack messages over a websocket.
+
+Every message is one binary websocket frame holding one msgpack map; numpy arrays travel as
+`{"__ndarray__": true, "dtype": "<u1", "shape": [...], "data": <raw bytes>}` (no pickle, so a
+message can never run code on the receiving side). The whole protocol, with examples, is in
+docs/serving.md:
+
+    client                                           server
+    ------                                           ------
+    connect (header `Authorization: Bearer <token>` when the server has a token)
+                           <------------------------ metadata {"protocol", "action_spec", "cameras", ...}
+    request {"images", "proprio", "instruction", ["seed"], ["id"]}  -->
+                           <------------------------ reply {"actions" [T, A] float32, "timing", "batch_size", ["id"]}
+                                                  or error {"error": <kind>, "message": <what to fix>, ["id"]}
+
+This module holds what both sides share: encoding, decoding and checking one observation against
+the server's metadata. It imports neither torch nor websockets, so a robot-side client stays light.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import msgpack
+import numpy as np
+
+PROTOCOL = "drifting-vla/1"
+
+# Error kinds of an error reply; the message says what to change.
+BAD_REQUEST = "bad_request"  # the request cannot be served as sent (garbage, missing key, shape...)
+BUSY = "busy"  # the queue is full: try again later (nothing was queued)
+INTERNAL = "internal"  # the model failed on a valid request; the server goes on serving
+SHUTTING_DOWN = "shutting_down"  # the server is draining after SIGTERM
+
+_NDARRAY = "__ndarray__"
+
+
+class ProtocolError(ValueError):
+    """A message that breaks the protocol; the text names the problem and what to send instead."""
+
+
+def encode_array(value: np.ndarray) -> dict:
+    """A numeric numpy array as the protocol's array map (its raw bytes, C order)."""
+    if value.dtype.hasobject:
+        raise TypeError("object arrays cannot be sent; send numeric arrays")
+    value = np.ascontiguousarray(value)
+    return {_NDARRAY: True, "dtype": value.dtype.str, "shape": list(value.shape), "data": value.tobytes()}
+
+
+def _encode_other(value: Any) -> Any:
+    """msgpack's hook for what it cannot pack itself: numpy arrays and scalars."""
+    if isinstance(value, np.ndarray):
+        return encode_array(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"cannot encode {type(value).__name__}; send numpy arrays, numbers, strings, lists or dicts")
+
+
+def _decode_array(obj: dict) -> Any:
+    if obj.get(_NDARRAY) is not True:
+        return obj
+    try:
+        dtype = np.dtype(obj["dtype"])
+        if dtype.hasobject:
+            raise ProtocolError("object arrays are refused")
+        return np.frombuffer(obj["data"], dtype=dtype).reshape(obj["shape"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise ProtocolError(f"a malformed array ({type(error).__name__}: {error})") from error
+
+
+def pack(message: Mapping) -> bytes:
+    """A message (map of numpy arrays, numbers, strings, lists, maps) -> one msgpack frame."""
+    return msgpack.packb(message, default=_encode_other, use_bin_type=True)
+
+
+def unpack(frame: bytes | str) -> dict:
+    """One frame -> a message map; ProtocolError on anything else. Arrays are read-only views."""
+    if not isinstance(frame, (bytes, bytearray, memoryview)):
+        raise ProtocolError("send binary msgpack frames, not text frames")
+    try:
+        message = msgpack.unpackb(frame, object_hook=_decode_array, raw=False, strict_map_key=True)
+    except ProtocolError:
+        raise
+    except Exception as error:  # msgpack raises many types on garbage
+        raise ProtocolError(f"the frame is not msgpack ({type(error).__name__}: {error})") from error
+    if not isinstance(message, dict):
+        raise ProtocolError(f"a message is a msgpack map, got {type(message).__name__}")
+    return message
+
+
+def error_message(kind: str, message: str, request_id: Any = None) -> dict:
+    reply = {"error": kind, "message": message}
+    if request_id is not None:
+        reply["id"] = request_id
+    return reply
+
+
+# ----------------------------------------------------------------------------------------------
+# One observation, checked against the server's metadata
+
+
+def check_observation(request: Mapping, metadata: Mapping) -> dict:
+    """A request's observation, checked and in the policy's layout; ProtocolError names the problem.
+
+    images: uint8 [V, 3, H, W] or [V, H, W, 3] in the order of `metadata["cameras"]`, or a map
+    {camera name: [3, H, W] or [H, W, 3]}. H, W may differ from `image_size` (the server resizes).
+    Returns {"images": uint8 [V, 3, H, W], "proprio": float32 [S], "instruction": str,
+    "seed": int | None}.
+    """
+    for key in ("images", "proprio", "instruction"):
+        if key not in request:
+            raise ProtocolError(f"the request has no {key!r}; a request carries images, proprio and instruction")
+    images = _camera_stack(request["images"], list(metadata["cameras"]))
+    proprio = request["proprio"]
+    if not isinstance(proprio, np.ndarray):
+        try:
+            proprio = np.asarray(proprio, dtype=np.float32)
+        except (TypeError, ValueError) as error:
+            raise ProtocolError(f"proprio must be numbers, got {type(request['proprio']).__name__}") from error
+    if proprio.dtype.kind not in "fiu":
+        raise ProtocolError(f"proprio must be a float array, got dtype {proprio.dtype}")
+    if proprio.shape != (int(metadata["proprio_dim"]),):
+        raise ProtocolError(f"proprio must have shape [{metadata['proprio_dim']}], got {list(proprio.shape)}")
+    proprio = proprio.astype(np.float32)
+    if not np.isfinite(proprio).all():
+        raise ProtocolError("proprio has NaN or Inf values")
+    instruction = request["instruction"]
+    if not isinstance(instruction, str):
+        raise ProtocolError(f"instruction must be a string, got {type(instruction).__name__}")
+    seed = request.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+        raise ProtocolError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    return {"images": images, "proprio": proprio, "instruction": instruction, "seed": seed}
+
+
+def _camera_stack(images: Any, cameras: list[str]) -> np.ndarray:
+    """uint8 [V, 3, H, W] from an array [V, 3, H, W] / [V, H, W, 3] or a {camera: image} map."""
+    if isinstance(images, Mapping):
+        unknown = sorted(set(images) - set(cameras))
+        if unknown:
+            raise ProtocolError(f"unknown camera(s) {unknown}; this policy reads {cameras}")
+        missing = [c for c in cameras if c not in images]
+        if missing:
+            raise ProtocolError(f"missing camera(s) {missing}; this policy reads {cameras}")
+        frames = [_channels_first(images[c], f"images[{c!r}]") for c in cameras]
+        if len({f.shape for f in frames}) > 1:
+            raise ProtocolError(f"the cameras' images differ in size: {[list(f.shape) for f in frames]}")
+        return np.stack(frames)
+    if not isinstance(images, np.ndarray):
+        raise ProtocolError(f"images must be a uint8 array or a map camera -> array, got {type(images).__name__}")
+    if images.ndim != 4 or images.shape[0] != len(cameras):
+        raise ProtocolError(
+            f"images must have shape [V={len(cameras)}, 3, H, W] or [V, H, W, 3] (cameras {cameras}), "
+            f"got {list(images.shape)}"
+        )
+    return np.stack([_channels_first(frame, f"images[{v}]") for v, frame in enumerate(images)])
+
+
+def _channels_first(frame: Any, name: str) -> np.ndarray:
+    if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8:
+        dtype = getattr(frame, "dtype", type(frame).__name__)
+        raise ProtocolError(f"{name} must be a uint8 array (0..255), got {dtype}")
+    if frame.ndim == 3 and frame.shape[0] == 3:
+        return frame
+    if frame.ndim == 3 and frame.shape[-1] == 3:
+        return frame.transpose(2, 0, 1)
+    raise ProtocolError(f"{name} must have shape [3, H, W] or [H, W, 3], got {list(frame.shape)}")
