@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from drifting_vla.envs import NO_SIMULATOR, simulation_config  # noqa: E402
 from drifting_vla.inference.policy import DriftingPolicy  # noqa: E402
 from drifting_vla.inference.rollout import evaluate, evaluation_seeds, protocol_label  # noqa: E402
 
@@ -39,7 +40,9 @@ def main(cfg: DictConfig) -> float:
         execute_steps=cfg.execute_steps,
         ensemble_decay=float(cfg.ensemble_decay),
     )
-    data_cfg = policy.cfg["data"]
+    data_cfg = simulation_config(policy.cfg["data"])
+    if data_cfg is None:
+        raise SystemExit(f"{policy.checkpoint} was trained on data.name={policy.cfg['data']['name']!r}: {NO_SIMULATOR}")
     log.info("checkpoint %s; %s", policy.checkpoint, policy.describe())
     seeds = evaluation_seeds(data_cfg, cfg.episodes) if "eval_seeds" in data_cfg else None
     if seeds is None:
