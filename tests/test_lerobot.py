@@ -252,3 +252,21 @@ def test_a_foreign_dataset_has_no_simulator():
     assert simulation_config({"name": "lerobot", "simulator": None}) is None
     with pytest.raises(ValueError, match="simulator=auto is resolved"):
         simulation_config({"name": "lerobot", "simulator": "auto"})
+
+
+def test_training_on_an_export_records_its_simulator_and_on_a_foreign_dataset_skips_evaluation(tmp_path, capsys):
+    from hydra import compose, initialize_config_dir
+
+    from drifting_vla.training.trainer import Trainer
+
+    export = export_metaworld_store(_metaworld_store(tmp_path / "store"), tmp_path / "lerobot", ["reach-v3", "push-v3"], {"start": 100000, "count": 5})
+    common = ["experiment=tiny_cpu", "data=lerobot", "data.image_size=16", "data.horizon=4", "data.val_every=3",
+              "data.num_workers=0", "training.wandb.mode=disabled", "training.num_threads=1", "training.max_steps=2"]
+    with initialize_config_dir(config_dir=str(Path(__file__).parents[1] / "configs"), version_base=None):
+        exported = compose("config", overrides=[*common, f"data.root={export}", f"run_dir={tmp_path / 'a'}"])
+        foreign = compose("config", overrides=[*common, f"data.root={FIXTURE / 'dataset'}", f"data.cameras=[{VIDEOS[0]},{IMAGE}]",
+                                               "data.proprio_dim=6", "training.eval.at_end=true", f"run_dir={tmp_path / 'b'}"])
+    assert Trainer(exported).cfg.data.simulator.name == "metaworld"
+    assert "simulator:\n    name: metaworld" in (tmp_path / "a" / "config.yaml").read_text()  # what checkpoints hold
+    assert Trainer(foreign).fit() is None
+    assert "no closed-loop evaluation: the dataset records no simulator" in capsys.readouterr().out
