@@ -1,7 +1,9 @@
 """Loader throughput: the embedded default with its configured workers (0: the memory-mapped
 store is faster read in the training process than shipped from worker processes) against 2
-workers, and
-RLBench PNG frames decoded every time against the decode-once cache (128x128 fixture).
+workers; the same demos exported as a LeRobot v3.0 dataset (AV1 video, decoded per sample) in
+the training process against `configs/data/lerobot.yaml`'s workers, with the headroom over what
+training consumes; and RLBench PNG frames decoded every time against the decode-once cache
+(128x128 fixture).
 
     python scripts/benchmark.py data
 
@@ -21,11 +23,16 @@ from torch.utils.data import DataLoader, RandomSampler
 from benchmarks.timing import Row, time_call
 from drifting_vla.data.collate import collate_samples
 from drifting_vla.data.fixtures import write_rlbench_fixture
+from drifting_vla.data.lerobot_writer import export_metaworld_store
+from drifting_vla.data.metaworld_demos import store_dir
 from drifting_vla.data.registry import build_dataset
 from drifting_vla.data.rlbench_dataset import RLBenchDataset
 
-CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "data" / "metaworld.yaml"
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs" / "data"
+CONFIG = CONFIGS / "metaworld.yaml"
 BATCH = 64
+TRAINING_CONSUMES = 170
+"""Observations/s the drifting quickstart trains on (2 shared CPU cores): the loader needs 3x this."""
 
 
 def run(args) -> list[Row]:
@@ -39,6 +46,14 @@ def run(args) -> list[Row]:
         _loader_row(f"metaworld loader, workers={workers} (config)", metaworld, workers, f"metaworld loader, workers={other}"),
     ]
     with tempfile.TemporaryDirectory() as tmp:
+        lerobot_cfg = yaml.safe_load((CONFIGS / "lerobot.yaml").read_text())
+        lerobot_cfg["root"] = export_metaworld_store(store_dir(cfg), pathlib.Path(tmp) / "lerobot", cfg["tasks"], cfg["eval_seeds"])
+        lerobot = build_dataset(lerobot_cfg)
+        lerobot_workers = int(lerobot_cfg["num_workers"])
+        rows += [
+            _loader_row("lerobot AV1 2x64px, workers=0", lerobot, 0, None),
+            _loader_row(f"lerobot AV1 2x64px, workers={lerobot_workers} (config)", lerobot, lerobot_workers, "lerobot AV1 2x64px, workers=0"),
+        ]
         root = write_rlbench_fixture(pathlib.Path(tmp) / "rl", episodes=2, steps=40, cameras=("front", "wrist"), image_size=128)
         plain = RLBenchDataset(root, ["close_jar"], ["front", "wrist"], horizon=1)
         cached = RLBenchDataset(root, ["close_jar"], ["front", "wrist"], horizon=1, cache_dir=pathlib.Path(tmp) / "cache")
@@ -59,4 +74,5 @@ def _loader_row(name: str, dataset, workers: int, baseline: str | None) -> Row:
     )
     batches = iter(loader)
     seconds = time_call(lambda: next(batches), warmup=2 + 2 * workers, repeats=20, min_seconds=2.0)
-    return Row("data", name, seconds, baseline, {"samples/s": f"{BATCH / seconds:.0f}", "batch": BATCH})
+    notes = {"samples/s": f"{BATCH / seconds:.0f}", "batch": BATCH, "x training": f"{BATCH / seconds / TRAINING_CONSUMES:.1f}"}
+    return Row("data", name, seconds, baseline, notes)

@@ -3,10 +3,12 @@
     python scripts/collect_demos.py                                   # the tasks of configs/data/metaworld.yaml
     python scripts/collect_demos.py --tasks reach-v3 push-v3 --episodes 20 --workers 2
     python scripts/collect_demos.py --cameras corner gripperPOV --image-size 96 --root ./data/metaworld
+    python scripts/collect_demos.py --format lerobot --output ./data/metaworld_lerobot   # + a LeRobot v3.0 copy
 
 Needs the `sim` extra (metaworld, mujoco) and `MUJOCO_GL=egl` (or osmesa) on a headless machine.
 Collection is deterministic for the settings and skipped for tasks already complete in the cache;
-the training config must use the same settings to find the demos.
+the training config must use the same settings to find the demos. `--format lerobot` also writes
+the demos as a LeRobotDataset v3.0 (AV1 video by default) for `data=lerobot data.root=<output>`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import time
 
 import yaml
 
@@ -22,6 +25,7 @@ CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "data" / "met
 
 def main() -> None:
     os.environ.setdefault("MUJOCO_GL", "egl")
+    from drifting_vla.data.lerobot_writer import VIDEO_CODECS, export_metaworld_store
     from drifting_vla.data.metaworld_demos import ensure_metaworld_demos
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,7 +38,14 @@ def main() -> None:
     parser.add_argument("--max-episode-steps", type=int)
     parser.add_argument("--workers", type=int, help="simulator processes")
     parser.add_argument("--root", help="cache folder")
+    parser.add_argument("--format", choices=["store", "lerobot"], default="store",
+                        help="lerobot: also export the demos as a LeRobotDataset v3.0 to --output")
+    parser.add_argument("--output", type=pathlib.Path, help="the LeRobot dataset folder (new or empty)")
+    parser.add_argument("--vcodec", choices=sorted(VIDEO_CODECS), default="libsvtav1",
+                        help="video encoder of the LeRobot export: libsvtav1 (AV1, LeRobot's default) or libx264")
     args = parser.parse_args()
+    if args.format == "lerobot" and args.output is None:
+        parser.error("--format lerobot needs --output DIR")
 
     cfg = yaml.safe_load(args.config.read_text())
     overrides = {
@@ -50,7 +61,13 @@ def main() -> None:
         cfg["train_seeds"]["count"] = args.episodes
     if args.seed_start is not None:
         cfg["train_seeds"]["start"] = args.seed_start
-    ensure_metaworld_demos(cfg)
+    store = ensure_metaworld_demos(cfg)
+    if args.format == "lerobot":
+        start = time.perf_counter()
+        out = export_metaworld_store(store, args.output, cfg["tasks"], cfg["eval_seeds"], vcodec=args.vcodec)
+        size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+        print(f"wrote LeRobot v3.0 dataset {out} ({size / 1e6:.1f} MB, {args.vcodec}) in {time.perf_counter() - start:.0f} s; "
+              f"train with: python scripts/train.py data=lerobot data.root={out}")
 
 
 if __name__ == "__main__":

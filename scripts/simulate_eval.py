@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from drifting_vla.envs import ENVS  # noqa: E402
+from drifting_vla.envs import ENVS, NO_SIMULATOR, simulation_config  # noqa: E402
 from drifting_vla.inference.policy import DriftingPolicy  # noqa: E402
 from drifting_vla.inference.rollout import evaluate, evaluation_seeds, protocol_label  # noqa: E402
 from drifting_vla.serving import ChunkedPolicy, PolicyClient  # noqa: E402
@@ -42,6 +42,9 @@ def main(cfg: DictConfig) -> float:
     if cfg.num_threads:
         torch.set_num_threads(int(cfg.num_threads))
     policy, data_cfg, checkpoint, method = _policy(cfg)
+    data_cfg = simulation_config(data_cfg)
+    if data_cfg is None:
+        raise SystemExit(f"{checkpoint}: {NO_SIMULATOR}")
     log.info("checkpoint %s; %s; %s", checkpoint, method, policy.describe())
     seeds = evaluation_seeds(data_cfg, cfg.episodes) if "eval_seeds" in data_cfg else None
     if seeds is None:
@@ -88,9 +91,10 @@ def _policy(cfg: DictConfig):
             raise ValueError("nfe= and sampler= are the server's settings with remote=: start scripts/serve.py with them")
         if cfg.checkpoint is not None:  # the local copy's data config, trusted like any checkpoint
             return policy, _data_config(cfg.checkpoint), meta["checkpoint"], meta["method"]
-        if str(meta["data"]["name"]) not in ENVS:  # a name from the network never picks code to import
+        simulator = simulation_config(meta["data"]) or {"name": None}
+        if str(simulator["name"]) not in ENVS:  # a name from the network never picks code to import
             raise ValueError(
-                f"the server's data.name {meta['data']['name']!r} is not a registered simulator {sorted(ENVS)}; "
+                f"the server's simulator {simulator['name']!r} is not a registered simulator {sorted(ENVS)}; "
                 "also give checkpoint=<the served checkpoint> to read its data config locally"
             )
         return policy, meta["data"], meta["checkpoint"], meta["method"]

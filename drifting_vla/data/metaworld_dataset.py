@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import Dataset
 
 from drifting_vla.data.rlbench_pickle import CorruptEpisodeError
-from drifting_vla.data.transforms import action_window
+from drifting_vla.data.transforms import action_window, split_episodes
 
 ARRAYS = ("images", "proprio", "state", "actions")
 FORMAT_VERSION = 1
@@ -55,6 +55,23 @@ def task_store_complete(task_dir: pathlib.Path) -> bool:
     return (pathlib.Path(task_dir) / "meta.json").is_file()
 
 
+def read_task_meta(task_dir: pathlib.Path) -> tuple[dict, np.ndarray]:
+    """meta.json and the episode ends of one complete task folder."""
+    task_dir = pathlib.Path(task_dir)
+    if not task_store_complete(task_dir):
+        collected = sorted(p.name for p in task_dir.parent.iterdir() if task_store_complete(p)) if task_dir.parent.is_dir() else []
+        raise FileNotFoundError(
+            f"no complete demos for task {task_dir.name!r} in {task_dir}; run scripts/collect_demos.py "
+            f"(collected tasks: {collected})"
+        )
+    return json.loads((task_dir / "meta.json").read_text()), _load(task_dir / "episode_ends.npy")
+
+
+def open_task_arrays(task_dir: pathlib.Path) -> dict[str, np.ndarray]:
+    """The step arrays of one task folder, memory-mapped (`ARRAYS`)."""
+    return {key: _load(pathlib.Path(task_dir) / f"{key}.npy", mmap_mode="r") for key in ARRAYS}
+
+
 class MetaWorldDataset(Dataset):
     """Items are sample dicts (`drifting_vla.specs`): for step t of an episode, the observation at t
     and the expert actions t .. t+T-1, padded with the last action past the episode's end.
@@ -76,8 +93,7 @@ class MetaWorldDataset(Dataset):
     ) -> None:
         """`split` "train" / "val" holds out every `val_every`-th episode of each task for
         validation (episodes, not steps: steps of one episode are near-duplicates); "all" keeps all."""
-        if split not in ("all", "train", "val") or (split != "all" and val_every < 2):
-            raise ValueError(f"split must be all, or train/val with val_every >= 2; got {split!r}, val_every={val_every}")
+        split_episodes(0, split, val_every)  # a bad split fails before anything is read
         self.store_dir = pathlib.Path(store_dir)
         self.tasks = list(tasks)
         self.horizon = int(horizon)
@@ -96,20 +112,12 @@ class MetaWorldDataset(Dataset):
         self._camera_index = [stored_cameras.index(c) for c in cameras]
         self.instructions, self._ends, self._index = {}, [], []
         for task_id, task in enumerate(self.tasks):
-            task_dir = self.store_dir / task
-            if not task_store_complete(task_dir):
-                raise FileNotFoundError(
-                    f"no complete demos for task {task!r} in {task_dir}; run scripts/collect_demos.py "
-                    f"(collected tasks: {sorted(p.name for p in self.store_dir.iterdir() if task_store_complete(p))})"
-                )
-            self.instructions[task] = json.loads((task_dir / "meta.json").read_text())["instruction"]
-            ends = _load(task_dir / "episode_ends.npy")
+            meta, ends = read_task_meta(self.store_dir / task)
+            self.instructions[task] = meta["instruction"]
             self._ends.append(ends)
             starts = np.concatenate([[0], ends[:-1]])
-            for episode, (start, end) in enumerate(zip(starts, ends, strict=True)):
-                held_out = val_every >= 2 and episode % val_every == val_every - 1
-                if (split == "train" and held_out) or (split == "val" and not held_out):
-                    continue
+            for episode in split_episodes(len(ends), split, val_every):
+                start, end = starts[episode], ends[episode]
                 rows = np.arange(start, end)
                 self._index.append(np.stack([np.full_like(rows, task_id), rows, np.full_like(rows, end)], 1))
         self._index = np.concatenate(self._index) if self._index else np.zeros((0, 3), dtype=np.int64)
@@ -156,10 +164,7 @@ class MetaWorldDataset(Dataset):
 
     def _open(self) -> list[dict]:
         if self._arrays is None:
-            self._arrays = [
-                {key: _load(self.store_dir / task / f"{key}.npy", mmap_mode="r") for key in ARRAYS}
-                for task in self.tasks
-            ]
+            self._arrays = [open_task_arrays(self.store_dir / task) for task in self.tasks]
         return self._arrays
 
 

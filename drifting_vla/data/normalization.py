@@ -46,7 +46,10 @@ def compute_stats(arrays: dict[str, np.ndarray]) -> dict[str, dict[str, list[flo
 
 
 def dataset_stats(dataset) -> dict[str, dict[str, list[float]]]:
-    """Statistics of a dataset exposing `all_actions()` and `all_proprio()` (both dataset classes)."""
+    """The statistics a dataset ships (`normalization_stats()`: LeRobot's meta/stats.json), else
+    those of its `all_actions()` and `all_proprio()`."""
+    if hasattr(dataset, "normalization_stats"):
+        return dataset.normalization_stats()
     return compute_stats({"actions": dataset.all_actions(), "proprio": dataset.all_proprio()})
 
 

@@ -70,3 +70,26 @@ def build_rlbench(cfg, split: str = "train") -> Dataset:
         random_instruction=split == "train",
         max_episodes_per_task=cfg.get("max_episodes_per_task"),
     )
+
+
+@register_dataset("lerobot")
+def build_lerobot(cfg, split: str = "train") -> Dataset:
+    """A LeRobot v3.0 dataset from `data.root`, or `data.repo_id` (+ `data.revision`) from the
+    hub. The val split is every `data.val_every`-th episode, held out of train."""
+    from drifting_vla.data.lerobot_dataset import LeRobotDataset, resolve_root
+    from drifting_vla.specs import ActionSpec
+
+    if split not in ("train", "val"):
+        raise ValueError(f"LeRobot datasets have a train and a val split here, got {split!r}")
+    return LeRobotDataset(
+        resolve_root(cfg.get("root"), cfg.get("repo_id"), cfg.get("revision")),
+        cameras=[str(c) for c in cfg["cameras"]],
+        horizon=int(cfg["horizon"]),
+        image_size=int(cfg["image_size"]),
+        state_key=str(cfg["state_key"]),
+        action_key=str(cfg["action_key"]),
+        split=split,
+        val_every=int(cfg["val_every"]),
+        action_dim=ActionSpec.from_config(cfg["action_spec"]).dim,
+        proprio_dim=int(cfg["proprio_dim"]),
+    )

@@ -24,6 +24,18 @@ def action_window(actions: np.ndarray, start: int, horizon: int) -> tuple[np.nda
     return chunk, mask
 
 
+def split_episodes(count: int, split: str, val_every: int) -> list[int]:
+    """The episodes (0 .. count-1) of a split: "val" is every `val_every`-th episode, "train" the
+    others, "all" every one. Whole episodes, not steps: steps of one episode are near-duplicates.
+
+        val_every = 3:   episode  0 1 2 3 4 5 6
+                         split    t t v t t v t
+    """
+    if split not in ("all", "train", "val") or (split != "all" and val_every < 2):
+        raise ValueError(f"split must be all, or train/val with val_every >= 2; got {split!r}, val_every={val_every}")
+    return [k for k in range(count) if split == "all" or (k % val_every == val_every - 1) == (split == "val")]
+
+
 def canonical_quaternion(quat: np.ndarray) -> np.ndarray:
     """Unit length and qw >= 0 for `[..., 4]` quaternions `[qx, qy, qz, qw]` (q and -q are the
     same rotation; one sign makes the target unique)."""

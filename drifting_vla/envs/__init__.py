@@ -35,6 +35,31 @@ def env_import_path(data_cfg) -> str:
     raise ValueError(f"no simulator registered for data.name={name!r}; registered: {sorted(ENVS)}")
 
 
+NO_SIMULATOR = (
+    "the dataset records no simulator (data.simulator is null), so closed-loop evaluation is disabled; "
+    "datasets exported by `scripts/collect_demos.py --format lerobot` record Meta-World, others can set "
+    "data.simulator to a registered simulator's data config"
+)
+
+
+def simulation_config(data_cfg) -> dict | None:
+    """The data config a simulator is built from, or None when there is no simulator to evaluate in.
+
+    A dataset recorded in a simulator without being one itself (a LeRobot export of Meta-World
+    demos) names it in `data.simulator`, a data config of that simulator (name, tasks, cameras,
+    step limit, seeds) laid over the dataset's own (action spec, image size, horizon). A data
+    config without the key is its simulator's config already.
+    """
+    data = dict(data_cfg)
+    if "simulator" not in data:
+        return data
+    simulator = data["simulator"]
+    if simulator == "auto":
+        raise ValueError("data.simulator=auto is resolved from the dataset when it is built (the trainer does it); "
+                         "build the dataset first or set data.simulator to a simulator's data config")
+    return {**data, **dict(simulator)} if simulator else None
+
+
 def env_class(import_path: str) -> type:
     module_name, _, class_name = import_path.partition(":")
     return getattr(importlib.import_module(module_name), class_name)

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from drifting_vla.envs import env_class, env_import_path
+from drifting_vla.envs import NO_SIMULATOR, env_class, env_import_path, simulation_config
 
 VIDEO_FPS = 30
 
@@ -276,7 +276,7 @@ class _Slot:
 def protocol_label(data_cfg, method: str, execution: str) -> str:
     """What the numbers mean: the simulator and its control mode, the sampling method (objective,
     sampler, NFE) and the execution mode, e.g. 'metaworld | drifting nfe=1 | chunk 8/16'."""
-    name = str(data_cfg["name"])
+    name = str((simulation_config(data_cfg) or data_cfg)["name"])
     if name == "rlbench":
         keyframes = bool(data_cfg.get("keyframes", True))
         control = data_cfg.get("control") or ("planner" if keyframes else "ik")
@@ -312,7 +312,9 @@ def evaluate(
 
     from tqdm import tqdm
 
-    data = _plain(data_cfg)
+    data = simulation_config(_plain(data_cfg))
+    if data is None:
+        raise ValueError(f"data.name={data_cfg['name']!r}: {NO_SIMULATOR}")
     if max_episode_steps is not None:
         data["max_episode_steps"] = int(max_episode_steps)
     tasks = list(tasks) if tasks is not None else list(data["tasks"])

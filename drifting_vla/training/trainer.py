@@ -36,6 +36,7 @@ from drifting_vla.data.collate import collate_samples
 from drifting_vla.data.normalization import Normalizer, dataset_stats
 from drifting_vla.data.registry import build_dataset
 from drifting_vla.data.sampler import ResumableBatchSampler
+from drifting_vla.envs import NO_SIMULATOR, simulation_config
 from drifting_vla.logging.visualizations import PANELS, MetricHistory, PanelInputs, due_panels
 from drifting_vla.logging.wandb_logger import create_run_logger
 from drifting_vla.models import build_model, parameter_table
@@ -81,6 +82,9 @@ class Trainer:
 
         self.train_set = build_dataset(cfg.data, "train")
         self.val_set = build_dataset(cfg.data, "val") if t.val_every else None
+        if cfg.data.get("simulator") == "auto":  # recorded by the dataset (a LeRobot export of sim demos)
+            with _unlocked(cfg):
+                cfg.data.simulator = self.train_set.simulator()
         self.normalizer = Normalizer(dataset_stats(self.train_set), self.action_spec, int(cfg.data.proprio_dim)).to(self.device)
         if str(cfg.model.language.name) == "task_embedding":
             with _unlocked(cfg):
@@ -394,6 +398,10 @@ class Trainer:
 
     def _evaluate_in_sim(self, final: bool) -> dict | None:
         """Closed-loop success rate of the EMA policy (rank 0; other ranks wait)."""
+        if simulation_config(self.cfg.data) is None:
+            if self.ctx.is_main:
+                print(f"no closed-loop evaluation: {NO_SIMULATOR}", flush=True)
+            return None
         # The checkpoint holds the RNG state before evaluation; evaluating must not shift it.
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), self._ema_model() as model:
             summary = self._run_simulation(model, final) if self.ctx.is_main else None

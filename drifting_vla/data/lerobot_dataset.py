@@ -1,0 +1,387 @@
+"""LeRobotDataset v3.0 (the ecosystem's exchange format) as a dataset of sample dicts.
+
+    dataset = LeRobotDataset(root, cameras=["observation.images.front"], horizon=16, image_size=64)
+    dataset[i]    # images uint8 [V, 3, H, W], proprio, actions [T, A], action_mask, instruction, task
+
+Read with pyarrow (parquet) and PyAV (mp4, AV1 or H.264), no LeRobot install, no torchvision.
+The layout (templates and features in `meta/info.json`):
+
+    meta/info.json  meta/stats.json  meta/tasks.parquet  meta/episodes/chunk-XXX/file-XXX.parquet
+    data/chunk-XXX/file-XXX.parquet           one row per frame, many episodes per file; `image`
+                                              features are PNG bytes in the row
+    videos/<key>/chunk-XXX/file-XXX.mp4       `video` features, many episodes per file
+
+A frame of a video feature is the one at `from_timestamp` (of its episode, per key, in
+meta/episodes) + the row's `timestamp`, found by seeking to the keyframe before it (LeRobot
+encodes a keyframe every 2 frames) and decoding forward. Low-dimensional columns are read once
+into memory; image columns and video files are opened lazily in each loader worker.
+
+    frame t of an episode of length L:  images, proprio at t;  actions t .. t+T-1 (rows past L-1
+    repeat the last action, mask False), as the other datasets return them (specs.py).
+
+Datasets written by `drifting_vla.data.lerobot_writer` also hold `meta/drifting_vla.json`: the
+task name of each instruction and the simulator the demos came from, so that a policy trained on
+the export can be evaluated in that simulator (`simulator`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pathlib
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from drifting_vla.data.normalization import STATS, compute_stats
+from drifting_vla.data.rlbench_pickle import CorruptEpisodeError
+from drifting_vla.data.transforms import action_window, split_episodes
+
+CODEBASE_VERSION = "v3.0"
+EXPORT_META = "meta/drifting_vla.json"
+TIMESTAMP_TOLERANCE_S = 1e-4
+"""LeRobot's own `tolerance_s`: a decoded frame farther than this from the asked time is an error
+(a frame period is 1/fps, orders of magnitude more)."""
+
+_INHERITED_FILES: list[dict] = []  # a forked worker's copies of its parent's open files (see _files)
+_CONVERTERS = {
+    "v2.1": "python -m lerobot.datasets.v30.convert_dataset_v21_to_v30 --repo-id=<repo_id>",
+    "v2.0": "first v2.0 -> v2.1 (lerobot.datasets.v21.convert_dataset_v20_to_v21, lerobot <= 0.3), then "
+    "python -m lerobot.datasets.v30.convert_dataset_v21_to_v30 --repo-id=<repo_id>",
+}
+
+
+def resolve_root(root: str | None, repo_id: str | None = None, revision: str | None = None) -> pathlib.Path:
+    """The local folder of the dataset: `root`, or a hub snapshot of `repo_id` at `revision`."""
+    if root:
+        path = pathlib.Path(str(root)).expanduser()
+        if not (path / "meta" / "info.json").is_file():
+            raise FileNotFoundError(f"no LeRobot dataset at data.root={path} (no meta/info.json)")
+        return path
+    if not repo_id:
+        raise ValueError("data=lerobot needs data.root (a local dataset folder) or data.repo_id (a hub dataset)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return pathlib.Path(snapshot_download(str(repo_id), repo_type="dataset", revision=revision))
+    except Exception as e:  # offline (HF_HUB_OFFLINE=1, no network), unknown repo, auth: one answer
+        raise RuntimeError(
+            f"cannot download the LeRobot dataset {repo_id!r} (revision {revision}) from the hub: "
+            f"{type(e).__name__}: {e}. On a machine with access run `hf download {repo_id} --repo-type dataset "
+            f"--local-dir DIR`, copy DIR here and train with data.root=DIR"
+        ) from e
+
+
+def read_info(root: pathlib.Path) -> dict:
+    """meta/info.json, refusing codebase versions other than v3.0 with the converter to run."""
+    info = _read_json(root / "meta" / "info.json")
+    version = info.get("codebase_version")
+    if version != CODEBASE_VERSION:
+        how = _CONVERTERS.get(version, "convert it to v3.0 with LeRobot's converters (lerobot.datasets.v30)")
+        raise ValueError(
+            f"{root / 'meta' / 'info.json'} says codebase_version {version!r}; this reader reads {CODEBASE_VERSION}. "
+            f"Convert the dataset with LeRobot: {how}"
+        )
+    return info
+
+
+class LeRobotDataset(Dataset):
+    """Items are sample dicts (`drifting_vla.specs`) built from a LeRobot v3.0 dataset folder."""
+
+    def __init__(
+        self,
+        root: str | pathlib.Path,
+        cameras: list[str],
+        horizon: int,
+        image_size: int,
+        state_key: str = "observation.state",
+        action_key: str = "action",
+        split: str = "all",
+        val_every: int = 0,
+        action_dim: int | None = None,
+        proprio_dim: int | None = None,
+    ) -> None:
+        """`cameras`: image or video feature keys (any mix), each resized to `image_size` square.
+        `split` "train" / "val" holds out every `val_every`-th episode (by episode index order).
+        `action_dim` / `proprio_dim`: what the data config expects of the action and state
+        features (checked here, so a mismatch names the feature instead of failing in the model)."""
+        split_episodes(0, split, val_every)  # a bad split fails before anything is read
+        self.root = pathlib.Path(root)
+        self.info = read_info(self.root)
+        self.features = self.info["features"]
+        self.cameras, self.horizon, self.image_size = list(cameras), int(horizon), int(image_size)
+        self.state_key, self.action_key = state_key, action_key
+        self._check_features(action_dim, proprio_dim)
+        self.tasks = _read_tasks(self.root / "meta" / "tasks.parquet")
+        export = _read_json(self.root / EXPORT_META) if (self.root / EXPORT_META).is_file() else {}
+        self._task_names = export.get("task_names", {})
+        self._export_simulator = export.get("simulator")
+
+        episodes = _read_episodes(self.root)
+        self._frames = self._read_frames(episodes)
+        keep = split_episodes(len(episodes["episode_index"]), split, val_every)
+        if not keep:
+            raise ValueError(
+                f"the {split} split of {self.root} is empty ({len(episodes['episode_index'])} episodes, "
+                f"val_every={val_every}); lower data.val_every or add episodes"
+            )
+        self._video_ref = {  # per video camera: per episode (path, from_timestamp)
+            key: [self._video_path(episodes, key, k) for k in range(len(episodes["episode_index"]))]
+            for key in self.cameras if self.features[key]["dtype"] == "video"
+        }
+        rows, ends, episode_of_row = [], [], []
+        for k in keep:
+            start, end = episodes["row_start"][k], episodes["row_end"][k]
+            rows.append(np.arange(start, end))
+            ends.append(np.full(end - start, end))
+            episode_of_row.append(np.full(end - start, k))
+        self._index = np.stack([np.concatenate(rows), np.concatenate(ends), np.concatenate(episode_of_row)], 1)
+        self._open: dict = {}  # per process: open videos, PNG columns (see _files)
+
+    # ------------------------------------------------------------------------------ items
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __getitem__(self, i: int) -> dict:
+        row, end, episode = (int(v) for v in self._index[i])
+        f = self._frames
+        chunk, mask = action_window(f["actions"][row:end], 0, self.horizon)
+        instruction = self.tasks[int(f["task_index"][row])]
+        images = np.stack([self._image(key, row, episode) for key in self.cameras])
+        return {
+            "images": torch.from_numpy(images),
+            "proprio": torch.from_numpy(f["proprio"][row].copy()),
+            "instruction": instruction,
+            "actions": torch.from_numpy(chunk),
+            "action_mask": torch.from_numpy(mask),
+            "task": self._task_names.get(instruction, instruction),
+        }
+
+    def all_instructions(self) -> list[str]:
+        """Every task string of the dataset, sorted (the vocabulary of learned task embeddings)."""
+        return sorted(set(self.tasks.values()))
+
+    def all_actions(self) -> np.ndarray:
+        """The actions of this split's frames, float32 [N, A]."""
+        return self._frames["actions"][self._index[:, 0]]
+
+    def all_proprio(self) -> np.ndarray:
+        return self._frames["proprio"][self._index[:, 0]]
+
+    def normalization_stats(self) -> dict[str, dict[str, list[float]]]:
+        """{"actions", "proprio"} statistics: meta/stats.json's when it has all of `STATS` for both
+        features (LeRobot computes them at recording time, over every episode), else computed over
+        this split."""
+        path = self.root / "meta" / "stats.json"
+        recorded = _read_json(path) if path.is_file() else {}
+        keys = {"actions": self.action_key, "proprio": self.state_key}
+        if not all(set(STATS) <= set(recorded.get(feature, {})) for feature in keys.values()):
+            return compute_stats({"actions": self.all_actions(), "proprio": self.all_proprio()})
+        stats = {}
+        for name, feature in keys.items():
+            dim = self.features[feature]["shape"][0]
+            for s in STATS:
+                if len(recorded[feature][s]) != dim:
+                    raise ValueError(
+                        f"{path}: {feature}.{s} has {len(recorded[feature][s])} values but the feature "
+                        f"has shape {self.features[feature]['shape']}; delete the file to compute the stats instead"
+                    )
+            stats[name] = {s: [float(v) for v in recorded[feature][s]] for s in STATS}
+        return stats
+
+    def simulator(self) -> dict | None:
+        """The data config of the simulator the demos came from, for `data.cameras` (each camera
+        key mapped to its simulator camera), or None when the dataset does not record one."""
+        sim = self._export_simulator
+        if not sim or not all(key in sim["cameras"] for key in self.cameras):
+            return None
+        return {**{k: v for k, v in sim.items() if k != "cameras"}, "cameras": [sim["cameras"][key] for key in self.cameras]}
+
+    def __getstate__(self) -> dict:
+        # Open files do not pickle; each worker reopens its own.
+        return {**self.__dict__, "_open": {}}
+
+    # ------------------------------------------------------------------------------ reading
+    def _check_features(self, action_dim: int | None, proprio_dim: int | None) -> None:
+        info, present = self.root / "meta" / "info.json", sorted(self.features)
+        for key in [*self.cameras, self.state_key, self.action_key]:
+            if key not in self.features:
+                raise KeyError(f"feature {key!r} is not in {info}; it has {present}")
+        not_images = [key for key in self.cameras if self.features[key]["dtype"] not in ("video", "image")]
+        if not_images or not self.cameras:
+            images = [k for k in present if self.features[k]["dtype"] in ("video", "image")]
+            raise ValueError(f"data.cameras must name image or video features; got {not_images or self.cameras}, the dataset's are {images}")
+        expected = (
+            (self.action_key, action_dim, "data.action_spec", "data.action_key"),
+            (self.state_key, proprio_dim, "data.proprio_dim", "data.state_key"),
+        )
+        for key, dim, config, key_config in expected:
+            shape = list(self.features[key]["shape"])
+            if dim is not None and shape != [dim]:
+                raise ValueError(
+                    f"{config} gives {dim} values but feature {key!r} has shape {shape} in {info}; "
+                    f"make {config} match ({shape[0]} values) or name another feature with {key_config}"
+                )
+
+    def _read_frames(self, episodes: dict) -> dict[str, np.ndarray]:
+        """The low-dimensional columns of every data file, concatenated in file order; each
+        episode's row range is checked against the global `index` column."""
+        files = sorted(set(zip(episodes["data/chunk_index"], episodes["data/file_index"], strict=True)))
+        columns = {"proprio": self.state_key, "actions": self.action_key, "timestamp": "timestamp",
+                   "task_index": "task_index", "index": "index"}
+        parts, file_of_row, row_in_file = [], [], []
+        for n, (chunk, file) in enumerate(files):
+            path = self.root / self.info["data_path"].format(chunk_index=chunk, file_index=file)
+            table = _read_parquet(path, list(columns.values()))
+            parts.append({name: _column(table, key, path) for name, key in columns.items()})
+            file_of_row.append(np.full(table.num_rows, n))
+            row_in_file.append(np.arange(table.num_rows))
+        frames = {name: np.concatenate([p[name] for p in parts]) for name in columns}
+        frames["proprio"] = frames["proprio"].astype(np.float32)
+        frames["actions"] = frames["actions"].astype(np.float32)
+        frames["file"], frames["row_in_file"] = np.concatenate(file_of_row), np.concatenate(row_in_file)
+        self._data_files = [self.info["data_path"].format(chunk_index=c, file_index=f) for c, f in files]
+        order = np.argsort(frames["index"], kind="stable")
+        frames = {k: v[order] for k, v in frames.items()}
+        episodes["row_start"] = np.searchsorted(frames["index"], episodes["dataset_from_index"])
+        episodes["row_end"] = episodes["row_start"] + (episodes["dataset_to_index"] - episodes["dataset_from_index"])
+        for k, (start, end) in enumerate(zip(episodes["row_start"], episodes["row_end"], strict=True)):
+            found = frames["index"][start:end]
+            wanted = np.arange(episodes["dataset_from_index"][k], episodes["dataset_to_index"][k])
+            if len(found) != len(wanted) or (found != wanted).any():
+                raise CorruptEpisodeError(
+                    f"episode {episodes['episode_index'][k]} spans index {wanted[0]}..{wanted[-1]} in meta/episodes "
+                    f"but {self.root / 'data'} lacks some of those rows; the dataset is incomplete: download or export it again"
+                )
+        return frames
+
+    def _video_path(self, episodes: dict, key: str, k: int) -> tuple[pathlib.Path, float]:
+        prefix = f"videos/{key}/"
+        missing = [c for c in ("chunk_index", "file_index", "from_timestamp") if prefix + c not in episodes]
+        if missing:
+            raise CorruptEpisodeError(f"{self.root / 'meta' / 'episodes'} lacks the columns {[prefix + c for c in missing]} of video feature {key!r}")
+        path = self.root / self.info["video_path"].format(
+            video_key=key, chunk_index=int(episodes[prefix + "chunk_index"][k]), file_index=int(episodes[prefix + "file_index"][k])
+        )
+        if not path.is_file():
+            raise CorruptEpisodeError(f"video file {path} (feature {key!r}, episode {episodes['episode_index'][k]}) is missing")
+        return path, float(episodes[prefix + "from_timestamp"][k])
+
+    def _image(self, key: str, row: int, episode: int) -> np.ndarray:
+        """uint8 [3, S, S] of camera `key` at frame `row`."""
+        if key in self._video_ref:
+            path, start = self._video_ref[key][episode]
+            rgb = self._decode_video_frame(path, start + float(self._frames["timestamp"][row]))
+        else:
+            rgb = self._decode_png(key, int(self._frames["file"][row]), int(self._frames["row_in_file"][row]))
+        return np.ascontiguousarray(rgb.transpose(2, 0, 1))
+
+    def _files(self) -> dict:
+        """This process's open files: {"videos": {path: PyAV container}, "png": {(file, key): PNG
+        bytes column}, "reformatter": PyAV's frame converter}, opened by each process itself.
+        A forked loader worker inherits the parent's decoders, whose threads did not survive the
+        fork: freeing them joins those threads and hangs forever, so they are kept, unused."""
+        if self._open.get("pid") != os.getpid():
+            _INHERITED_FILES.append(self._open)
+            self._open = {"pid": os.getpid(), "videos": {}, "png": {}, "reformatter": None}
+        return self._open
+
+    def _decode_png(self, key: str, file: int, row: int) -> np.ndarray:
+        columns = self._files()["png"]
+        if (file, key) not in columns:
+            path = self.root / self._data_files[file]
+            columns[(file, key)] = _read_parquet(path, [key]).column(key).combine_chunks().field("bytes")
+        with Image.open(io.BytesIO(columns[(file, key)][row].as_py())) as image:
+            image = image.convert("RGB")
+            if image.size != (self.image_size, self.image_size):
+                image = image.resize((self.image_size, self.image_size), Image.BILINEAR)
+            return np.asarray(image)
+
+    def _decode_video_frame(self, path: pathlib.Path, t: float) -> np.ndarray:
+        """uint8 [S, S, 3]: the frame at time `t` (seconds) of `path`."""
+        import av
+        from av.video.reformatter import VideoReformatter
+
+        files = self._files()
+        try:
+            if path not in files["videos"]:
+                files["videos"][path] = av.open(str(path))
+                # One decoding thread: a threaded decoder must be primed with several frames after
+                # every seek (3x slower per random frame, measured); workers give the parallelism.
+                files["videos"][path].streams.video[0].codec_context.thread_count = 1
+            container = files["videos"][path]
+            stream = container.streams.video[0]
+            container.seek(int(t / stream.time_base), stream=stream, backward=True)  # the keyframe at or before t
+            for frame in container.decode(stream):
+                if frame.time < t - TIMESTAMP_TOLERANCE_S:
+                    continue
+                if frame.time > t + TIMESTAMP_TOLERANCE_S:
+                    break
+                # A kept reformatter reuses its scaler; `frame.to_ndarray` builds one per call (10x slower).
+                files["reformatter"] = files["reformatter"] or VideoReformatter()
+                return files["reformatter"].reformat(frame, width=self.image_size, height=self.image_size, format="rgb24").to_ndarray()
+        except (av.error.FFmpegError, OSError) as e:
+            files["videos"].pop(path, None)
+            raise CorruptEpisodeError(f"cannot decode {path} at {t:.4f} s ({type(e).__name__}: {e}); the file is damaged: download or export the dataset again") from e
+        raise CorruptEpisodeError(
+            f"{path} has no frame within {TIMESTAMP_TOLERANCE_S} s of {t:.4f} s (truncated, or meta/episodes "
+            "timestamps do not match the video); download or export the dataset again"
+        )
+
+
+def _read_json(path: pathlib.Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CorruptEpisodeError(f"cannot read {path} ({type(e).__name__}: {e})") from e
+
+
+def _read_parquet(path: pathlib.Path, columns: list[str] | None = None):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path, columns=columns)
+    except FileNotFoundError as e:
+        raise CorruptEpisodeError(f"parquet file {path} is missing; download or export the dataset again") from e
+    except (pa.ArrowException, OSError) as e:
+        raise CorruptEpisodeError(f"cannot read parquet file {path} ({type(e).__name__}: {e}); the file is damaged or truncated") from e
+
+
+def _column(table, key: str, path: pathlib.Path) -> np.ndarray:
+    """A numeric column as numpy: scalars [N], vectors (fixed-size or plain lists) [N, D]."""
+    column = table.column(key).combine_chunks()
+    if hasattr(column, "flatten"):
+        values = column.flatten().to_numpy(zero_copy_only=False)
+        if len(column) and len(values) % len(column):
+            raise CorruptEpisodeError(f"column {key!r} of {path} has rows of different lengths")
+        return values.reshape(len(column), -1)
+    return column.to_numpy(zero_copy_only=False)
+
+
+def _read_episodes(root: pathlib.Path) -> dict[str, np.ndarray]:
+    """meta/episodes/*/*.parquet as columns (without the per-episode `stats/*`), by episode index."""
+    import pyarrow as pa
+
+    paths = sorted((root / "meta" / "episodes").glob("chunk-*/file-*.parquet"))
+    if not paths:
+        raise CorruptEpisodeError(f"{root / 'meta' / 'episodes'} holds no chunk-*/file-*.parquet; the dataset is incomplete")
+    tables = [_read_parquet(p) for p in paths]
+    tables = [t.select([c for c in t.column_names if not c.startswith("stats/")]) for t in tables]
+    table = pa.concat_tables(tables, promote_options="default")
+    episodes = {c: table.column(c).to_numpy() for c in table.column_names if c != "tasks"}
+    order = np.argsort(episodes["episode_index"])
+    return {c: v[order] for c, v in episodes.items()}
+
+
+def _read_tasks(path: pathlib.Path) -> dict[int, str]:
+    """task_index -> task string. LeRobot writes the strings as the pandas index
+    (`__index_level_0__`); a plain `task` column is read too."""
+    table = _read_parquet(path)
+    name = next((c for c in ("task", "__index_level_0__") if c in table.column_names), None)
+    if name is None or "task_index" not in table.column_names:
+        raise CorruptEpisodeError(f"{path} has columns {table.column_names}; expected task_index and the task strings")
+    return dict(zip(table.column("task_index").to_pylist(), table.column(name).to_pylist(), strict=True))
