@@ -16,7 +16,6 @@ from drifting_vla.inference.policy import DriftingPolicy
 from drifting_vla.training.objectives import OBJECTIVES
 from tests.test_inference import (
     TASK,
-    checkpoint,  # noqa: F401
     observation_batch,
     run_simulate_eval,
     tiny_cfg,
@@ -24,6 +23,12 @@ from tests.test_inference import (
 )
 
 EXPORT_FILES = {"model.safetensors", "config.json", "normalization.json", "README.md"}
+
+
+@pytest.fixture
+def policy(tmp_path) -> DriftingPolicy:
+    """The tiny drifting policy loaded from its checkpoint (`policy.checkpoint`) in `tmp_path/run`."""
+    return DriftingPolicy.from_checkpoint(write_checkpoint(tmp_path / "run", tiny_cfg())[0])
 
 
 def actions(policy: DriftingPolicy, seed: int = 7) -> np.ndarray:
@@ -59,14 +64,15 @@ def test_round_trip_gives_identical_actions_with_the_same_objective_and_nfe(obje
     np.testing.assert_array_equal(actions(loaded), actions(policy))
 
 
-def test_export_is_config_weights_normalization_and_card_without_training_state(checkpoint, tmp_path):
-    export = DriftingPolicy.from_checkpoint(checkpoint[0]).save_pretrained(tmp_path / "export")
+def test_export_is_config_weights_normalization_and_card_without_training_state(tmp_path):
+    path, _, ema, _ = write_checkpoint(tmp_path / "run", tiny_cfg())
+    export = DriftingPolicy.from_checkpoint(path).save_pretrained(tmp_path / "export")
     assert {p.name for p in export.iterdir()} == EXPORT_FILES
     saved = json.loads((export / "config.json").read_text())
     assert saved["format"] == "drifting-vla-policy" and saved["config"]["data"]["tasks"] == [TASK]
     assert saved["objective"] == {"name": "drifting", "nfe": 1, "sampler": None, "method": "drifting nfe=1"}
     weights = load_file(str(export / "model.safetensors"))
-    for name, value in checkpoint[2].shadow.items():  # the EMA weights, which the policy runs
+    for name, value in ema.shadow.items():  # the EMA weights, which the policy runs
         torch.testing.assert_close(weights[name], value)
     assert "Not evaluated." in (export / "README.md").read_text()
 
@@ -78,26 +84,26 @@ def test_exported_sampling_is_the_loaded_default_and_kwargs_still_override(tmp_p
     assert DriftingPolicy.from_pretrained(tmp_path / "export", nfe=2, sampler="ddim").method == "diffusion/ddim nfe=2"
 
 
-def test_model_card_shows_the_runs_final_evaluation_and_the_command_that_reproduces_it(checkpoint, tmp_path):
-    path = checkpoint[0]
+def test_model_card_shows_the_runs_final_evaluation_and_the_command_that_reproduces_it(policy, tmp_path):
+    path = policy.checkpoint
     summary = {
         "success_rate": 0.75, "ci95": [0.41, 0.93], "episodes": 8, "per_task": {TASK: 0.75},
         "per_task_ci95": {TASK: [0.41, 0.93]}, "per_task_episodes": {TASK: 8}, "errors": 0,
         "protocol": "metaworld | drifting nfe=1 | chunk 8/16", "step": 10,
     }
     (path.parent.parent / "summary.json").write_text(json.dumps(summary))
-    card = (DriftingPolicy.from_checkpoint(path).save_pretrained(tmp_path / "export", repo_id="me/reach") / "README.md").read_text()
+    card = (policy.save_pretrained(tmp_path / "export", repo_id="me/reach") / "README.md").read_text()
     assert f"| {TASK} | 0.750 | [0.41, 0.93] | 8 |" in card and "metaworld | drifting nfe=1 | chunk 8/16" in card
     assert "python scripts/simulate_eval.py checkpoint=me/reach episodes=25 execution=chunk execute_steps=8 nfe=1" in card
     assert 'DriftingPolicy.from_pretrained("me/reach")' in card
 
     (path.parent.parent / "summary.json").write_text(json.dumps({**summary, "step": 20}))  # another checkpoint's
-    card = (DriftingPolicy.from_checkpoint(path).save_pretrained(tmp_path / "other") / "README.md").read_text()
+    card = (policy.save_pretrained(tmp_path / "other") / "README.md").read_text()
     assert "Not evaluated." in card
 
 
-def test_simulate_eval_evaluates_an_exported_directory(checkpoint, tmp_path):
-    export = DriftingPolicy.from_checkpoint(checkpoint[0]).save_pretrained(tmp_path / "export")
+def test_simulate_eval_evaluates_an_exported_directory(policy, tmp_path):
+    export = policy.save_pretrained(tmp_path / "export")
     result = run_simulate_eval(
         tmp_path / "hydra", f"checkpoint={export}", "episodes=1", "workers=1", "max_episode_steps=4",
         "videos_per_task=0", f"output={tmp_path / 'eval'}", "progress=false", "num_threads=1",
@@ -111,8 +117,8 @@ def test_simulate_eval_evaluates_an_exported_directory(checkpoint, tmp_path):
 # The hub, without the network
 
 
-def test_repo_id_loads_from_the_hub_cache_offline(checkpoint, tmp_path):
-    export = DriftingPolicy.from_checkpoint(checkpoint[0]).save_pretrained(tmp_path / "export")
+def test_repo_id_loads_from_the_hub_cache_offline(policy, tmp_path):
+    export = policy.save_pretrained(tmp_path / "export")
     repo = tmp_path / "cache" / "models--me--reach"
     commit = "0123456789abcdef0123456789abcdef01234567"
     shutil.copytree(export, repo / "snapshots" / commit)
@@ -127,7 +133,7 @@ def test_repo_id_offline_and_not_cached_says_how_to_use_a_local_copy(tmp_path):
         DriftingPolicy.from_pretrained("me/nothing", cache_dir=tmp_path)
 
 
-def test_push_to_hub_uploads_the_export_as_one_commit(checkpoint, monkeypatch):
+def test_push_to_hub_uploads_the_export_as_one_commit(policy, monkeypatch):
     calls = {}
 
     def create_repo(self, repo_id, **kwargs):
@@ -142,7 +148,7 @@ def test_push_to_hub_uploads_the_export_as_one_commit(checkpoint, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
-    url = DriftingPolicy.from_checkpoint(checkpoint[0]).push_to_hub("me/reach", private=True, branch="v1")
+    url = policy.push_to_hub("me/reach", private=True, branch="v1")
     assert url == "https://huggingface.co/me/reach/commit/abc"
     assert calls["create_repo"] == ("me/reach", {"private": True, "exist_ok": True})
     repo_id, files, card, kwargs = calls["upload"]
@@ -150,33 +156,33 @@ def test_push_to_hub_uploads_the_export_as_one_commit(checkpoint, monkeypatch):
     assert 'DriftingPolicy.from_pretrained("me/reach")' in card
 
 
-def test_push_to_hub_offline_fails_at_once_without_touching_the_hub(checkpoint, monkeypatch):
+def test_push_to_hub_offline_fails_at_once_without_touching_the_hub(policy, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(HfApi, "create_repo", lambda *a, **k: pytest.fail("the hub was called"))
     with pytest.raises(RuntimeError, match=r"HF_HUB_OFFLINE=1 is set.*save_pretrained\(DIR\).*hf upload me/reach DIR"):
-        DriftingPolicy.from_checkpoint(checkpoint[0]).push_to_hub("me/reach")
+        policy.push_to_hub("me/reach")
 
 
 # ----------------------------------------------------------------------------------------------
 # A downloaded export is untrusted data
 
 
-def test_export_naming_a_module_to_import_is_refused(checkpoint, tmp_path):
-    export = DriftingPolicy.from_checkpoint(checkpoint[0]).save_pretrained(tmp_path / "export")
+def test_export_naming_a_module_to_import_is_refused(policy, tmp_path):
+    export = policy.save_pretrained(tmp_path / "export")
     rewrite_config(export, lambda cfg: cfg["data"].update(name="os:system"))
     with pytest.raises(ValueError, match=r"config.json: data.name='os:system' names a module to import"):
         DriftingPolicy.from_pretrained(export)
 
 
-def test_export_with_an_interpolation_is_refused(checkpoint, tmp_path):
-    export = DriftingPolicy.from_checkpoint(checkpoint[0]).save_pretrained(tmp_path / "export")
+def test_export_with_an_interpolation_is_refused(policy, tmp_path):
+    export = policy.save_pretrained(tmp_path / "export")
     rewrite_config(export, lambda cfg: cfg["training"].update(objective="${oc.env:HOME}"))
     with pytest.raises(ValueError, match=r"training.objective='\$\{oc.env:HOME\}' is an interpolation"):
         DriftingPolicy.from_pretrained(export)
 
 
-def test_export_with_an_unregistered_objective_is_refused_by_name(checkpoint, tmp_path):
-    export = DriftingPolicy.from_checkpoint(checkpoint[0]).save_pretrained(tmp_path / "export")
+def test_export_with_an_unregistered_objective_is_refused_by_name(policy, tmp_path):
+    export = policy.save_pretrained(tmp_path / "export")
     rewrite_config(export, lambda cfg: cfg["training"].update(objective="my_package.objectives:Evil"))
     with pytest.raises(ValueError, match="training.objective"):
         DriftingPolicy.from_pretrained(export)

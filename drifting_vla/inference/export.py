@@ -77,20 +77,24 @@ def read_saved_policy(path: str | os.PathLike) -> SavedPolicy:
     """An export directory, a checkpoint directory, or the newest whole checkpoint of a run."""
     path = Path(path).expanduser()
     if is_export(path):
-        saved = json.loads((path / EXPORT_CONFIG_FILE).read_text())
-        if saved.get("format") != EXPORT_FORMAT:
+        file = path / EXPORT_CONFIG_FILE
+        saved = json.loads(file.read_text())
+        if saved.get("format") != EXPORT_FORMAT or not {"config", "objective"} <= saved.keys():
             raise ValueError(
-                f"{path / EXPORT_CONFIG_FILE} is not a Drifting-VLA policy (format {saved.get('format')!r}, "
-                f"expected {EXPORT_FORMAT!r}); export one with DriftingPolicy.save_pretrained"
+                f"{file} is not a Drifting-VLA policy (format {saved.get('format')!r}, keys {sorted(saved)}; expected "
+                f"format {EXPORT_FORMAT!r} with 'config' and 'objective'): export one with DriftingPolicy.save_pretrained"
             )
         if int(saved.get("format_version", 0)) > EXPORT_FORMAT_VERSION:
             raise ValueError(
-                f"{path / EXPORT_CONFIG_FILE} has format_version {saved['format_version']}; this drifting-vla "
-                f"reads up to {EXPORT_FORMAT_VERSION}: upgrade drifting-vla"
+                f"{file} has format_version {saved['format_version']}; this drifting-vla reads up to "
+                f"{EXPORT_FORMAT_VERSION}: upgrade drifting-vla"
             )
-        check_untrusted_config(saved["config"], path / EXPORT_CONFIG_FILE)
-        objective = saved["objective"]
-        return SavedPolicy(path, saved["config"], _read_normalization(path), read_references(path),
+        cfg, objective = saved["config"], saved["objective"]
+        check_untrusted_config(cfg, file)
+        trained = cfg.get("training", {}).get("objective", "drifting")
+        if objective.get("name") != trained:
+            raise ValueError(f"{file}: objective.name={objective.get('name')!r} but config.training.objective={trained!r}; re-export the policy")
+        return SavedPolicy(path, cfg, _read_normalization(path), read_references(path),
                            [path / MODEL_FILE], objective.get("nfe"), objective.get("sampler"))
     path = resolve_checkpoint(path)
     cfg = yaml.safe_load((path / CONFIG_FILE).read_text())
@@ -132,7 +136,7 @@ def write_export(policy, directory: Path, repo_id: str | None, evaluation: str |
     """Every file of the layout above into `directory` (created; existing files replaced)."""
     from safetensors.torch import save_file
 
-    if getattr(policy, "cfg", None) is None:
+    if policy.cfg is None:
         raise ValueError(
             "save_pretrained needs the run's resolved config to rebuild the network: load the policy with "
             "DriftingPolicy.from_checkpoint / from_pretrained, or pass cfg= when constructing it"
@@ -207,7 +211,7 @@ def model_card(policy, target: str, references: dict[str, dict], summary: dict |
         f"A Drifting-VLA policy (`{model.get('name', '?')}`) trained with the `{policy.objective.name}` "
         f"objective; it samples with `{policy.method}`. Observations: {len(data['cameras'])} camera(s) "
         f"({', '.join(data['cameras'])}), proprio of {data['proprio_dim']} dims, an instruction; "
-        f"actions: chunks of {data['horizon']} x `{policy.action_spec.names}` on `{data['name']}`.",
+        f"actions: chunks of {data['horizon']} x [{', '.join(policy.action_spec.names)}] on `{data['name']}`.",
         "",
         "## Evaluation",
         "",
@@ -250,7 +254,8 @@ def model_card(policy, target: str, references: dict[str, dict], summary: dict |
             "",
             "## Frozen encoders (not in this repository)",
             "",
-            "Loading fetches them from their source (the hub cache or a local directory) and checks the hash.",
+            "Loading builds them from their source (the hub or its cache, a local directory, an installed "
+            "package) and refuses weights whose sha256 differs.",
             "",
             "| weights | config | source | revision | parameters | sha256 |",
             "|---|---|---|---|---|---|",
