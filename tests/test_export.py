@@ -35,11 +35,11 @@ def actions(policy: DriftingPolicy, seed: int = 7) -> np.ndarray:
     return policy.predict_action_chunk(observation_batch(), generator=torch.Generator().manual_seed(seed))
 
 
-def frozen_dinov2_cfg(dinov2_dir: Path):
-    """The tiny policy with a frozen pretrained DINOv2 (a local directory) as its vision backbone."""
+def frozen_dinov2_cfg(name_or_path: str | Path):
+    """The tiny policy with a frozen pretrained DINOv2 (a local directory or a hub id) as its vision backbone."""
     cfg = tiny_cfg()
     cfg.model.pretrained = True
-    cfg.model.vision = {"name": "dinov2", "name_or_path": str(dinov2_dir), "input_size": 28}
+    cfg.model.vision = {"name": "dinov2", "name_or_path": str(name_or_path), "input_size": 28}
     return cfg
 
 
@@ -208,6 +208,22 @@ def test_frozen_pretrained_encoder_is_referenced_by_source_and_hash_not_stored(p
     assert {p.name for p in export.iterdir()} == EXPORT_FILES | {"pretrained_weights.json"}
     assert "vision_encoder.backbone" in (export / "README.md").read_text()
     np.testing.assert_array_equal(actions(DriftingPolicy.from_pretrained(export)), actions(policy))
+
+
+def test_encoder_named_by_hub_id_is_pinned_to_the_commit_it_was_loaded_at(pretrained_dirs, tmp_path, monkeypatch):
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--org--dinov2-tiny"
+    shutil.copytree(pretrained_dirs["dinov2"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    path = write_checkpoint(tmp_path / "run", frozen_dinov2_cfg("org/dinov2-tiny"))[0]
+    reference = json.loads((path / "pretrained_weights.json").read_text())["vision_encoder.backbone"]
+    assert (reference["source"], reference["revision"]) == ("org/dinov2-tiny", commit)
+
+    (repo / "refs" / "main").write_text("f" * 40)  # main moved on, to a commit this cache lacks
+    policy = DriftingPolicy.from_checkpoint(path)  # offline, at the recorded commit
+    assert policy.model.vision_encoder.backbone.weights_source["revision"] == commit
 
 
 def test_changed_encoder_weights_are_refused_naming_the_encoder_both_hashes_and_the_fix(pretrained_dirs, tmp_path):
