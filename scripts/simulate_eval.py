@@ -1,6 +1,7 @@
 """Evaluate a checkpoint in simulation: success rate per task, per-episode JSON, rollout videos.
 
     python scripts/simulate_eval.py checkpoint=runs/2026-01-01_12-00-00
+    python scripts/simulate_eval.py checkpoint=exports/drawer          # an export (save_pretrained), or a hub repo id
     python scripts/simulate_eval.py checkpoint=<dir> tasks=[drawer-open-v3] episodes=10 workers=2 \
         execution=ensemble output=eval/drawer
     python scripts/simulate_eval.py remote=ws://127.0.0.1:8000 seed=0 episodes=10   # through scripts/serve.py
@@ -22,17 +23,16 @@ from pathlib import Path
 
 import hydra
 import torch
-import yaml
 from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from drifting_vla.envs import ENVS, NO_SIMULATOR, simulation_config  # noqa: E402
+from drifting_vla.inference.export import local_policy_dir, read_saved_policy  # noqa: E402
 from drifting_vla.inference.policy import DriftingPolicy  # noqa: E402
 from drifting_vla.inference.rollout import evaluate, evaluation_seeds, protocol_label  # noqa: E402
 from drifting_vla.serving import ChunkedPolicy, PolicyClient  # noqa: E402
 from drifting_vla.serving.server import predict_chunks  # noqa: E402
-from drifting_vla.training.checkpoint import CONFIG_FILE, resolve_checkpoint  # noqa: E402
 
 log = logging.getLogger("simulate_eval")
 
@@ -100,7 +100,7 @@ def _policy(cfg: DictConfig):
         return policy, meta["data"], meta["checkpoint"], meta["method"]
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else str(cfg.device)
     if seed is None:
-        policy = DriftingPolicy.from_checkpoint(
+        policy = DriftingPolicy.from_pretrained(
             cfg.checkpoint,
             device=device,
             execution=cfg.execution,
@@ -110,14 +110,14 @@ def _policy(cfg: DictConfig):
             sampler=cfg.sampler,
         )
         return policy, policy.cfg["data"], str(policy.checkpoint), policy.method
-    local = DriftingPolicy.from_checkpoint(cfg.checkpoint, device=device, nfe=cfg.nfe, sampler=cfg.sampler)
+    local = DriftingPolicy.from_pretrained(cfg.checkpoint, device=device, nfe=cfg.nfe, sampler=cfg.sampler)
     predict = lambda obs, chunk_seed: predict_chunks(local, [obs], chunk_seed)[0]  # noqa: E731
     chunked = ChunkedPolicy(predict, local.horizon, execute_steps, seed)
     return chunked, local.cfg["data"], str(local.checkpoint), local.method
 
 
 def _data_config(checkpoint) -> dict:
-    return yaml.safe_load((resolve_checkpoint(checkpoint) / CONFIG_FILE).read_text())["data"]
+    return read_saved_policy(local_policy_dir(checkpoint)).cfg["data"]
 
 
 if __name__ == "__main__":

@@ -1,7 +1,11 @@
 """Every test runs offline and headless: no hub, no WandB account, no display."""
 
+import gzip
 import os
+import pathlib
 import socket
+
+import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -14,3 +18,44 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def tiny_bpe_file(path: pathlib.Path) -> pathlib.Path:
+    """A CLIP-format BPE merges file with a handful of merges (byte symbols cover any text)."""
+    merges = ["o p", "e n</w>", "op en</w>", "t h", "th e</w>", "d r", "dr a", "dra w", "e r</w>"]
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write("\n".join(["#version: 0.2", *merges]) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def pretrained_dirs(tmp_path_factory) -> dict:
+    """Tiny DINOv2 and CLIP text checkpoints saved with save_pretrained, as a user's local copies."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel, Dinov2Config, Dinov2Model
+
+    from drifting_vla.models.language_encoder import clip_tokenizer_from_bpe
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    torch.manual_seed(0)
+    dinov2 = Dinov2Model(
+        Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=28, patch_size=14)
+    )
+    dinov2.save_pretrained(root / "dinov2")
+    tokenizer = clip_tokenizer_from_bpe(tiny_bpe_file(root / "bpe.txt.gz"))
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=16,
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    clip.save_pretrained(root / "clip")
+    tokenizer.save_pretrained(root / "clip")
+    return {"dinov2": root / "dinov2", "clip": root / "clip", "dinov2_model": dinov2, "clip_model": clip}

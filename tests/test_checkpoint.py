@@ -7,8 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
+from drifting_vla.models.frozen import FrozenModule
 from drifting_vla.training import checkpoint as ckpt
 from drifting_vla.training.checkpoint import (
     capture_rng_state,
@@ -26,12 +28,31 @@ CONFIG = {"model": {"hidden": 8}, "training": {"learning_rate": 1e-2}}
 NORMALIZATION = {"actions": {"min": np.zeros(4, dtype=np.float32), "max": torch.ones(4)}}
 
 
+class PretrainedEncoder(FrozenModule):
+    """Stands in for DINOv2: frozen weights that come from a named source, the same in every run
+    unless `shift` says the source now holds other weights."""
+
+    def __init__(self, shift: float = 0.0) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+        with torch.no_grad():
+            self.layer.weight.copy_(torch.eye(4) + shift)
+            self.layer.bias.zero_()
+        self.weights_source = {"config_key": "model.vision", "source": "org/encoder", "revision": "abc123"}
+        self.freeze()
+
+    def forward(self, x):
+        return self.layer(x)
+
+
 class Run:
     """Model, EMA, optimizer and scheduler built the same way a fresh run builds them."""
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, encoder: nn.Module | None = None) -> None:
         torch.manual_seed(seed)
         self.model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 4))
+        if encoder is not None:
+            self.model.insert(0, encoder)
         self.ema = EMA(self.model, max_decay=0.9)
         cfg = OptimizerConfig(learning_rate=1e-2, warmup_steps=2, max_steps=20)
         self.optimizer = build_optimizer(self.model, cfg)
@@ -177,3 +198,21 @@ def test_loading_into_another_architecture_is_an_error(tmp_path):
     other.model[2] = nn.Linear(8, 5)
     with pytest.raises(Exception, match="does not match|size|shape"):
         other.load(path)
+
+
+def test_resume_loads_every_stored_weight_strictly_and_references_the_frozen_encoder(tmp_path):
+    run = Run(encoder=PretrainedEncoder())
+    run.train_step(0)
+    path = run.save(tmp_path, step=1)
+    stored = load_file(str(path / "model.safetensors"))
+    assert sorted(stored) == ["1.bias", "1.weight", "2.bias", "2.weight", "3.bias", "3.weight"]
+    reference = json.loads((path / "pretrained_weights.json").read_text())["0"]
+    assert reference["source"] == "org/encoder" and reference["revision"] == "abc123" and reference["parameters"] == 20
+
+    resumed = Run(seed=123, encoder=PretrainedEncoder())
+    resumed.load(path)
+    for (name, a), b in zip(run.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+    with pytest.raises(ValueError, match=r"frozen encoder 0 \(model.vision: org/encoder at revision abc123\).*model.vision.revision"):
+        Run(encoder=PretrainedEncoder(shift=0.1)).load(path)

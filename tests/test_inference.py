@@ -71,8 +71,13 @@ def observation_batch(batch: int = 2, size: int = 32) -> dict:
 
 @pytest.fixture
 def checkpoint(tmp_path):
+    return write_checkpoint(tmp_path / "run", tiny_cfg())
+
+
+def write_checkpoint(run_dir: Path, cfg):
+    """A step-10 checkpoint of a fresh model under `run_dir/checkpoints`, its EMA weights offset so
+    a test sees which weights were loaded: (path, model, ema, normalizer)."""
     torch.manual_seed(0)
-    cfg = tiny_cfg()
     model = build_model(cfg)
     ema = EMA(model, max_decay=0.9)
     for name in ema.shadow:  # EMA weights that differ from the raw ones, to see which are loaded
@@ -81,7 +86,7 @@ def checkpoint(tmp_path):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     normalizer = tiny_normalizer(cfg)
     path = save_checkpoint(
-        tmp_path / "run" / "checkpoints",
+        run_dir / "checkpoints",
         step=10,
         state=gather_training_state(model, ema, optimizer),
         scheduler=scheduler,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import pathlib
 
 import pytest
@@ -12,6 +11,7 @@ import yaml
 from drifting_vla.models import build_model, parameter_table
 from drifting_vla.models.language_encoder import clip_tokenizer_from_bpe
 from drifting_vla.specs import METAWORLD_ACTION_SPEC, RLBENCH_ACTION_SPEC
+from tests.conftest import tiny_bpe_file
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 INSTRUCTIONS = ["open the drawer", "close the drawer", "press the button"]
@@ -34,44 +34,6 @@ def observation(cfg: dict, batch_size: int = 2, image_size: int = 32) -> dict:
         "proprio": torch.randn(batch_size, data["proprio_dim"]),
         "instruction": [INSTRUCTIONS[i % len(INSTRUCTIONS)] for i in range(batch_size)],
     }
-
-
-def tiny_bpe_file(path: pathlib.Path) -> pathlib.Path:
-    """A CLIP-format BPE merges file with a handful of merges (byte symbols cover any text)."""
-    merges = ["o p", "e n</w>", "op en</w>", "t h", "th e</w>", "d r", "dr a", "dra w", "e r</w>"]
-    with gzip.open(path, "wt", encoding="utf-8") as f:
-        f.write("\n".join(["#version: 0.2", *merges]) + "\n")
-    return path
-
-
-@pytest.fixture(scope="module")
-def pretrained_dirs(tmp_path_factory) -> dict:
-    """Tiny DINOv2 and CLIP text checkpoints saved with save_pretrained, as a user's local copies."""
-    from transformers import CLIPTextConfig, CLIPTextModel, Dinov2Config, Dinov2Model
-
-    root = tmp_path_factory.mktemp("checkpoints")
-    torch.manual_seed(0)
-    dinov2 = Dinov2Model(
-        Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=28, patch_size=14)
-    )
-    dinov2.save_pretrained(root / "dinov2")
-    tokenizer = clip_tokenizer_from_bpe(tiny_bpe_file(root / "bpe.txt.gz"))
-    clip = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=32,
-            max_position_embeddings=16,
-            vocab_size=len(tokenizer),
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    clip.save_pretrained(root / "clip")
-    tokenizer.save_pretrained(root / "clip")
-    return {"dinov2": root / "dinov2", "clip": root / "clip", "dinov2_model": dinov2, "clip_model": clip}
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,8 @@
 """The closed-loop policy: a trained DriftingVLA, its normalizer and its configs, behind two calls.
 
     policy = DriftingPolicy.from_checkpoint("runs/x/checkpoints")       # newest whole checkpoint, EMA weights
+    policy = DriftingPolicy.from_pretrained("me/drifting-drawer")       # an export (a directory or a hub repo)
+    policy.save_pretrained("exports/drawer"); policy.push_to_hub("me/drifting-drawer")   # inference/export.py
     chunk = policy.predict_action_chunk(obs)    # [B, T, A] raw units, through the checkpoint's objective
     policy = DriftingPolicy.from_checkpoint(path, nfe=10)                # a flow/diffusion run: 10 steps
     action = policy.select_action(obs)          # [B, A]: the action to execute now, per env
@@ -40,26 +42,24 @@ quaternion, bounds the workspace and binarizes the gripper).
 
 from __future__ import annotations
 
-import json
 import os
 from collections import deque
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from drifting_vla.data.normalization import Normalizer
+from drifting_vla.inference.export import (
+    local_policy_dir,
+    read_saved_policy,
+    upload_export,
+    write_export,
+)
 from drifting_vla.models.drifting_vla import DriftingVLA, build_model
 from drifting_vla.specs import ActionSpec
-from drifting_vla.training.checkpoint import (
-    CONFIG_FILE,
-    EMA_FILE,
-    MODEL_FILE,
-    NORMALIZATION_FILE,
-    load_weights,
-    resolve_checkpoint,
-)
+from drifting_vla.training.checkpoint import load_weights, pin_referenced_revisions
 from drifting_vla.training.config import training_config
 from drifting_vla.training.objectives import Objective, build_objective
 
@@ -80,7 +80,10 @@ class DriftingPolicy:
         nfe: int | None = None,
         sampler: str | None = None,
         device: str | torch.device | None = None,
+        cfg: Mapping | None = None,
     ) -> None:
+        """`cfg`: the run's resolved config, which `save_pretrained` needs to rebuild the network
+        (`from_checkpoint` sets it)."""
         if execution not in EXECUTION_MODES:
             raise ValueError(f"unknown execution mode {execution!r}; choose one of {EXECUTION_MODES}")
         spec = model.action_spec
@@ -108,40 +111,92 @@ class DriftingPolicy:
         self._queues: dict[int, deque] = {}  # chunk mode: actions left to execute, per env
         self._chunks: dict[int, list[tuple[int, np.ndarray]]] = {}  # ensemble: (start step, chunk)
         self._steps: dict[int, int] = {}  # ensemble: control steps taken, per env
+        self.cfg = None if cfg is None else dict(cfg)
+        self.checkpoint: Path | None = None  # where the weights were loaded from
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str = "cpu", **kwargs) -> DriftingPolicy:
-        """Load a checkpoint (or the newest whole one of a run) with its EMA weights.
+        """Load a checkpoint (or the newest whole one of a run) with its EMA weights, or an export
+        (`save_pretrained`).
 
-        The model is built with `model.pretrained=false` (architectures from the config's `arch`
-        keys, no download): model.safetensors holds every weight, frozen encoders included, and the
-        EMA weights (trainable parameters) are laid over it. The objective is the one recorded in
-        the checkpoint's config; `nfe` and `sampler` (kwargs) choose how it samples. Returns a policy
+        Frozen pretrained encoders that the directory references (pretrained_weights.json) are
+        loaded from their source at the recorded revision and hash-checked; every other weight is
+        built at random (`model.pretrained=false`, architectures from the config's `arch` keys) and
+        loaded strictly from model.safetensors, with a checkpoint's EMA weights laid over it. The
+        objective is the one recorded in the config; `nfe` and `sampler` (kwargs) choose how it
+        samples (default: an export's recorded sampling, else the objective's). Returns a policy
         whose `cfg` is the run's resolved config.
         """
         from safetensors.torch import load_file
 
-        path = resolve_checkpoint(path)
-        cfg = yaml.safe_load((path / CONFIG_FILE).read_text())
-        cfg["model"]["pretrained"] = False
-        model = build_model(cfg)
-        load_weights(model, path / MODEL_FILE)
-        ema = load_file(str(path / EMA_FILE), device="cpu")
-        unknown = sorted(set(ema) - set(model.state_dict()))
-        if unknown:
-            raise KeyError(f"{path / EMA_FILE} has weights the model lacks: {unknown[:5]}")
-        model.load_state_dict(ema, strict=False)
+        saved = read_saved_policy(path)
+        cfg = saved.cfg
+        model = build_model(pin_referenced_revisions(cfg, saved.references))
+        load_weights(model, saved.weights[0], saved.references)
+        for file in saved.weights[1:]:  # EMA: trainable weights only
+            overlay = load_file(str(file), device="cpu")
+            unknown = sorted(set(overlay) - set(model.state_dict()))
+            if unknown:
+                raise KeyError(f"{file} has weights the model lacks: {unknown[:5]}")
+            model.load_state_dict(overlay, strict=False)
         action_spec = ActionSpec.from_config(cfg["data"]["action_spec"])
-        normalizer = Normalizer.from_dict(
-            json.loads((path / NORMALIZATION_FILE).read_text()),
-            action_spec,
-            proprio_dim=int(cfg["data"]["proprio_dim"]),
-        )
+        normalizer = Normalizer.from_dict(saved.normalization, action_spec, proprio_dim=int(cfg["data"]["proprio_dim"]))
         objective = build_objective(training_config(cfg.get("training", {})))
-        policy = cls(model, normalizer, objective, device=device, **kwargs)
-        policy.cfg = cfg
-        policy.checkpoint = path
+        kwargs.setdefault("nfe", saved.nfe)
+        kwargs.setdefault("sampler", saved.sampler)
+        policy = cls(model, normalizer, objective, device=device, cfg=cfg, **kwargs)
+        policy.checkpoint = saved.path
         return policy
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_name_or_path: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        force_download: bool = False,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+        device: str = "cpu",
+        **kwargs,
+    ) -> DriftingPolicy:
+        """`from_checkpoint` on a local directory (an export, a checkpoint or a run), or on a hub
+        repo id downloaded into the hub cache (offline: found there, or a clear error). The hub
+        arguments are huggingface_hub's; `kwargs` are the policy's (nfe, sampler, execution, ...)."""
+        directory = local_policy_dir(
+            pretrained_name_or_path, revision=revision, cache_dir=cache_dir, force_download=force_download,
+            token=token, local_files_only=local_files_only,
+        )
+        return cls.from_checkpoint(directory, device=device, **kwargs)
+
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, *, evaluation: str | os.PathLike | None = None, repo_id: str | None = None
+    ) -> Path:
+        """Write the export (inference/export.py) into `save_directory`: the weights this policy
+        runs, its config and objective with this policy's nfe and sampler as the export's default,
+        the normalizer, and a model card. Its evaluation table comes from `evaluation` (a
+        summary.json of scripts/simulate_eval.py) or else from the run's own final evaluation of
+        this checkpoint; `repo_id` names the policy in the card's commands."""
+        return write_export(self, Path(save_directory), repo_id, evaluation)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str = "Upload Drifting-VLA policy",
+        private: bool | None = None,
+        token: str | None = None,
+        branch: str | None = None,
+        create_pr: bool | None = None,
+        evaluation: str | os.PathLike | None = None,
+    ) -> str:
+        """save_pretrained into a temporary directory and upload it as one commit (creating the
+        repo if needed); returns the commit's URL. Offline (HF_HUB_OFFLINE=1) it fails at once."""
+        return upload_export(
+            self, repo_id, token=token, private=private, commit_message=commit_message, branch=branch,
+            create_pr=create_pr, evaluation=evaluation,
+        )
 
     # ------------------------------------------------------------------------------------------
     # One generator call

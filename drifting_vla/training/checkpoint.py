@@ -4,11 +4,12 @@ Layout, one directory per optimizer step:
 
     checkpoints/
       step_00001000/
-        model.safetensors     the model's weights (what `from_pretrained`-style loading reads)
+        model.safetensors     the model's weights, except frozen pretrained ones (below)
         ema.safetensors       the EMA shadow weights (what is evaluated and exported)
         trainer_state.pt      optimizer, scheduler, RNG states, step, sampler position, extra
         config.yaml           the resolved config of the run
         normalization.json    the action/proprio normalization statistics
+        pretrained_weights.json   only with frozen pretrained encoders: what they are, not a copy
         complete              written last: {"step": ..., "files": {name: size in bytes}}
       .partial-step_00002000-<pid>/   a write in progress (or a crash); never read
 
@@ -20,6 +21,14 @@ copies that were cut short (rsync, a full disk on a network file system).
 `trainer_state.pt` holds only tensors and plain Python values, so it loads with
 `torch.load(weights_only=True)`: a checkpoint from somewhere else cannot run code.
 
+Frozen pretrained encoders (DINOv2-L + CLIP-L text: 427M parameters, 1.7 GB in fp32) never change
+and can be fetched again by hub id and revision, so they are referenced, not stored:
+`pretrained_weights.json` maps each one's state-dict prefix to its config section, source, the
+commit it was loaded at and a sha256 of its tensors. Loading builds the model with those encoders
+loaded from their source, loads everything stored strictly, and refuses encoder weights whose hash
+differs. Trained encoders (the CNN, task embeddings) and random-init ones (`model.pretrained=false`)
+have no source and are stored as before.
+
 Every file holds FULL (unsharded) state, whatever the training strategy: under FSDP,
 `gather_training_state` all-gathers it on every rank and rank 0 writes it; loading puts a full
 state into a plain, DDP or FSDP-sharded model alike. A checkpoint written by an 8-GPU FSDP run
@@ -28,6 +37,7 @@ loads into a CPU policy, and the other way round.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -52,6 +62,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from drifting_vla.training.distributed import full_tensor
 from drifting_vla.training.ema import EMA
 
 log = logging.getLogger(__name__)
@@ -61,6 +72,7 @@ EMA_FILE = "ema.safetensors"
 TRAINER_STATE_FILE = "trainer_state.pt"
 CONFIG_FILE = "config.yaml"
 NORMALIZATION_FILE = "normalization.json"
+REFERENCES_FILE = "pretrained_weights.json"
 COMPLETE_MARKER = "complete"
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 
@@ -164,8 +176,10 @@ def _write_files(
     normalization: Mapping,
 ) -> None:
     """Every checkpoint file except the marker, into the (temporary) directory `target`."""
-    for name, tensors in ((MODEL_FILE, state.model), (EMA_FILE, state.ema)):
+    stored, references = split_referenced(state.model, state.referenced)
+    for name, tensors in ((MODEL_FILE, stored), (EMA_FILE, state.ema)):
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(target / name), metadata={"step": str(step)})
+    write_references(target, references)
     torch.save(trainer_state, target / TRAINER_STATE_FILE)
     (target / CONFIG_FILE).write_text(yaml.safe_dump(dict(config), sort_keys=False))
     (target / NORMALIZATION_FILE).write_text(
@@ -335,11 +349,14 @@ FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 @dataclass
 class TrainingState:
     """Full (unsharded) state dicts of the model, its EMA and the optimizer (keyed by parameter
-    names, so they load into any wrapping of the same model)."""
+    names, so they load into any wrapping of the same model), and the sources of the model's
+    frozen pretrained encoders (`pretrained_sources`), which the checkpoint references instead of
+    storing."""
 
     model: dict[str, torch.Tensor]
     ema: dict[str, torch.Tensor]
     optimizer: dict
+    referenced: dict[str, dict] = field(default_factory=dict)
 
 
 def gather_training_state(model: nn.Module, ema: EMA, optimizer: torch.optim.Optimizer) -> TrainingState:
@@ -348,7 +365,102 @@ def gather_training_state(model: nn.Module, ema: EMA, optimizer: torch.optim.Opt
         model=get_model_state_dict(model, options=FULL_STATE),
         ema=ema.state_dict(),
         optimizer=get_optimizer_state_dict(model, optimizer, options=FULL_STATE),
+        referenced=pretrained_sources(model),
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Frozen pretrained weights: referenced by source and content hash
+
+
+def pretrained_sources(model: nn.Module) -> dict[str, dict]:
+    """{state-dict prefix: weights_source} of every module that loaded pretrained weights from a
+    source it can name (`models.frozen.FrozenModule.load_source`)."""
+    return {
+        name: dict(module.weights_source)
+        for name, module in model.named_modules()
+        if getattr(module, "weights_source", None) is not None
+    }
+
+
+def weights_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and bytes, in name order: equal exactly when the weights
+    are (a file format or a load path cannot change it; a cast to another dtype does)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _under(prefix: str, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors below `prefix`, named relative to it (so an encoder's hash does not depend on
+    where it sits in the model)."""
+    return {k[len(prefix) + 1 :]: v for k, v in weights.items() if k.startswith(prefix + ".")}
+
+
+def split_referenced(
+    weights: Mapping[str, torch.Tensor], sources: Mapping[str, dict]
+) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """(the weights to store, {prefix: source + sha256, parameter count, bytes}) for a full state
+    dict whose modules at `sources`' prefixes are referenced instead of stored."""
+    stored, references = dict(weights), {}
+    for prefix, source in sources.items():
+        tensors = _under(prefix, weights)
+        for name in tensors:
+            del stored[f"{prefix}.{name}"]
+        references[prefix] = {
+            **source,
+            "sha256": weights_sha256(tensors),
+            "parameters": sum(t.numel() for t in tensors.values()),
+            "bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+        }
+    return stored, references
+
+
+def write_references(directory: Path, references: Mapping[str, dict]) -> None:
+    """`pretrained_weights.json`, only when something is referenced (a directory without it stores
+    every weight, as checkpoints did before references existed)."""
+    if references:
+        (directory / REFERENCES_FILE).write_text(json.dumps(dict(references), indent=2))
+
+
+def read_references(directory: str | os.PathLike) -> dict[str, dict]:
+    """What `write_references` wrote, {} when the directory stores every weight."""
+    file = Path(directory) / REFERENCES_FILE
+    return json.loads(file.read_text()) if file.is_file() else {}
+
+
+def pin_referenced_revisions(cfg: dict, references: Mapping[str, dict]) -> dict:
+    """A copy of the resolved config that rebuilds the referenced encoders from their sources, at
+    the recorded commits (`model.pretrained=true`), and every other weight at random for a strict
+    load (`model.pretrained=false` when nothing is referenced)."""
+    cfg = json.loads(json.dumps(cfg))
+    cfg["model"]["pretrained"] = bool(references)
+    for reference in references.values():
+        section = cfg["model"][reference["config_key"].removeprefix("model.")]
+        if reference.get("revision"):
+            section["revision"] = reference["revision"]
+    return cfg
+
+
+def verify_referenced(model: nn.Module, references: Mapping[str, dict], where: Path) -> None:
+    """Refuse referenced encoders whose weights are not the ones the checkpoint was written with
+    (collective under FSDP: every rank calls it)."""
+    weights = model.state_dict()
+    for prefix, reference in references.items():
+        actual = weights_sha256({k: full_tensor(v) for k, v in _under(prefix, weights).items()})
+        if actual != reference["sha256"]:
+            key = reference["config_key"]
+            revision = reference.get("revision")
+            at = f" at revision {revision}" if revision else ""
+            raise ValueError(
+                f"the frozen encoder {prefix} ({key}: {reference['source']}{at}) has weights with sha256 "
+                f"{actual}, but {where / REFERENCES_FILE} expects {reference['sha256']}: they are not the "
+                f"weights this policy was trained with. Point {key}.name_or_path (and {key}.revision) at a "
+                f"copy of {reference['source']}{at}, or use a checkpoint that stores the encoder."
+            )
 
 
 # Loading
@@ -375,17 +487,22 @@ def predates_time_embedder(missing: list[str]) -> bool:
     return bool(missing) and all(key.startswith(TIME_EMBEDDER_PREFIX) for key in missing)
 
 
-def load_weights(model: nn.Module, file: Path) -> None:
+def load_weights(model: nn.Module, file: Path, references: Mapping[str, dict] | None = None) -> None:
     """Strictly load a full-state safetensors file into a plain, DDP-wrapped or FSDP-sharded
-    model; a mismatch is an error naming the keys. A checkpoint written before the DiT had a time
-    embedder loads with that embedder left at its zero-output initialization (same actions)."""
+    model; a mismatch is an error naming the keys. Weights under the prefixes of `references`
+    (`read_references`) are not in the file: the model already holds them, and their hash must
+    match. A checkpoint written before the DiT had a time embedder loads with that embedder left at
+    its zero-output initialization (same actions)."""
+    references = references or {}
+    verify_referenced(model, references, file.parent)
     weights = load_file(str(file))
-    expected = set(model.state_dict())
+    expected = {k for k in model.state_dict() if not any(k.startswith(p + ".") for p in references)}
     missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+    partial = StateDictOptions(full_state_dict=True, strict=False)
     if predates_time_embedder(missing) and not unexpected:
         log.warning("%s predates the time-conditioned DiT: %s stays at its zero-output initialization, "
                     "which reproduces the network it was trained as", file, TIME_EMBEDDER_PREFIX + "*")
-        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+        set_model_state_dict(model, weights, options=partial)
         return
     if missing or unexpected:
         raise KeyError(
@@ -393,7 +510,7 @@ def load_weights(model: nn.Module, file: Path) -> None:
             "written with the same model config? (For pretrained encoders, model.vision.arch and "
             "model.language.arch must describe the checkpoint's architecture.)"
         )
-    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+    set_model_state_dict(model, weights, options=partial if references else StateDictOptions(full_state_dict=True))
 
 
 def load_checkpoint(
@@ -424,7 +541,7 @@ def load_checkpoint(
             "optimizer and EMA state do not cover the new weights. Evaluate it as it is "
             "(scripts/simulate_eval.py loads it), or start a fresh run."
         )
-    load_weights(model, path / MODEL_FILE)
+    load_weights(model, path / MODEL_FILE, read_references(path))
     ema.load_state_dict(ema_weights)
     state = torch.load(path / TRAINER_STATE_FILE, map_location="cpu", weights_only=True)
     set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))

@@ -425,8 +425,8 @@ class Trainer:
                    **{f"sim/success_rate/{task}": rate for task, rate in summary["per_task"].items()}})
         for video in result.videos[:1]:
             self.logger.log_video("sim/rollout_video", np.stack(imageio.mimread(video, memtest=False)), self.step)
-        if final:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if final:  # "step": which checkpoint was evaluated (an export's model card reads it)
+            (self.run_dir / "summary.json").write_text(json.dumps({**summary, "step": self.step}, indent=2))
             print(result.format_table(), flush=True)
             print(f"summary: {self.run_dir / 'summary.json'}", flush=True)
         return summary

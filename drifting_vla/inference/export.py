@@ -1,0 +1,323 @@
+"""A policy as a Hub repository: the files `save_pretrained` writes and `from_pretrained` reads.
+
+    policy.save_pretrained("exports/drawer")                        # a directory, readable by a person
+    policy.push_to_hub("me/drifting-drawer")                        # the same files, one commit
+    DriftingPolicy.from_pretrained("me/drifting-drawer")            # or the directory, or a checkpoint
+
+Layout (huggingface_hub's ModelHubMixin conventions: config.json + model.safetensors + README.md):
+
+    model.safetensors         the weights the policy runs (the EMA weights), frozen pretrained
+                              encoders left out
+    config.json               {"format", "format_version", "objective": {name, nfe, sampler},
+                               "config": the run's resolved config}
+    normalization.json        the action/proprio statistics (`Normalizer.to_dict`)
+    pretrained_weights.json   the frozen pretrained encoders by source, revision and sha256
+                              (training/checkpoint.py), when the model has any
+    README.md                 the model card: evaluation table and the command that reproduces it
+
+The policy classes do not subclass `ModelHubMixin`: its `from_pretrained` passes config.json keys
+that match constructor parameter names (`objective`, `device`, `execution`, ...) into the
+constructor, so a downloaded file would choose arguments. Here config.json is read with `json` and
+its names only ever select something already registered (`check_untrusted_config`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from drifting_vla.envs import ENVS
+from drifting_vla.training.checkpoint import (
+    CONFIG_FILE,
+    EMA_FILE,
+    MODEL_FILE,
+    NORMALIZATION_FILE,
+    REFERENCES_FILE,
+    find_latest_valid_checkpoint,
+    pretrained_sources,
+    read_references,
+    resolve_checkpoint,
+    split_referenced,
+    write_references,
+)
+from drifting_vla.training.config import training_config
+
+EXPORT_CONFIG_FILE = "config.json"
+MODEL_CARD_FILE = "README.md"
+EXPORT_FORMAT = "drifting-vla-policy"
+EXPORT_FORMAT_VERSION = 1
+EXPORT_FILES = [MODEL_FILE, EXPORT_CONFIG_FILE, NORMALIZATION_FILE, REFERENCES_FILE, MODEL_CARD_FILE]
+REPRODUCE_KEYS = ("tasks", "episodes", "seed", "execution", "execute_steps", "ensemble_decay", "max_episode_steps")
+"""Evaluation settings a reproduce command repeats; simulate_eval's summary (`eval`) and the
+trainer's `training.eval` share these names."""
+
+
+@dataclass
+class SavedPolicy:
+    """What a checkpoint or an export directory holds, read but not yet built into a model."""
+
+    path: Path
+    cfg: dict  # the run's resolved config
+    normalization: dict
+    references: dict[str, dict]  # frozen pretrained encoders not stored (read_references)
+    weights: list[Path]  # safetensors files, each laid over the one before (model, then EMA)
+    nfe: int | None = None  # an export's sampling; None: the objective's default
+    sampler: str | None = None
+
+
+def is_export(path: Path) -> bool:
+    return (path / EXPORT_CONFIG_FILE).is_file() and (path / MODEL_FILE).is_file()
+
+
+def read_saved_policy(path: str | os.PathLike) -> SavedPolicy:
+    """An export directory, a checkpoint directory, or the newest whole checkpoint of a run."""
+    path = Path(path).expanduser()
+    if is_export(path):
+        file = path / EXPORT_CONFIG_FILE
+        saved = json.loads(file.read_text())
+        if saved.get("format") != EXPORT_FORMAT or not {"config", "objective"} <= saved.keys():
+            raise ValueError(
+                f"{file} is not a Drifting-VLA policy (format {saved.get('format')!r}, keys {sorted(saved)}; expected "
+                f"format {EXPORT_FORMAT!r} with 'config' and 'objective'): export one with DriftingPolicy.save_pretrained"
+            )
+        if int(saved.get("format_version", 0)) > EXPORT_FORMAT_VERSION:
+            raise ValueError(
+                f"{file} has format_version {saved['format_version']}; this drifting-vla reads up to "
+                f"{EXPORT_FORMAT_VERSION}: upgrade drifting-vla"
+            )
+        cfg, objective = saved["config"], saved["objective"]
+        check_untrusted_config(cfg, file)
+        trained = cfg.get("training", {}).get("objective", "drifting")
+        if objective.get("name") != trained:
+            raise ValueError(f"{file}: objective.name={objective.get('name')!r} but config.training.objective={trained!r}; re-export the policy")
+        return SavedPolicy(path, cfg, _read_normalization(path), read_references(path),
+                           [path / MODEL_FILE], objective.get("nfe"), objective.get("sampler"))
+    path = resolve_checkpoint(path)
+    cfg = yaml.safe_load((path / CONFIG_FILE).read_text())
+    return SavedPolicy(path, cfg, _read_normalization(path), read_references(path), [path / MODEL_FILE, path / EMA_FILE])
+
+
+def _read_normalization(path: Path) -> dict:
+    return json.loads((path / NORMALIZATION_FILE).read_text())
+
+
+def check_untrusted_config(cfg: dict, file: Path) -> None:
+    """A downloaded config may only name registered things. `data.name` is the one value that can
+    name code (`module:Class`, for envs defined outside the package), and `${...}` strings would be
+    resolved by OmegaConf (reading environment variables); an export holds a resolved config, so
+    neither belongs in one."""
+    name = str(cfg.get("data", {}).get("name"))
+    if ":" in name and name not in ENVS:
+        raise ValueError(
+            f"{file}: data.name={name!r} names a module to import; an exported policy may only name a "
+            f"registered simulator {sorted(ENVS)}. Register the env (drifting_vla.envs.register_env) and "
+            "edit data.name to its name if you trust its code."
+        )
+    stack = [("", cfg)]
+    while stack:
+        key, value = stack.pop()
+        if isinstance(value, dict):
+            stack += [(f"{key}.{k}".lstrip("."), v) for k, v in value.items()]
+        elif isinstance(value, list):
+            stack += [(f"{key}[{i}]", v) for i, v in enumerate(value)]
+        elif isinstance(value, str) and "${" in value:
+            raise ValueError(f"{file}: {key}={value!r} is an interpolation; an exported config holds plain values only")
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+
+
+def write_export(policy, directory: Path, repo_id: str | None, evaluation: str | os.PathLike | None) -> Path:
+    """Every file of the layout above into `directory` (created; existing files replaced)."""
+    from safetensors.torch import save_file
+
+    if policy.cfg is None:
+        raise ValueError(
+            "save_pretrained needs the run's resolved config to rebuild the network: load the policy with "
+            "DriftingPolicy.from_checkpoint / from_pretrained, or pass cfg= when constructing it"
+        )
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().cpu().contiguous() for k, v in policy.model.state_dict().items()}
+    stored, references = split_referenced(weights, pretrained_sources(policy.model))
+    save_file(stored, str(directory / MODEL_FILE), metadata={"format": "pt"})
+    (directory / REFERENCES_FILE).unlink(missing_ok=True)
+    write_references(directory, references)
+    config = {
+        "format": EXPORT_FORMAT,
+        "format_version": EXPORT_FORMAT_VERSION,
+        "objective": {"name": policy.objective.name, "nfe": policy.nfe, "sampler": policy.sampler, "method": policy.method},
+        "config": policy.cfg,
+    }
+    (directory / EXPORT_CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    (directory / NORMALIZATION_FILE).write_text(json.dumps(policy.normalizer.to_dict(), indent=2))
+    summary = _evaluation_summary(policy, evaluation)
+    target = repo_id or str(directory)
+    (directory / MODEL_CARD_FILE).write_text(model_card(policy, target, references, summary))
+    return directory
+
+
+def _evaluation_summary(policy, evaluation: str | os.PathLike | None) -> dict | None:
+    """The summary.json given, else the run's own final evaluation when it evaluated the very
+    checkpoint the policy was loaded from (the trainer saves, then evaluates, the last step)."""
+    if evaluation is not None:
+        return json.loads(Path(evaluation).read_text())
+    checkpoint = getattr(policy, "checkpoint", None)
+    if checkpoint is None or is_export(Path(checkpoint)):
+        return None
+    checkpoint = Path(checkpoint)
+    summary_file = checkpoint.parent.parent / "summary.json"
+    if not summary_file.is_file():
+        return None
+    summary = json.loads(summary_file.read_text())
+    step = json.loads((checkpoint / "complete").read_text())["step"]
+    evaluated_here = summary["step"] == step if "step" in summary else find_latest_valid_checkpoint(checkpoint.parent) == checkpoint
+    return summary if evaluated_here else None
+
+
+def reproduce_command(policy, target: str, summary: dict) -> str:
+    """`python scripts/simulate_eval.py checkpoint=<target> ...` with the evaluation's settings; nfe
+    and sampler always spelled out, since the export's default sampling may differ."""
+    settings = summary.get("eval") or dict(training_config(policy.cfg.get("training", {})).eval)
+    nfe, sampler = policy.objective.resolve(settings.get("nfe"), settings.get("sampler"))
+    args = [f"checkpoint={target}"]
+    for key in REPRODUCE_KEYS:
+        value = settings.get(key)
+        if value is None or (key == "ensemble_decay" and settings.get("execution") != "ensemble"):
+            continue
+        args.append(f"{key}=[{','.join(map(str, value))}]" if isinstance(value, list) else f"{key}={value}")
+    args.append(f"nfe={nfe}")
+    if sampler is not None:
+        args.append(f"sampler={sampler}")
+    return "python scripts/simulate_eval.py " + " ".join(args)
+
+
+def model_card(policy, target: str, references: dict[str, dict], summary: dict | None) -> str:
+    """README.md: what the policy is, how it scored and how to score it again, what it needs."""
+    cfg = policy.cfg
+    data, model = cfg["data"], cfg["model"]
+    lines = [
+        "---",
+        "library_name: drifting-vla",
+        f"tags: [robotics, drifting-vla, {policy.objective.name}, {data['name']}]",
+        "---",
+        "",
+        f"# {target}",
+        "",
+        f"A Drifting-VLA policy (`{model.get('name', '?')}`) trained with the `{policy.objective.name}` "
+        f"objective; it samples with `{policy.method}`. Observations: {len(data['cameras'])} camera(s) "
+        f"({', '.join(data['cameras'])}), proprio of {data['proprio_dim']} dims, an instruction; "
+        f"actions: chunks of {data['horizon']} x [{', '.join(policy.action_spec.names)}] on `{data['name']}`.",
+        "",
+        "## Evaluation",
+        "",
+    ]
+    if summary is None:
+        lines.append("Not evaluated.")
+    else:
+        lines += [
+            f"Protocol: `{summary.get('protocol')}`, {summary['episodes']} episodes on evaluation seeds.",
+            "",
+            "| task | success | 95% CI | episodes |",
+            "|---|---|---|---|",
+        ]
+        for task, rate in summary["per_task"].items():
+            lo, hi = summary["per_task_ci95"][task]
+            lines.append(f"| {task} | {rate:.3f} | [{lo:.2f}, {hi:.2f}] | {summary['per_task_episodes'][task]} |")
+        lo, hi = summary["ci95"]
+        lines += [
+            f"| **overall** | **{summary['success_rate']:.3f}** | [{lo:.2f}, {hi:.2f}] | {summary['episodes']} |",
+            "",
+            "Reproduce:",
+            "",
+            "```bash",
+            reproduce_command(policy, target, summary),
+            "```",
+        ]
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from drifting_vla.inference.policy import DriftingPolicy",
+        "",
+        f'policy = DriftingPolicy.from_pretrained("{target}")',
+        "chunk = policy.predict_action_chunk(obs)   # [B, T, A] in raw action units",
+        "```",
+    ]
+    if references:
+        lines += [
+            "",
+            "## Frozen encoders (not in this repository)",
+            "",
+            "Loading builds them from their source (the hub or its cache, a local directory, an installed "
+            "package) and refuses weights whose sha256 differs.",
+            "",
+            "| weights | config | source | revision | parameters | sha256 |",
+            "|---|---|---|---|---|---|",
+        ]
+        for prefix, ref in references.items():
+            lines.append(
+                f"| `{prefix}` | `{ref['config_key']}` | {ref['source']} | {ref.get('revision') or '-'} | "
+                f"{ref['parameters']:,} | `{ref['sha256'][:16]}...` |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# The hub
+
+
+def local_policy_dir(name_or_path: str | os.PathLike, **download_kwargs) -> Path:
+    """A local directory as it is; a hub repo id downloaded (only the export's files) into the hub
+    cache, or found there when offline. `download_kwargs` go to `huggingface_hub.snapshot_download`
+    (revision, cache_dir, token, force_download, local_files_only)."""
+    from huggingface_hub import is_offline_mode, snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    from huggingface_hub.utils import validate_repo_id
+
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    try:
+        validate_repo_id(str(name_or_path))
+    except HFValidationError:
+        raise FileNotFoundError(f"no policy at {name_or_path}: no such directory, and not a hub repo id") from None
+    try:
+        folder = Path(snapshot_download(str(name_or_path), allow_patterns=EXPORT_FILES, **download_kwargs))
+    except LocalEntryNotFoundError as err:
+        offline = " (HF_HUB_OFFLINE=1)" if is_offline_mode() else ""
+        raise FileNotFoundError(
+            f"{name_or_path!r} is not a directory here, and as a hub repo id it is not in the local hub cache"
+            f"{offline}. Download it where the hub is reachable (`hf download {name_or_path} --local-dir DIR`) "
+            "and pass DIR, or, for a local policy, check the path."
+        ) from err
+    if not is_export(folder):
+        raise ValueError(f"the hub repo {name_or_path} holds no exported Drifting-VLA policy ({EXPORT_CONFIG_FILE} + {MODEL_FILE})")
+    return folder
+
+
+def upload_export(policy, repo_id: str, *, token, private, commit_message, branch, create_pr, evaluation) -> str:
+    """create_repo (if missing), save_pretrained into a temporary directory, upload_folder: one
+    commit. Fails at once when offline."""
+    import tempfile
+
+    from huggingface_hub import HfApi, is_offline_mode
+
+    if is_offline_mode():
+        raise RuntimeError(
+            f"push_to_hub({repo_id!r}) needs the hub, but HF_HUB_OFFLINE=1 is set: unset it where the hub is "
+            f"reachable, or save_pretrained(DIR) now and upload later with `hf upload {repo_id} DIR`"
+        )
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_export(policy, Path(tmp) / "policy", repo_id, evaluation)
+        commit = api.upload_folder(
+            repo_id=repo_id, folder_path=folder, commit_message=commit_message, revision=branch, create_pr=create_pr
+        )
+    return str(getattr(commit, "commit_url", commit))
