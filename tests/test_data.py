@@ -297,6 +297,16 @@ def test_metaworld_val_split_holds_out_whole_episodes(metaworld_store):
         MetaWorldDataset(metaworld_store, split="val", tasks=["reach-v3"], cameras=["corner"], horizon=2)
 
 
+def test_normalization_statistics_see_only_the_training_episodes(metaworld_store):
+    kwargs = dict(tasks=["reach-v3", "push-v3"], cameras=["corner"], horizon=2, val_every=3)
+    train = MetaWorldDataset(metaworld_store, split="train", **kwargs)
+    # episodes 0 and 1 of each task (rows 0..9); episode 2 (rows 10..14) is val
+    expected = {key: np.concatenate([np.load(metaworld_store / t / f"{key}.npy")[:10] for t in kwargs["tasks"]])
+                for key in ("actions", "proprio")}
+    np.testing.assert_array_equal(train.all_actions(), expected["actions"])
+    np.testing.assert_array_equal(train.all_proprio(), expected["proprio"])
+
+
 def test_metaworld_camera_subset_and_missing_camera(metaworld_store):
     ds = MetaWorldDataset(metaworld_store, ["reach-v3"], ["topview"], horizon=2)
     images = np.load(metaworld_store / "reach-v3" / "images.npy")
