@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from drifting_vla.data.collate import collate_samples
 from drifting_vla.data.normalization import Normalizer, dataset_stats
-from drifting_vla.data.registry import build_dataset
+from drifting_vla.data.registry import build_dataset, prepare_dataset
 from drifting_vla.data.sampler import ResumableBatchSampler
 from drifting_vla.logging.visualizations import PANELS, MetricHistory, PanelInputs, due_panels
 from drifting_vla.logging.wandb_logger import create_run_logger
@@ -79,6 +79,9 @@ class Trainer:
         self.checkpoints_dir = self.run_dir / "checkpoints"
         self.action_spec = ActionSpec.from_config(cfg.data.action_spec)
 
+        if self.ctx.is_main:  # one process collects or fetches; the others wait, then read
+            prepare_dataset(cfg.data)
+        self._barrier()
         self.train_set = build_dataset(cfg.data, "train")
         self.val_set = build_dataset(cfg.data, "val") if t.val_every else None
         self.normalizer = Normalizer(dataset_stats(self.train_set), self.action_spec, int(cfg.data.proprio_dim)).to(self.device)
