@@ -120,8 +120,9 @@ def build_model(cfg) -> DriftingVLA:
     `instructions` (for task embeddings). `model.pretrained=false` gives random weights and no
     download, so any config can be built, counted and shape-checked offline.
     """
-    cfg = _plain(cfg)
-    model_cfg, data_cfg = cfg["model"], cfg["data"]
+    # Only these two: the rest of a composed config may hold `${hydra:...}` keys that resolve only
+    # inside a Hydra app (a notebook's `hydra.compose` has none).
+    model_cfg, data_cfg = _plain(cfg["model"]), _plain(cfg["data"])
     for key in ("action_spec", "cameras", "proprio_dim", "horizon"):
         if key not in data_cfg:
             raise KeyError(f"build_model needs data.{key} in the data config (configs/data/*.yaml)")

@@ -75,6 +75,9 @@ class Trainer:
         if t.num_threads:
             torch.set_num_threads(int(t.num_threads))
         torch.manual_seed(int(cfg.seed))
+        if cfg.get("run_dir") is None:
+            raise ValueError("the config has no run_dir: set it (the override run_dir=runs/my_run); scripts/train.py "
+                             "sets it to Hydra's run directory")
         self.run_dir = Path(str(cfg.run_dir))
         self.checkpoints_dir = self.run_dir / "checkpoints"
         self.action_spec = ActionSpec.from_config(cfg.data.action_spec)
