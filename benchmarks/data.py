@@ -24,7 +24,7 @@ from drifting_vla.data.fixtures import write_rlbench_fixture
 from drifting_vla.data.registry import build_dataset
 from drifting_vla.data.rlbench_dataset import RLBenchDataset
 
-CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "data" / "metaworld.yaml"
+CONFIG = pathlib.Path(__file__).resolve().parents[1] / "drifting_vla" / "configs" / "data" / "metaworld.yaml"
 BATCH = 64
 
 

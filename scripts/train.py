@@ -21,7 +21,7 @@ from omegaconf import DictConfig, open_dict  # noqa: E402
 from drifting_vla.training.trainer import Trainer  # noqa: E402
 
 
-@hydra.main(version_base=None, config_path="../configs", config_name="config")
+@hydra.main(version_base=None, config_path="../drifting_vla/configs", config_name="config")
 def main(cfg: DictConfig) -> None:
     if cfg.run_dir is None:
         with open_dict(cfg):

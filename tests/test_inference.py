@@ -34,8 +34,8 @@ TASK = "reach-v3"
 
 
 def tiny_cfg(horizon: int = 4, objective: str = "drifting"):
-    model = OmegaConf.load("configs/model/tiny.yaml")
-    data = OmegaConf.load("configs/data/metaworld.yaml")
+    model = OmegaConf.load("drifting_vla/configs/model/tiny.yaml")
+    data = OmegaConf.load("drifting_vla/configs/data/metaworld.yaml")
     data.image_size = 32
     data.horizon = horizon
     data.tasks = [TASK]

@@ -13,7 +13,7 @@ from drifting_vla.models import build_model, parameter_table
 from drifting_vla.models.language_encoder import clip_tokenizer_from_bpe
 from drifting_vla.specs import METAWORLD_ACTION_SPEC, RLBENCH_ACTION_SPEC
 
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "drifting_vla" / "configs"
 INSTRUCTIONS = ["open the drawer", "close the drawer", "press the button"]
 
 

@@ -13,7 +13,7 @@ from drifting_vla.data.registry import build_dataset
 from drifting_vla.models import build_model
 from drifting_vla.training.trainer import Trainer
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "drifting_vla" / "configs"
 
 
 def notebook_config(*overrides: str):
@@ -56,3 +56,25 @@ def test_trainer_from_a_composed_config_asks_for_a_run_dir_then_trains(rlbench_r
                                       "training.val_every=0"))
     trainer.fit()
     assert (tmp_path / "checkpoints" / "step_00000002" / "complete").exists()
+
+
+def test_the_configs_compose_from_the_package():
+    from hydra import initialize_config_module
+
+    with initialize_config_module("drifting_vla.configs", version_base=None):
+        cfg = compose("config", overrides=["model=tiny", "data=rlbench"])
+    assert cfg.model.name == "tiny" and cfg.data.name == "rlbench" and cfg.run_dir is None
+
+
+@pytest.mark.slow
+def test_a_wheel_ships_every_config(tmp_path):
+    import subprocess
+    import sys
+    import zipfile
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(root)],
+                   check=True, capture_output=True, timeout=300)
+    names = set(zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist())
+    shipped = {str(p.relative_to(root)) for p in (root / "drifting_vla" / "configs").rglob("*.yaml")}
+    assert shipped and shipped <= names, shipped - names

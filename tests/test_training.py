@@ -47,7 +47,7 @@ def overrides_for(root: Path, run_dir: Path, *extra: str) -> list[str]:
 
 
 def compose_config(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+    with initialize_config_dir(config_dir=str(ROOT / "drifting_vla" / "configs"), version_base=None):
         return compose("config", overrides=overrides)
 
 

@@ -115,7 +115,7 @@ class DriftingVLA(nn.Module):
 def build_model(cfg) -> DriftingVLA:
     """Build the network from the composed config (a dict or an OmegaConf DictConfig).
 
-    Reads `cfg.model` (this package's configs/model/*.yaml) and from `cfg.data`: `action_spec`,
+    Reads `cfg.model` (drifting_vla/configs/model/*.yaml) and from `cfg.data`: `action_spec`,
     `cameras` (list of names; their count matters), `proprio_dim`, `horizon`, and optionally
     `instructions` (for task embeddings). `model.pretrained=false` gives random weights and no
     download, so any config can be built, counted and shape-checked offline.
@@ -125,7 +125,7 @@ def build_model(cfg) -> DriftingVLA:
     model_cfg, data_cfg = _plain(cfg["model"]), _plain(cfg["data"])
     for key in ("action_spec", "cameras", "proprio_dim", "horizon"):
         if key not in data_cfg:
-            raise KeyError(f"build_model needs data.{key} in the data config (configs/data/*.yaml)")
+            raise KeyError(f"build_model needs data.{key} in the data config (drifting_vla/configs/data/*.yaml)")
     action_spec = ActionSpec.from_config(data_cfg["action_spec"])
     pretrained = bool(model_cfg.get("pretrained", True))
     dit_cfg = model_cfg["dit"]
