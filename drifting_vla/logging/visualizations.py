@@ -61,11 +61,12 @@ class MetricHistory:
 
 
 def dimension_names(spec: ActionSpec) -> tuple[str, ...]:
-    """One short label per action dimension: `x y z qx qy qz qw gripper` for RLBench."""
+    """One short label per dimension of the network's (normalized) action: `x y z r00 r10 r20 r01
+    r11 r21 gripper` for RLBench, whose rotation the network sees as two rotation-matrix columns."""
     names: list[str] = []
     for component in spec.components:
         if component.kind == "quaternion":
-            names += ["qx", "qy", "qz", "qw"]
+            names += ["r00", "r10", "r20", "r01", "r11", "r21"]
         elif component.dim == 1:
             names.append(component.name)
         elif component.dim == 3:
@@ -82,7 +83,7 @@ def end_effector_dims(spec: ActionSpec) -> tuple[slice | None, bool]:
     A `position` component is absolute (RLBench); a 3-dim component named `delta_*` holds deltas
     (Meta-World). `(None, False)` when the spec has neither.
     """
-    slices = spec.slices()
+    slices = spec.network_slices()
     for component in spec.components:
         if component.kind == "position" and component.dim == 3:
             return slices[component.name], False

@@ -104,7 +104,7 @@ class DriftingVLA(nn.Module):
         return self.predict(self.encode_condition(obs), x, timestep)
 
     def to_actions(self, outputs: torch.Tensor) -> torch.Tensor:
-        """Head outputs that stand for an action chunk -> valid actions (unit quaternions, gripper in [0, 1])."""
+        """Head outputs that stand for an action chunk -> valid actions (orthonormal 6D rotations, gripper in [0, 1])."""
         return self.action_decoder.activate(outputs)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -143,7 +143,7 @@ def build_model(cfg) -> DriftingVLA:
         **model_cfg.get("fusion", {}),
     )
     dit = DiT(
-        noise_dim=model_cfg.get("noise_dim") or action_spec.dim,
+        noise_dim=model_cfg.get("noise_dim") or action_spec.network_dim,
         horizon=int(data_cfg["horizon"]),
         **dit_cfg,
     )

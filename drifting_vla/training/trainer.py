@@ -277,6 +277,8 @@ class Trainer:
                 obs, actions = self._to_device(batch)
                 out = self.objective(self.model, obs, actions, self._training_inputs(-1 - i, len(actions)))
                 chunks = self._sample(obs, 1, self.validation_generator(i))[:, 0]
+                # As executed: a flow or diffusion sample's 6D rotation becomes a valid rotation there.
+                chunks = self.normalizer.normalize("actions", self.normalizer.unnormalize("actions", chunks))
                 totals["val/loss"] += float(out.loss)
                 totals["val/drift_norm"] += float(out.metrics.get("lambda_V", out.loss))
                 totals["val/action_mse"] += float((chunks - actions).square().mean())
