@@ -164,6 +164,16 @@ def test_two_gloo_ranks_stay_identical_and_match_one_process_on_the_global_batch
         torch.testing.assert_close(loaded[name], value, rtol=0, atol=0, msg=name)
 
 
+def test_a_resumed_run_continues_the_metric_history_of_the_trend_panels(rlbench_root, tmp_path):
+    common = ["training.log_every=1", "training.val_every=0", "training.checkpoint_every=2"]
+    Trainer(compose_config(overrides_for(rlbench_root, tmp_path, *common, "training.max_steps=4"))).fit()
+    with (tmp_path / "metrics.jsonl").open("a") as f:  # a killed run may have logged past its checkpoint
+        f.write(json.dumps({"step": 5, "train/loss": 99.0}) + "\n")
+    resumed = Trainer(compose_config(overrides_for(rlbench_root, tmp_path, *common, "training.max_steps=6", "training.resume=auto")))
+    steps, losses = resumed.history.series("train/loss")
+    assert steps.tolist() == [1, 2, 3, 4] and 99.0 not in losses.tolist()
+
+
 def _prepare_slowly(cfg) -> None:
     time.sleep(1.0)  # a rank that did not wait would build before this is done
     (Path(str(cfg["root"])) / f"prepared_by_rank{os.environ.get('RANK', 0)}").touch()

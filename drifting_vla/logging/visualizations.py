@@ -51,6 +51,23 @@ class MetricHistory:
             steps.append(int(step))
             values.append(float(value))
 
+    @classmethod
+    def from_jsonl(cls, path, up_to_step: int) -> MetricHistory:
+        """The history a run had logged by `up_to_step`, read back from its `metrics.jsonl` (so a
+        resumed run's trend panels continue; lines a killed run wrote after its checkpoint are left out)."""
+        import json
+        from pathlib import Path
+
+        history = cls()
+        path = Path(path)
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                record = json.loads(line) if line.strip() else {}
+                if "step" in record and int(record["step"]) <= up_to_step:
+                    step = record.pop("step")
+                    history.record(step, {k: v for k, v in record.items() if isinstance(v, (int, float))})
+        return history
+
     def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
         """`(steps [N] int, values [N] float)`; empty arrays for a key never logged."""
         steps, values = self._series.get(key, ([], []))

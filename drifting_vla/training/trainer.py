@@ -395,6 +395,7 @@ class Trainer:
                 f"resuming would train on differently scaled actions. Resume with the same data config."
             )
         self.step = state.step
+        self.history = MetricHistory.from_jsonl(self.run_dir / "metrics.jsonl", up_to_step=self.step)
         self.sampler.load_state_dict(state.sampler_state)
         self.skipped_steps = int(state.extra.get("skipped_steps", 0))
         if self.ctx.is_main:
