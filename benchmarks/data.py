@@ -28,7 +28,7 @@ from drifting_vla.data.metaworld_demos import store_dir
 from drifting_vla.data.registry import build_dataset
 from drifting_vla.data.rlbench_dataset import RLBenchDataset
 
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs" / "data"
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "drifting_vla" / "configs" / "data"
 CONFIG = CONFIGS / "metaworld.yaml"
 BATCH = 64
 TRAINING_CONSUMES = 170

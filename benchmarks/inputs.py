@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def compose_config(overrides: list[str]):
     """configs/config.yaml with `overrides`, as `scripts/train.py` would compose it."""
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+    with initialize_config_dir(config_dir=str(ROOT / "drifting_vla" / "configs"), version_base=None):
         return compose("config", overrides=["run_dir=/tmp/benchmark", *overrides])
 
 

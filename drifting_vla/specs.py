@@ -22,12 +22,19 @@ COMPONENT_KINDS = ("position", "quaternion", "gripper", "raw")
 """How the action decoder and the normalizer treat a slice of the action vector:
 
 - position:   Cartesian coordinates; min/max normalized to [-1, 1].
-- quaternion: [qx, qy, qz, qw]; decoded to unit length with qw >= 0 (sign-canonical), never
-              rescaled by the normalizer (rescaling would break unit length).
+- quaternion: [qx, qy, qz, qw] in the data and at the env; the network predicts and learns it as
+              a continuous 6D rotation (two rotation-matrix columns, `drifting_vla.rotations`),
+              since q and -q are one rotation and any sign convention jumps somewhere. Never
+              rescaled by the normalizer.
 - gripper:    open (1) / closed (0); decoded in [0, 1], never rescaled.
 - raw:        any other continuous value (Meta-World's xyz deltas and gripper effort); min/max
               normalized to [-1, 1].
 """
+
+
+NETWORK_DIMS = {"quaternion": 6}
+"""Component kinds the network sees in another form than the data, and that form's size (the
+normalizer converts between the two; every other kind keeps its dim)."""
 
 
 @dataclass(frozen=True)
@@ -35,6 +42,10 @@ class ActionComponent:
     name: str
     kind: str
     dim: int
+
+    @property
+    def network_dim(self) -> int:
+        return NETWORK_DIMS.get(self.kind, self.dim)
 
     def __post_init__(self) -> None:
         if self.kind not in COMPONENT_KINDS:
@@ -62,13 +73,18 @@ class ActionSpec:
     def names(self) -> tuple[str, ...]:
         return tuple(c.name for c in self.components)
 
+    @property
+    def network_dim(self) -> int:
+        """The size of an action as the network predicts it (normalized space, quaternions as 6D)."""
+        return sum(c.network_dim for c in self.components)
+
     def slices(self) -> dict[str, slice]:
         """Where each component sits in the action vector, by name."""
-        out, start = {}, 0
-        for c in self.components:
-            out[c.name] = slice(start, start + c.dim)
-            start += c.dim
-        return out
+        return _slices([(c.name, c.dim) for c in self.components])
+
+    def network_slices(self) -> dict[str, slice]:
+        """Where each component sits in the network's (normalized) action vector, by name."""
+        return _slices([(c.name, c.network_dim) for c in self.components])
 
     def to_config(self) -> dict:
         return {"components": [{"name": c.name, "kind": c.kind, "dim": c.dim} for c in self.components]}
@@ -84,6 +100,14 @@ class ActionSpec:
         if len(set(names)) != len(names):
             raise ValueError(f"action_spec has duplicate component names: {names}")
         return cls(built)
+
+
+def _slices(sizes: list[tuple[str, int]]) -> dict[str, slice]:
+    out, start = {}, 0
+    for name, dim in sizes:
+        out[name] = slice(start, start + dim)
+        start += dim
+    return out
 
 
 RLBENCH_ACTION_SPEC = ActionSpec(

@@ -1,6 +1,6 @@
 """Collect (and cache) Meta-World scripted-expert demonstrations for the embedded benchmark.
 
-    python scripts/collect_demos.py                                   # the tasks of configs/data/metaworld.yaml
+    python scripts/collect_demos.py                                   # the tasks of drifting_vla/configs/data/metaworld.yaml
     python scripts/collect_demos.py --tasks reach-v3 push-v3 --episodes 20 --workers 2
     python scripts/collect_demos.py --cameras corner gripperPOV --image-size 96 --root ./data/metaworld
     python scripts/collect_demos.py --format lerobot --output ./data/metaworld_lerobot   # + a LeRobot v3.0 copy
@@ -20,7 +20,7 @@ import time
 
 import yaml
 
-CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "data" / "metaworld.yaml"
+CONFIG = pathlib.Path(__file__).resolve().parents[1] / "drifting_vla" / "configs" / "data" / "metaworld.yaml"
 
 
 def main() -> None:

@@ -4,7 +4,7 @@
     DRIFTING_VLA_SERVE_TOKEN=secret python scripts/serve.py checkpoint=<dir> host=0.0.0.0 port=8000
 
 Prints "ready: ws://HOST:PORT" once it accepts connections; SIGTERM (or Ctrl-C) answers every
-queued request, closes the connections and exits 0. Keys: configs/serve.yaml; protocol and load
+queued request, closes the connections and exits 0. Keys: drifting_vla/configs/serve.yaml; protocol and load
 figures: docs/serving.md. Clients: `from drifting_vla.serving import PolicyClient`.
 """
 
@@ -27,7 +27,7 @@ from drifting_vla.serving.server import ServerConfig, serve_forever  # noqa: E40
 log = logging.getLogger("serve")
 
 
-@hydra.main(config_path="../configs", config_name="serve", version_base=None)
+@hydra.main(config_path="../drifting_vla/configs", config_name="serve", version_base=None)
 def main(cfg: DictConfig) -> None:
     if cfg.num_threads:
         torch.set_num_threads(int(cfg.num_threads))

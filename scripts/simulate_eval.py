@@ -11,7 +11,7 @@ run through a server (`remote=`) with the same seed execute the same actions and
 success; both run the chunk queue (`execution=chunk`).
 
 Writes <output>/summary.json ({"success_rate", "ci95", "per_task", "episodes", ...}),
-<output>/episodes.jsonl and <output>/videos/, and prints the success table. Keys: configs/eval.yaml.
+<output>/episodes.jsonl and <output>/videos/, and prints the success table. Keys: drifting_vla/configs/eval.yaml.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from drifting_vla.serving.server import predict_chunks  # noqa: E402
 log = logging.getLogger("simulate_eval")
 
 
-@hydra.main(config_path="../configs", config_name="eval", version_base=None)
+@hydra.main(config_path="../drifting_vla/configs", config_name="eval", version_base=None)
 def main(cfg: DictConfig) -> float:
     if cfg.num_threads:
         torch.set_num_threads(int(cfg.num_threads))

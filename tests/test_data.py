@@ -32,7 +32,8 @@ from drifting_vla.data.rlbench_download import (
 )
 from drifting_vla.data.rlbench_pickle import CorruptEpisodeError, UnsafePickleError, loads_rlbench
 from drifting_vla.data.sample_queue import SampleQueue
-from drifting_vla.data.transforms import action_window
+from drifting_vla.data.transforms import action_window, canonical_quaternion
+from drifting_vla.rotations import quaternion_to_rotation6d
 from drifting_vla.specs import METAWORLD_ACTION_SPEC, RLBENCH_ACTION_SPEC
 
 SAMPLE_KEYS = {"images", "proprio", "instruction", "actions", "action_mask", "task"}
@@ -297,6 +298,16 @@ def test_metaworld_val_split_holds_out_whole_episodes(metaworld_store):
         MetaWorldDataset(metaworld_store, split="val", tasks=["reach-v3"], cameras=["corner"], horizon=2)
 
 
+def test_normalization_statistics_see_only_the_training_episodes(metaworld_store):
+    kwargs = dict(tasks=["reach-v3", "push-v3"], cameras=["corner"], horizon=2, val_every=3)
+    train = MetaWorldDataset(metaworld_store, split="train", **kwargs)
+    # episodes 0 and 1 of each task (rows 0..9); episode 2 (rows 10..14) is val
+    expected = {key: np.concatenate([np.load(metaworld_store / t / f"{key}.npy")[:10] for t in kwargs["tasks"]])
+                for key in ("actions", "proprio")}
+    np.testing.assert_array_equal(train.all_actions(), expected["actions"])
+    np.testing.assert_array_equal(train.all_proprio(), expected["proprio"])
+
+
 def test_metaworld_camera_subset_and_missing_camera(metaworld_store):
     ds = MetaWorldDataset(metaworld_store, ["reach-v3"], ["topview"], horizon=2)
     images = np.load(metaworld_store / "reach-v3" / "images.npy")
@@ -329,14 +340,40 @@ def test_both_datasets_batch_identically_through_workers(metaworld_store, rlbenc
 # --- normalization --------------------------------------------------------------------------------
 
 
-def test_normalizer_scales_positions_to_unit_range_and_keeps_quaternions_and_gripper(rlbench_root):
+def test_normalizer_scales_positions_to_unit_range_rotates_quaternions_to_6d_and_keeps_gripper(rlbench_root):
     ds = RLBenchDataset(rlbench_root, ["close_jar"], ["front"], horizon=2)
     norm = Normalizer(dataset_stats(ds), RLBENCH_ACTION_SPEC, proprio_dim=8)
     actions = torch.from_numpy(ds.all_actions())
     out = norm.normalize("actions", actions)
+    assert out.shape == (len(actions), 10) and RLBENCH_ACTION_SPEC.network_dim == 10
     assert out[:, :3].min() >= -1 - 1e-5 and out[:, :3].max() <= 1 + 1e-5
-    assert torch.equal(out[:, 3:], actions[:, 3:])
-    torch.testing.assert_close(norm.unnormalize("actions", out), actions)
+    torch.testing.assert_close(out[:, 3:9], quaternion_to_rotation6d(actions[:, 3:7]))
+    assert torch.equal(out[:, 9:], actions[:, 7:])
+    torch.testing.assert_close(norm.unnormalize("actions", out), actions, atol=1e-5, rtol=0)
+
+
+def test_rotation_targets_are_continuous_through_qw_zero(rlbench_root):
+    # A top-down grasp has qw = 0 for every yaw: tilting it by +-1 degree flips the sign of a
+    # qw >= 0 quaternion ([-0.966, -0.259, ...] vs [0.966, 0.259, ...]). The target must not jump.
+    norm = Normalizer(dataset_stats(RLBenchDataset(rlbench_root, ["close_jar"], ["front"], horizon=2)), RLBENCH_ACTION_SPEC, proprio_dim=8)
+    tilt = np.radians(np.linspace(-2, 2, 401))  # 0.01 degree apart
+    yaw = np.radians(30)
+    top_down = np.array([np.cos(yaw / 2), np.sin(yaw / 2), 0.0, 0.0])  # 180 degrees about a horizontal axis
+    tilt_q = np.stack([np.zeros_like(tilt), np.sin(tilt / 2), np.zeros_like(tilt), np.cos(tilt / 2)], 1)
+    quats = canonical_quaternion(_quat_multiply(tilt_q, top_down))
+    assert (quats[:200, 3] < 0).any() or (np.sign(quats[:, 0]) != np.sign(quats[0, 0])).any()  # the sweep crosses the flip
+    actions = torch.from_numpy(np.concatenate([np.full((len(quats), 3), 0.3), quats, np.ones((len(quats), 1))], 1).astype(np.float32))
+    target = norm.normalize("actions", actions)
+    assert (target[1:] - target[:-1]).norm(dim=-1).max() < 1e-3  # 0.01 degree = 1.7e-4 rad
+    torch.testing.assert_close(norm.unnormalize("actions", target)[:, 3:7], torch.from_numpy(quats), atol=1e-5, rtol=0)
+
+
+def _quat_multiply(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Hamilton product of [..., 4] quaternions as [x, y, z, w]."""
+    ax, ay, az, aw = np.moveaxis(a, -1, 0)
+    bx, by, bz, bw = np.moveaxis(b, -1, 0)
+    return np.stack([aw * bx + ax * bw + ay * bz - az * by, aw * by - ax * bz + ay * bw + az * bx,
+                     aw * bz + ax * by - ay * bx + az * bw, aw * bw - ax * bx - ay * by - az * bz], -1)
 
 
 def test_normalizer_round_trips_through_a_plain_dict(metaworld_store):

@@ -167,7 +167,7 @@ def test_every_copied_path_exists_and_is_in_the_build_context(dockerfile):
 
 
 def test_dockerignore_keeps_what_the_editable_install_needs():
-    needed = ["pyproject.toml", "README.md", "drifting_vla/__init__.py", "scripts", "configs"]
+    needed = ["pyproject.toml", "README.md", "drifting_vla/__init__.py", "scripts", "drifting_vla/configs"]
     needed += [str(p.relative_to(ROOT)) for p in (ROOT / "requirements").glob("*.txt")]
     for path in needed:
         assert not ignored_by_docker(path), f".dockerignore drops {path}"

@@ -18,6 +18,7 @@ from drifting_vla.inference.policy import DriftingPolicy
 from drifting_vla.inference.rollout import (
     EpisodeRecord,
     EvalSummary,
+    EvaluationError,
     evaluate,
     evaluation_seeds,
     wilson_interval,
@@ -33,8 +34,8 @@ TASK = "reach-v3"
 
 
 def tiny_cfg(horizon: int = 4, objective: str = "drifting"):
-    model = OmegaConf.load("configs/model/tiny.yaml")
-    data = OmegaConf.load("configs/data/metaworld.yaml")
+    model = OmegaConf.load("drifting_vla/configs/model/tiny.yaml")
+    data = OmegaConf.load("drifting_vla/configs/data/metaworld.yaml")
     data.image_size = 32
     data.horizon = horizon
     data.tasks = [TASK]
@@ -297,12 +298,34 @@ def test_rollout_reports_simulator_errors_and_dead_workers_as_failed_episodes(tm
     assert by_seed[0].video and (tmp_path / "videos" / f"{TASK}_seed0.mp4").stat().st_size > 0
 
 
-def test_rollout_reports_an_env_that_cannot_be_built(tmp_path):
+def test_a_task_whose_every_episode_errored_raises_after_writing_the_summary(tmp_path):
     data = OmegaConf.to_container(tiny_cfg().data)
     data["name"] = "tests.fake_envs:ScriptedEnv"
-    summary = evaluate(tiny_policy(), data, tasks=["unbuildable", TASK], seeds=[0], num_workers=1, progress=False)
-    errors = {r.task: r.error for r in summary.records}
+    with pytest.raises(EvaluationError, match=r"\['unbuildable'\].*cannot be built.*__main__") as raised:
+        evaluate(tiny_policy(), data, tasks=["unbuildable", TASK], seeds=[0, 4], num_workers=1, output_dir=tmp_path, progress=False)
+    errors = {r.task: r.error for r in raised.value.summary.records}
     assert "cannot be built" in errors["unbuildable"] and errors[TASK] is None
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["per_task_errors"] == {"unbuildable": 2, TASK: 0} and summary["errors"] == 2
+
+
+def test_a_script_without_a_main_guard_fails_loudly_naming_the_pitfall(tmp_path):
+    # Spawned workers re-import the calling script; unguarded, each one dies starting its own
+    # evaluation. That once reported success 0.00 and exited 0.
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from omegaconf import OmegaConf\n"
+        "from tests.test_inference import tiny_cfg, tiny_policy\n"
+        "from drifting_vla.inference.rollout import evaluate\n"
+        "data = OmegaConf.to_container(tiny_cfg().data)\n"
+        "data['name'] = 'tests.fake_envs:ScriptedEnv'\n"
+        "evaluate(tiny_policy(), data, seeds=[0], num_workers=1, progress=False, step_timeout_s=60)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {**__import__("os").environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=root, env=env)
+    assert result.returncode != 0
+    assert "EvaluationError" in result.stderr and 'if __name__ == "__main__":' in result.stderr
 
 
 def test_metaworld_rollout_with_two_workers_writes_episodes_summary_and_video(tmp_path):

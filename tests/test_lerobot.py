@@ -262,7 +262,7 @@ def test_training_on_an_export_records_its_simulator_and_on_a_foreign_dataset_sk
     export = export_metaworld_store(_metaworld_store(tmp_path / "store"), tmp_path / "lerobot", ["reach-v3", "push-v3"], {"start": 100000, "count": 5})
     common = ["experiment=tiny_cpu", "data=lerobot", "data.image_size=16", "data.horizon=4", "data.val_every=3",
               "data.num_workers=0", "training.wandb.mode=disabled", "training.num_threads=1", "training.max_steps=2"]
-    with initialize_config_dir(config_dir=str(Path(__file__).parents[1] / "configs"), version_base=None):
+    with initialize_config_dir(config_dir=str(Path(__file__).parents[1] / "drifting_vla" / "configs"), version_base=None):
         exported = compose("config", overrides=[*common, f"data.root={export}", f"run_dir={tmp_path / 'a'}"])
         foreign = compose("config", overrides=[*common, f"data.root={FIXTURE / 'dataset'}", f"data.cameras=[{VIDEOS[0]},{IMAGE}]",
                                                "data.proprio_dim=6", "training.eval.at_end=true", "training.eval.execute_steps=2", f"run_dir={tmp_path / 'b'}"])

@@ -24,7 +24,7 @@ SPECS = {"metaworld_4d": METAWORLD_ACTION_SPEC, "rlbench_8d": RLBENCH_ACTION_SPE
 def step_inputs(spec: ActionSpec, b: int = 6, g: int = 8, t: int = 16) -> PanelInputs:
     """One training step's arrays: smooth expert chunks, noisy samples, a field pointing home."""
     rng = np.random.default_rng(0)
-    a = spec.dim
+    a = spec.network_dim  # the panels show normalized actions, as the network sees them
     phase = np.linspace(0, 1, t)[None, :, None]
     expert = np.sin(3 * phase + rng.uniform(0, 3, (b, 1, a)))
     generated = expert[:, None] + 0.2 * rng.standard_normal((b, g, t, a))
@@ -62,10 +62,12 @@ def test_dimension_names_and_end_effector_come_from_the_action_spec():
         "x",
         "y",
         "z",
-        "qx",
-        "qy",
-        "qz",
-        "qw",
+        "r00",
+        "r10",
+        "r20",
+        "r01",
+        "r11",
+        "r21",
         "gripper",
     )
     assert dimension_names(METAWORLD_ACTION_SPEC) == ("dx", "dy", "dz", "gripper_effort")

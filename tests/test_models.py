@@ -10,10 +10,11 @@ import yaml
 
 from drifting_vla.models import build_model, parameter_table
 from drifting_vla.models.language_encoder import clip_tokenizer_from_bpe
+from drifting_vla.rotations import quaternion_to_rotation6d, rotation6d_to_quaternion
 from drifting_vla.specs import METAWORLD_ACTION_SPEC, RLBENCH_ACTION_SPEC
 from tests.conftest import tiny_bpe_file
 
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "drifting_vla" / "configs"
 INSTRUCTIONS = ["open the drawer", "close the drawer", "press the button"]
 
 
@@ -54,7 +55,7 @@ def test_tiny_and_dit_s_generate_b_g_t_a_without_downloads(data):
         cfg = compose(name, data, pretrained=False)
         model = build_model(cfg)
         out = model(observation(cfg), model.sample_noise(2, 3, torch.device("cpu")))
-        assert out.shape == (2, 3, cfg["data"]["horizon"], model.action_spec.dim)
+        assert out.shape == (2, 3, cfg["data"]["horizon"], model.action_spec.network_dim)
         assert torch.isfinite(out).all()
 
 
@@ -112,16 +113,29 @@ def test_missing_checkpoint_error_says_how_to_run_offline(tmp_path):
         build_model(cfg)
 
 
-def test_quaternions_are_unit_length_and_sign_canonical():
+def test_rotations_come_out_as_orthonormal_6d_and_the_gripper_in_unit_range():
     cfg = compose("tiny", "rlbench")
     model = build_model(cfg)
     out = model.to_actions(model(observation(cfg, batch_size=4), model.sample_noise(4, 8, torch.device("cpu"))))
-    slices = RLBENCH_ACTION_SPEC.slices()
-    q = out[..., slices["rotation"]]
-    torch.testing.assert_close(q.norm(dim=-1), torch.ones(q.shape[:-1]))
-    assert (q[..., 3] >= 0).all()
+    slices = RLBENCH_ACTION_SPEC.network_slices()
+    assert out.shape[-1] == 10 and model.noise_dim == 10
+    r = out[..., slices["rotation"]]
+    a, b = r[..., :3], r[..., 3:]
+    torch.testing.assert_close(a.norm(dim=-1), torch.ones(a.shape[:-1]))
+    torch.testing.assert_close(b.norm(dim=-1), torch.ones(b.shape[:-1]))
+    torch.testing.assert_close((a * b).sum(-1), torch.zeros(a.shape[:-1]), atol=1e-6, rtol=0)
     gripper = out[..., slices["gripper"]]
     assert ((gripper >= 0) & (gripper <= 1)).all()
+
+
+def test_6d_rotations_round_trip_to_quaternions_with_qw_non_negative():
+    q = torch.nn.functional.normalize(torch.randn(1000, 4, generator=torch.Generator().manual_seed(0)), dim=-1)
+    q = torch.where(q[:, 3:] < 0, -q, q)
+    d6 = quaternion_to_rotation6d(q)
+    torch.testing.assert_close(quaternion_to_rotation6d(-q), d6)  # q and -q: one rotation, one target
+    back = rotation6d_to_quaternion(d6)
+    torch.testing.assert_close(back, q, atol=1e-5, rtol=0)
+    assert (back[:, 3] >= 0).all()
 
 
 def test_same_noise_gives_same_actions_and_different_noise_different_actions():
@@ -157,7 +171,7 @@ def test_bf16_autocast_forward_runs_on_cpu(frozen_model_cfg):
     model = build_model(frozen_model_cfg)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(observation(frozen_model_cfg), model.sample_noise(2, 2, torch.device("cpu")))
-    assert out.shape == (2, 2, 1, 8) and torch.isfinite(out.float()).all()
+    assert out.shape == (2, 2, 1, 10) and torch.isfinite(out.float()).all()
 
 
 def test_minilm_encoder_loads_the_packaged_weights_and_caches_by_string():

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from drifting_vla.data.fixtures import write_rlbench_fixture
+from drifting_vla.data.registry import build_dataset, register_dataset
 from drifting_vla.inference.policy import DriftingPolicy
 from drifting_vla.training.config import validate_training_config
 from drifting_vla.training.trainer import Trainer
@@ -46,7 +47,7 @@ def overrides_for(root: Path, run_dir: Path, *extra: str) -> list[str]:
 
 
 def compose_config(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+    with initialize_config_dir(config_dir=str(ROOT / "drifting_vla" / "configs"), version_base=None):
         return compose("config", overrides=overrides)
 
 
@@ -161,6 +162,35 @@ def test_two_gloo_ranks_stay_identical_and_match_one_process_on_the_global_batch
     loaded = policy.model.state_dict()
     for name, value in load_file(tmp_path / "ranks" / "checkpoints" / "step_00000006" / "ema.safetensors").items():
         torch.testing.assert_close(loaded[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_a_resumed_run_continues_the_metric_history_of_the_trend_panels(rlbench_root, tmp_path):
+    common = ["training.log_every=1", "training.val_every=0", "training.checkpoint_every=2"]
+    Trainer(compose_config(overrides_for(rlbench_root, tmp_path, *common, "training.max_steps=4"))).fit()
+    with (tmp_path / "metrics.jsonl").open("a") as f:  # a killed run may have logged past its checkpoint
+        f.write(json.dumps({"step": 5, "train/loss": 99.0}) + "\n")
+    resumed = Trainer(compose_config(overrides_for(rlbench_root, tmp_path, *common, "training.max_steps=6", "training.resume=auto")))
+    steps, losses = resumed.history.series("train/loss")
+    assert steps.tolist() == [1, 2, 3, 4] and 99.0 not in losses.tolist()
+
+
+def _prepare_slowly(cfg) -> None:
+    time.sleep(1.0)  # a rank that did not wait would build before this is done
+    (Path(str(cfg["root"])) / f"prepared_by_rank{os.environ.get('RANK', 0)}").touch()
+
+
+@register_dataset("rlbench_prepared", prepare=_prepare_slowly)
+def _build_prepared(cfg, split):
+    assert list(Path(str(cfg["root"])).glob("prepared_by_rank*")), "built before the data was prepared"
+    return build_dataset({**cfg, "name": "rlbench"}, split)
+
+
+def test_under_two_ranks_rank_zero_alone_prepares_the_data_and_the_other_waits(tmp_path):
+    root = tmp_path / "data"
+    write_rlbench_fixture(root / "train", episodes=2, steps=12, seed=0)
+    run = overrides_for(root, tmp_path / "ranks", "data.name=rlbench_prepared", "training.max_steps=2", "training.val_every=0")
+    mp.spawn(_rank_main, args=(2, free_port(), run, str(tmp_path)), nprocs=2, join=True)
+    assert sorted(p.name for p in root.glob("prepared_by_rank*")) == ["prepared_by_rank0"]
 
 
 TINY_DINOV2 = (

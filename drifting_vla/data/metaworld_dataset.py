@@ -110,7 +110,7 @@ class MetaWorldDataset(Dataset):
             )
         self.cameras = list(cameras)
         self._camera_index = [stored_cameras.index(c) for c in cameras]
-        self.instructions, self._ends, self._index = {}, [], []
+        self.instructions, self._ends, self._index, self._episodes = {}, [], [], []
         for task_id, task in enumerate(self.tasks):
             meta, ends = read_task_meta(self.store_dir / task)
             self.instructions[task] = meta["instruction"]
@@ -118,6 +118,7 @@ class MetaWorldDataset(Dataset):
             starts = np.concatenate([[0], ends[:-1]])
             for episode in split_episodes(len(ends), split, val_every):
                 start, end = starts[episode], ends[episode]
+                self._episodes.append((task_id, int(start), int(end)))
                 rows = np.arange(start, end)
                 self._index.append(np.stack([np.full_like(rows, task_id), rows, np.full_like(rows, end)], 1))
         self._index = np.concatenate(self._index) if self._index else np.zeros((0, 3), dtype=np.int64)
@@ -149,11 +150,16 @@ class MetaWorldDataset(Dataset):
         return sorted(set(self.instructions.values()))
 
     def all_actions(self) -> np.ndarray:
-        """Every action of every episode, float32 [N, 4] (for normalization statistics)."""
-        return np.concatenate([a["actions"] for a in self._open()])
+        """Every action of this split's episodes, float32 [N, 4] (for normalization statistics:
+        the val episodes of a train split stay unseen)."""
+        return self._split_rows("actions")
 
     def all_proprio(self) -> np.ndarray:
-        return np.concatenate([a["proprio"] for a in self._open()])
+        return self._split_rows("proprio")
+
+    def _split_rows(self, key: str) -> np.ndarray:
+        arrays = self._open()
+        return np.concatenate([arrays[task_id][key][start:end] for task_id, start, end in self._episodes])
 
     def episodes(self, task: str) -> int:
         return len(self._ends[self.tasks.index(task)])

@@ -58,12 +58,12 @@ def ensure_metaworld_demos(cfg, workers: int | None = None, progress: bool = Tru
     for task in tasks:
         check_task(task)
     out = store_dir(cfg)
+    todo = [t for t in tasks if not task_store_complete(out / t)]
+    if not todo:  # read-only from here on: other processes may be reading the store
+        return out
     out.mkdir(parents=True, exist_ok=True)
     collection = collection_config(cfg)
     (out / "collection.json").write_text(json.dumps(collection, indent=2))
-    todo = [t for t in tasks if not task_store_complete(out / t)]
-    if not todo:
-        return out
     seeds = seed_range(collection["train_seeds"])
     jobs = [(task, seed, collection) for task in todo for seed in seeds]
     workers = max(1, int(workers if workers is not None else cfg.get("collect_workers", 1)))

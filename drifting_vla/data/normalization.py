@@ -8,9 +8,11 @@
     normalizer = Normalizer.from_dict(ckpt["normalization"], action_spec, proprio_dim=4)
 
 Actions are scaled per component kind (`drifting_vla.specs.COMPONENT_KINDS`): position and raw
-components min/max to [-1, 1]; quaternion and gripper components pass through unchanged
-(rescaling would break unit length / the open-closed meaning). Proprio is min/max scaled in full.
-A constant dimension (max == min) is only centred, never divided by zero.
+components min/max to [-1, 1]; gripper components pass through unchanged (the open-closed
+meaning); quaternions become the network's continuous 6D rotation (`drifting_vla.rotations`), so
+normalized actions are `[..., action_spec.network_dim]` and `unnormalize` gives quaternions back
+(unit, qw >= 0). Proprio is min/max scaled in full. A constant dimension (max == min) is only
+centred, never divided by zero.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from drifting_vla.rotations import quaternion_to_rotation6d, rotation6d_to_quaternion
 from drifting_vla.specs import ActionSpec
 
 STATS = ("mean", "std", "min", "max", "q01", "q99")
@@ -78,11 +81,23 @@ class Normalizer(nn.Module):
         return cls(stats, action_spec, proprio_dim)
 
     def normalize(self, key: str, x: torch.Tensor) -> torch.Tensor:
-        """[..., D] raw -> normalized. key: "actions" or "proprio"."""
+        """[..., D] raw -> normalized. key: "actions" ([..., A] -> [..., network_dim]) or "proprio"."""
         offset, scale = self._params(key, x)
-        return (x - offset) * scale
+        y = (x - offset) * scale
+        if key != "actions":
+            return y
+        parts = y.split([c.dim for c in self.action_spec.components], dim=-1)
+        return torch.cat([quaternion_to_rotation6d(p) if c.kind == "quaternion" else p
+                          for c, p in zip(self.action_spec.components, parts, strict=True)], dim=-1)
 
     def unnormalize(self, key: str, x: torch.Tensor) -> torch.Tensor:
+        if key == "actions":
+            if x.shape[-1] != self.action_spec.network_dim:
+                raise ValueError(f"Normalizer.unnormalize('actions'): last dim is {x.shape[-1]}, the network's "
+                                 f"action dim is {self.action_spec.network_dim}")
+            parts = x.split([c.network_dim for c in self.action_spec.components], dim=-1)
+            x = torch.cat([rotation6d_to_quaternion(p) if c.kind == "quaternion" else p
+                           for c, p in zip(self.action_spec.components, parts, strict=True)], dim=-1)
         offset, scale = self._params(key, x)
         return x / scale + offset
 

@@ -1,9 +1,12 @@
 """One registry of dataset builders, keyed by the data config's `name`.
 
+    prepare_dataset(cfg.data)                  # collect / fetch what is missing (rank 0 only)
     dataset = build_dataset(cfg.data)          # a torch Dataset of sample dicts (specs.py)
     loader = DataLoader(dataset, collate_fn=collate_samples, ...)
 
-A new task suite registers one builder here; the trainer never changes.
+A new task suite registers one builder here (and, if its data is made on first use, a preparer);
+the trainer never changes. Under torchrun rank 0 prepares while the other ranks wait at a barrier,
+so no two processes write the same files; the builders then only read.
 """
 
 from __future__ import annotations
@@ -14,14 +17,33 @@ from collections.abc import Callable
 from torch.utils.data import Dataset
 
 DATASETS: dict[str, Callable[..., Dataset]] = {}
+PREPARERS: dict[str, Callable] = {}
 
 
-def register_dataset(name: str):
+def register_dataset(name: str, prepare: Callable | None = None):
+    """Register a builder `fn(cfg, split)`; `prepare(cfg)`, if given, makes the data on first use."""
+
     def wrap(fn):
         DATASETS[name] = fn
+        if prepare is not None:
+            PREPARERS[name] = prepare
         return fn
 
     return wrap
+
+
+def prepare_dataset(cfg) -> None:
+    """Make what the dataset reads if it is missing (Meta-World: collect the demos). Call it in
+    one process only; `build_dataset` elsewhere then finds the data ready."""
+    prepare = PREPARERS.get(str(cfg["name"]))
+    if prepare is not None:
+        prepare(cfg)
+
+
+def _collect_metaworld_demos(cfg) -> None:
+    from drifting_vla.data.metaworld_demos import ensure_metaworld_demos
+
+    ensure_metaworld_demos(cfg)
 
 
 def build_dataset(cfg, split: str = "train") -> Dataset:
@@ -31,7 +53,7 @@ def build_dataset(cfg, split: str = "train") -> Dataset:
     return DATASETS[name](cfg, split)
 
 
-@register_dataset("metaworld")
+@register_dataset("metaworld", prepare=_collect_metaworld_demos)
 def build_metaworld(cfg, split: str = "train") -> Dataset:
     """Collects the demos first if the cache lacks them (minutes, once). The val split is every
     `data.val_every`-th demo episode of each task, held out of train."""

@@ -9,7 +9,7 @@ The demonstrations (`scripts/collect_demos.py`) and the closed-loop evaluation b
 
 Episodes are seeded: `reset(seed)` samples the object and goal positions from the task's random
 reset space with `seed`, so a seed list names the same scenes on every machine. Training and
-evaluation use disjoint seed ranges (`configs/data/metaworld.yaml`).
+evaluation use disjoint seed ranges (`drifting_vla/configs/data/metaworld.yaml`).
 
 Rendering: one `mujoco.Renderer` per env, multisampling, shadows and reflections off (about 10x
 cheaper than the defaults, same geometry). Set `MUJOCO_GL=egl` (or `osmesa`) on a headless machine.

@@ -21,9 +21,12 @@ pose) or a dead or hung worker ends THAT episode as a failure with the error in 
 Outputs under `output_dir`:
 
     episodes.jsonl         one JSON object per finished episode: task, seed, success, steps, seconds, error, video
+    summary.json           `EvalSummary.to_dict()`: rates, intervals, errors per task, timings
     videos/<task>_seed<seed>.mp4   the first `videos_per_task` episodes of each task (H.264)
 
 Success rates come with a 95% Wilson score interval (sound for rates near 0 or 1 and few episodes).
+A task whose every episode ended in an error has no success rate: `evaluate` raises
+`EvaluationError` (after writing both files) rather than report it as 0.00.
 """
 
 from __future__ import annotations
@@ -109,6 +112,7 @@ class EvalSummary:
             "per_task_ci95": {t: list(wilson_interval(sum(r.success for r in rs), len(rs))) for t, rs in per_task.items()},
             "per_task_episodes": {t: len(rs) for t, rs in per_task.items()},
             "errors": sum(r.error is not None for r in self.records),
+            "per_task_errors": {t: sum(r.error is not None for r in rs) for t, rs in per_task.items()},
             "protocol": self.protocol,
             "seconds": self.seconds,
             "episodes_per_second": self.episodes / self.seconds if self.seconds else 0.0,
@@ -135,6 +139,34 @@ class EvalSummary:
         if self.protocol:
             lines.append(f"protocol: {self.protocol}")
         return "\n".join(lines)
+
+    def failed_tasks(self) -> list[str]:
+        """Tasks whose every episode ended in an error (a rate of 0 there would measure nothing)."""
+        return [t for t, rs in self.per_task().items() if all(r.error is not None for r in rs)]
+
+
+class EvaluationError(RuntimeError):
+    """Every episode of some task ended in an error; `.summary` holds the records all the same."""
+
+    def __init__(self, message: str, summary: EvalSummary) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+
+def check_evaluated(summary: EvalSummary, output_dir: Path | None = None) -> None:
+    """Raise `EvaluationError` when every episode of a task errored, naming the likeliest cause."""
+    failed = summary.failed_tasks()
+    if not failed:
+        return
+    first = next(r.error for r in summary.records if r.task == failed[0])
+    where = f"; every episode's error is in {output_dir / 'episodes.jsonl'}" if output_dir is not None else ""
+    raise EvaluationError(
+        f"every episode of task(s) {failed} ended in an error, so there is no success rate to report "
+        f"(first error: {first}){where}. If the workers died at start-up: evaluate() runs each simulator in "
+        f"a spawned process, which re-imports the calling script; a script that calls evaluate() must do so "
+        f"under `if __name__ == \"__main__\":`.",
+        summary,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,6 +339,8 @@ def evaluate(
     `episodes` of `data.eval_seeds`. output_dir: where episodes.jsonl goes (None: not written).
     video_dir: default `<output_dir>/videos`. max_episode_steps overrides the data config's.
     `protocol` labels the results (e.g. RLBench "keyframe-planner" vs "dense-ik").
+    Raises `EvaluationError` when every episode of a task ended in an error (a crashed worker, an
+    env that cannot be built, a script without a `__main__` guard), after writing the outputs.
     """
     import os
 
@@ -421,6 +455,9 @@ def evaluate(
         if jsonl is not None:
             jsonl.close()
     summary.seconds = time.perf_counter() - started
+    if output_dir is not None:
+        (output_dir / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
+    check_evaluated(summary, output_dir)
     return summary
 
 

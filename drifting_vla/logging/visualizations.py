@@ -51,6 +51,23 @@ class MetricHistory:
             steps.append(int(step))
             values.append(float(value))
 
+    @classmethod
+    def from_jsonl(cls, path, up_to_step: int) -> MetricHistory:
+        """The history a run had logged by `up_to_step`, read back from its `metrics.jsonl` (so a
+        resumed run's trend panels continue; lines a killed run wrote after its checkpoint are left out)."""
+        import json
+        from pathlib import Path
+
+        history = cls()
+        path = Path(path)
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                record = json.loads(line) if line.strip() else {}
+                if "step" in record and int(record["step"]) <= up_to_step:
+                    step = record.pop("step")
+                    history.record(step, {k: v for k, v in record.items() if isinstance(v, (int, float))})
+        return history
+
     def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
         """`(steps [N] int, values [N] float)`; empty arrays for a key never logged."""
         steps, values = self._series.get(key, ([], []))
@@ -61,11 +78,12 @@ class MetricHistory:
 
 
 def dimension_names(spec: ActionSpec) -> tuple[str, ...]:
-    """One short label per action dimension: `x y z qx qy qz qw gripper` for RLBench."""
+    """One short label per dimension of the network's (normalized) action: `x y z r00 r10 r20 r01
+    r11 r21 gripper` for RLBench, whose rotation the network sees as two rotation-matrix columns."""
     names: list[str] = []
     for component in spec.components:
         if component.kind == "quaternion":
-            names += ["qx", "qy", "qz", "qw"]
+            names += ["r00", "r10", "r20", "r01", "r11", "r21"]
         elif component.dim == 1:
             names.append(component.name)
         elif component.dim == 3:
@@ -82,7 +100,7 @@ def end_effector_dims(spec: ActionSpec) -> tuple[slice | None, bool]:
     A `position` component is absolute (RLBench); a 3-dim component named `delta_*` holds deltas
     (Meta-World). `(None, False)` when the spec has neither.
     """
-    slices = spec.slices()
+    slices = spec.network_slices()
     for component in spec.components:
         if component.kind == "position" and component.dim == 3:
             return slices[component.name], False

@@ -104,7 +104,7 @@ class DriftingVLA(nn.Module):
         return self.predict(self.encode_condition(obs), x, timestep)
 
     def to_actions(self, outputs: torch.Tensor) -> torch.Tensor:
-        """Head outputs that stand for an action chunk -> valid actions (unit quaternions, gripper in [0, 1])."""
+        """Head outputs that stand for an action chunk -> valid actions (orthonormal 6D rotations, gripper in [0, 1])."""
         return self.action_decoder.activate(outputs)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -115,16 +115,17 @@ class DriftingVLA(nn.Module):
 def build_model(cfg) -> DriftingVLA:
     """Build the network from the composed config (a dict or an OmegaConf DictConfig).
 
-    Reads `cfg.model` (this package's configs/model/*.yaml) and from `cfg.data`: `action_spec`,
+    Reads `cfg.model` (drifting_vla/configs/model/*.yaml) and from `cfg.data`: `action_spec`,
     `cameras` (list of names; their count matters), `proprio_dim`, `horizon`, and optionally
     `instructions` (for task embeddings). `model.pretrained=false` gives random weights and no
     download, so any config can be built, counted and shape-checked offline.
     """
-    cfg = _plain(cfg)
-    model_cfg, data_cfg = cfg["model"], cfg["data"]
+    # Only these two: the rest of a composed config may hold `${hydra:...}` keys that resolve only
+    # inside a Hydra app (a notebook's `hydra.compose` has none).
+    model_cfg, data_cfg = _plain(cfg["model"]), _plain(cfg["data"])
     for key in ("action_spec", "cameras", "proprio_dim", "horizon"):
         if key not in data_cfg:
-            raise KeyError(f"build_model needs data.{key} in the data config (configs/data/*.yaml)")
+            raise KeyError(f"build_model needs data.{key} in the data config (drifting_vla/configs/data/*.yaml)")
     action_spec = ActionSpec.from_config(data_cfg["action_spec"])
     pretrained = bool(model_cfg.get("pretrained", True))
     dit_cfg = model_cfg["dit"]
@@ -142,7 +143,7 @@ def build_model(cfg) -> DriftingVLA:
         **model_cfg.get("fusion", {}),
     )
     dit = DiT(
-        noise_dim=model_cfg.get("noise_dim") or action_spec.dim,
+        noise_dim=model_cfg.get("noise_dim") or action_spec.network_dim,
         horizon=int(data_cfg["horizon"]),
         **dit_cfg,
     )

@@ -163,8 +163,10 @@ class TaskEmbedding(nn.Module):
         super().__init__()
         if not instructions:
             raise ValueError(
-                "model.language.name=task_embedding needs the list of instructions: set "
-                "model.language.instructions or data.instructions"
+                "model.language.name=task_embedding needs the instructions it embeds, and the data "
+                "config names none. The Trainer fills them in from the training set; outside it, pass "
+                "them: `with open_dict(cfg): cfg.data.instructions = build_dataset(cfg.data).all_instructions()` "
+                "(drifting_vla.data.registry), or the override model.language.instructions=[...]"
             )
         self.vocabulary = {text: i for i, text in enumerate(sorted(set(instructions)))}
         self.embedding = nn.Embedding(len(self.vocabulary), dim)

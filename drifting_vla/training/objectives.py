@@ -111,10 +111,10 @@ def _unwrap(model):
 
 def _require_action_sized_noise(model, objective: str) -> None:
     model = _unwrap(model)
-    if model.noise_dim != model.action_spec.dim:
+    if model.noise_dim != model.action_spec.network_dim:
         raise ValueError(
             f"the {objective} objective feeds noisy action chunks to the network, so model.noise_dim must "
-            f"equal the action dimension {model.action_spec.dim} (got {model.noise_dim}); set model.noise_dim=null"
+            f"equal the network's action dimension {model.action_spec.network_dim} (got {model.noise_dim}); set model.noise_dim=null"
         )
 
 

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from drifting_vla.data.collate import collate_samples
 from drifting_vla.data.normalization import Normalizer, dataset_stats
-from drifting_vla.data.registry import build_dataset
+from drifting_vla.data.registry import build_dataset, prepare_dataset
 from drifting_vla.data.sampler import ResumableBatchSampler
 from drifting_vla.envs import NO_SIMULATOR, simulation_config
 from drifting_vla.logging.visualizations import PANELS, MetricHistory, PanelInputs, due_panels
@@ -76,10 +76,16 @@ class Trainer:
         if t.num_threads:
             torch.set_num_threads(int(t.num_threads))
         torch.manual_seed(int(cfg.seed))
+        if cfg.get("run_dir") is None:
+            raise ValueError("the config has no run_dir: set it (the override run_dir=runs/my_run); scripts/train.py "
+                             "sets it to Hydra's run directory")
         self.run_dir = Path(str(cfg.run_dir))
         self.checkpoints_dir = self.run_dir / "checkpoints"
         self.action_spec = ActionSpec.from_config(cfg.data.action_spec)
 
+        if self.ctx.is_main:  # one process collects or fetches; the others wait, then read
+            prepare_dataset(cfg.data)
+        self._barrier()
         self.train_set = build_dataset(cfg.data, "train")
         self.val_set = build_dataset(cfg.data, "val") if t.val_every else None
         if cfg.data.get("simulator") == "auto":  # recorded by the dataset (a LeRobot export of sim demos)
@@ -275,6 +281,8 @@ class Trainer:
                 obs, actions = self._to_device(batch)
                 out = self.objective(self.model, obs, actions, self._training_inputs(-1 - i, len(actions)))
                 chunks = self._sample(obs, 1, self.validation_generator(i))[:, 0]
+                # As executed: a flow or diffusion sample's 6D rotation becomes a valid rotation there.
+                chunks = self.normalizer.normalize("actions", self.normalizer.unnormalize("actions", chunks))
                 totals["val/loss"] += float(out.loss)
                 totals["val/drift_norm"] += float(out.metrics.get("lambda_V", out.loss))
                 totals["val/action_mse"] += float((chunks - actions).square().mean())
@@ -391,6 +399,7 @@ class Trainer:
                 f"resuming would train on differently scaled actions. Resume with the same data config."
             )
         self.step = state.step
+        self.history = MetricHistory.from_jsonl(self.run_dir / "metrics.jsonl", up_to_step=self.step)
         self.sampler.load_state_dict(state.sampler_state)
         self.skipped_steps = int(state.extra.get("skipped_steps", 0))
         if self.ctx.is_main:
