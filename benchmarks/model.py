@@ -45,7 +45,7 @@ def run(args) -> list[Row]:
         model = build_model(cfg).to(device).eval()
         obs = synthetic_batch(cfg, device, batch_size=1)
         encode = inference(device, lambda obs=obs, model=model: model.encode_condition(obs))
-        with _one_cpu_thread(device):
+        with one_cpu_thread(device):
             rows += chunk_latency_rows("model", f"{cfg.model.name} chunk, batch 1", model, cfg, encode, time_call(encode))
     return rows
 
@@ -91,7 +91,8 @@ def chunk_latency_rows(
 
 
 @contextlib.contextmanager
-def _one_cpu_thread(device: torch.device):
+def one_cpu_thread(device: torch.device):
+    """One torch thread on a CPU device (see the module docstring); nothing on CUDA."""
     threads = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(1)

@@ -79,7 +79,8 @@ def step_split(step: TrainingStep, **timing) -> dict[str, float]:
     frozen = frozen_encoders(step.model, step.batch)
     split = {"frozen_encoders": time_call(frozen, **timing) if frozen else 0.0, "drift_field": 0.0}
     if isinstance(step.objective, DriftingObjective):
-        with torch.no_grad(), step.autocast():
+        # Eager: a compiled network would compile once more for this one no-grad call.
+        with torch.no_grad(), step.autocast(), torch.compiler.set_stance("force_eager"):
             samples = step.model.to_actions(step.model(step.batch, step.inputs["noise"]))
         positives = step.batch["actions"][:, None]
 
