@@ -1,4 +1,5 @@
-"""What every benchmark case runs on: the composed Hydra config and a synthetic batch."""
+"""What every benchmark case runs on: the composed Hydra config, a synthetic batch and the
+objectives compared on one network."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from drifting_vla.training.objectives import Objective, build_objective
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,3 +35,9 @@ def synthetic_batch(cfg, device: torch.device, batch_size: int | None = None) ->
         "action_mask": torch.ones(b, t, dtype=torch.bool, device=device),
         "actions": torch.rand(b, t, a, generator=g).mul(2).sub(1).to(device),
     }
+
+
+def objective_named(cfg, name: str) -> Objective:
+    """The objective `name` with the config's training settings (G, temperatures, schedules), so
+    every objective a case compares runs on the same network and the same settings."""
+    return build_objective(OmegaConf.merge(cfg.training, {"objective": name}))

@@ -1,12 +1,17 @@
-"""Model case: what one-step generation buys at inference.
+"""Model case: what one-step generation buys at inference, against the iterative samplers.
 
-One action chunk for one observation (batch 1), one generator pass (1 NFE), against the same
-network called 10 times in a row on the same condition: the cost of a 10-step iterative sampler
-(diffusion / flow matching with 10 NFE) on this exact network. Both include one
-`encode_condition`, which any sampler pays once. On CPU these run on one thread: at batch 1 the
-ops are too small to split, and with a second busy process on the machine, two OpenMP threads
-were measured 100x slower than one (every parallel region waits for the descheduled thread).
-What a training step costs is the train case (`benchmarks/train.py`).
+One action chunk for one observation (batch 1), drawn through `objective.sample` (the code the
+policy, validation and the server run) by each objective on the SAME network: flow matching with
+10 Euler steps (the baseline row), DDIM 10 and DDPM 100, then drifting with 1 NFE and its
+speed-up over each. Every row includes one `encode_condition`, which any sampler pays once per
+chunk; `encoders_share` is that call alone over the row. `control_hz` is the control rate the
+chunk latency allows when the policy executes `training.eval.execute_steps` actions per chunk
+(at most the chunk length T) before the next call.
+
+On CPU these run on one thread: at batch 1 the ops are too small to split, and with a second
+busy process on the machine, two OpenMP threads were measured 100x slower than one (every
+parallel region waits for the descheduled thread). What a training step costs is the train case
+(`benchmarks/train.py`); the GPU figures, compiled and with CUDA graphs, are the gpu case.
 
 dit_s runs everywhere (the embedded default, random-init CNN + MiniLM, no download); dit_b2 runs
 when `--device cuda` (random weights, `pretrained=false`: speed does not depend on the weights).
@@ -14,13 +19,19 @@ when `--device cuda` (random weights, `pretrained=false`: speed does not depend 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+
 import torch
 
-from benchmarks.inputs import compose_config, synthetic_batch
+from benchmarks.inputs import compose_config, objective_named, synthetic_batch
 from benchmarks.timing import Row, time_call
 from drifting_vla.models import build_model
+from drifting_vla.models.drifting_vla import Condition
 
-BASELINE_STEPS = 10
+ITERATIVE = {"flow10": ("flow_matching", 10, None), "ddim10": ("diffusion", 10, "ddim"), "ddpm100": ("diffusion", 100, "ddpm")}
+"""The baselines (objective, nfe, sampler): the first is the row drifting's speed-up is read against."""
+ONE_STEP = ("drifting", 1, None)
 
 
 def run(args) -> list[Row]:
@@ -28,36 +39,64 @@ def run(args) -> list[Row]:
     cases = [[]]
     if device.type == "cuda":
         cases.append(["experiment=rlbench_18", "model.pretrained=false"])
-    return [row for overrides in cases for row in _latency_rows(compose_config(overrides), device)]
-
-
-def _latency_rows(cfg, device: torch.device) -> list[Row]:
-    model = build_model(cfg).to(device).eval()
-    obs = synthetic_batch(cfg, device, batch_size=1)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-    @torch.inference_mode()
-    def one_step():
-        with autocast:
-            return model.generate(model.encode_condition(obs), num_samples=1)
-
-    @torch.inference_mode()
-    def iterative():
-        with autocast:
-            condition = model.encode_condition(obs)
-            for _ in range(BASELINE_STEPS):
-                out = model.generate(condition, num_samples=1)
-            return out
-
-    threads = torch.get_num_threads()
-    used = 1 if device.type == "cpu" else threads
-    extra = {"device": str(device), "T": int(cfg.data.horizon), "A": model.action_spec.dim,
-             "V": len(cfg.data.cameras), "threads": used}
-    torch.set_num_threads(used)
-    base = f"{cfg.model.name} latency: {BASELINE_STEPS}-NFE sampler, same net"
-    rows = [
-        Row("model", base, time_call(iterative), extra=extra),
-        Row("model", f"{cfg.model.name} latency: one-step (1 NFE), batch 1", time_call(one_step), base, extra),
-    ]
-    torch.set_num_threads(threads)
+    rows = []
+    for overrides in cases:
+        cfg = compose_config(overrides)
+        model = build_model(cfg).to(device).eval()
+        obs = synthetic_batch(cfg, device, batch_size=1)
+        encode = inference(device, lambda obs=obs, model=model: model.encode_condition(obs))
+        with one_cpu_thread(device):
+            rows += chunk_latency_rows("model", f"{cfg.model.name} chunk, batch 1", model, cfg, encode, time_call(encode))
     return rows
+
+
+def inference(device: torch.device, fn: Callable):
+    """`fn` as the policy runs it: inference mode, bf16 autocast on CUDA."""
+
+    def call():
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            return fn()
+
+    return call
+
+
+def chunk_latency_rows(
+    case: str, title: str, model, cfg, condition_of: Callable[[], Condition], encode_seconds: float | None = None, **timing
+) -> list[Row]:
+    """Seconds for one chunk at batch 1 by every protocol on `model`, each chunk starting from
+    `condition_of()` (encode_condition: end to end; a fixed condition: the head alone). The
+    iterative rows first, then drifting's against them; `encode_seconds` adds each row's encoder
+    share. `timing`: keyword arguments of `time_call`."""
+    device = next(model.parameters()).device
+    protocols = {**ITERATIVE, "drifting1": ONE_STEP}
+    names, seconds = {}, {}
+    for key, (objective_name, nfe, sampler) in protocols.items():
+        objective = objective_named(cfg, objective_name)
+        names[key] = f"{title}: {objective.label(nfe, sampler)}"
+        draw = inference(device, lambda o=objective, n=nfe, s=sampler: o.sample(model, condition_of(), 1, n, s))
+        seconds[key] = time_call(draw, **timing)
+    execute = min(int(cfg.training.eval.execute_steps), model.horizon)
+
+    def notes(key: str) -> dict:
+        extra = {"control_hz": f"{execute / seconds[key]:.0f}"}
+        if encode_seconds is not None:
+            extra["encoders_share"] = f"{encode_seconds / seconds[key]:.0%}"
+        return extra
+
+    baseline = next(iter(ITERATIVE))
+    rows = [Row(case, names[key], seconds[key], extra=notes(key)) for key in ITERATIVE]
+    speedups = {f"vs_{key}": f"{seconds[key] / seconds['drifting1']:.1f}x" for key in ITERATIVE if key != baseline}
+    rows.append(Row(case, names["drifting1"], seconds["drifting1"], names[baseline], {**speedups, **notes("drifting1")}))
+    return rows
+
+
+@contextlib.contextmanager
+def one_cpu_thread(device: torch.device):
+    """One torch thread on a CPU device (see the module docstring); nothing on CUDA."""
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
