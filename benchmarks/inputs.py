@@ -9,6 +9,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from drifting_vla.specs import ActionSpec
 from drifting_vla.training.objectives import Objective, build_objective
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,10 +22,10 @@ def compose_config(overrides: list[str]):
 
 
 def synthetic_batch(cfg, device: torch.device, batch_size: int | None = None) -> dict:
-    """A batch in the dataset's format (normalized actions, as the trainer feeds them);
-    `training.batch_size` observations unless `batch_size` is given."""
+    """A batch in the dataset's format, with normalized actions in the network's layout (6D
+    rotations), as the trainer feeds them; `training.batch_size` observations unless `batch_size`."""
     b = int(cfg.training.batch_size) if batch_size is None else batch_size
-    t, a = int(cfg.data.horizon), sum(int(c.dim) for c in cfg.data.action_spec.components)
+    t, a = int(cfg.data.horizon), ActionSpec.from_config(cfg.data.action_spec).network_dim
     v, size = len(cfg.data.cameras), int(cfg.data.image_size)
     g = torch.Generator().manual_seed(0)
     return {
