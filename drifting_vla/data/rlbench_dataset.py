@@ -32,6 +32,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from drifting_vla.data.rlbench_pickle import CorruptEpisodeError, load_rlbench_pickle
+from drifting_vla.data.sampler import sample_rng
 from drifting_vla.data.transforms import action_window, canonical_quaternion, resize_image
 
 log = logging.getLogger(__name__)
@@ -239,7 +240,7 @@ class RLBenchDataset(Dataset):
         rows, first = self._targets[e]
         chunk, mask = action_window(rows, first[t], self.horizon)
         instructions = self._instructions(e)
-        pick = int(torch.randint(len(instructions), ()).item()) if self.random_instruction else 0
+        pick = int(sample_rng(i).integers(len(instructions))) if self.random_instruction else 0
         return {
             "images": torch.from_numpy(self._images(e, t)),
             "proprio": torch.from_numpy(episode.actions()[t]),

@@ -42,13 +42,24 @@ class SampleQueue:
     def size(self, task: str) -> int:
         return min(self._count.get(task, 0), self.capacity)
 
-    def sample(self, tasks: list[str], k: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """k chunks per task, drawn with replacement: [B, k, T, A]. Every task must hold one."""
+    def sample(self, tasks: list[str], k: int, uniform: torch.Tensor | None = None) -> torch.Tensor:
+        """k chunks per task, drawn with replacement: [B, k, T, A]. Every task must hold one.
+        `uniform` [B, k] in [0, 1) picks them (the trainer draws it with the step's other random
+        inputs, so a resumed or multi-rank run picks the same); None draws it here."""
         empty = sorted({t for t in tasks if self.size(t) == 0})
         if empty:
             raise ValueError(f"SampleQueue holds no chunks yet for task(s) {empty}; push a batch first")
+        uniform = torch.rand(len(tasks), k) if uniform is None else uniform.cpu()
         out = []
-        for task in tasks:
-            idx = torch.randint(self.size(task), (k,), generator=generator)
+        for task, u in zip(tasks, uniform, strict=True):
+            idx = (u * self.size(task)).long().clamp_max(self.size(task) - 1)
             out.append(self._chunks[task][idx.to(self.device)])
         return torch.stack(out)
+
+    def state_dict(self) -> dict:
+        """The queued chunks and write positions, for checkpoints (tensors and ints only)."""
+        return {"chunks": dict(self._chunks), "count": dict(self._count)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._chunks = {task: chunks.to(self.device) for task, chunks in state["chunks"].items()}
+        self._count = {task: int(n) for task, n in state["count"].items()}

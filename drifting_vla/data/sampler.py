@@ -7,14 +7,40 @@ whatever the number of ranks.
 
 So a 2-rank run sees exactly the batches a 1-rank run with batch 2B sees, and a resumed run
 continues with the batch the killed run would have taken next.
+
+Every index it yields is a `SampleKey`: the sample's index (an int) carrying the draw of its epoch,
+and a dataset that makes a random choice for a sample (RLBench's instruction phrasing) takes it
+from `sample_rng(key)`. A choice is then a function of (seed, epoch, index) alone: the same in any
+rank, any loader worker, and after a resume, where each worker's own RNG stream would differ.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import Sampler
+
+
+class SampleKey(int):
+    """A dataset index that also carries `draw`, the (seed, epoch) its random choices come from."""
+
+    draw: int
+
+    def __new__(cls, index: int, draw: int) -> SampleKey:
+        key = super().__new__(cls, index)
+        key.draw = draw
+        return key
+
+    def __reduce__(self):  # pickled to loader workers with its draw
+        return SampleKey, (int(self), self.draw)
+
+
+def sample_rng(index: int) -> np.random.Generator:
+    """The random generator of one sample: from its `SampleKey`'s (draw, index), or from the
+    index alone when indexed by hand (the same choice every time)."""
+    return np.random.default_rng([getattr(index, "draw", 0), int(index)])
 
 
 class ResumableBatchSampler(Sampler[list[int]]):
@@ -34,12 +60,13 @@ class ResumableBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         """Endless: epoch after epoch, from the saved position."""
         while True:
-            order = torch.randperm(self.dataset_size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+            draw = self.seed * 100_003 + self.epoch
+            order = torch.randperm(self.dataset_size, generator=torch.Generator().manual_seed(draw))
             global_size = self.batch_size * self.world_size
             while self.batch_in_epoch < len(self):
                 start = self.batch_in_epoch * global_size + self.rank * self.batch_size
                 self.batch_in_epoch += 1
-                yield order[start : start + self.batch_size].tolist()
+                yield [SampleKey(i, draw) for i in order[start : start + self.batch_size].tolist()]
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
     def state_dict(self) -> dict:

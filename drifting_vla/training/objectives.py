@@ -93,6 +93,13 @@ class Objective:
     def _sample(self, model, condition, num_samples, nfe, sampler, generator) -> Tensor:
         raise NotImplementedError
 
+    def state_dict(self) -> dict:
+        """What a resumed run needs beyond the weights (drifting's sample queue); tensors and plain values."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        del state
+
     @torch.no_grad()
     def field(self, samples: Tensor, actions: Tensor) -> Tensor:
         """Where training moves each sample [B, G, T, A] (the panels draw it): the expert minus the
@@ -138,7 +145,10 @@ class DriftingObjective(Objective):
         self.queue = SampleQueue(capacity_per_task=int(d.queue_size)) if self.extra_positives else None
 
     def training_inputs(self, batch_size, horizon, noise_dim, generator):
-        return {"noise": torch.randn((batch_size, self.num_samples, horizon, noise_dim), generator=generator)}
+        inputs = {"noise": torch.randn((batch_size, self.num_samples, horizon, noise_dim), generator=generator)}
+        if self.queue is not None:  # which queued chunks serve as extra positives
+            inputs["queue_draws"] = torch.rand((batch_size, self.extra_positives), generator=generator)
+        return inputs
 
     def __call__(self, model, obs, actions, inputs):
         samples = _unwrap(model).to_actions(model(obs, inputs["noise"]))
@@ -146,7 +156,7 @@ class DriftingObjective(Objective):
         if self.queue is not None:
             if torch.is_grad_enabled():
                 self.queue.push(list(obs["task"]), actions.detach())
-            extra = self.queue.sample(list(obs["task"]), self.extra_positives).to(actions)
+            extra = self.queue.sample(list(obs["task"]), self.extra_positives, inputs["queue_draws"]).to(actions)
             positives = torch.cat([positives, extra], dim=1)
         out = self.loss(samples, positives)
         return ObjectiveOutput(out.loss, out.metrics)
@@ -154,6 +164,13 @@ class DriftingObjective(Objective):
     def _sample(self, model, condition, num_samples, nfe, sampler, generator):
         noise = _noise(model, condition.batch_size, num_samples, generator, condition.pooled.device)
         return model.to_actions(model.predict(condition, noise))
+
+    def state_dict(self) -> dict:
+        return {} if self.queue is None else {"queue": self.queue.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.queue is not None and "queue" in state:
+            self.queue.load_state_dict(state["queue"])
 
     @torch.no_grad()
     def field(self, samples, actions):

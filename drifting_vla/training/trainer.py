@@ -43,11 +43,13 @@ from drifting_vla.models import build_model, parameter_table
 from drifting_vla.specs import ActionSpec
 from drifting_vla.training.checkpoint import (
     FULL_STATE,
+    capture_rng_state,
     find_latest_valid_checkpoint,
     gather_training_state,
     load_checkpoint,
     prune_checkpoints,
     resolve_checkpoint,
+    restore_rng_state,
     save_checkpoint,
 )
 from drifting_vla.training.config import training_config
@@ -357,15 +359,26 @@ class Trainer:
         """Rank 0 writes full state; under FSDP every rank takes part in gathering it."""
         if self.ctx.is_main or self.sharded:
             state = gather_training_state(self.model, self.ema, self.optimizer)
+        ranks = self._per_rank_states()
         if self.ctx.is_main:
             save_checkpoint(
                 self.checkpoints_dir, step=self.step, state=state, scheduler=self.scheduler,
                 config=OmegaConf.to_container(self.cfg, resolve=True), normalization=self.normalizer.to_dict(),
                 sampler_state=self.sampler.state_after(self.sampler_start, self.batches_consumed),
-                extra={"skipped_steps": self.skipped_steps},
+                extra={"skipped_steps": self.skipped_steps, "ranks": ranks},
             )
             prune_checkpoints(self.checkpoints_dir, int(self.cfg.training.keep_checkpoints))
         self._barrier()
+
+    def _per_rank_states(self) -> list[dict]:
+        """Every rank's RNG state and objective state (drifting's sample queue), gathered for
+        rank 0 to save (collective): a resumed rank continues its own streams."""
+        mine = {"rng": capture_rng_state(), "objective": self.objective.state_dict()}
+        if self.ctx.world_size == 1:
+            return [mine]
+        gathered = [None] * self.ctx.world_size
+        dist.all_gather_object(gathered, mine)
+        return gathered
 
     @contextlib.contextmanager
     def _ema_model(self):
@@ -402,6 +415,15 @@ class Trainer:
         self.history = MetricHistory.from_jsonl(self.run_dir / "metrics.jsonl", up_to_step=self.step)
         self.sampler.load_state_dict(state.sampler_state)
         self.skipped_steps = int(state.extra.get("skipped_steps", 0))
+        ranks = state.extra.get("ranks")
+        if ranks is not None:  # checkpoints from before per-rank states resume with rank 0's RNG
+            if len(ranks) != self.ctx.world_size:
+                raise ValueError(
+                    f"{path} was written by {len(ranks)} rank(s) and this run has {self.ctx.world_size}: each rank "
+                    "resumes its own random streams and sample queue, so resume with the same number of ranks"
+                )
+            restore_rng_state(ranks[self.ctx.rank]["rng"])
+            self.objective.load_state_dict(ranks[self.ctx.rank]["objective"])
         if self.ctx.is_main:
             print(f"resumed from {path} at step {self.step}", flush=True)
 
