@@ -72,25 +72,28 @@ class Protocol:
         return f"{self.objective}{'' if self.sampler is None else '-' + self.sampler}_nfe{self.nfe}"
 
 
+def _name_and_numbers(spec: str, flag: str, form: str) -> tuple[str, list[int]]:
+    """'name:1,2' -> ('name', [1, 2]); a malformed spec exits naming the flag and the form."""
+    name, _, numbers = spec.partition(":")
+    try:
+        return name, [int(n) for n in numbers.split(",")]
+    except ValueError:
+        raise SystemExit(f"{flag} {spec!r}: expected {form}") from None
+
+
 def parse_runs(specs: list[str]) -> list[Run]:
-    runs = []
-    for spec in specs:
-        objective, _, seeds = spec.partition(":")
-        if not seeds:
-            raise SystemExit(f"--runs {spec!r}: expected objective:seed[,seed...], e.g. drifting:0,1")
-        runs += [Run(objective, int(s)) for s in seeds.split(",")]
-    return runs
+    parsed = [_name_and_numbers(s, "--runs", "objective:seed[,seed...], e.g. drifting:0,1") for s in specs]
+    return [Run(objective, seed) for objective, seeds in parsed for seed in seeds]
 
 
 def parse_protocols(specs: list[str]) -> list[Protocol]:
-    protocols = []
-    for spec in specs:
-        method, _, nfes = spec.partition(":")
-        if not nfes:
-            raise SystemExit(f"--protocols {spec!r}: expected objective[/sampler]:nfe[,nfe...], e.g. flow_matching:1,10")
-        objective, _, sampler = method.partition("/")
-        protocols += [Protocol(objective, sampler or None, int(n)) for n in nfes.split(",")]
-    return protocols
+    form = "objective[/sampler]:nfe[,nfe...], e.g. flow_matching:1,10"
+    parsed = [_name_and_numbers(s, "--protocols", form) for s in specs]
+    return [
+        Protocol(method.partition("/")[0], method.partition("/")[2] or None, nfe)
+        for method, nfes in parsed
+        for nfe in nfes
+    ]
 
 
 # ----------------------------------------------------------------------------------------------
