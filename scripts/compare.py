@@ -228,6 +228,7 @@ def write_markdown(rows: list[dict], meta: dict, path: Path) -> None:
 
 def plot(rows: list[dict], output: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -243,6 +244,7 @@ def plot(rows: list[dict], output: Path) -> None:
         label = key[0] + ("" if key[1] is None else f" ({key[1]})")
         ax.errorbar(nfe, success, yerr=err, marker=markers.get(key[1], "o"), color=colors.get(key[0]), capsize=3, label=label)
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
     ax.set_xlabel("network evaluations per chunk (NFE, log scale)")
     ax.set_ylabel("closed-loop success rate (95% CI)")
     ax.set_ylim(0, 1.02)
@@ -254,14 +256,18 @@ def plot(rows: list[dict], output: Path) -> None:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-    for r in rows:
-        if r["latency_ms"] is None:
-            continue
+    timed = sorted((r for r in rows if r["latency_ms"] is not None), key=lambda r: -r["success"])
+    for i, r in enumerate(timed):
         err = [[r["success"] - r["ci95"][0]], [r["ci95"][1] - r["success"]]]
         ax.errorbar(r["latency_ms"], r["success"], yerr=err, marker=markers.get(r["sampler"], "o"), color=colors.get(r["objective"]), capsize=3)
-        ax.annotate(f"{r['objective']}{'' if r['sampler'] is None else '/' + r['sampler']} {r['nfe']}", (r["latency_ms"], r["success"]),
-                    textcoords="offset points", xytext=(4, 4), fontsize=7)
+        # Points at one latency crowd together: labels step down the right-hand side instead.
+        ax.annotate(f"{r['objective']}{'' if r['sampler'] is None else '/' + r['sampler']} {r['nfe']} ({r['success']:.2f})",
+                    (r["latency_ms"], r["success"]), textcoords="offset points", xytext=(10, 12 - 12 * (i % 4)),
+                    fontsize=7, color=colors.get(r["objective"]))
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xticks([t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500) if 0.5 * min(r["latency_ms"] for r in timed) <= t <= 2 * max(r["latency_ms"] for r in timed)])
     ax.set_xlabel("chunk latency at batch 1, ms (log scale, 1 CPU thread)")
     ax.set_ylabel("closed-loop success rate (95% CI)")
     ax.set_ylim(0, 1.02)
