@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from drifting_vla.models.drifting_vla import build_model
+from drifting_vla.models.drifting_vla import DriftingVLA, build_model
 from drifting_vla.training.config import training_config
 from drifting_vla.training.objectives import OBJECTIVES, build_objective
 from tests.test_inference import observation_batch, tiny_cfg
@@ -108,6 +108,8 @@ class ExactGaussianNetwork:
     a ~ N(MU, STD^2): a sampler that disagrees with its loss cannot reproduce N(MU, STD^2)."""
 
     horizon, noise_dim = 4, 4
+
+    sample_noise = DriftingVLA.sample_noise  # the network's own noise draw (reads horizon, noise_dim)
 
     def __init__(self, objective, action_spec):
         self.objective, self.action_spec = objective, action_spec

@@ -21,6 +21,7 @@ A new objective is one class in `OBJECTIVES`; the trainer and the policy never c
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +39,7 @@ class ObjectiveOutput:
     metrics: dict[str, Tensor]
 
 
-class Objective:
+class Objective(ABC):
     """What the trainer and the policy rely on. Subclasses set `name`, `num_samples` (chunks per
     observation in a training step), `default_nfe`, `samplers` (first is the default; None for a
     sampler with no variants) and implement `training_inputs`, `__call__` and `_sample`."""
@@ -49,15 +50,15 @@ class Objective:
     max_nfe: int = 1
     samplers: tuple[str | None, ...] = (None,)
 
+    @abstractmethod
     def training_inputs(self, batch_size: int, horizon: int, noise_dim: int, generator: torch.Generator) -> dict[str, Tensor]:
         """The random draws of one training step for `batch_size` observations, every tensor with
         the observation on dim 0, drawn on the CPU from `generator` (the trainer draws them for the
         global batch and slices each rank's share)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def __call__(self, model, obs: dict, actions: Tensor, inputs: dict[str, Tensor]) -> ObjectiveOutput:
         """The training loss of `model` (possibly DDP-wrapped) on normalized expert chunks [B, T, A]."""
-        raise NotImplementedError
 
     def resolve(self, nfe: int | None = None, sampler: str | None = None) -> tuple[int, str | None]:
         """(nfe, sampler) with defaults filled in; an error naming the objective for a bad value."""
@@ -90,8 +91,9 @@ class Objective:
         nfe, sampler = self.resolve(nfe, sampler)
         return self._sample(model, condition, num_samples, nfe, sampler, generator)
 
+    @abstractmethod
     def _sample(self, model, condition, num_samples, nfe, sampler, generator) -> Tensor:
-        raise NotImplementedError
+        """`sample` with nfe and sampler resolved."""
 
     def state_dict(self) -> dict:
         """What a resumed run needs beyond the weights (drifting's sample queue); tensors and plain values."""
@@ -105,10 +107,6 @@ class Objective:
         """Where training moves each sample [B, G, T, A] (the panels draw it): the expert minus the
         sample, unless an objective knows better (drifting: its drift field)."""
         return actions[:, None] - samples
-
-
-def _noise(model, batch_size: int, num_samples: int, generator: torch.Generator | None, device) -> Tensor:
-    return torch.randn((batch_size, num_samples, model.horizon, model.noise_dim), generator=generator).to(device)
 
 
 def _unwrap(model):
@@ -162,7 +160,7 @@ class DriftingObjective(Objective):
         return ObjectiveOutput(out.loss, out.metrics)
 
     def _sample(self, model, condition, num_samples, nfe, sampler, generator):
-        noise = _noise(model, condition.batch_size, num_samples, generator, condition.pooled.device)
+        noise = model.sample_noise(condition.batch_size, num_samples, condition.pooled.device, generator)
         return model.to_actions(model.predict(condition, noise))
 
     def state_dict(self) -> dict:
@@ -227,7 +225,7 @@ class FlowMatchingObjective(Objective):
 
     def _sample(self, model, condition, num_samples, nfe, sampler, generator):
         _require_action_sized_noise(model, self.name)
-        x = _noise(model, condition.batch_size, num_samples, generator, condition.pooled.device)
+        x = model.sample_noise(condition.batch_size, num_samples, condition.pooled.device, generator)
         for i in range(nfe):
             t = x.new_full(x.shape[:2], 1.0 - i / nfe)
             x = x - model.predict(condition, x, t) / nfe
@@ -274,7 +272,7 @@ class DiffusionObjective(Objective):
     def _sample(self, model, condition, num_samples, nfe, sampler, generator):
         _require_action_sized_noise(model, self.name)
         eta = 0.0 if sampler == "ddim" else 1.0
-        x = _noise(model, condition.batch_size, num_samples, generator, condition.pooled.device)
+        x = model.sample_noise(condition.batch_size, num_samples, condition.pooled.device, generator)
         ab = self.alphas_cumprod.to(x.device)
         steps = [round(self.num_train_timesteps - i * self.num_train_timesteps / nfe) - 1 for i in range(nfe)]
         for i, k in enumerate(steps):
