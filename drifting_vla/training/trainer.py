@@ -172,7 +172,7 @@ class Trainer:
             inputs = self._training_inputs(self.step * accum + micro, len(actions))
             # One context for forward and backward: DDP's no_sync() can be entered only once.
             with self._gradient_sync(last_micro_batch=micro == accum - 1):
-                with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
+                with self._autocast():
                     out = self.objective(self.network, obs, actions, inputs)
                 if not self._is_finite(out.loss, "loss", batch):
                     return self._skip_step(), (obs, actions)
@@ -315,9 +315,13 @@ class Trainer:
 
     def _sample(self, obs: dict, num_samples: int, generator: torch.Generator) -> torch.Tensor:
         """Chunks [B, G, T, A] (normalized) as the policy draws them: the objective's sampler."""
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None), self._unsharded_root():
+        with self._autocast(), self._unsharded_root():
             condition = self.model.encode_condition(obs)
             return self.objective.sample(self.model, condition, num_samples, self.eval_nfe, self.eval_sampler, generator).float()
+
+    def _autocast(self):
+        """The training precision (bf16 autocast on CUDA by default), for training and sampling alike."""
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None)
 
     @contextlib.contextmanager
     def _unsharded_root(self):
