@@ -128,13 +128,12 @@ def evaluate_run(run: Run, run_dir: Path, protocol: Protocol, output: Path, epis
         return json.loads(summary_file.read_text())
     policy = DriftingPolicy.from_checkpoint(run_dir, nfe=protocol.nfe, sampler=protocol.sampler)
     data_cfg = policy.cfg["data"]
-    summary = evaluate(
+    evaluate(
         policy, data_cfg, seeds=evaluation_seeds(data_cfg, episodes), num_workers=workers, output_dir=out_dir,
         videos_per_task=1, protocol=protocol_label(data_cfg, policy.method, policy.execution_label), progress=False,
-    ).to_dict()
-    summary["checkpoint"] = str(policy.checkpoint)
-    summary_file.write_text(json.dumps(summary, indent=2))
-    return summary
+        record={"checkpoint": str(policy.checkpoint)},
+    )
+    return json.loads(summary_file.read_text())
 
 
 def chunk_latency(run_dir: Path, protocol: Protocol, repeats: int = 20) -> dict:

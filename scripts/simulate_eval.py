@@ -16,7 +16,6 @@ Writes <output>/summary.json ({"success_rate", "ci95", "per_task", "episodes", .
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -52,6 +51,8 @@ def main(cfg: DictConfig) -> float:
         seeds = list(range(episodes))
         log.warning("data config has no eval_seeds: using seeds 0..%d", episodes - 1)
     output = Path(cfg.output)
+    settings = OmegaConf.to_container(cfg, resolve=True)
+    settings.pop("remote_token")  # a secret: never written to disk
     summary = evaluate(
         policy,
         data_cfg,
@@ -63,11 +64,8 @@ def main(cfg: DictConfig) -> float:
         max_episode_steps=cfg.max_episode_steps,
         progress=bool(cfg.progress),
         protocol=protocol_label(data_cfg, method, policy.execution_label),
+        record={"checkpoint": checkpoint, "eval": settings},
     )
-    settings = OmegaConf.to_container(cfg, resolve=True)
-    settings.pop("remote_token")  # a secret: never written to disk
-    result = {**summary.to_dict(), "checkpoint": checkpoint, "eval": settings}
-    (output / "summary.json").write_text(json.dumps(result, indent=2))
     print(summary.format_table())
     print(f"wrote {output / 'summary.json'}")
     return summary.success_rate

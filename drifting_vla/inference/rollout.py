@@ -331,6 +331,7 @@ def evaluate(
     step_timeout_s: float = 300.0,
     progress: bool = True,
     protocol: str = "",
+    record: Mapping | None = None,
 ) -> EvalSummary:
     """Run every task on every seed with `policy` (a `DriftingPolicy` or anything with
     `reset(env_index)` and `select_action(obs, env_ids)`).
@@ -338,7 +339,8 @@ def evaluate(
     tasks: default `data.tasks`. seeds: the same seed list for every task; default the first
     `episodes` of `data.eval_seeds`. output_dir: where episodes.jsonl goes (None: not written).
     video_dir: default `<output_dir>/videos`. max_episode_steps overrides the data config's.
-    `protocol` labels the results (e.g. RLBench "keyframe-planner" vs "dense-ik").
+    `protocol` labels the results (e.g. RLBench "keyframe-planner" vs "dense-ik"); `record`
+    (JSON-able) goes into summary.json beside them, e.g. the checkpoint that was evaluated.
     Raises `EvaluationError` when every episode of a task ended in an error (a crashed worker, an
     env that cannot be built, a script without a `__main__` guard), after writing the outputs.
     """
@@ -456,7 +458,7 @@ def evaluate(
             jsonl.close()
     summary.seconds = time.perf_counter() - started
     if output_dir is not None:
-        (output_dir / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
+        (output_dir / "summary.json").write_text(json.dumps({**summary.to_dict(), **(record or {})}, indent=2))
     check_evaluated(summary, output_dir)
     return summary
 
