@@ -1,6 +1,7 @@
 """Collect (and cache) Meta-World scripted-expert demonstrations for the embedded benchmark.
 
     python scripts/collect_demos.py                                   # the tasks of drifting_vla/configs/data/metaworld.yaml
+    python scripts/collect_demos.py --data metaworld_multimodal       # another data config (here the two-route wall suite)
     python scripts/collect_demos.py --tasks reach-v3 push-v3 --episodes 20 --workers 2
     python scripts/collect_demos.py --cameras corner gripperPOV --image-size 96 --root ./data/metaworld
     python scripts/collect_demos.py --format lerobot --output ./data/metaworld_lerobot   # + a LeRobot v3.0 copy
@@ -18,9 +19,7 @@ import os
 import pathlib
 import time
 
-import yaml
-
-CONFIG = pathlib.Path(__file__).resolve().parents[1] / "drifting_vla" / "configs" / "data" / "metaworld.yaml"
+from drifting_vla.configs import data_config
 
 
 def main() -> None:
@@ -29,7 +28,7 @@ def main() -> None:
     from drifting_vla.data.metaworld_demos import ensure_metaworld_demos
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=pathlib.Path, default=CONFIG, help="data config to start from")
+    parser.add_argument("--data", default="metaworld", help="data config to start from (drifting_vla/configs/data/<name>.yaml)")
     parser.add_argument("--tasks", nargs="+", help="Meta-World task names, e.g. reach-v3")
     parser.add_argument("--cameras", nargs="+")
     parser.add_argument("--image-size", type=int)
@@ -47,7 +46,7 @@ def main() -> None:
     if args.format == "lerobot" and args.output is None:
         parser.error("--format lerobot needs --output DIR")
 
-    cfg = yaml.safe_load(args.config.read_text())
+    cfg = data_config(args.data)
     overrides = {
         "tasks": args.tasks,
         "cameras": args.cameras,

@@ -27,19 +27,29 @@ from drifting_vla.data.metaworld_dataset import (
     task_store_complete,
     write_task_store,
 )
+from drifting_vla.envs.metaworld_routes import EXPERT_VERSION as ROUTE_EXPERT_VERSION
 
 DEFAULT_ROOT = "~/.cache/drifting_vla/metaworld"
 
 
 def collection_config(cfg) -> dict:
-    """The part of the data config that determines the demos' content (what the hash covers)."""
-    return {
+    """The part of the data config that determines the demos' content (what the hash covers).
+
+    The expert and the goal observation enter only when they differ from the stock settings, so
+    stores collected before these keys existed keep their hash."""
+    collection = {
         "format_version": FORMAT_VERSION,
         "cameras": [str(c) for c in cfg["cameras"]],
         "image_size": int(cfg["image_size"]),
         "max_episode_steps": int(cfg["max_episode_steps"]),
         "train_seeds": {"start": int(cfg["train_seeds"]["start"]), "count": int(cfg["train_seeds"]["count"])},
     }
+    if str(cfg.get("expert", "stock")) != "stock":
+        collection["expert"] = str(cfg["expert"])
+        collection["expert_version"] = ROUTE_EXPERT_VERSION
+    if bool(cfg.get("observe_goal", False)):
+        collection["observe_goal"] = True
+    return collection
 
 
 def store_dir(cfg) -> pathlib.Path:
@@ -90,6 +100,7 @@ def ensure_metaworld_demos(cfg, workers: int | None = None, progress: bool = Tru
             "episodes_failed": len(results[task]) - len(kept),
             "failed_seeds": [ep["seed"] for ep in results[task] if not ep["success"]],
             "steps": int(sum(len(ep["actions"]) for ep in kept)),
+            "modes": _mode_counts(kept),
             **collection,
         }
         write_task_store(out / task, kept, meta)
@@ -101,6 +112,12 @@ def ensure_metaworld_demos(cfg, workers: int | None = None, progress: bool = Tru
     if progress:
         print(f"collected {len(todo)} task(s) in {time.perf_counter() - start:.0f} s -> {out}")
     return out
+
+
+def _mode_counts(episodes: list[dict]) -> dict[str, int] | None:
+    """How many kept episodes went each way past the wall (None on tasks without a wall)."""
+    modes = [ep.get("mode") for ep in episodes if ep.get("mode") is not None]
+    return {m: modes.count(m) for m in sorted(set(modes))} or None
 
 
 def _keep(results: dict, episode: dict, bar: tqdm) -> None:
@@ -132,6 +149,8 @@ def _collect_one(job: tuple) -> dict:
             cameras=collection["cameras"],
             image_size=collection["image_size"],
             max_episode_steps=collection["max_episode_steps"],
+            expert=collection.get("expert", "stock"),
+            observe_goal=collection.get("observe_goal", False),
         )
     episode = run_expert_episode(_ENV, seed)
     episode["task"] = task

@@ -4,12 +4,17 @@ The demonstrations (`scripts/collect_demos.py`) and the closed-loop evaluation b
 `MetaWorldEnv`, so the policy sees identical observations in both:
 
     images   uint8 [V, 3, H, W]  `cameras` rendered at `image_size` (fast settings, see below)
-    proprio  float32 [4]         hand xyz + gripper opening (the first 4 of Meta-World's 39 floats)
+    proprio  float32 [4]         hand xyz + gripper opening (the first 4 of Meta-World's 39 floats),
+                                 then the goal xyz (its last 3) with `observe_goal=True`
     state    float32 [39]        only with `privileged_state=True` (a state-policy baseline)
 
 Episodes are seeded: `reset(seed)` samples the object and goal positions from the task's random
 reset space with `seed`, so a seed list names the same scenes on every machine. Training and
 evaluation use disjoint seed ranges (`drifting_vla/configs/data/metaworld.yaml`).
+
+Experts: `expert="stock"` is Meta-World's scripted policy; `expert="routes"` (wall tasks only)
+goes around the wall on a side drawn from the seed (`metaworld_routes.py`, the multimodal suite).
+On the wall tasks every step's `info["mode"]` says which way the hand or puck got past the wall.
 
 Rendering: one `mujoco.Renderer` per env, multisampling, shadows and reflections off (about 10x
 cheaper than the defaults, same geometry). Set `MUJOCO_GL=egl` (or `osmesa`) on a headless machine.
@@ -23,6 +28,13 @@ import os
 import numpy as np
 
 from drifting_vla.envs.base_env import BaseEnv, StepResult
+from drifting_vla.envs.metaworld_routes import TRACKED as ROUTE_TASKS
+from drifting_vla.envs.metaworld_routes import (
+    RouteExpert,
+    RouteTracker,
+    check_route_task,
+    route_for_seed,
+)
 
 MT10_TASKS = (
     "reach-v3",
@@ -97,7 +109,9 @@ UPSIDE_DOWN_CAMERAS = frozenset({"corner", "corner2", "corner3", "corner4", "beh
 """These cameras are rolled by 180 degrees in Meta-World's scene: rotate their frames back."""
 
 PROPRIO_DIM = 4
+GOAL_DIM = 3
 STATE_DIM = 39
+EXPERTS = ("stock", "routes")
 
 
 def check_task(task: str) -> None:
@@ -124,8 +138,14 @@ class MetaWorldEnv(BaseEnv):
         video_camera: str = "corner",
         video_size: int = 256,
         privileged_state: bool = False,
+        expert: str = "stock",
+        observe_goal: bool = False,
     ) -> None:
         check_task(task)
+        if expert not in EXPERTS:
+            raise ValueError(f"unknown Meta-World expert {expert!r}; valid: {list(EXPERTS)}")
+        if expert == "routes":
+            check_route_task(task)
         unknown = [c for c in cameras if c not in CAMERAS]
         if unknown or not cameras:
             raise ValueError(f"unknown Meta-World camera(s) {unknown or cameras}; valid: {list(CAMERAS)}")
@@ -144,6 +164,11 @@ class MetaWorldEnv(BaseEnv):
         self.video_camera = video_camera
         self.video_size = int(video_size)
         self.privileged_state = privileged_state
+        self.expert = expert
+        self.observe_goal = bool(observe_goal)
+        self.route: str | None = None
+        self._expert = None
+        self._route_tracker = RouteTracker(task) if task in ROUTE_TASKS else None
 
         self._env = ALL_V3_ENVIRONMENTS[task]()
         # Any task sets the env's private fields; resets then draw positions from `seed` instead.
@@ -171,6 +196,8 @@ class MetaWorldEnv(BaseEnv):
             image_size=int(data_cfg["image_size"]),
             max_episode_steps=int(data_cfg["max_episode_steps"]),
             privileged_state=bool(data_cfg.get("privileged_state", False)),
+            expert=str(data_cfg.get("expert", "stock")),
+            observe_goal=bool(data_cfg.get("observe_goal", False)),
             **kwargs,
         )
 
@@ -178,6 +205,11 @@ class MetaWorldEnv(BaseEnv):
         self._env.seed(int(seed))
         self.state, _ = self._env.reset()
         self.steps = 0
+        if self.expert == "routes":
+            self.route = route_for_seed(seed)
+            self._expert = RouteExpert(self.task, self.route)
+        if self._route_tracker is not None:
+            self._route_tracker.reset(self.state)
         return self.observation()
 
     def step(self, action: np.ndarray) -> StepResult:
@@ -186,12 +218,18 @@ class MetaWorldEnv(BaseEnv):
         self.steps += 1
         success = bool(info.get("success", 0.0))
         done = success or self.steps >= self.max_episode_steps
-        return StepResult(self.observation(), float(reward), done, success, dict(info))
+        info = dict(info)
+        if self._route_tracker is not None:
+            info["mode"] = self._route_tracker.update(self.state)
+        return StepResult(self.observation(), float(reward), done, success, info)
 
     def observation(self) -> dict:
+        proprio = self.state[:PROPRIO_DIM]
+        if self.observe_goal:
+            proprio = np.concatenate([proprio, self.state[-GOAL_DIM:]])
         obs = {
             "images": self._render_cameras(),
-            "proprio": self.state[:PROPRIO_DIM].astype(np.float32),
+            "proprio": proprio.astype(np.float32),
             "instruction": self.instruction,
             "task": self.task,
         }
@@ -205,8 +243,9 @@ class MetaWorldEnv(BaseEnv):
         return self._render(self._video_renderer, self.video_camera)
 
     def expert_action(self) -> np.ndarray:
-        """The scripted expert's action for the current state (Meta-World's `ENV_POLICY_MAP`)."""
-        if not hasattr(self, "_expert"):
+        """The scripted expert's action for the current state: Meta-World's (`ENV_POLICY_MAP`), or
+        the route expert of this episode's seed."""
+        if self._expert is None:
             from metaworld.policies import ENV_POLICY_MAP
 
             self._expert = ENV_POLICY_MAP[self.task]()
@@ -239,12 +278,13 @@ def run_expert_episode(env: MetaWorldEnv, seed: int) -> dict:
     """One scripted-expert episode from `reset(seed)` until success or the step limit.
 
     Returns numpy arrays, one row per step t (the observation before action t):
-    images uint8 [L, V, 3, H, W], proprio float32 [L, 4], state float32 [L, 39],
-    actions float32 [L, 4], plus `success` (bool) and `seed`.
+    images uint8 [L, V, 3, H, W], proprio float32 [L, 4 or 7], state float32 [L, 39],
+    actions float32 [L, 4], plus `success` (bool), `seed`, and on the wall tasks `mode` (the way
+    past the wall the episode took) and `route` (the one the route expert was told to take).
     """
     obs = env.reset(seed)
     images, proprio, state, actions = [], [], [], []
-    success = False
+    success, mode = False, None
     for _ in range(env.max_episode_steps):
         action = env.expert_action()
         images.append(obs["images"])
@@ -252,7 +292,7 @@ def run_expert_episode(env: MetaWorldEnv, seed: int) -> dict:
         state.append(env.state.astype(np.float32))
         actions.append(action)
         result = env.step(action)
-        obs, success = result.observation, result.success
+        obs, success, mode = result.observation, result.success, result.info.get("mode")
         if result.done:
             break
     return {
@@ -262,4 +302,6 @@ def run_expert_episode(env: MetaWorldEnv, seed: int) -> dict:
         "actions": np.stack(actions),
         "success": success,
         "seed": int(seed),
+        "mode": mode,
+        "route": env.route,
     }

@@ -61,6 +61,7 @@ class EpisodeRecord:
     seconds: float
     error: str | None = None
     video: str | None = None
+    mode: str | None = None  # the way the episode took, from envs that label it (the wall tasks)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -120,7 +121,29 @@ class EvalSummary:
             "env_steps_per_second": steps / self.seconds if self.seconds else 0.0,
             "policy_ms_per_call": 1000 * self.policy_seconds / max(1, self.policy_calls),
             "videos": list(self.videos),
+            **self._modes(),
         }
+
+    def _modes(self) -> dict:
+        """Share and success of each mode (route), overall and per task: whether a policy commits
+        to one mode per episode or averages them (then the share of `none` grows). Empty when no
+        env labelled its episodes."""
+        if all(r.mode is None for r in self.records):
+            return {}
+
+        def table(records: list[EpisodeRecord]) -> dict:
+            modes = sorted({str(r.mode) for r in records})
+            return {
+                m: {
+                    "share": sum(str(r.mode) == m for r in records) / len(records),
+                    "episodes": sum(str(r.mode) == m for r in records),
+                    "success": sum(r.success for r in records if str(r.mode) == m)
+                    / sum(str(r.mode) == m for r in records),
+                }
+                for m in modes
+            }
+
+        return {"modes": table(self.records), "per_task_modes": {t: table(rs) for t, rs in self.per_task().items()}}
 
     def format_table(self) -> str:
         """Per-task success with its 95% interval, then the mean over all episodes."""
@@ -136,6 +159,12 @@ class EvalSummary:
             f"{'overall':<32} {self.success_rate:>8.3f} {f'[{lo:.2f}, {hi:.2f}]':>15} "
             f"{self.episodes:>9} {summary['errors']:>7}"
         )
+        modes = summary.get("modes")
+        if modes:
+            lines.append(
+                "modes: "
+                + ", ".join(f"{m} {row['share']:.0%} (success {row['success']:.2f})" for m, row in modes.items())
+            )
         if self.protocol:
             lines.append(f"protocol: {self.protocol}")
         return "\n".join(lines)
@@ -216,7 +245,7 @@ def _worker_main(conn, import_path: str, data_cfg: dict) -> None:
                     env, task = env_class(import_path).from_config(data_cfg, next_task), next_task
                 obs = env.reset(int(seed))
                 frames = [env.render()] if video else None
-                conn.send(("obs", obs, False, False, None))
+                conn.send(("obs", obs, False, False, None, None))
             else:
                 result = env.step(message[1])
                 if frames is not None:
@@ -224,7 +253,9 @@ def _worker_main(conn, import_path: str, data_cfg: dict) -> None:
                     if result.done:
                         write_video(video, frames)
                         frames = None
-                conn.send(("obs", result.observation, result.done, result.success, result.info.get("error")))
+                conn.send(
+                    ("obs", result.observation, result.done, result.success, result.info.get("error"), result.info.get("mode"))
+                )
         except Exception as error:  # the simulator's failure ends the episode, not the worker loop
             last = traceback.extract_tb(error.__traceback__)[-1]
             conn.send(("error", f"{type(error).__name__}: {error} ({last.filename}:{last.lineno})"))
@@ -299,6 +330,7 @@ class _Slot:
     obs: dict | None = None
     steps: int = 0
     started: float = 0.0
+    mode: str | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -384,7 +416,8 @@ def evaluate(
     def finish(index: int, success: bool, error: str | None = None) -> None:
         slot = slots[index]
         video = slot.video if slot.video and Path(slot.video).is_file() else None
-        record = EpisodeRecord(slot.task, slot.seed, success, slot.steps, time.perf_counter() - slot.started, error, video)
+        elapsed = time.perf_counter() - slot.started
+        record = EpisodeRecord(slot.task, slot.seed, success, slot.steps, elapsed, error, video, slot.mode)
         summary.records.append(record)
         if video:
             summary.videos.append(video)
@@ -402,7 +435,7 @@ def evaluate(
         slot = slots[index]
         while queue and slot.obs is None:
             slot.task, slot.seed, slot.video = queue.popleft()
-            slot.steps, slot.started = 0, time.perf_counter()
+            slot.steps, slot.started, slot.mode = 0, time.perf_counter(), None
             policy.reset(index)
             try:
                 slot.worker.send(("reset", slot.task, slot.seed, slot.video))
@@ -446,7 +479,7 @@ def evaluate(
                     start(i)
                     continue
                 slot.steps += 1
-                _, slot.obs, done, success, error = reply
+                _, slot.obs, done, success, error, slot.mode = reply
                 if done or slot.steps >= int(data["max_episode_steps"]):
                     finish(i, bool(success), error)
                     start(i)
