@@ -13,9 +13,10 @@ from omegaconf import OmegaConf
 
 from drifting_vla.data.normalization import Normalizer, compute_stats
 from drifting_vla.data.rlbench_dataset import POSE_ACTION_SPEC
+from drifting_vla.data.transforms import canonical_quaternion
 from drifting_vla.envs import env_import_path, make_env, rlbench_env
 from drifting_vla.envs.metaworld_env import instruction_for
-from drifting_vla.inference.policy import DriftingPolicy
+from drifting_vla.inference.policy import DriftingPolicy, ensemble_actions
 from drifting_vla.inference.rollout import (
     EpisodeRecord,
     EvalSummary,
@@ -250,6 +251,37 @@ def test_reset_of_one_env_restarts_only_its_ensemble():
     assert actions[1] == pytest.approx((11 + 110) / 2)  # env 1 keeps its history
 
 
+def test_ensembling_q_and_minus_q_gives_that_rotation_where_component_means_cancel():
+    q = np.array([np.cos(np.radians(15)), np.sin(np.radians(15)), 0.0, 0.0])  # top-down grasp: qw = 0
+    candidates = np.stack([np.r_[0.1, 0.2, 0.3, q, 1.0, 0.0], np.r_[0.3, 0.2, 0.3, -q, 1.0, 1.0]])
+    out = ensemble_actions(candidates, np.array([1.0, 0.6]), RLBENCH_ACTION_SPEC)
+    np.testing.assert_allclose(out[:3], [(0.1 + 0.6 * 0.3) / 1.6, 0.2, 0.3])
+    assert abs(out[3:7] @ q) == pytest.approx(1.0, abs=1e-6)  # the same rotation (a component mean: 0.25 q)
+    assert out[7:].tolist() == [1.0, 0.0]  # the flag: weighted vote 0.6 / 1.6 < 0.5
+
+
+def test_temporal_ensembling_of_rlbench_chunks_gives_unit_quaternions_and_binary_flags():
+    torch.manual_seed(0)
+    cfg = rlbench_cfg()
+    policy = DriftingPolicy(build_model(cfg), rlbench_normalizer(), build_objective(training_config(cfg.training)),
+                            execution="ensemble", ensemble_decay=0.1)
+    rng = np.random.default_rng(0)
+    top_down = np.array([np.cos(np.radians(15)), np.sin(np.radians(15)), 0.0, 0.0])
+
+    def predict(obs):
+        """Chunks around a top-down grasp as the normalizer returns them (unit, qw >= 0): a tiny
+        tilt either way flips the whole quaternion's sign from one chunk to the next."""
+        q = canonical_quaternion(top_down + rng.normal(scale=0.01, size=(1, 4, 4)))
+        return np.concatenate([rng.uniform(0, 1, (1, 4, 3)), q, rng.uniform(0, 1, (1, 4, 2))], -1).astype(np.float32)
+
+    policy.predict_action_chunk = predict
+    obs = {"images": np.zeros((1, 1, 3, 32, 32), np.uint8), "proprio": np.zeros((1, 8), np.float32), "instruction": ["close jar"]}
+    for _ in range(6):
+        action = policy.select_action(obs)[0]
+        assert np.linalg.norm(action[3:7]) == pytest.approx(1.0, abs=1e-5) and abs(action[3:7] @ top_down) > 0.999
+        assert set(action[7:].tolist()) <= {0.0, 1.0}
+
+
 # ----------------------------------------------------------------------------------------------
 # Rollouts
 
@@ -423,19 +455,27 @@ def test_upstream_rlbench_takes_no_ignore_collisions_flag(monkeypatch):
     assert sim.commands[-1].tolist() == [0.2, 0, 1, 0, 0, 0, 1, 1]
 
 
-def rlbench_checkpoint(run_dir: Path, action_spec: ActionSpec, ignore_collisions: bool) -> Path:
-    """A tiny RLBench checkpoint trained with `action_spec`, as an older run (without the flag) or
-    a current one saved it."""
-    cfg = OmegaConf.create({
+def rlbench_cfg(action_spec: ActionSpec = RLBENCH_ACTION_SPEC, ignore_collisions: bool = False):
+    """The tiny network on RLBench's close_jar with `action_spec` (one camera at 32x32)."""
+    return OmegaConf.create({
         "model": OmegaConf.load("drifting_vla/configs/model/tiny.yaml"),
         "data": {**OmegaConf.load("drifting_vla/configs/data/rlbench.yaml"), **rlbench_data(ignore_collisions=ignore_collisions),
                  "tasks": ["close_jar"], "instructions": ["close jar"], "action_spec": action_spec.to_config()},
         "training": {"objective": "drifting"},
     })
+
+
+def rlbench_normalizer(action_spec: ActionSpec = RLBENCH_ACTION_SPEC) -> Normalizer:
     rng = np.random.default_rng(0)
     actions = np.concatenate([rng.uniform(0, 1, (64, 3)), rng.normal(size=(64, 4)), rng.integers(0, 2, (64, action_spec.dim - 7))], 1)
     stats = compute_stats({"actions": actions, "proprio": rng.uniform(0, 1, (64, 8))})
-    return write_checkpoint(run_dir, cfg, Normalizer(stats, action_spec, proprio_dim=8))[0]
+    return Normalizer(stats, action_spec, proprio_dim=8)
+
+
+def rlbench_checkpoint(run_dir: Path, action_spec: ActionSpec, ignore_collisions: bool) -> Path:
+    """A tiny RLBench checkpoint trained with `action_spec`, as an older run (without the flag) or
+    a current one saved it."""
+    return write_checkpoint(run_dir, rlbench_cfg(action_spec, ignore_collisions), rlbench_normalizer(action_spec))[0]
 
 
 def test_rlbench_policy_sends_its_predicted_ignore_collisions(tmp_path, monkeypatch):
