@@ -26,7 +26,9 @@ COMPONENT_KINDS = ("position", "quaternion", "gripper", "raw")
               a continuous 6D rotation (two rotation-matrix columns, `drifting_vla.rotations`),
               since q and -q are one rotation and any sign convention jumps somewhere. Never
               rescaled by the normalizer.
-- gripper:    open (1) / closed (0); decoded in [0, 1], never rescaled.
+- gripper:    a binary state: the gripper open (1) / closed (0), or a flag such as RLBench's
+              ignore_collisions; decoded in [0, 1] (a sigmoid), never rescaled, made 0 or 1 at a
+              threshold of 0.5 where it is executed (the env's sanitization, temporal ensembling).
 - raw:        any other continuous value (Meta-World's xyz deltas and gripper effort); min/max
               normalized to [-1, 1].
 """
@@ -115,9 +117,12 @@ RLBENCH_ACTION_SPEC = ActionSpec(
         ActionComponent("position", "position", 3),
         ActionComponent("rotation", "quaternion", 4),
         ActionComponent("gripper", "gripper", 1),
+        ActionComponent("ignore_collisions", "gripper", 1),
     )
 )
-"""RLBench end-effector actions `[x, y, z, qx, qy, qz, qw, gripper_open]`."""
+"""RLBench end-effector actions as PerAct learns them, `[x, y, z, qx, qy, qz, qw, gripper_open,
+ignore_collisions]`: the motion planner may let the arm touch objects on its way to a keyframe
+whose flag is 1 (a peg into a hole, a lid onto a jar), and the demonstrations record when."""
 
 METAWORLD_ACTION_SPEC = ActionSpec(
     (

@@ -6,11 +6,15 @@
     seed % 4 == 1   the simulator raises at step 2 (like InvalidActionError)
     seed % 4 == 2   the worker process dies at step 2 (like a segfaulting simulator)
     seed % 4 == 3   never succeeds: runs to max_episode_steps
+
+`FakeRLBench` stands in for RLBench and CoppeliaSim behind `RLBenchEnv`, recording the commands a
+step sends to the simulator.
 """
 
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -106,3 +110,61 @@ class DriftEnv(BaseEnv):
             "instruction": self.instruction,
             "task": "drift",
         }
+
+
+class FakeRLBench:
+    """The RLBench names `RLBenchEnv` imports (`import_rlbench`, to monkeypatch), with one object as
+    the simulator and its task: it takes `action_size` numbers a step (9 in PerAct's fork, 8 in
+    upstream RLBench), records each command in `commands`, and never ends an episode."""
+
+    def __init__(self, action_size: int = 9, instruction: str = "close jar", image_size: int = 32):
+        self.action_shape = (action_size,)
+        self.instruction, self.image_size = instruction, image_size
+        self.commands: list[np.ndarray] = []
+
+    def import_rlbench(self) -> dict:
+        def anything(*args, **kwargs):
+            return None
+
+        return {
+            "Environment": lambda action_mode, obs_config, headless: self,
+            "MoveArmThenGripper": anything,
+            "ik": anything,
+            "planner": anything,
+            "Discrete": anything,
+            "CameraConfig": anything,
+            "ObservationConfig": anything,
+            "task_class": lambda task: task,
+            "errors": (),
+        }
+
+    def launch(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
+
+    def get_task(self, task_class) -> FakeRLBench:
+        return self
+
+    def variation_count(self) -> int:
+        return 1
+
+    def set_variation(self, variation: int) -> None:
+        pass
+
+    def reset(self):
+        return [self.instruction], self._observation()
+
+    def step(self, command):
+        self.commands.append(np.asarray(command, dtype=np.float64))
+        return self._observation(), 0.0, False
+
+    def _observation(self) -> SimpleNamespace:
+        rgb = np.zeros((self.image_size, self.image_size, 3), dtype=np.uint8)
+        cameras = ("front", "left_shoulder", "right_shoulder", "wrist", "overhead")
+        return SimpleNamespace(
+            **{f"{camera}_rgb": rgb for camera in cameras},
+            gripper_pose=np.array([0.2, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]),
+            gripper_open=1.0,
+        )

@@ -12,13 +12,17 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
+from drifting_vla.configs import CONFIG_DIR
 from drifting_vla.data.collate import collate_samples
 from drifting_vla.data.fixtures import write_rlbench_fixture
 from drifting_vla.data.metaworld_dataset import MetaWorldDataset, write_task_store
 from drifting_vla.data.normalization import Normalizer, compute_stats, dataset_stats
+from drifting_vla.data.registry import build_dataset
 from drifting_vla.data.rlbench_dataset import (
+    POSE_ACTION_SPEC,
     RLBENCH_TASKS,
     RLBenchDataset,
     keyframe_indices,
@@ -30,12 +34,17 @@ from drifting_vla.data.rlbench_download import (
     download_rlbench,
     unpack_task_zip,
 )
-from drifting_vla.data.rlbench_pickle import CorruptEpisodeError, UnsafePickleError, loads_rlbench
+from drifting_vla.data.rlbench_pickle import (
+    CorruptEpisodeError,
+    UnsafePickleError,
+    load_rlbench_pickle,
+    loads_rlbench,
+)
 from drifting_vla.data.sample_queue import SampleQueue
 from drifting_vla.data.sampler import SampleKey
 from drifting_vla.data.transforms import action_window, canonical_quaternion
 from drifting_vla.rotations import quaternion_to_rotation6d
-from drifting_vla.specs import METAWORLD_ACTION_SPEC, RLBENCH_ACTION_SPEC
+from drifting_vla.specs import METAWORLD_ACTION_SPEC, RLBENCH_ACTION_SPEC, ActionSpec
 
 SAMPLE_KEYS = {"images", "proprio", "instruction", "actions", "action_mask", "task"}
 
@@ -148,9 +157,10 @@ def test_task_folder_absent_points_to_the_downloader(tmp_path):
 def test_rlbench_dense_samples_follow_the_contract(rlbench_root, tmp_path):
     ds = RLBenchDataset(rlbench_root, ["close_jar", "open_drawer"], ["front", "wrist"], horizon=4, cache_dir=tmp_path)
     assert len(ds) == 2 * 2 * 9  # tasks * episodes * (steps - 1)
-    _assert_sample(ds[0], 2, 16, 8, 4, 8)
+    _assert_sample(ds[0], 2, 16, 8, 4, 9)
     ep = ds.episodes[0]
-    np.testing.assert_allclose(ds[0]["actions"].numpy(), ep.actions()[1:5])
+    np.testing.assert_allclose(ds[0]["actions"][:, :8].numpy(), ep.actions()[1:5])
+    np.testing.assert_array_equal(ds[0]["actions"][:, 8].numpy(), ep.ignore_collisions[0:4])
     last = ds[8]  # step 8 of a 10-step episode: one real target, three padded
     assert last["action_mask"].tolist() == [True, False, False, False]
     assert torch.equal(last["actions"][1], last["actions"][0])
@@ -161,8 +171,44 @@ def test_rlbench_keyframe_targets_are_the_next_keyframes(rlbench_root):
     ep = ds.episodes[0]
     keys = ep.keyframes()
     assert keys == [5, 7, 9]
-    np.testing.assert_allclose(ds[0]["actions"].numpy(), ep.actions()[[5, 7]])
-    np.testing.assert_allclose(ds[5]["actions"][0].numpy(), ep.actions()[7])
+    np.testing.assert_allclose(ds[0]["actions"][:, :8].numpy(), ep.actions()[[5, 7]])
+    np.testing.assert_allclose(ds[5]["actions"][0, :8].numpy(), ep.actions()[7])
+
+
+def test_ignore_collisions_target_of_a_keyframe_is_the_demo_flag_of_the_step_before_it(rlbench_root):
+    # PerAct's convention: keyframe k's target is obs[k-1].ignore_collisions, read here straight
+    # from the pickle (the fixture records 1.0 at steps 0, 4, 8; the keyframes are 5, 7, 9).
+    demo = load_rlbench_pickle(_episode(rlbench_root) / "low_dim_obs.pkl")
+    recorded = [float(obs.ignore_collisions) for obs in demo._observations]
+    ds = RLBenchDataset(rlbench_root, ["close_jar"], ["front"], horizon=3, keyframes=True)
+    keys = ds.episodes[0].keyframes()
+    targets = ds[0]["actions"][:, 8].tolist()
+    assert targets == [recorded[k - 1] for k in keys] == [1.0, 0.0, 1.0]
+    assert targets != [recorded[k] for k in keys]  # the keyframe's own flag would be all 0
+    assert ds[5]["actions"][0, 8].item() == recorded[keys[1] - 1]  # from step 5 the next keyframe is 7
+
+
+def test_demos_without_ignore_collisions_take_the_configured_flag_and_warn_once(tmp_path, caplog):
+    root = write_rlbench_fixture(tmp_path, episodes=2, steps=6, records_ignore_collisions=False)
+    with caplog.at_level("WARNING", logger="drifting_vla.data.rlbench_dataset"):
+        ds = RLBenchDataset(root, ["close_jar"], ["front"], horizon=2, keyframes=True, ignore_collisions=True)
+    assert (ds.all_actions()[:, 8] == 1.0).all()
+    warnings = [r.getMessage() for r in caplog.records if "ignore_collisions" in r.getMessage()]
+    assert len(warnings) == 1 and "2 of 2" in warnings[0] and "data.ignore_collisions=True" in warnings[0]
+
+
+def test_an_action_spec_without_the_flag_gives_pose_and_gripper_only(rlbench_root):
+    ds = RLBenchDataset(rlbench_root, ["close_jar"], ["front"], horizon=2, keyframes=True, action_spec=POSE_ACTION_SPEC)
+    np.testing.assert_allclose(ds[0]["actions"].numpy(), ds.episodes[0].actions()[[5, 7]])
+    with pytest.raises(ValueError, match="RLBench demos give the action spec"):
+        RLBenchDataset(rlbench_root, ["close_jar"], ["front"], horizon=2, action_spec=METAWORLD_ACTION_SPEC)
+
+
+def test_the_rlbench_data_config_learns_ignore_collisions(rlbench_root):
+    cfg = OmegaConf.load(CONFIG_DIR / "data" / "rlbench.yaml")
+    cfg.root, cfg.tasks, cfg.cameras, cfg.cache_dir = str(rlbench_root.parent), ["close_jar"], ["front"], None
+    ds = build_dataset(cfg, split=rlbench_root.name)
+    assert ActionSpec.from_config(cfg.action_spec) == RLBENCH_ACTION_SPEC and ds[0]["actions"].shape == (1, 9)
 
 
 def test_keyframes_detect_gripper_change_stops_and_the_end():
@@ -343,15 +389,15 @@ def test_both_datasets_batch_identically_through_workers(metaworld_store, rlbenc
 # --- normalization --------------------------------------------------------------------------------
 
 
-def test_normalizer_scales_positions_to_unit_range_rotates_quaternions_to_6d_and_keeps_gripper(rlbench_root):
+def test_normalizer_scales_positions_to_unit_range_rotates_quaternions_to_6d_and_keeps_binary_flags(rlbench_root):
     ds = RLBenchDataset(rlbench_root, ["close_jar"], ["front"], horizon=2)
     norm = Normalizer(dataset_stats(ds), RLBENCH_ACTION_SPEC, proprio_dim=8)
     actions = torch.from_numpy(ds.all_actions())
     out = norm.normalize("actions", actions)
-    assert out.shape == (len(actions), 10) and RLBENCH_ACTION_SPEC.network_dim == 10
+    assert out.shape == (len(actions), 11) and RLBENCH_ACTION_SPEC.network_dim == 11
     assert out[:, :3].min() >= -1 - 1e-5 and out[:, :3].max() <= 1 + 1e-5
     torch.testing.assert_close(out[:, 3:9], quaternion_to_rotation6d(actions[:, 3:7]))
-    assert torch.equal(out[:, 9:], actions[:, 7:])
+    assert torch.equal(out[:, 9:], actions[:, 7:])  # gripper and ignore_collisions
     torch.testing.assert_close(norm.unnormalize("actions", out), actions, atol=1e-5, rtol=0)
 
 
@@ -365,7 +411,7 @@ def test_rotation_targets_are_continuous_through_qw_zero(rlbench_root):
     tilt_q = np.stack([np.zeros_like(tilt), np.sin(tilt / 2), np.zeros_like(tilt), np.cos(tilt / 2)], 1)
     quats = canonical_quaternion(_quat_multiply(tilt_q, top_down))
     assert (quats[:200, 3] < 0).any() or (np.sign(quats[:, 0]) != np.sign(quats[0, 0])).any()  # the sweep crosses the flip
-    actions = torch.from_numpy(np.concatenate([np.full((len(quats), 3), 0.3), quats, np.ones((len(quats), 1))], 1).astype(np.float32))
+    actions = torch.from_numpy(np.concatenate([np.full((len(quats), 3), 0.3), quats, np.ones((len(quats), 2))], 1).astype(np.float32))
     target = norm.normalize("actions", actions)
     assert (target[1:] - target[:-1]).norm(dim=-1).max() < 1e-3  # 0.01 degree = 1.7e-4 rad
     torch.testing.assert_close(norm.unnormalize("actions", target)[:, 3:7], torch.from_numpy(quats), atol=1e-5, rtol=0)
@@ -392,7 +438,7 @@ def test_normalizer_round_trips_through_a_plain_dict(metaworld_store):
 
 def test_normalizer_refuses_stats_of_another_layout():
     stats = compute_stats({"actions": np.random.rand(10, 4), "proprio": np.random.rand(10, 4)})
-    with pytest.raises(ValueError, match=r"stats\['actions'\]\['mean'\] has 4 dims, expected 8"):
+    with pytest.raises(ValueError, match=r"stats\['actions'\]\['mean'\] has 4 dims, expected 9"):
         Normalizer(stats, RLBENCH_ACTION_SPEC)
     with pytest.raises(ValueError, match=r"stats\['proprio'\].*expected 8.*proprio_dim"):
         Normalizer(stats, METAWORLD_ACTION_SPEC, proprio_dim=8)

@@ -12,9 +12,11 @@ import torch
 from omegaconf import OmegaConf
 
 from drifting_vla.data.normalization import Normalizer, compute_stats
-from drifting_vla.envs import env_import_path, make_env
+from drifting_vla.data.rlbench_dataset import POSE_ACTION_SPEC
+from drifting_vla.data.transforms import canonical_quaternion
+from drifting_vla.envs import env_import_path, make_env, rlbench_env
 from drifting_vla.envs.metaworld_env import instruction_for
-from drifting_vla.inference.policy import DriftingPolicy
+from drifting_vla.inference.policy import DriftingPolicy, ensemble_actions
 from drifting_vla.inference.rollout import (
     EpisodeRecord,
     EvalSummary,
@@ -24,11 +26,12 @@ from drifting_vla.inference.rollout import (
     wilson_interval,
 )
 from drifting_vla.models.drifting_vla import build_model
-from drifting_vla.specs import ActionSpec
+from drifting_vla.specs import RLBENCH_ACTION_SPEC, ActionSpec
 from drifting_vla.training.checkpoint import gather_training_state, save_checkpoint
 from drifting_vla.training.config import training_config
 from drifting_vla.training.ema import EMA
 from drifting_vla.training.objectives import OBJECTIVES, build_objective
+from tests.fake_envs import FakeRLBench
 
 TASK = "reach-v3"
 
@@ -75,9 +78,10 @@ def checkpoint(tmp_path):
     return write_checkpoint(tmp_path / "run", tiny_cfg())
 
 
-def write_checkpoint(run_dir: Path, cfg):
+def write_checkpoint(run_dir: Path, cfg, normalizer: Normalizer | None = None):
     """A step-10 checkpoint of a fresh model under `run_dir/checkpoints`, its EMA weights offset so
-    a test sees which weights were loaded: (path, model, ema, normalizer)."""
+    a test sees which weights were loaded: (path, model, ema, normalizer). The normalizer defaults
+    to `tiny_normalizer(cfg)`."""
     torch.manual_seed(0)
     model = build_model(cfg)
     ema = EMA(model, max_decay=0.9)
@@ -85,7 +89,7 @@ def write_checkpoint(run_dir: Path, cfg):
         ema.shadow[name] = ema.shadow[name] + 0.01 if ema.shadow[name].is_floating_point() else ema.shadow[name]
     optimizer = torch.optim.SGD(model.trainable_parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    normalizer = tiny_normalizer(cfg)
+    normalizer = normalizer or tiny_normalizer(cfg)
     path = save_checkpoint(
         run_dir / "checkpoints",
         step=10,
@@ -247,6 +251,37 @@ def test_reset_of_one_env_restarts_only_its_ensemble():
     assert actions[1] == pytest.approx((11 + 110) / 2)  # env 1 keeps its history
 
 
+def test_ensembling_q_and_minus_q_gives_that_rotation_where_component_means_cancel():
+    q = np.array([np.cos(np.radians(15)), np.sin(np.radians(15)), 0.0, 0.0])  # top-down grasp: qw = 0
+    candidates = np.stack([np.r_[0.1, 0.2, 0.3, q, 1.0, 0.0], np.r_[0.3, 0.2, 0.3, -q, 1.0, 1.0]])
+    out = ensemble_actions(candidates, np.array([1.0, 0.6]), RLBENCH_ACTION_SPEC)
+    np.testing.assert_allclose(out[:3], [(0.1 + 0.6 * 0.3) / 1.6, 0.2, 0.3])
+    assert abs(out[3:7] @ q) == pytest.approx(1.0, abs=1e-6)  # the same rotation (a component mean: 0.25 q)
+    assert out[7:].tolist() == [1.0, 0.0]  # the flag: weighted vote 0.6 / 1.6 < 0.5
+
+
+def test_temporal_ensembling_of_rlbench_chunks_gives_unit_quaternions_and_binary_flags():
+    torch.manual_seed(0)
+    cfg = rlbench_cfg()
+    policy = DriftingPolicy(build_model(cfg), rlbench_normalizer(), build_objective(training_config(cfg.training)),
+                            execution="ensemble", ensemble_decay=0.1)
+    rng = np.random.default_rng(0)
+    top_down = np.array([np.cos(np.radians(15)), np.sin(np.radians(15)), 0.0, 0.0])
+
+    def predict(obs):
+        """Chunks around a top-down grasp as the normalizer returns them (unit, qw >= 0): a tiny
+        tilt either way flips the whole quaternion's sign from one chunk to the next."""
+        q = canonical_quaternion(top_down + rng.normal(scale=0.01, size=(1, 4, 4)))
+        return np.concatenate([rng.uniform(0, 1, (1, 4, 3)), q, rng.uniform(0, 1, (1, 4, 2))], -1).astype(np.float32)
+
+    policy.predict_action_chunk = predict
+    obs = {"images": np.zeros((1, 1, 3, 32, 32), np.uint8), "proprio": np.zeros((1, 8), np.float32), "instruction": ["close jar"]}
+    for _ in range(6):
+        action = policy.select_action(obs)[0]
+        assert np.linalg.norm(action[3:7]) == pytest.approx(1.0, abs=1e-5) and abs(action[3:7] @ top_down) > 0.999
+        assert set(action[7:].tolist()) <= {0.0, 1.0}
+
+
 # ----------------------------------------------------------------------------------------------
 # Rollouts
 
@@ -371,7 +406,7 @@ def test_rlbench_env_without_rlbench_names_the_docker_image(monkeypatch):
     assert env_import_path({"name": "rlbench"}).endswith(RLBenchEnv.__name__)
 
 
-def test_rlbench_sanitize_makes_a_unit_canonical_quaternion_in_bounds_and_a_binary_gripper():
+def test_rlbench_sanitize_makes_a_unit_canonical_quaternion_in_bounds_and_binary_flags():
     from drifting_vla.envs.rlbench_env import sanitize_action
 
     bounds = ((-0.3, -0.5, 0.6), (0.7, 0.5, 1.6))
@@ -381,8 +416,89 @@ def test_rlbench_sanitize_makes_a_unit_canonical_quaternion_in_bounds_and_a_bina
     np.testing.assert_allclose(out[3:7], -np.array([0.0, 0.0, 0.6, -1.6]) / np.linalg.norm([0.6, 1.6]))
     assert out[7] == 1.0
     assert sanitize_action([0, 0, 1, 0, 0, 0, 0, 0.49], bounds)[3:].tolist() == [0, 0, 0, 1, 0]
+    assert sanitize_action([0, 0, 1, 0, 0, 0, 1, 0.7, 0.51], bounds)[7:].tolist() == [1, 1]  # ignore_collisions
+    assert sanitize_action([0, 0, 1, 0, 0, 0, 1, 0.7, 0.49], bounds)[7:].tolist() == [1, 0]
+    with pytest.raises(ValueError, match="8 values.*or 9 with ignore_collisions, got 7"):
+        sanitize_action([0, 0, 1, 0, 0, 0, 1], bounds)
     with pytest.raises(ValueError, match="non-finite"):
         sanitize_action([np.nan, 0, 1, 0, 0, 0, 1, 1], bounds)
+
+
+def rlbench_data(**overrides) -> dict:
+    return {"name": "rlbench", "cameras": ["front"], "image_size": 32, "keyframes": True, **overrides}
+
+
+@pytest.mark.parametrize(
+    "action, configured, sent",
+    [
+        ([0.2, 0, 1, 0, 0, 0, 1, 1, 0.8], False, 1.0),  # the predicted flag, not the configured one
+        ([0.2, 0, 1, 0, 0, 0, 1, 1, 0.2], True, 0.0),
+        ([0.2, 0, 1, 0, 0, 0, 1, 1], True, 1.0),  # an action without the flag: the configured one
+        ([0.2, 0, 1, 0, 0, 0, 1, 1], False, 0.0),
+    ],
+)
+def test_rlbench_env_sends_the_predicted_ignore_collisions_else_the_configured_one(monkeypatch, action, configured, sent):
+    sim = FakeRLBench(action_size=9)
+    monkeypatch.setattr(rlbench_env, "import_rlbench", sim.import_rlbench)
+    env = make_env(rlbench_data(ignore_collisions=configured), "close_jar")
+    env.reset(0)
+    env.step(np.array(action))
+    assert sim.commands[-1].tolist() == [0.2, 0, 1, 0, 0, 0, 1, 1, sent]
+
+
+def test_upstream_rlbench_takes_no_ignore_collisions_flag(monkeypatch):
+    sim = FakeRLBench(action_size=8)
+    monkeypatch.setattr(rlbench_env, "import_rlbench", sim.import_rlbench)
+    env = make_env(rlbench_data(), "close_jar")
+    env.reset(0)
+    env.step(np.array([0.2, 0, 1, 0, 0, 0, 1, 1, 1]))
+    assert sim.commands[-1].tolist() == [0.2, 0, 1, 0, 0, 0, 1, 1]
+
+
+def rlbench_cfg(action_spec: ActionSpec = RLBENCH_ACTION_SPEC, ignore_collisions: bool = False):
+    """The tiny network on RLBench's close_jar with `action_spec` (one camera at 32x32)."""
+    return OmegaConf.create({
+        "model": OmegaConf.load("drifting_vla/configs/model/tiny.yaml"),
+        "data": {**OmegaConf.load("drifting_vla/configs/data/rlbench.yaml"), **rlbench_data(ignore_collisions=ignore_collisions),
+                 "tasks": ["close_jar"], "instructions": ["close jar"], "action_spec": action_spec.to_config()},
+        "training": {"objective": "drifting"},
+    })
+
+
+def rlbench_normalizer(action_spec: ActionSpec = RLBENCH_ACTION_SPEC) -> Normalizer:
+    rng = np.random.default_rng(0)
+    actions = np.concatenate([rng.uniform(0, 1, (64, 3)), rng.normal(size=(64, 4)), rng.integers(0, 2, (64, action_spec.dim - 7))], 1)
+    stats = compute_stats({"actions": actions, "proprio": rng.uniform(0, 1, (64, 8))})
+    return Normalizer(stats, action_spec, proprio_dim=8)
+
+
+def rlbench_checkpoint(run_dir: Path, action_spec: ActionSpec, ignore_collisions: bool) -> Path:
+    """A tiny RLBench checkpoint trained with `action_spec`, as an older run (without the flag) or
+    a current one saved it."""
+    return write_checkpoint(run_dir, rlbench_cfg(action_spec, ignore_collisions), rlbench_normalizer(action_spec))[0]
+
+
+def test_rlbench_policy_sends_its_predicted_ignore_collisions(tmp_path, monkeypatch):
+    policy = DriftingPolicy.from_checkpoint(rlbench_checkpoint(tmp_path, RLBENCH_ACTION_SPEC, ignore_collisions=True))
+    with torch.no_grad():  # a policy sure the planner must avoid collisions, against the configured flag
+        policy.model.action_decoder.heads["ignore_collisions"][-1].bias.fill_(-30.0)
+    sim = FakeRLBench(action_size=9)
+    monkeypatch.setattr(rlbench_env, "import_rlbench", sim.import_rlbench)
+    env = make_env(policy.cfg["data"], "close_jar")
+    action = policy.select_action(env.reset(0))
+    env.step(action)
+    assert action.shape == (9,) and action[8] < 0.5 and sim.commands[-1][8] == 0.0
+
+
+def test_a_checkpoint_trained_without_the_flag_still_loads_and_acts_with_the_configured_one(tmp_path, monkeypatch):
+    policy = DriftingPolicy.from_checkpoint(rlbench_checkpoint(tmp_path, POSE_ACTION_SPEC, ignore_collisions=True))
+    assert policy.action_spec == POSE_ACTION_SPEC
+    sim = FakeRLBench(action_size=9)
+    monkeypatch.setattr(rlbench_env, "import_rlbench", sim.import_rlbench)
+    env = make_env(policy.cfg["data"], "close_jar")
+    action = policy.select_action(env.reset(0))
+    env.step(action)
+    assert action.shape == (8,) and sim.commands[-1][8] == 1.0
 
 
 # ----------------------------------------------------------------------------------------------

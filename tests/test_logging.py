@@ -18,7 +18,7 @@ from drifting_vla.logging.visualizations import (
 from drifting_vla.logging.wandb_logger import NullRunLogger, RunLogger, create_run_logger
 from drifting_vla.specs import METAWORLD_ACTION_SPEC, RLBENCH_ACTION_SPEC, ActionSpec
 
-SPECS = {"metaworld_4d": METAWORLD_ACTION_SPEC, "rlbench_8d": RLBENCH_ACTION_SPEC}
+SPECS = {"metaworld_4d": METAWORLD_ACTION_SPEC, "rlbench_9d": RLBENCH_ACTION_SPEC}
 
 
 def step_inputs(spec: ActionSpec, b: int = 6, g: int = 8, t: int = 16) -> PanelInputs:
@@ -69,6 +69,7 @@ def test_dimension_names_and_end_effector_come_from_the_action_spec():
         "r11",
         "r21",
         "gripper",
+        "ignore_collisions",
     )
     assert dimension_names(METAWORLD_ACTION_SPEC) == ("dx", "dy", "dz", "gripper_effort")
     assert end_effector_dims(RLBENCH_ACTION_SPEC) == (slice(0, 3), False)

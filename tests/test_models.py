@@ -113,19 +113,19 @@ def test_missing_checkpoint_error_says_how_to_run_offline(tmp_path):
         build_model(cfg)
 
 
-def test_rotations_come_out_as_orthonormal_6d_and_the_gripper_in_unit_range():
+def test_rotations_come_out_as_orthonormal_6d_and_binary_flags_in_unit_range():
     cfg = compose("tiny", "rlbench")
     model = build_model(cfg)
     out = model.to_actions(model(observation(cfg, batch_size=4), model.sample_noise(4, 8, torch.device("cpu"))))
     slices = RLBENCH_ACTION_SPEC.network_slices()
-    assert out.shape[-1] == 10 and model.noise_dim == 10
+    assert out.shape[-1] == 11 and model.noise_dim == 11
     r = out[..., slices["rotation"]]
     a, b = r[..., :3], r[..., 3:]
     torch.testing.assert_close(a.norm(dim=-1), torch.ones(a.shape[:-1]))
     torch.testing.assert_close(b.norm(dim=-1), torch.ones(b.shape[:-1]))
     torch.testing.assert_close((a * b).sum(-1), torch.zeros(a.shape[:-1]), atol=1e-6, rtol=0)
-    gripper = out[..., slices["gripper"]]
-    assert ((gripper >= 0) & (gripper <= 1)).all()
+    for flag in ("gripper", "ignore_collisions"):
+        assert ((out[..., slices[flag]] >= 0) & (out[..., slices[flag]] <= 1)).all()
 
 
 def test_6d_rotations_round_trip_to_quaternions_with_qw_non_negative():
@@ -171,7 +171,7 @@ def test_bf16_autocast_forward_runs_on_cpu(frozen_model_cfg):
     model = build_model(frozen_model_cfg)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(observation(frozen_model_cfg), model.sample_noise(2, 2, torch.device("cpu")))
-    assert out.shape == (2, 2, 1, 10) and torch.isfinite(out.float()).all()
+    assert out.shape == (2, 2, 1, 11) and torch.isfinite(out.float()).all()
 
 
 def test_minilm_encoder_loads_the_packaged_weights_and_caches_by_string():

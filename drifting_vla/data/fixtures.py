@@ -51,10 +51,13 @@ def write_rlbench_fixture(
     cameras: tuple[str, ...] = ("front", "wrist"),
     image_size: int = 16,
     seed: int = 0,
+    records_ignore_collisions: bool = True,
 ) -> pathlib.Path:
     """Write `episodes` episodes of `steps` steps per task under `root/<task>/all_variations/...`.
 
     The gripper closes halfway and the arm moves smoothly, so dense and keyframe targets differ.
+    Observations carry `ignore_collisions` (1.0 at every 4th step) as PerAct's fork of RLBench
+    records it, unless `records_ignore_collisions` is false (upstream RLBench's observations).
     Returns `root`.
     """
     root = pathlib.Path(root)
@@ -65,6 +68,9 @@ def write_rlbench_fixture(
                 ep = root / task / "all_variations" / "episodes" / f"episode{n}"
                 ep.mkdir(parents=True, exist_ok=True)
                 observations = [_observation(classes["Observation"], rng, t, steps, cameras) for t in range(steps)]
+                if records_ignore_collisions:
+                    for t, obs in enumerate(observations):
+                        obs.ignore_collisions = np.array(1.0 if t % 4 == 0 else 0.0)
                 demo = classes["Demo"]()
                 demo._observations, demo.random_seed, demo.num_reset_attempts = observations, n, 0
                 _dump(ep / "low_dim_obs.pkl", demo)

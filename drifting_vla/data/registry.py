@@ -77,6 +77,7 @@ def build_metaworld(cfg, split: str = "train") -> Dataset:
 @register_dataset("rlbench")
 def build_rlbench(cfg, split: str = "train") -> Dataset:
     from drifting_vla.data.rlbench_dataset import RLBenchDataset
+    from drifting_vla.specs import ActionSpec
 
     root = pathlib.Path(str(cfg["root"])).expanduser() / split
     cache_dir = cfg.get("cache_dir")
@@ -91,6 +92,8 @@ def build_rlbench(cfg, split: str = "train") -> Dataset:
         skip_corrupt=bool(cfg.get("skip_corrupt", False)),
         random_instruction=split == "train",
         max_episodes_per_task=cfg.get("max_episodes_per_task"),
+        action_spec=ActionSpec.from_config(cfg["action_spec"]),
+        ignore_collisions=bool(cfg.get("ignore_collisions", False)),
     )
 
 

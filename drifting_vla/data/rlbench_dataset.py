@@ -8,11 +8,19 @@
 
 Items (`drifting_vla.specs`): the observation at step t and
 
-    dense:      actions = poses at steps t+1 .. t+T                 [T, 8]
-    keyframes:  actions = the next T keyframes after t (PerAct)     [T, 8]
+    dense:      actions = poses at steps t+1 .. t+T                 [T, A]
+    keyframes:  actions = the next T keyframes after t (PerAct)     [T, A]
 
-each row `[x, y, z, qx, qy, qz, qw, gripper_open]` with a unit, qw >= 0 quaternion, padded with the
-last row and masked at the end of the episode. proprio = the current row (8 floats).
+each row `[x, y, z, qx, qy, qz, qw, gripper_open, ignore_collisions]` (A = 9, `RLBENCH_ACTION_SPEC`)
+with a unit, qw >= 0 quaternion, padded with the last row and masked at the end of the episode;
+an action spec without the last component gives A = 8. proprio = the pose and gripper state at
+step t (8 floats).
+
+The ignore_collisions target of the row reaching step j is the flag the demonstration recorded at
+step j-1, PerAct's convention: the last one recorded while the arm moved towards that pose (the
+observation at a keyframe may already carry the next motion's flag). Only PerAct's fork of RLBench
+records the flag; episodes without it take `ignore_collisions` (the config's constant), and the
+dataset says so in one warning.
 
 PNG decoding is paid once: with `cache_dir` set, an episode's frames are decoded on first use into
 one uint8 .npy (memory-mapped afterwards), shared by all workers and epochs.
@@ -34,6 +42,7 @@ from torch.utils.data import Dataset
 from drifting_vla.data.rlbench_pickle import CorruptEpisodeError, load_rlbench_pickle
 from drifting_vla.data.sampler import sample_rng
 from drifting_vla.data.transforms import action_window, canonical_quaternion, resize_image
+from drifting_vla.specs import RLBENCH_ACTION_SPEC, ActionSpec
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +68,8 @@ RLBENCH_TASKS = (
 )
 CAMERAS = ("front", "left_shoulder", "right_shoulder", "wrist", "overhead")
 PROPRIO_DIM = 8
+POSE_ACTION_SPEC = ActionSpec(RLBENCH_ACTION_SPEC.components[:-1])
+"""`RLBENCH_ACTION_SPEC` without ignore_collisions: the layout of runs that act with the constant."""
 
 
 def check_rlbench_tasks(tasks) -> None:
@@ -90,6 +101,7 @@ class RLBenchEpisode:
     gripper_open: np.ndarray  # float32 [L]     1 open, 0 closed
     joint_positions: np.ndarray  # float32 [L, J]
     joint_velocities: np.ndarray  # float32 [L, J]
+    ignore_collisions: np.ndarray | None = None  # float32 [L] 1 = collisions allowed; None: not recorded
     misc: list[dict] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -139,6 +151,10 @@ def load_rlbench_episode(episode_dir: str | pathlib.Path) -> RLBenchEpisode:
         gripper_open = np.array([float(o.gripper_open) for o in observations], dtype=np.float32)
         joints = np.stack([np.asarray(getattr(o, "joint_positions", ()), dtype=np.float32) for o in observations])
         velocities = np.stack([np.asarray(getattr(o, "joint_velocities", ()), dtype=np.float32) for o in observations])
+        flags = [getattr(o, "ignore_collisions", None) for o in observations]
+        ignore_collisions = None if any(f is None for f in flags) else np.array(
+            [np.asarray(f, dtype=np.float32).item() for f in flags], dtype=np.float32
+        )
     except (AttributeError, TypeError, ValueError) as e:
         raise CorruptEpisodeError(f"{episode_dir / 'low_dim_obs.pkl'}: bad observation fields ({e})") from e
     pose[:, 3:] = canonical_quaternion(pose[:, 3:])
@@ -150,6 +166,7 @@ def load_rlbench_episode(episode_dir: str | pathlib.Path) -> RLBenchEpisode:
         gripper_open=gripper_open,
         joint_positions=joints,
         joint_velocities=velocities,
+        ignore_collisions=ignore_collisions,
         misc=[dict(getattr(o, "misc", None) or {}) for o in observations],
     )
 
@@ -188,7 +205,11 @@ class RLBenchDataset(Dataset):
         skip_corrupt: bool = False,
         random_instruction: bool = True,
         max_episodes_per_task: int | None = None,
+        action_spec: ActionSpec = RLBENCH_ACTION_SPEC,
+        ignore_collisions: bool = False,
     ) -> None:
+        """`action_spec`: `RLBENCH_ACTION_SPEC` (the flag is a target) or `POSE_ACTION_SPEC` (it is
+        not); `ignore_collisions`: the target of episodes whose demonstration lacks the flag."""
         self.root = pathlib.Path(root).expanduser()
         self.tasks = list(tasks)
         check_rlbench_tasks(self.tasks)
@@ -197,6 +218,13 @@ class RLBenchDataset(Dataset):
         unknown = [c for c in cameras if c not in CAMERAS]
         if unknown or not cameras:
             raise ValueError(f"unknown RLBench camera(s) {unknown or cameras}; valid: {list(CAMERAS)}")
+        if action_spec not in (RLBENCH_ACTION_SPEC, POSE_ACTION_SPEC):
+            raise ValueError(
+                f"RLBench demos give the action spec {RLBENCH_ACTION_SPEC.to_config()} or the same without "
+                f"ignore_collisions; data.action_spec is {action_spec.to_config()}"
+            )
+        self.learns_ignore_collisions = action_spec == RLBENCH_ACTION_SPEC
+        self.ignore_collisions = float(ignore_collisions)
         self.cameras = list(cameras)
         self.horizon = int(horizon)
         self.keyframes = keyframes
@@ -220,6 +248,14 @@ class RLBenchDataset(Dataset):
                 self.episode_tasks.append(task)
         if self.skipped:
             log.warning("RLBenchDataset skipped %d corrupt episode(s); first: %s", len(self.skipped), self.skipped[0])
+        unrecorded = sum(ep.ignore_collisions is None for ep in self.episodes)
+        if self.learns_ignore_collisions and unrecorded:
+            log.warning(
+                "%d of %d RLBench episodes do not record ignore_collisions (only PerAct's fork of RLBench does); "
+                "their target is data.ignore_collisions=%s. Drop the ignore_collisions component from "
+                "data.action_spec to act with that constant instead of learning it",
+                unrecorded, len(self.episodes), bool(self.ignore_collisions),
+            )
         self._index = np.array(
             [(e, t) for e, ep in enumerate(self.episodes) for t in self._sample_steps(ep)], dtype=np.int64
         ).reshape(-1, 2)
@@ -258,7 +294,7 @@ class RLBenchDataset(Dataset):
         return self.episodes[e].instructions or [self.episode_tasks[e].replace("_", " ")]
 
     def all_actions(self) -> np.ndarray:
-        """Every target row the dataset can return, float32 [N, 8] (for normalization statistics)."""
+        """Every target row the dataset can return, float32 [N, A] (for normalization statistics)."""
         return np.concatenate([rows for rows, _ in self._targets])
 
     def all_proprio(self) -> np.ndarray:
@@ -269,13 +305,24 @@ class RLBenchDataset(Dataset):
         return range(0, last)
 
     def _episode_targets(self, episode: RLBenchEpisode) -> tuple[np.ndarray, np.ndarray]:
-        """(rows [K, 8], first [L]): step t's chunk is rows[first[t] : first[t] + T]."""
-        poses = episode.actions()
+        """(rows [K, A], first [L]): step t's chunk is rows[first[t] : first[t] + T]."""
+        poses = self._action_rows(episode)
         steps = np.arange(len(episode))
         if not self.keyframes:
             return poses[1:], steps.copy()
         keys = np.array(episode.keyframes())
         return poses[keys], np.searchsorted(keys, steps, side="right")
+
+    def _action_rows(self, episode: RLBenchEpisode) -> np.ndarray:
+        """float32 [L, A]: row j is the action that reaches step j; its flag is step j-1's."""
+        poses = episode.actions()
+        if not self.learns_ignore_collisions:
+            return poses
+        flags = episode.ignore_collisions
+        if flags is None:
+            flags = np.full(len(episode), self.ignore_collisions, dtype=np.float32)
+        reaching = np.concatenate([flags[:1], flags[:-1]])  # row 0 reaches nothing: never a target
+        return np.concatenate([poses, reaching[:, None]], axis=1)
 
     def _check_frames(self, episode: RLBenchEpisode) -> None:
         for cam in self.cameras:

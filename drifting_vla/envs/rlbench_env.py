@@ -15,9 +15,13 @@ Two control protocols (label every result with the one used; they are different 
 
 The default follows the data config (`keyframes: true` -> planner); `data.control` overrides it.
 
-Actions `[x, y, z, qx, qy, qz, qw, gripper_open]` are sanitized before they reach the simulator
-(`sanitize_action`): the quaternion is made unit length with qw >= 0, the position is clipped to
-`data.workspace_bounds` (default PerAct's scene bounds), the gripper is 1 (open) above 0.5, else 0.
+Actions `[x, y, z, qx, qy, qz, qw, gripper_open, ignore_collisions]` are sanitized before they
+reach the simulator (`sanitize_action`): the quaternion is made unit length with qw >= 0, the
+position is clipped to `data.workspace_bounds` (default PerAct's scene bounds), the gripper and
+the flag are 1 above 0.5, else 0. PerAct's fork of RLBench (the Docker image's) takes the flag as a
+9th number: the policy's prediction when its action spec has the flag, else the constant
+`data.ignore_collisions` (checkpoints trained before it was learned send 8 numbers). Upstream
+RLBench takes 8 numbers; the flag is dropped there.
 A pose the planner or IK cannot reach (RLBench's InvalidActionError, PyRep's IKError or
 ConfigurationPathError) ends the episode as a failure, with the error in `StepResult.info["error"]`.
 
@@ -29,7 +33,8 @@ Seeds: `reset(seed)` seeds numpy and python's `random` (RLBench samples scenes f
 variation `seed % variation_count`. This is NOT PerAct's test split (which resets to the stored
 test demos); report it as its own protocol.
 
-What has been run: `sanitize_action` and the missing-RLBench error, in tests without CoppeliaSim.
+What has been run: `sanitize_action`, the missing-RLBench error and the command a step sends (to a
+fake RLBench), in tests without CoppeliaSim.
 What has NOT been run: everything that talks to the simulator (this env was written against the
 RLBench/PerAct-fork API but not executed against CoppeliaSim).
 """
@@ -85,15 +90,18 @@ def import_rlbench() -> dict:
 
 
 def sanitize_action(action, workspace_bounds=PERACT_WORKSPACE_BOUNDS) -> np.ndarray:
-    """`[x, y, z, qx, qy, qz, qw, gripper]` -> a pose the simulator accepts, float64 [8].
+    """`[x, y, z, qx, qy, qz, qw, gripper(, ignore_collisions)]` -> an action the simulator
+    accepts, float64 [8] or [9] (as given).
 
     Unit quaternion with qw >= 0 (a zero quaternion becomes the identity), position clipped to
-    `workspace_bounds` ((x, y, z) low, (x, y, z) high), gripper 1.0 (open) if > 0.5 else 0.0.
-    A non-finite value is an error: there is no safe pose to substitute for it.
+    `workspace_bounds` ((x, y, z) low, (x, y, z) high), gripper 1.0 (open) if > 0.5 else 0.0, and
+    so the flag. A non-finite value is an error: there is no safe pose to substitute for it.
     """
     action = np.asarray(action, dtype=np.float64).reshape(-1)
-    if action.shape != (8,):
-        raise ValueError(f"an RLBench action has 8 values [x,y,z,qx,qy,qz,qw,gripper], got {action.shape[0]}")
+    if action.shape not in ((8,), (9,)):
+        raise ValueError(
+            f"an RLBench action has 8 values [x,y,z,qx,qy,qz,qw,gripper] or 9 with ignore_collisions, got {action.shape[0]}"
+        )
     if not np.isfinite(action).all():
         raise ValueError(f"non-finite RLBench action {action.tolist()}")
     low, high = (np.asarray(b, dtype=np.float64) for b in workspace_bounds)
@@ -103,8 +111,8 @@ def sanitize_action(action, workspace_bounds=PERACT_WORKSPACE_BOUNDS) -> np.ndar
     quat = quat / norm if norm > 1e-8 else np.array([0.0, 0.0, 0.0, 1.0])
     if quat[3] < 0:
         quat = -quat
-    gripper = 1.0 if action[7] > 0.5 else 0.0
-    return np.concatenate([position, quat, [gripper]])
+    binary = (action[7:] > 0.5).astype(np.float64)  # the gripper, and the flag if given
+    return np.concatenate([position, quat, binary])
 
 
 class RLBenchEnv(BaseEnv):
@@ -120,6 +128,7 @@ class RLBenchEnv(BaseEnv):
         workspace_bounds=PERACT_WORKSPACE_BOUNDS,
         ignore_collisions: bool = False,
     ) -> None:
+        """`ignore_collisions`: the flag sent with actions that do not carry one."""
         unknown = [c for c in cameras if c not in CAMERAS]
         if unknown or not cameras:
             raise ValueError(f"unknown RLBench camera(s) {unknown or cameras}; valid: {list(CAMERAS)}")
@@ -178,8 +187,9 @@ class RLBenchEnv(BaseEnv):
 
     def step(self, action: np.ndarray) -> StepResult:
         command = sanitize_action(action, self.workspace_bounds)
-        if self._sim.action_shape[0] == 9:  # PerAct's fork: a trailing ignore_collisions flag
+        if len(command) == 8:
             command = np.concatenate([command, [float(self.ignore_collisions)]])
+        command = command[: self._sim.action_shape[0]]  # 9 in PerAct's fork, 8 upstream (no flag)
         self.steps += 1
         try:
             obs, reward, terminate = self._task_env.step(command)

@@ -35,9 +35,13 @@ How chunk steps and control steps line up (horizon T = 8):
         action @ t=2  =  (w0 * c0[2] + w1 * c1[1] + w2 * c2[0]) / (w0 + w1 + w2)
         generator calls   ^  ^  ^  ^  ^                 one per step (batched over envs)
 
+    The average is taken per component kind (`ensemble_actions`): rotations as 6D rotations, since
+    q and -q are one rotation (their component-wise mean is zero) and a mean of unit quaternions
+    is not unit; binary states (gripper kind) are averaged, then thresholded at 0.5 (a vote).
+
 The network is unchanged by either mode: it always predicts a whole chunk from one observation.
 Action sanitization belongs to the env (Meta-World clips to [-1, 1]; RLBench normalizes the
-quaternion, bounds the workspace and binarizes the gripper).
+quaternion, bounds the workspace and binarizes the gripper and ignore_collisions).
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ from drifting_vla.inference.export import (
     write_export,
 )
 from drifting_vla.models.drifting_vla import DriftingVLA, build_model
+from drifting_vla.rotations import quaternion_to_rotation6d, rotation6d_to_quaternion
 from drifting_vla.specs import ActionSpec
 from drifting_vla.training.checkpoint import load_weights, pin_referenced_revisions
 from drifting_vla.training.config import training_config
@@ -266,7 +271,7 @@ class DriftingPolicy:
             self._chunks[env], self._steps[env] = live, t + 1
             weights = np.exp(-self.ensemble_decay * np.arange(len(live)))  # oldest first
             candidates = np.stack([c[t - s] for s, c in live])
-            actions.append((weights[:, None] * candidates).sum(0) / weights.sum())
+            actions.append(ensemble_actions(candidates, weights, self.action_spec))
         return np.stack(actions).astype(np.float32)
 
     @property
@@ -285,6 +290,26 @@ class DriftingPolicy:
         if self.execution == "ensemble":
             mode = f"temporal ensembling (horizon {self.horizon}, decay {self.ensemble_decay:g})"
         return f"DriftingPolicy on {self.device}: {self.method}, {mode}"
+
+
+def ensemble_actions(candidates: np.ndarray, weights: np.ndarray, action_spec: ActionSpec) -> np.ndarray:
+    """The weighted mean of actions [N, A] (raw units) with weights [N] -> one action [A].
+
+    Per component kind: a quaternion is averaged as a 6D rotation (equal for q and -q, continuous)
+    and turned back into a unit quaternion with qw >= 0; a gripper-kind (binary) component is
+    averaged and thresholded at 0.5, a vote weighted like the rest; other kinds are plain means."""
+    w = np.asarray(weights, dtype=np.float64) / np.sum(weights)
+    parts = []
+    for component, sl in zip(action_spec.components, action_spec.slices().values(), strict=True):
+        values = np.asarray(candidates[:, sl], dtype=np.float64)
+        if component.kind == "quaternion":
+            mean = w @ quaternion_to_rotation6d(torch.from_numpy(values)).numpy()
+            parts.append(rotation6d_to_quaternion(torch.from_numpy(mean)).numpy())
+        elif component.kind == "gripper":
+            parts.append((w @ values > 0.5).astype(np.float64))
+        else:
+            parts.append(w @ values)
+    return np.concatenate(parts)
 
 
 def _as_batch(obs: Mapping) -> Mapping:

@@ -79,7 +79,8 @@ class MetricHistory:
 
 def dimension_names(spec: ActionSpec) -> tuple[str, ...]:
     """One short label per dimension of the network's (normalized) action: `x y z r00 r10 r20 r01
-    r11 r21 gripper` for RLBench, whose rotation the network sees as two rotation-matrix columns."""
+    r11 r21 gripper ignore_collisions` for RLBench, whose rotation the network sees as two
+    rotation-matrix columns."""
     names: list[str] = []
     for component in spec.components:
         if component.kind == "quaternion":
