@@ -18,11 +18,13 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
+from drifting_vla.plugins import load_plugins  # noqa: E402
 from drifting_vla.training.trainer import Trainer  # noqa: E402
 
 
 @hydra.main(version_base=None, config_path="../drifting_vla/configs", config_name="config")
 def main(cfg: DictConfig) -> None:
+    load_plugins(cfg.plugins)
     if cfg.run_dir is None:
         with open_dict(cfg):
             cfg.run_dir = HydraConfig.get().runtime.output_dir

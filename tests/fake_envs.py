@@ -1,4 +1,5 @@
-"""Test-only simulators, importable by spawned rollout workers as `tests.fake_envs:<Class>`.
+"""Test-only simulators, registered as the envs `scripted` and `drift` when this module is imported
+(tests/conftest.py does; a script names it, `plugins=[tests.fake_envs]`), as a user registers one.
 
 `ScriptedEnv` decides each episode's fate from its seed, so a rollout test can mix outcomes:
 
@@ -14,6 +15,7 @@ import os
 
 import numpy as np
 
+from drifting_vla.envs import register_env
 from drifting_vla.envs.base_env import BaseEnv, StepResult
 
 
@@ -106,3 +108,7 @@ class DriftEnv(BaseEnv):
             "instruction": self.instruction,
             "task": "drift",
         }
+
+
+register_env("scripted", "tests.fake_envs:ScriptedEnv")
+register_env("drift", "tests.fake_envs:DriftEnv")

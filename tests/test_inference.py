@@ -280,8 +280,8 @@ def test_summary_dict_and_table_report_rates_per_task():
 def test_rollout_reports_simulator_errors_and_dead_workers_as_failed_episodes(tmp_path):
     policy = tiny_policy(execution="chunk", execute_steps=2)
     data = OmegaConf.to_container(tiny_cfg().data)
-    data["name"] = "tests.fake_envs:ScriptedEnv"
-    assert env_import_path(data) == data["name"]
+    data["name"] = "scripted"
+    assert env_import_path(data) == "tests.fake_envs:ScriptedEnv"
     summary = evaluate(
         policy, data, tasks=[TASK], seeds=[0, 1, 2, 3, 4], num_workers=2, output_dir=tmp_path,
         videos_per_task=1, max_episode_steps=6, progress=False,
@@ -300,7 +300,7 @@ def test_rollout_reports_simulator_errors_and_dead_workers_as_failed_episodes(tm
 
 def test_a_task_whose_every_episode_errored_raises_after_writing_the_summary(tmp_path):
     data = OmegaConf.to_container(tiny_cfg().data)
-    data["name"] = "tests.fake_envs:ScriptedEnv"
+    data["name"] = "scripted"
     with pytest.raises(EvaluationError, match=r"\['unbuildable'\].*cannot be built.*__main__") as raised:
         evaluate(tiny_policy(), data, tasks=["unbuildable", TASK], seeds=[0, 4], num_workers=1, output_dir=tmp_path, progress=False)
     errors = {r.task: r.error for r in raised.value.summary.records}
@@ -315,10 +315,11 @@ def test_a_script_without_a_main_guard_fails_loudly_naming_the_pitfall(tmp_path)
     script = tmp_path / "unguarded.py"
     script.write_text(
         "from omegaconf import OmegaConf\n"
+        "import tests.fake_envs\n"
         "from tests.test_inference import tiny_cfg, tiny_policy\n"
         "from drifting_vla.inference.rollout import evaluate\n"
         "data = OmegaConf.to_container(tiny_cfg().data)\n"
-        "data['name'] = 'tests.fake_envs:ScriptedEnv'\n"
+        "data['name'] = 'scripted'\n"
         "evaluate(tiny_policy(), data, seeds=[0], num_workers=1, progress=False, step_timeout_s=60)\n"
     )
     root = Path(__file__).resolve().parents[1]
@@ -389,12 +390,48 @@ def test_rlbench_sanitize_makes_a_unit_canonical_quaternion_in_bounds_and_a_bina
 # scripts/simulate_eval.py
 
 
-def run_simulate_eval(run_dir, *overrides):
+def run_simulate_eval(run_dir, *overrides, env=None):
     """The CLI as a user runs it; Hydra's own run directory goes to `run_dir`, not the checkout."""
     script = Path(__file__).resolve().parents[1] / "scripts" / "simulate_eval.py"
     return subprocess.run(
-        [sys.executable, str(script), *overrides, f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=300
+        [sys.executable, str(script), *overrides, f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=300,
+        env=None if env is None else {**__import__("os").environ, **env},
     )
+
+
+def payload_checkpoint(tmp_path):
+    """A downloaded run whose config names a module shipped inside it (importable: its folder is on
+    the path, as a run under the checkout's runs/ is); importing the module creates `marker`."""
+    cfg = tiny_cfg()
+    cfg.data.name = "payload:Env"
+    path = write_checkpoint(tmp_path / "run", cfg)[0]
+    marker = tmp_path / "payload_ran"
+    (path / "payload.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\nclass Env: ...\n")
+    return path, marker
+
+
+def test_evaluating_a_run_never_imports_the_module_its_config_names(tmp_path):
+    path, marker = payload_checkpoint(tmp_path)
+    result = run_simulate_eval(
+        tmp_path / "hydra", f"checkpoint={path}", "episodes=1", "workers=1", "progress=false", f"output={tmp_path / 'eval'}",
+        env={"PYTHONPATH": str(path)},
+    )
+    assert result.returncode != 0
+    assert "data.name='payload:Env' is not a registered simulator" in result.stderr
+    assert "plugins=[your.module]" in result.stderr
+    assert not marker.exists()
+
+
+def test_evaluate_builds_registered_simulators_only(tmp_path, monkeypatch):
+    path, marker = payload_checkpoint(tmp_path)
+    monkeypatch.syspath_prepend(str(path))
+    data = OmegaConf.to_container(tiny_cfg().data)
+    data["name"] = "payload:Env"
+    with pytest.raises(ValueError, match="'payload:Env' is not a registered simulator"):
+        evaluate(tiny_policy(), data, seeds=[0], num_workers=1, progress=False)
+    with pytest.raises(ValueError, match="'payload:Env' is not a registered simulator"):
+        DriftingPolicy.from_checkpoint(path)
+    assert not marker.exists()
 
 
 def test_simulate_eval_writes_summary_json_and_prints_the_table(checkpoint, tmp_path):
