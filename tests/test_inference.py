@@ -19,6 +19,7 @@ from drifting_vla.inference.rollout import (
     EpisodeRecord,
     EvalSummary,
     EvaluationError,
+    check_evaluated,
     evaluate,
     evaluation_seeds,
     wilson_interval,
@@ -296,6 +297,47 @@ def test_rollout_reports_simulator_errors_and_dead_workers_as_failed_episodes(tm
     assert len(lines) == 5 and {json.loads(line)["seed"] for line in lines} == {0, 1, 2, 3, 4}
     assert summary.to_dict()["success_rate"] == pytest.approx(0.4)
     assert by_seed[0].video and (tmp_path / "videos" / f"{TASK}_seed0.mp4").stat().st_size > 0
+
+
+def no_workers(monkeypatch):
+    """Fail the test if an evaluation starts a simulator worker."""
+    from drifting_vla.inference import rollout
+
+    monkeypatch.setattr(rollout, "_Worker", lambda *a, **k: pytest.fail("a simulator worker was started"))
+
+
+def test_an_evaluation_without_workers_is_refused_not_reported_as_zero(monkeypatch):
+    no_workers(monkeypatch)
+    with pytest.raises(ValueError, match="num_workers=0: an evaluation needs at least one simulator worker"):
+        evaluate(tiny_policy(), tiny_cfg().data, seeds=[0], num_workers=0, progress=False)
+
+
+def test_unknown_tasks_are_refused_before_any_worker_starts(monkeypatch):
+    no_workers(monkeypatch)
+    with pytest.raises(ValueError, match=r"unknown task\(s\) \['reach-v9'\] for the simulator 'metaworld'.*'reach-v3'"):
+        evaluate(tiny_policy(), tiny_cfg().data, tasks=[TASK, "reach-v9"], seeds=[0], progress=False)
+    with pytest.raises(ValueError, match=r"tasks must be a list of task names, e.g. \[reach-v3\]"):
+        evaluate(tiny_policy(), tiny_cfg().data, tasks=TASK, seeds=[0], progress=False)
+
+
+def test_a_summary_of_fewer_episodes_than_queued_is_an_error():
+    summary = EvalSummary([EpisodeRecord("a", 0, False, 5, 1.0)])
+    with pytest.raises(EvaluationError, match="1 of the 2 queued episodes ran"):
+        check_evaluated(summary, expected=2)
+    with pytest.raises(EvaluationError, match="0 of the 1 queued episodes ran"):
+        check_evaluated(EvalSummary([]), expected=1)
+
+
+def test_rlbench_tasks_are_the_installed_rlbench_task_files(tmp_path, monkeypatch):
+    from drifting_vla.envs.rlbench_env import RLBenchEnv
+
+    monkeypatch.delitem(sys.modules, "rlbench", raising=False)
+    (tmp_path / "rlbench" / "tasks").mkdir(parents=True)
+    for name in ("__init__", "open_drawer", "close_jar"):
+        (tmp_path / "rlbench" / "tasks" / f"{name}.py").touch()
+    (tmp_path / "rlbench" / "__init__.py").touch()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert RLBenchEnv.known_tasks() == {"open_drawer", "close_jar"}
 
 
 def test_a_task_whose_every_episode_errored_raises_after_writing_the_summary(tmp_path):

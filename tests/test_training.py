@@ -64,6 +64,14 @@ def test_wrong_type_in_training_config_is_an_error_naming_the_key():
         validate_training_config(cfg.training)
 
 
+def test_a_task_the_simulator_does_not_know_fails_before_training(rlbench_root, tmp_path):
+    cfg = compose_config(overrides_for(rlbench_root, tmp_path, "training.eval.at_end=true", "training.eval.execute_steps=2",
+                                       "+data.simulator={name: metaworld, tasks: [reach-v9]}"))
+    with pytest.raises(ValueError, match=r"unknown task\(s\) \['reach-v9'\] for the simulator 'metaworld'"):
+        Trainer(cfg)
+    assert not (tmp_path / "config.yaml").exists()
+
+
 def _train_script(root: Path, run_dir: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     args = [a for a in overrides_for(root, run_dir, *extra) if not a.startswith("run_dir=")]

@@ -52,6 +52,19 @@ def env_import_path(data_cfg) -> str:
     return ENVS[name]
 
 
+def checked_env_import_path(data_cfg, tasks) -> str:
+    """`env_import_path`, after checking that the simulator knows every one of `tasks` (a list of
+    names), so that a misspelt task is refused before any worker or episode starts."""
+    import_path = env_import_path(data_cfg)
+    if isinstance(tasks, str) or not all(isinstance(t, str) for t in tasks):
+        raise ValueError(f"tasks must be a list of task names, e.g. [{tasks}], got {tasks!r}")
+    known = env_class(import_path).known_tasks()
+    unknown = [t for t in tasks if known is not None and t not in known]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown} for the simulator {data_cfg['name']!r}; valid names: {sorted(known)}")
+    return import_path
+
+
 NO_SIMULATOR = (
     "the dataset records no simulator (data.simulator is null), so closed-loop evaluation is disabled; "
     "datasets exported by `scripts/collect_demos.py --format lerobot` record Meta-World, others can set "

@@ -36,7 +36,7 @@ from drifting_vla.data.collate import collate_samples
 from drifting_vla.data.normalization import Normalizer, dataset_stats
 from drifting_vla.data.registry import build_dataset, prepare_dataset
 from drifting_vla.data.sampler import ResumableBatchSampler
-from drifting_vla.envs import NO_SIMULATOR, simulation_config
+from drifting_vla.envs import NO_SIMULATOR, checked_env_import_path, simulation_config
 from drifting_vla.logging.visualizations import PANELS, MetricHistory, PanelInputs, due_panels
 from drifting_vla.logging.wandb_logger import create_run_logger
 from drifting_vla.models import build_model, parameter_table
@@ -93,6 +93,9 @@ class Trainer:
         if cfg.data.get("simulator") == "auto":  # recorded by the dataset (a LeRobot export of sim demos)
             with _unlocked(cfg):
                 cfg.data.simulator = self.train_set.simulator()
+        simulator = simulation_config(cfg.data)
+        if evaluates and simulator is not None:  # an unknown simulator or task fails now, not after training
+            checked_env_import_path(simulator, simulator["tasks"])
         self.normalizer = Normalizer(dataset_stats(self.train_set), self.action_spec, int(cfg.data.proprio_dim)).to(self.device)
         if str(cfg.model.language.name) == "task_embedding":
             with _unlocked(cfg):
