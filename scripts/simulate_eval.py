@@ -37,12 +37,14 @@ from drifting_vla.inference.rollout import evaluate, evaluation_seeds, protocol_
 from drifting_vla.plugins import load_plugins  # noqa: E402
 from drifting_vla.serving import ChunkedPolicy, PolicyClient  # noqa: E402
 from drifting_vla.serving.server import predict_chunks  # noqa: E402
+from drifting_vla.training.config import validate_eval_config  # noqa: E402
 
 log = logging.getLogger("simulate_eval")
 
 
 @hydra.main(config_path="../drifting_vla/configs", config_name="eval", version_base=None)
 def main(cfg: DictConfig) -> float:
+    validate_eval_config(cfg)
     load_plugins(cfg.plugins)
     if cfg.num_threads:
         torch.set_num_threads(int(cfg.num_threads))

@@ -52,7 +52,7 @@ from drifting_vla.training.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from drifting_vla.training.config import training_config
+from drifting_vla.training.config import training_config, validate_run_config
 from drifting_vla.training.distributed import (
     all_reduce_sum,
     full_tensor,
@@ -67,12 +67,11 @@ from drifting_vla.training.optimizer import OptimizerConfig, build_optimizer, bu
 
 class Trainer:
     def __init__(self, cfg: DictConfig) -> None:
+        validate_run_config(cfg)  # every group, before any data is read
         self.cfg, t = cfg, cfg.training
         self.objective = build_objective(training_config(t))
         self.eval_nfe, self.eval_sampler = self.objective.resolve(t.eval.nfe, t.eval.sampler)
         evaluates = bool(t.eval.at_end) or int(t.eval.every) > 0
-        if evaluates and not 1 <= int(t.eval.execute_steps) <= int(cfg.data.horizon):
-            raise ValueError(f"config key training.eval.execute_steps={t.eval.execute_steps} must be in [1, data.horizon={cfg.data.horizon}]")
         self.ctx = init_distributed(t.distributed.backend, str(cfg.device))
         self.device = self.ctx.device
         if t.num_threads:
