@@ -181,14 +181,27 @@ def test_nan_loss_stops_the_run_naming_the_step_or_is_skipped_when_configured(rl
     with pytest.raises(FloatingPointError, match="non-finite loss .* at step 0 .*close_jar"):
         trainer.fit()
 
-    cfg = compose_config(overrides_for(rlbench_root, tmp_path / "skip", "training.max_steps=3", "training.nan_policy=skip"))
+    cfg = compose_config(overrides_for(rlbench_root, tmp_path / "skip", "training.max_steps=3", "training.nan_policy=skip",
+                                       "training.max_skipped_fraction=1"))
     trainer = Trainer(cfg)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     monkeypatch.setattr(trainer.normalizer, "actions_offset", torch.full_like(trainer.normalizer.actions_offset, float("nan")))
-    trainer.fit()
+    with pytest.raises(FloatingPointError, match="all 3 steps were skipped .* trained nothing, so no final checkpoint is written"):
+        trainer.fit()
     assert trainer.skipped_steps == 3
     for name, value in trainer.model.state_dict().items():
         torch.testing.assert_close(value, before[name], msg=f"{name} changed on a skipped step")
+    assert not (tmp_path / "skip" / "checkpoints" / "step_00000003").exists()
+
+
+def test_a_run_that_skips_more_steps_than_allowed_stops_at_once(rlbench_root, tmp_path, monkeypatch):
+    cfg = compose_config(overrides_for(rlbench_root, tmp_path, "training.max_steps=20", "training.nan_policy=skip",
+                                       "training.max_skipped_fraction=0.1"))
+    trainer = Trainer(cfg)
+    monkeypatch.setattr(trainer.normalizer, "actions_offset", torch.full_like(trainer.normalizer.actions_offset, float("nan")))
+    with pytest.raises(FloatingPointError, match=r"3 of the 3 steps so far were skipped .*training.max_skipped_fraction=0.1 .* allows \(2\)"):
+        trainer.fit()
+    assert trainer.step == 2 and not (tmp_path / "checkpoints").exists()
 
 
 

@@ -134,6 +134,7 @@ class TrainingConfig:
     compile: bool = False
     num_threads: int | None = setting(None, ge=1)
     nan_policy: str = setting("stop", choices=("stop", "skip"))
+    max_skipped_fraction: float = setting(0.05, ge=0, le=1)
     drifting: DriftingConfig = setting(factory=DriftingConfig)
     flow_matching: FlowMatchingConfig = setting(factory=FlowMatchingConfig)
     diffusion: DiffusionConfig = setting(factory=DiffusionConfig)

@@ -157,6 +157,12 @@ class Trainer:
                             samples_s=f"{meter.samples_per_second:.0f}", data_wait=f"{meter.data_wait_share:.0%}", refresh=False)
             self._after_step(step_metrics, last, meter)
         bar.close()
+        if self.skipped_steps >= self.step:
+            raise FloatingPointError(
+                f"all {self.step} steps were skipped for non-finite values (training.nan_policy=skip): the run trained "
+                "nothing, so no final checkpoint is written. Check the data and training.learning_rate; "
+                "training.nan_policy=stop names the first bad step and batch."
+            )
         self._save_checkpoint()  # before evaluating: a failed evaluation never costs the weights
         summary = self._evaluate_in_sim(final=True) if t.eval.at_end else None
         self.logger.close()
@@ -256,10 +262,21 @@ class Trainer:
         return False
 
     def _skip_step(self) -> dict[str, float]:
-        """Drop this step's gradients; the schedule still advances so the LR follows the step count."""
+        """Drop this step's gradients; the schedule still advances so the LR follows the step count.
+        Past `training.max_skipped_fraction` of `max_steps` the run stops: a run that skips most
+        of its steps has not trained, whatever its step count says."""
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.skipped_steps += 1
+        t = self.cfg.training
+        allowed = int(float(t.max_skipped_fraction) * int(t.max_steps))
+        if self.skipped_steps > allowed:
+            raise FloatingPointError(
+                f"{self.skipped_steps} of the {self.step + 1} steps so far were skipped for non-finite values, more than "
+                f"training.max_skipped_fraction={t.max_skipped_fraction} of training.max_steps={t.max_steps} allows "
+                f"({allowed}); the run stops rather than pass for trained. Check the data and training.learning_rate "
+                "(training.nan_policy=stop names the first bad step and batch), or raise training.max_skipped_fraction."
+            )
         return {"train/loss": float("nan"), "train/skipped_steps": self.skipped_steps}
 
     def _loader(self, dataset, batch_sampler) -> DataLoader:
