@@ -33,7 +33,12 @@ from torch.utils.data import Dataset
 
 from drifting_vla.data.rlbench_pickle import CorruptEpisodeError, load_rlbench_pickle
 from drifting_vla.data.sampler import sample_rng
-from drifting_vla.data.transforms import action_window, canonical_quaternion, resize_image
+from drifting_vla.data.transforms import (
+    action_window,
+    canonical_quaternion,
+    first_non_finite,
+    resize_image,
+)
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +146,12 @@ def load_rlbench_episode(episode_dir: str | pathlib.Path) -> RLBenchEpisode:
         velocities = np.stack([np.asarray(getattr(o, "joint_velocities", ()), dtype=np.float32) for o in observations])
     except (AttributeError, TypeError, ValueError) as e:
         raise CorruptEpisodeError(f"{episode_dir / 'low_dim_obs.pkl'}: bad observation fields ({e})") from e
+    for name, values in (("gripper_pose", pose), ("gripper_open", gripper_open), ("joint_velocities", velocities)):
+        step = first_non_finite(values)
+        if step is not None:
+            raise CorruptEpisodeError(
+                f"{episode_dir / 'low_dim_obs.pkl'}: observation {step} has a non-finite {name} ({values[step].tolist()})"
+            )
     pose[:, 3:] = canonical_quaternion(pose[:, 3:])
     return RLBenchEpisode(
         path=episode_dir,
