@@ -194,6 +194,34 @@ def test_png_cache_returns_the_same_images_as_decoding(rlbench_root, tmp_path):
     assert len(list(tmp_path.rglob("*.npy"))) == 2  # one file per episode, decoded once
 
 
+def test_one_frame_cache_serves_two_data_roots_each_its_own_images(tmp_path):
+    first = write_rlbench_fixture(tmp_path / "a", episodes=1, steps=6, seed=0)
+    second = write_rlbench_fixture(tmp_path / "b", episodes=1, steps=6, seed=1)  # same names, other images
+    cache = tmp_path / "frames"
+    for root in (first, second, first):
+        cached = RLBenchDataset(root, ["close_jar"], ["front"], horizon=2, cache_dir=cache)
+        plain = RLBenchDataset(root, ["close_jar"], ["front"], horizon=2)
+        assert torch.equal(cached[0]["images"], plain[0]["images"]), root
+    assert len(list(cache.rglob("*.npy"))) == 2
+
+
+def test_frame_cache_follows_a_changed_episode_and_redecodes_a_file_of_the_wrong_shape(tmp_path):
+    from PIL import Image
+
+    root = write_rlbench_fixture(tmp_path / "data", episodes=1, steps=6)
+    cache = tmp_path / "frames"
+    assert RLBenchDataset(root, ["close_jar"], ["front"], horizon=2, cache_dir=cache)[0]["images"].any()
+    frame = _episode(root) / "front_rgb" / "0.png"
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(frame)
+    os.utime(frame, ns=(frame.stat().st_atime_ns, frame.stat().st_mtime_ns + 10**9))
+    assert not RLBenchDataset(root, ["close_jar"], ["front"], horizon=2, cache_dir=cache)[0]["images"].any()
+
+    current = max(cache.rglob("*.npy"), key=lambda p: p.stat().st_mtime_ns)  # decoded from the changed frame
+    np.save(current, np.zeros((2, 1, 3, 16, 16), dtype=np.uint8))  # another episode's length
+    images = RLBenchDataset(root, ["close_jar"], ["front"], horizon=2, cache_dir=cache)[3]["images"]
+    assert torch.equal(images, RLBenchDataset(root, ["close_jar"], ["front"], horizon=2)[3]["images"])
+
+
 def test_rlbench_resizes_to_image_size(rlbench_root):
     ds = RLBenchDataset(rlbench_root, ["close_jar"], ["front"], horizon=2, image_size=8)
     assert ds[0]["images"].shape == (1, 3, 8, 8)
