@@ -9,6 +9,8 @@ every requested NFE, and each policy's chunk timed at batch 1 on this machine in
     --runs        objective:seed[,seed...]    (default: drifting:0,1 regression:0,1 flow_matching:0 diffusion:0)
     --protocols   objective[/sampler]:nfe,... (default: drifting:1 regression:1 flow_matching:1,2,5,10
                                                diffusion/ddim:1,2,5,10 diffusion/ddpm:100)
+    --plugins     module ...                  modules of yours registering a dataset or simulator
+                                              (drifting_vla/plugins.py), imported here and by every run
     after --       Hydra overrides given to EVERY training run (the shared budget)
 
 Layout under --output (a killed comparison resumes: finished runs and evaluations are kept,
@@ -46,6 +48,7 @@ from drifting_vla.inference.rollout import (  # noqa: E402
     protocol_label,
     wilson_interval,
 )
+from drifting_vla.plugins import load_plugins  # noqa: E402
 
 DEFAULT_RUNS = ["drifting:0,1", "regression:0,1", "flow_matching:0", "diffusion:0"]
 DEFAULT_PROTOCOLS = ["drifting:1", "regression:1", "flow_matching:1,2,5,10", "diffusion/ddim:1,2,5,10", "diffusion/ddpm:100"]
@@ -293,8 +296,12 @@ def main() -> None:
     parser.add_argument("--protocols", nargs="+", default=DEFAULT_PROTOCOLS)
     parser.add_argument("--episodes", type=int, default=50, help="evaluation episodes per task (data.eval_seeds)")
     parser.add_argument("--workers", type=int, default=2, help="simulator processes per evaluation")
+    parser.add_argument("--plugins", nargs="+", default=[], help="modules of yours to import (drifting_vla/plugins.py)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every training run (after --)")
     args = parser.parse_args()
+    load_plugins(args.plugins)
+    if args.plugins:
+        args.overrides = [f"plugins=[{','.join(args.plugins)}]", *args.overrides]
     runs, protocols = parse_runs(args.runs), parse_protocols(args.protocols)
     for run in runs:
         if not any(p.objective == run.objective for p in protocols):

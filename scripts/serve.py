@@ -22,13 +22,17 @@ from omegaconf import DictConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from drifting_vla.inference.policy import DriftingPolicy  # noqa: E402
+from drifting_vla.plugins import load_plugins  # noqa: E402
 from drifting_vla.serving.server import ServerConfig, serve_forever  # noqa: E402
+from drifting_vla.training.config import validate_serve_config  # noqa: E402
 
 log = logging.getLogger("serve")
 
 
 @hydra.main(config_path="../drifting_vla/configs", config_name="serve", version_base=None)
 def main(cfg: DictConfig) -> None:
+    validate_serve_config(cfg)
+    load_plugins(cfg.plugins)
     if cfg.num_threads:
         torch.set_num_threads(int(cfg.num_threads))
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else str(cfg.device)

@@ -5,6 +5,10 @@
     python scripts/simulate_eval.py checkpoint=<dir> tasks=[drawer-open-v3] episodes=10 workers=2 \
         execution=ensemble output=eval/drawer
     python scripts/simulate_eval.py remote=ws://127.0.0.1:8000 seed=0 episodes=10   # through scripts/serve.py
+    python scripts/simulate_eval.py checkpoint=<dir> plugins=[my_package.robot]     # a simulator of your own
+
+Names in the checkpoint (data.name, encoders, the objective) only select registered things; a
+simulator of your own is registered by a module you name in `plugins` (drifting_vla/plugins.py).
 
 `seed=S` seeds every chunk's noise from (S, env slot, episode, chunk), so an in-process run and a
 run through a server (`remote=`) with the same seed execute the same actions and reach the same
@@ -26,18 +30,22 @@ from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from drifting_vla.envs import ENVS, NO_SIMULATOR, simulation_config  # noqa: E402
+from drifting_vla.envs import NO_SIMULATOR, simulation_config  # noqa: E402
 from drifting_vla.inference.export import local_policy_dir, read_saved_policy  # noqa: E402
 from drifting_vla.inference.policy import DriftingPolicy  # noqa: E402
 from drifting_vla.inference.rollout import evaluate, evaluation_seeds, protocol_label  # noqa: E402
+from drifting_vla.plugins import load_plugins  # noqa: E402
 from drifting_vla.serving import ChunkedPolicy, PolicyClient  # noqa: E402
 from drifting_vla.serving.server import predict_chunks  # noqa: E402
+from drifting_vla.training.config import validate_eval_config  # noqa: E402
 
 log = logging.getLogger("simulate_eval")
 
 
 @hydra.main(config_path="../drifting_vla/configs", config_name="eval", version_base=None)
 def main(cfg: DictConfig) -> float:
+    validate_eval_config(cfg)
+    load_plugins(cfg.plugins)
     if cfg.num_threads:
         torch.set_num_threads(int(cfg.num_threads))
     policy, data_cfg, checkpoint, method = _policy(cfg)
@@ -87,15 +95,9 @@ def _policy(cfg: DictConfig):
         policy = ChunkedPolicy(client.predict, meta["horizon"], execute_steps, seed)
         if cfg.nfe is not None or cfg.sampler is not None:
             raise ValueError("nfe= and sampler= are the server's settings with remote=: start scripts/serve.py with them")
-        if cfg.checkpoint is not None:  # the local copy's data config, trusted like any checkpoint
-            return policy, _data_config(cfg.checkpoint), meta["checkpoint"], meta["method"]
-        simulator = simulation_config(meta["data"]) or {"name": None}
-        if str(simulator["name"]) not in ENVS:  # a name from the network never picks code to import
-            raise ValueError(
-                f"the server's simulator {simulator['name']!r} is not a registered simulator {sorted(ENVS)}; "
-                "also give checkpoint=<the served checkpoint> to read its data config locally"
-            )
-        return policy, meta["data"], meta["checkpoint"], meta["method"]
+        # Either data config only names a simulator: evaluate() builds registered ones alone.
+        data = meta["data"] if cfg.checkpoint is None else _data_config(cfg.checkpoint)
+        return policy, data, meta["checkpoint"], meta["method"]
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else str(cfg.device)
     if seed is None:
         policy = DriftingPolicy.from_pretrained(

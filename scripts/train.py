@@ -11,18 +11,23 @@ collected on first use; the dit_s model on the CPU), then closed-loop evaluation
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("MUJOCO_GL", "egl")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, as the other scripts
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
+from drifting_vla.plugins import load_plugins  # noqa: E402
 from drifting_vla.training.trainer import Trainer  # noqa: E402
 
 
 @hydra.main(version_base=None, config_path="../drifting_vla/configs", config_name="config")
 def main(cfg: DictConfig) -> None:
+    load_plugins(cfg.plugins)
     if cfg.run_dir is None:
         with open_dict(cfg):
             cfg.run_dir = HydraConfig.get().runtime.output_dir

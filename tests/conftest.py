@@ -12,6 +12,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("MUJOCO_GL", "egl")
 
+import tests.fake_envs  # noqa: E402, F401  registers the test simulators `scripted` and `drift`
+
 
 def free_port() -> int:
     """A loopback port nobody listens on, for a test's own process group."""

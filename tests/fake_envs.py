@@ -1,4 +1,5 @@
-"""Test-only simulators, importable by spawned rollout workers as `tests.fake_envs:<Class>`.
+"""Test-only simulators, registered as the envs `scripted` and `drift` when this module is imported
+(tests/conftest.py does; a script names it, `plugins=[tests.fake_envs]`), as a user registers one.
 
 `ScriptedEnv` decides each episode's fate from its seed, so a rollout test can mix outcomes:
 
@@ -18,6 +19,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from drifting_vla.envs import register_env
 from drifting_vla.envs.base_env import BaseEnv, StepResult
 
 
@@ -168,3 +170,7 @@ class FakeRLBench:
             gripper_pose=np.array([0.2, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]),
             gripper_open=1.0,
         )
+
+
+register_env("scripted", "tests.fake_envs:ScriptedEnv")
+register_env("drift", "tests.fake_envs:DriftEnv")

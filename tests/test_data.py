@@ -123,6 +123,20 @@ def test_truncated_pickle_raises_naming_the_file(tmp_path):
     assert len(ds.skipped) == 1 and len(ds.episodes) == 1
 
 
+def test_a_non_finite_pose_is_refused_naming_the_episode_step_and_field(tmp_path):
+    from drifting_vla.data.fixtures import _fake_rlbench_modules
+
+    root = write_rlbench_fixture(tmp_path, episodes=2, steps=6)
+    path = _episode(root, n=1) / "low_dim_obs.pkl"
+    with _fake_rlbench_modules():  # our own fixture file, read with plain pickle to damage it
+        demo = pickle.loads(path.read_bytes())
+        demo._observations[3].gripper_pose[2] = np.nan
+        path.write_bytes(pickle.dumps(demo))
+    with pytest.raises(CorruptEpisodeError, match=r"episode1/low_dim_obs.pkl: observation 3 has a non-finite gripper_pose .*nan"):
+        RLBenchDataset(root, ["close_jar"], ["front"], horizon=2)
+    assert len(RLBenchDataset(root, ["close_jar"], ["front"], horizon=2, skip_corrupt=True).episodes) == 1
+
+
 def test_missing_image_and_missing_camera_are_clear_errors(tmp_path):
     root = write_rlbench_fixture(tmp_path, episodes=1, steps=6)
     (_episode(root) / "front_rgb" / "5.png").unlink()
@@ -224,6 +238,34 @@ def test_png_cache_returns_the_same_images_as_decoding(rlbench_root, tmp_path):
     for i in (0, 3, 10):
         assert torch.equal(plain[i]["images"], cached[i]["images"])
     assert len(list(tmp_path.rglob("*.npy"))) == 2  # one file per episode, decoded once
+
+
+def test_one_frame_cache_serves_two_data_roots_each_its_own_images(tmp_path):
+    first = write_rlbench_fixture(tmp_path / "a", episodes=1, steps=6, seed=0)
+    second = write_rlbench_fixture(tmp_path / "b", episodes=1, steps=6, seed=1)  # same names, other images
+    cache = tmp_path / "frames"
+    for root in (first, second, first):
+        cached = RLBenchDataset(root, ["close_jar"], ["front"], horizon=2, cache_dir=cache)
+        plain = RLBenchDataset(root, ["close_jar"], ["front"], horizon=2)
+        assert torch.equal(cached[0]["images"], plain[0]["images"]), root
+    assert len(list(cache.rglob("*.npy"))) == 2
+
+
+def test_frame_cache_follows_a_changed_episode_and_redecodes_a_file_of_the_wrong_shape(tmp_path):
+    from PIL import Image
+
+    root = write_rlbench_fixture(tmp_path / "data", episodes=1, steps=6)
+    cache = tmp_path / "frames"
+    assert RLBenchDataset(root, ["close_jar"], ["front"], horizon=2, cache_dir=cache)[0]["images"].any()
+    frame = _episode(root) / "front_rgb" / "0.png"
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(frame)
+    os.utime(frame, ns=(frame.stat().st_atime_ns, frame.stat().st_mtime_ns + 10**9))
+    assert not RLBenchDataset(root, ["close_jar"], ["front"], horizon=2, cache_dir=cache)[0]["images"].any()
+
+    current = max(cache.rglob("*.npy"), key=lambda p: p.stat().st_mtime_ns)  # decoded from the changed frame
+    np.save(current, np.zeros((2, 1, 3, 16, 16), dtype=np.uint8))  # another episode's length
+    images = RLBenchDataset(root, ["close_jar"], ["front"], horizon=2, cache_dir=cache)[3]["images"]
+    assert torch.equal(images, RLBenchDataset(root, ["close_jar"], ["front"], horizon=2)[3]["images"])
 
 
 def test_rlbench_resizes_to_image_size(rlbench_root):
@@ -374,6 +416,21 @@ def test_corrupt_metaworld_array_names_the_file(tmp_path):
     ds = MetaWorldDataset(tmp_path, ["reach-v3"], ["corner"], horizon=2)
     with pytest.raises(CorruptEpisodeError, match="reach-v3/images.npy.*collect_demos"):
         ds[0]
+
+
+@pytest.mark.parametrize("key", ["proprio", "actions"])
+def test_a_non_finite_demo_value_is_refused_naming_the_episode_step_and_array(tmp_path, key):
+    (tmp_path / "collection.json").write_text(json.dumps({"cameras": ["corner"], "image_size": 8}))
+    episodes = _fake_episodes(3, 5, views=1)
+    episodes[1][key][2, 0] = np.inf
+    write_task_store(tmp_path / "reach-v3", episodes, {"instruction": "reach"})
+    with pytest.raises(CorruptEpisodeError, match=rf"reach-v3/{key}.npy: episode 1 \(seed 1\) has a non-finite {key} at step 2 .*collect_demos"):
+        MetaWorldDataset(tmp_path, ["reach-v3"], ["corner"], horizon=2)
+
+
+def test_normalization_statistics_refuse_non_finite_data():
+    with pytest.raises(ValueError, match=r"'actions': row 1 of the data is not finite"):
+        compute_stats({"actions": np.array([[0.0, 1.0], [np.nan, 0.0]]), "proprio": np.zeros((2, 1))})
 
 
 def test_both_datasets_batch_identically_through_workers(metaworld_store, rlbench_root):

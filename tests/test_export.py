@@ -170,7 +170,7 @@ def test_push_to_hub_offline_fails_at_once_without_touching_the_hub(policy, monk
 def test_export_naming_a_module_to_import_is_refused(policy, tmp_path):
     export = policy.save_pretrained(tmp_path / "export")
     rewrite_config(export, lambda cfg: cfg["data"].update(name="os:system"))
-    with pytest.raises(ValueError, match=r"config.json: data.name='os:system' names a module to import"):
+    with pytest.raises(ValueError, match=r"config.json: data.name='os:system' is not a registered simulator"):
         DriftingPolicy.from_pretrained(export)
 
 

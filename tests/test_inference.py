@@ -21,6 +21,7 @@ from drifting_vla.inference.rollout import (
     EpisodeRecord,
     EvalSummary,
     EvaluationError,
+    check_evaluated,
     evaluate,
     evaluation_seeds,
     wilson_interval,
@@ -315,8 +316,8 @@ def test_summary_dict_and_table_report_rates_per_task():
 def test_rollout_reports_simulator_errors_and_dead_workers_as_failed_episodes(tmp_path):
     policy = tiny_policy(execution="chunk", execute_steps=2)
     data = OmegaConf.to_container(tiny_cfg().data)
-    data["name"] = "tests.fake_envs:ScriptedEnv"
-    assert env_import_path(data) == data["name"]
+    data["name"] = "scripted"
+    assert env_import_path(data) == "tests.fake_envs:ScriptedEnv"
     summary = evaluate(
         policy, data, tasks=[TASK], seeds=[0, 1, 2, 3, 4], num_workers=2, output_dir=tmp_path,
         videos_per_task=1, max_episode_steps=6, progress=False,
@@ -333,9 +334,50 @@ def test_rollout_reports_simulator_errors_and_dead_workers_as_failed_episodes(tm
     assert by_seed[0].video and (tmp_path / "videos" / f"{TASK}_seed0.mp4").stat().st_size > 0
 
 
+def no_workers(monkeypatch):
+    """Fail the test if an evaluation starts a simulator worker."""
+    from drifting_vla.inference import rollout
+
+    monkeypatch.setattr(rollout, "_Worker", lambda *a, **k: pytest.fail("a simulator worker was started"))
+
+
+def test_an_evaluation_without_workers_is_refused_not_reported_as_zero(monkeypatch):
+    no_workers(monkeypatch)
+    with pytest.raises(ValueError, match="num_workers=0: an evaluation needs at least one simulator worker"):
+        evaluate(tiny_policy(), tiny_cfg().data, seeds=[0], num_workers=0, progress=False)
+
+
+def test_unknown_tasks_are_refused_before_any_worker_starts(monkeypatch):
+    no_workers(monkeypatch)
+    with pytest.raises(ValueError, match=r"unknown task\(s\) \['reach-v9'\] for the simulator 'metaworld'.*'reach-v3'"):
+        evaluate(tiny_policy(), tiny_cfg().data, tasks=[TASK, "reach-v9"], seeds=[0], progress=False)
+    with pytest.raises(ValueError, match=r"tasks must be a list of task names, e.g. \[reach-v3\]"):
+        evaluate(tiny_policy(), tiny_cfg().data, tasks=TASK, seeds=[0], progress=False)
+
+
+def test_a_summary_of_fewer_episodes_than_queued_is_an_error():
+    summary = EvalSummary([EpisodeRecord("a", 0, False, 5, 1.0)])
+    with pytest.raises(EvaluationError, match="1 of the 2 queued episodes ran"):
+        check_evaluated(summary, expected=2)
+    with pytest.raises(EvaluationError, match="0 of the 1 queued episodes ran"):
+        check_evaluated(EvalSummary([]), expected=1)
+
+
+def test_rlbench_tasks_are_the_installed_rlbench_task_files(tmp_path, monkeypatch):
+    from drifting_vla.envs.rlbench_env import RLBenchEnv
+
+    monkeypatch.delitem(sys.modules, "rlbench", raising=False)
+    (tmp_path / "rlbench" / "tasks").mkdir(parents=True)
+    for name in ("__init__", "open_drawer", "close_jar"):
+        (tmp_path / "rlbench" / "tasks" / f"{name}.py").touch()
+    (tmp_path / "rlbench" / "__init__.py").touch()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert RLBenchEnv.known_tasks() == {"open_drawer", "close_jar"}
+
+
 def test_a_task_whose_every_episode_errored_raises_after_writing_the_summary(tmp_path):
     data = OmegaConf.to_container(tiny_cfg().data)
-    data["name"] = "tests.fake_envs:ScriptedEnv"
+    data["name"] = "scripted"
     with pytest.raises(EvaluationError, match=r"\['unbuildable'\].*cannot be built.*__main__") as raised:
         evaluate(tiny_policy(), data, tasks=["unbuildable", TASK], seeds=[0, 4], num_workers=1, output_dir=tmp_path, progress=False)
     errors = {r.task: r.error for r in raised.value.summary.records}
@@ -350,10 +392,11 @@ def test_a_script_without_a_main_guard_fails_loudly_naming_the_pitfall(tmp_path)
     script = tmp_path / "unguarded.py"
     script.write_text(
         "from omegaconf import OmegaConf\n"
+        "import tests.fake_envs\n"
         "from tests.test_inference import tiny_cfg, tiny_policy\n"
         "from drifting_vla.inference.rollout import evaluate\n"
         "data = OmegaConf.to_container(tiny_cfg().data)\n"
-        "data['name'] = 'tests.fake_envs:ScriptedEnv'\n"
+        "data['name'] = 'scripted'\n"
         "evaluate(tiny_policy(), data, seeds=[0], num_workers=1, progress=False, step_timeout_s=60)\n"
     )
     root = Path(__file__).resolve().parents[1]
@@ -505,12 +548,48 @@ def test_a_checkpoint_trained_without_the_flag_still_loads_and_acts_with_the_con
 # scripts/simulate_eval.py
 
 
-def run_simulate_eval(run_dir, *overrides):
+def run_simulate_eval(run_dir, *overrides, env=None):
     """The CLI as a user runs it; Hydra's own run directory goes to `run_dir`, not the checkout."""
     script = Path(__file__).resolve().parents[1] / "scripts" / "simulate_eval.py"
     return subprocess.run(
-        [sys.executable, str(script), *overrides, f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=300
+        [sys.executable, str(script), *overrides, f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=300,
+        env=None if env is None else {**__import__("os").environ, **env},
     )
+
+
+def payload_checkpoint(tmp_path):
+    """A downloaded run whose config names a module shipped inside it (importable: its folder is on
+    the path, as a run under the checkout's runs/ is); importing the module creates `marker`."""
+    cfg = tiny_cfg()
+    cfg.data.name = "payload:Env"
+    path = write_checkpoint(tmp_path / "run", cfg)[0]
+    marker = tmp_path / "payload_ran"
+    (path / "payload.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\nclass Env: ...\n")
+    return path, marker
+
+
+def test_evaluating_a_run_never_imports_the_module_its_config_names(tmp_path):
+    path, marker = payload_checkpoint(tmp_path)
+    result = run_simulate_eval(
+        tmp_path / "hydra", f"checkpoint={path}", "episodes=1", "workers=1", "progress=false", f"output={tmp_path / 'eval'}",
+        env={"PYTHONPATH": str(path)},
+    )
+    assert result.returncode != 0
+    assert "data.name='payload:Env' is not a registered simulator" in result.stderr
+    assert "plugins=[your.module]" in result.stderr
+    assert not marker.exists()
+
+
+def test_evaluate_builds_registered_simulators_only(tmp_path, monkeypatch):
+    path, marker = payload_checkpoint(tmp_path)
+    monkeypatch.syspath_prepend(str(path))
+    data = OmegaConf.to_container(tiny_cfg().data)
+    data["name"] = "payload:Env"
+    with pytest.raises(ValueError, match="'payload:Env' is not a registered simulator"):
+        evaluate(tiny_policy(), data, seeds=[0], num_workers=1, progress=False)
+    with pytest.raises(ValueError, match="'payload:Env' is not a registered simulator"):
+        DriftingPolicy.from_checkpoint(path)
+    assert not marker.exists()
 
 
 def test_simulate_eval_writes_summary_json_and_prints_the_table(checkpoint, tmp_path):

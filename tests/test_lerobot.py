@@ -104,6 +104,31 @@ def test_stats_json_of_the_wrong_size_is_an_error_naming_the_file(fixture_copy):
         dataset_stats(fixture_dataset(root=fixture_copy))
 
 
+def test_a_non_finite_action_is_refused_naming_the_file_episode_frame_and_feature(fixture_copy):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = fixture_copy / "data" / "chunk-000" / "file-000.parquet"
+    table = pq.read_table(path)
+    actions = table.column("action").to_pylist()
+    episodes = table.column("episode_index").to_pylist()
+    row = episodes.index(1) + 2  # frame 2 of episode 1
+    actions[row][1] = float("nan")
+    column = pa.array(actions, type=table.schema.field("action").type)
+    pq.write_table(table.set_column(table.schema.get_field_index("action"), "action", column), path)
+    with pytest.raises(CorruptEpisodeError, match=r"file-000.parquet: episode 1 has a non-finite 'action' at frame 2"):
+        fixture_dataset(root=fixture_copy)
+
+
+def test_stats_json_with_a_non_finite_value_is_an_error_naming_it(fixture_copy):
+    path = fixture_copy / "meta" / "stats.json"
+    stats = json.loads(path.read_text())
+    stats["observation.state"]["max"][0] = float("inf")
+    path.write_text(json.dumps(stats))
+    with pytest.raises(ValueError, match=r"stats.json: observation.state.max holds non-finite values"):
+        dataset_stats(fixture_dataset(root=fixture_copy))
+
+
 def test_workers_decode_video_after_the_parent_did():
     dataset = fixture_dataset()
     expected = collate_samples([dataset[i] for i in range(8)])  # the parent has open decoders now

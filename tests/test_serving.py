@@ -426,11 +426,11 @@ def start_serve_script(*overrides) -> tuple[subprocess.Popen, str]:
 
 
 def drift_checkpoint(checkpoint):  # noqa: F811
-    """The test checkpoint, evaluated on tests.fake_envs:DriftEnv (success depends on actions)."""
+    """The test checkpoint, evaluated on the registered test env `drift` (success depends on actions)."""
     path = checkpoint[0]
     config = path / "config.yaml"
     cfg = OmegaConf.load(config)
-    cfg.data.name = "tests.fake_envs:DriftEnv"
+    cfg.data.name = "drift"
     cfg.data.max_episode_steps = 12
     OmegaConf.save(cfg, config)
     marker = json.loads((path / "complete").read_text())
@@ -473,7 +473,7 @@ def test_simulate_eval_through_the_server_prints_the_in_process_success(checkpoi
             out = tmp_path / name
             result = subprocess.run(
                 [sys.executable, str(ROOT / "scripts" / "simulate_eval.py"), source, "seed=5", "episodes=6",
-                 "execute_steps=2", "workers=1", "videos_per_task=0", "progress=false", "num_threads=1",
+                 "execute_steps=2", "workers=1", "videos_per_task=0", "progress=false", "num_threads=1", "plugins=[tests.fake_envs]",
                  f"output={out}", f"hydra.run.dir={tmp_path / 'hydra'}", *([f"checkpoint={path}"] if name == "remote" else [])],
                 capture_output=True, text=True, timeout=300, cwd=ROOT,
             )

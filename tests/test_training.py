@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,7 +23,12 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from drifting_vla.data.fixtures import write_rlbench_fixture
 from drifting_vla.data.registry import build_dataset, register_dataset
 from drifting_vla.inference.policy import DriftingPolicy
-from drifting_vla.training.config import validate_training_config
+from drifting_vla.training.config import (
+    validate_eval_config,
+    validate_run_config,
+    validate_serve_config,
+    validate_training_config,
+)
 from drifting_vla.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,6 +68,71 @@ def test_wrong_type_in_training_config_is_an_error_naming_the_key():
     cfg = compose_config(["training.nan_policy=ignore", "run_dir=/tmp/x"])
     with pytest.raises(ValueError, match="training.nan_policy"):
         validate_training_config(cfg.training)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("training.grad_clip=-1", "training.grad_clip=-1.0 must be > 0"),
+    ("training.learning_rate=0", "training.learning_rate=0.0 must be > 0"),
+    ("training.betas=[0.9,1.5]", "training.betas=[0.9, 1.5] must be < 1"),
+    ("training.drifting.temperatures=[0.05,-0.2]", "training.drifting.temperatures=[0.05, -0.2] must be > 0"),
+    ("training.eval.workers=0", "training.eval.workers=0 must be >= 1"),
+    ("training.wandb.visualizations.a1_drifting_field.frequency=-5", "training.wandb.visualizations.a1_drifting_field.frequency=-5 must be >= 0"),
+    ("data.horizon=0", "data.horizon=0 must be >= 1"),
+    ("data.image_size=2.5", "data.image_size: Value '2.5' of type 'float' could not be converted to Integer"),
+    ("data.action_spec.components.0.dim=0", "data.action_spec.components[0].dim=0 must be >= 1"),
+    ("+data.eval_seeds={start: 5, count: 0}", "data.eval_seeds.count=0 must be >= 1"),
+    ("model.dit.depth=0", "model.dit.depth=0 must be >= 1"),
+    ("model.vision.num_stages=-1", "model.vision.num_stages=-1 must be >= 1"),
+    ("model.language.dim=0", "model.language.dim=0 must be >= 1"),
+    ("seed=-3", "seed=-3 must be >= 0"),
+])
+def test_an_out_of_range_setting_of_any_group_fails_at_start_naming_the_key(rlbench_root, tmp_path, override, message):
+    # data.root names nothing: the run must fail on the setting before it reads any data
+    cfg = compose_config([*overrides_for(rlbench_root, tmp_path, override), f"data.root={tmp_path / 'absent'}"])
+    with pytest.raises(ValueError, match=re.escape(f"config key {message}")):
+        Trainer(cfg)
+
+
+def test_a_scalar_where_a_list_belongs_is_an_error_not_a_list_of_characters(rlbench_root, tmp_path):
+    cfg = compose_config([*overrides_for(rlbench_root, tmp_path), "data.tasks=close_jar"])
+    with pytest.raises(ValueError, match=re.escape("config key data.tasks='close_jar' must be a list, e.g. data.tasks=[close_jar]")):
+        Trainer(cfg)
+
+
+def test_execute_steps_beyond_the_horizon_fails_at_start(rlbench_root, tmp_path):
+    cfg = compose_config([*overrides_for(rlbench_root, tmp_path, "training.eval.at_end=true", "training.eval.execute_steps=5"),
+                          f"data.root={tmp_path / 'absent'}"])
+    with pytest.raises(ValueError, match=re.escape("training.eval.execute_steps=5 must be in [1, data.horizon=4]")):
+        Trainer(cfg)
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (ROOT / "drifting_vla" / "configs" / "experiment").glob("*.yaml")))
+def test_every_shipped_experiment_passes_the_schema(experiment):
+    validate_run_config(compose_config([f"experiment={experiment}", "run_dir=/tmp/unused"]))
+
+
+@pytest.mark.parametrize("config, override, message", [
+    ("eval", "workers=0", "workers=0 must be >= 1"),
+    ("eval", "tasks=close_jar", "tasks='close_jar' must be a list, e.g. tasks=[close_jar]"),
+    ("eval", "episodes=-1", "episodes=-1 must be >= 1"),
+    ("eval", "ensemble_decay=-0.5", "ensemble_decay=-0.5 must be >= 0"),
+    ("serve", "port=70000", "port=70000 must be <= 65535"),
+    ("serve", "max_batch=0", "max_batch=0 must be >= 1"),
+])
+def test_evaluation_and_server_settings_are_range_checked_naming_the_key(config, override, message):
+    with initialize_config_dir(config_dir=str(ROOT / "drifting_vla" / "configs"), version_base=None):
+        cfg = compose(config, overrides=["checkpoint=runs/x", "output=/tmp/unused", override] if config == "eval" else ["checkpoint=runs/x", override])
+    validate = validate_eval_config if config == "eval" else validate_serve_config
+    with pytest.raises(ValueError, match=re.escape(f"config key {message}")):
+        validate(cfg)
+
+
+def test_a_task_the_simulator_does_not_know_fails_before_training(rlbench_root, tmp_path):
+    cfg = compose_config(overrides_for(rlbench_root, tmp_path, "training.eval.at_end=true", "training.eval.execute_steps=2",
+                                       "+data.simulator={name: metaworld, tasks: [reach-v9]}"))
+    with pytest.raises(ValueError, match=r"unknown task\(s\) \['reach-v9'\] for the simulator 'metaworld'"):
+        Trainer(cfg)
+    assert not (tmp_path / "config.yaml").exists()
 
 
 def _train_script(root: Path, run_dir: Path, *extra: str) -> subprocess.Popen:
@@ -110,14 +181,27 @@ def test_nan_loss_stops_the_run_naming_the_step_or_is_skipped_when_configured(rl
     with pytest.raises(FloatingPointError, match="non-finite loss .* at step 0 .*close_jar"):
         trainer.fit()
 
-    cfg = compose_config(overrides_for(rlbench_root, tmp_path / "skip", "training.max_steps=3", "training.nan_policy=skip"))
+    cfg = compose_config(overrides_for(rlbench_root, tmp_path / "skip", "training.max_steps=3", "training.nan_policy=skip",
+                                       "training.max_skipped_fraction=1"))
     trainer = Trainer(cfg)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     monkeypatch.setattr(trainer.normalizer, "actions_offset", torch.full_like(trainer.normalizer.actions_offset, float("nan")))
-    trainer.fit()
+    with pytest.raises(FloatingPointError, match="all 3 steps were skipped .* trained nothing, so no final checkpoint is written"):
+        trainer.fit()
     assert trainer.skipped_steps == 3
     for name, value in trainer.model.state_dict().items():
         torch.testing.assert_close(value, before[name], msg=f"{name} changed on a skipped step")
+    assert not (tmp_path / "skip" / "checkpoints" / "step_00000003").exists()
+
+
+def test_a_run_that_skips_more_steps_than_allowed_stops_at_once(rlbench_root, tmp_path, monkeypatch):
+    cfg = compose_config(overrides_for(rlbench_root, tmp_path, "training.max_steps=20", "training.nan_policy=skip",
+                                       "training.max_skipped_fraction=0.1"))
+    trainer = Trainer(cfg)
+    monkeypatch.setattr(trainer.normalizer, "actions_offset", torch.full_like(trainer.normalizer.actions_offset, float("nan")))
+    with pytest.raises(FloatingPointError, match=r"3 of the 3 steps so far were skipped .*training.max_skipped_fraction=0.1 .* allows \(2\)"):
+        trainer.fit()
+    assert trainer.step == 2 and not (tmp_path / "checkpoints").exists()
 
 
 

@@ -38,7 +38,7 @@ from torch.utils.data import Dataset
 
 from drifting_vla.data.normalization import STATS, compute_stats
 from drifting_vla.data.rlbench_pickle import CorruptEpisodeError
-from drifting_vla.data.transforms import action_window, split_episodes
+from drifting_vla.data.transforms import action_window, first_non_finite, split_episodes
 
 CODEBASE_VERSION = "v3.0"
 EXPORT_META = "meta/drifting_vla.json"
@@ -189,6 +189,8 @@ class LeRobotDataset(Dataset):
                         f"{path}: {feature}.{s} has {len(recorded[feature][s])} values but the feature "
                         f"has shape {self.features[feature]['shape']}; delete the file to compute the stats instead"
                     )
+                if first_non_finite(np.asarray(recorded[feature][s], dtype=np.float64)) is not None:
+                    raise ValueError(f"{path}: {feature}.{s} holds non-finite values {recorded[feature][s]}; delete the file to compute the stats instead")
             stats[name] = {s: [float(v) for v in recorded[feature][s]] for s in STATS}
         return stats
 
@@ -255,6 +257,15 @@ class LeRobotDataset(Dataset):
                 raise CorruptEpisodeError(
                     f"episode {episodes['episode_index'][k]} spans index {wanted[0]}..{wanted[-1]} in meta/episodes "
                     f"but {self.root / 'data'} lacks some of those rows; the dataset is incomplete: download or export it again"
+                )
+        for name, feature in (("actions", self.action_key), ("proprio", self.state_key)):
+            row = first_non_finite(frames[name])
+            if row is not None:
+                k = int(np.searchsorted(episodes["row_end"], row, side="right"))
+                raise CorruptEpisodeError(
+                    f"{self.root / self._data_files[int(frames['file'][row])]}: episode {episodes['episode_index'][k]} has a "
+                    f"non-finite {feature!r} at frame {row - episodes['row_start'][k]} ({frames[name][row].tolist()}); "
+                    "fix or drop that episode and export the dataset again"
                 )
         return frames
 

@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import Dataset
 
 from drifting_vla.data.rlbench_pickle import CorruptEpisodeError
-from drifting_vla.data.transforms import action_window, split_episodes
+from drifting_vla.data.transforms import action_window, first_non_finite, split_episodes
 
 ARRAYS = ("images", "proprio", "state", "actions")
 FORMAT_VERSION = 1
@@ -65,6 +65,23 @@ def read_task_meta(task_dir: pathlib.Path) -> tuple[dict, np.ndarray]:
             f"(collected tasks: {collected})"
         )
     return json.loads((task_dir / "meta.json").read_text()), _load(task_dir / "episode_ends.npy")
+
+
+def check_task_values(task_dir: pathlib.Path, ends: np.ndarray, keys) -> None:
+    """Raise CorruptEpisodeError naming the array, the episode (and its seed) and the step of the
+    first non-finite value of `keys` in one task folder."""
+    for key in keys:
+        values = _load(pathlib.Path(task_dir) / f"{key}.npy", mmap_mode="r")
+        row = first_non_finite(values)
+        if row is None:
+            continue
+        episode = int(np.searchsorted(ends, row, side="right"))
+        start = int(ends[episode - 1]) if episode else 0
+        seed = int(_load(pathlib.Path(task_dir) / "seeds.npy")[episode])
+        raise CorruptEpisodeError(
+            f"{pathlib.Path(task_dir) / f'{key}.npy'}: episode {episode} (seed {seed}) has a non-finite {key} at step "
+            f"{row - start} ({values[row].tolist()}); delete {task_dir} and run scripts/collect_demos.py again"
+        )
 
 
 def open_task_arrays(task_dir: pathlib.Path) -> dict[str, np.ndarray]:
@@ -113,6 +130,7 @@ class MetaWorldDataset(Dataset):
         self.instructions, self._ends, self._index, self._episodes = {}, [], [], []
         for task_id, task in enumerate(self.tasks):
             meta, ends = read_task_meta(self.store_dir / task)
+            check_task_values(self.store_dir / task, ends, ("actions", "proprio", "state") if privileged_state else ("actions", "proprio"))
             self.instructions[task] = meta["instruction"]
             self._ends.append(ends)
             starts = np.concatenate([[0], ends[:-1]])

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from drifting_vla.data.transforms import first_non_finite
 from drifting_vla.rotations import quaternion_to_rotation6d, rotation6d_to_quaternion
 from drifting_vla.specs import ActionSpec
 
@@ -36,6 +37,9 @@ def compute_stats(arrays: dict[str, np.ndarray]) -> dict[str, dict[str, list[flo
         x = np.asarray(x, dtype=np.float64)
         if x.ndim != 2 or len(x) == 0:
             raise ValueError(f"normalization stats for {key!r} need a non-empty [N, D] array, got shape {x.shape}")
+        row = first_non_finite(x)
+        if row is not None:  # the datasets name the episode; a dataset of a plugin may not have
+            raise ValueError(f"normalization stats for {key!r}: row {row} of the data is not finite ({x[row].tolist()})")
         q01, q99 = np.quantile(x, [0.01, 0.99], axis=0)
         stats[key] = {
             "mean": x.mean(0).tolist(),

@@ -23,11 +23,14 @@ records the flag; episodes without it take `ignore_collisions` (the config's con
 dataset says so in one warning.
 
 PNG decoding is paid once: with `cache_dir` set, an episode's frames are decoded on first use into
-one uint8 .npy (memory-mapped afterwards), shared by all workers and epochs.
+one uint8 .npy (memory-mapped afterwards), shared by all workers and epochs, named by a digest of
+the files it was decoded from (`frames_digest`), so one cache serves several data roots safely.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import pathlib
@@ -41,7 +44,12 @@ from torch.utils.data import Dataset
 
 from drifting_vla.data.rlbench_pickle import CorruptEpisodeError, load_rlbench_pickle
 from drifting_vla.data.sampler import sample_rng
-from drifting_vla.data.transforms import action_window, canonical_quaternion, resize_image
+from drifting_vla.data.transforms import (
+    action_window,
+    canonical_quaternion,
+    first_non_finite,
+    resize_image,
+)
 from drifting_vla.specs import RLBENCH_ACTION_SPEC, ActionSpec
 
 log = logging.getLogger(__name__)
@@ -157,6 +165,12 @@ def load_rlbench_episode(episode_dir: str | pathlib.Path) -> RLBenchEpisode:
         )
     except (AttributeError, TypeError, ValueError) as e:
         raise CorruptEpisodeError(f"{episode_dir / 'low_dim_obs.pkl'}: bad observation fields ({e})") from e
+    for name, values in (("gripper_pose", pose), ("gripper_open", gripper_open), ("joint_velocities", velocities)):
+        step = first_non_finite(values)
+        if step is not None:
+            raise CorruptEpisodeError(
+                f"{episode_dir / 'low_dim_obs.pkl'}: observation {step} has a non-finite {name} ({values[step].tolist()})"
+            )
     pose[:, 3:] = canonical_quaternion(pose[:, 3:])
     return RLBenchEpisode(
         path=episode_dir,
@@ -349,17 +363,45 @@ class RLBenchDataset(Dataset):
         return frame.transpose(2, 0, 1)
 
     def _cached(self, e: int) -> np.ndarray:
-        """All frames of episode e, uint8 [L, V, 3, H, W], decoded once into `cache_dir`."""
+        """All frames of episode e, uint8 [L, V, 3, H, W], decoded once into `cache_dir`.
+
+        The file's name holds a digest of what it was decoded from (`frames_digest`): the source
+        folder and its files, the cameras, the size. Another `data.root`, or an episode whose
+        files changed, maps to another file, never to frames decoded from different images. On
+        open the file's shape is checked against the episode; a file that does not match is
+        decoded again."""
         episode = self.episodes[e]
-        size = self.image_size or "orig"
-        path = self.cache_dir / self.episode_tasks[e] / f"{episode.path.name}_{'-'.join(self.cameras)}_{size}.npy"
-        if not path.is_file():
-            frames = np.stack([[self._decode(episode, cam, t) for cam in self.cameras] for t in range(len(episode))])
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
-            np.save(tmp, frames)
-            tmp.replace(path)  # atomic: workers racing on one episode all end with a whole file
+        digest = frames_digest(episode, self.cameras, self.image_size)
+        path = self.cache_dir / self.episode_tasks[e] / f"{episode.path.name}_{'-'.join(self.cameras)}_{self.image_size or 'orig'}_{digest}.npy"
+        if path.is_file():
+            frames = np.load(path, mmap_mode="r")
+            if self._holds_episode(frames, episode):
+                return frames
+            log.warning("decoding %s again: its shape %s does not match the episode", path, frames.shape)
+        frames = np.stack([[self._decode(episode, cam, t) for cam in self.cameras] for t in range(len(episode))])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
+        np.save(tmp, frames)
+        tmp.replace(path)  # atomic: workers racing on one episode all end with a whole file
         return np.load(path, mmap_mode="r")
+
+    def _holds_episode(self, frames: np.ndarray, episode: RLBenchEpisode) -> bool:
+        size = (self.image_size,) * 2 if self.image_size else frames.shape[3:]
+        return frames.dtype == np.uint8 and frames.shape == (len(episode), len(self.cameras), 3, *size)
+
+
+def frames_digest(episode: RLBenchEpisode, cameras: list[str], image_size: int | None) -> str:
+    """What an episode's decoded frames are made from: its resolved folder, the name, size and
+    modification time of low_dim_obs.pkl and of every frame of `cameras`, and the size decoded to
+    (16 hex digits of a sha256). A stat per file, no read: cheap next to decoding them."""
+    folder = episode.path.resolve()
+    files = [folder / "low_dim_obs.pkl", *(p for cam in cameras for p in sorted((folder / f"{cam}_rgb").iterdir()))]
+    stats = []
+    for path in files:
+        stat = path.stat()
+        stats.append((str(path.relative_to(folder)), stat.st_size, stat.st_mtime_ns))
+    source = {"folder": str(folder), "cameras": list(cameras), "image_size": image_size, "files": stats}
+    return hashlib.sha256(json.dumps(source).encode()).hexdigest()[:16]
 
 
 def _read_png(path: pathlib.Path, mode: str) -> np.ndarray:

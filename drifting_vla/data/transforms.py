@@ -36,6 +36,19 @@ def split_episodes(count: int, split: str, val_every: int) -> list[int]:
     return [k for k in range(count) if split == "all" or (k % val_every == val_every - 1) == (split == "val")]
 
 
+def first_non_finite(values: np.ndarray) -> int | None:
+    """The first row of `values` [N, ...] holding a NaN or an infinity, or None.
+
+    Datasets check what they read with it and name the episode and field: one NaN in the data
+    becomes the normalization statistics' mean, min and max, and then every step's loss, which
+    reads like a learning-rate problem far from its cause."""
+    values = np.asarray(values)
+    if len(values) == 0:
+        return None
+    bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+    return int(np.argmax(bad)) if bad.any() else None
+
+
 def canonical_quaternion(quat: np.ndarray) -> np.ndarray:
     """Unit length and qw >= 0 for `[..., 4]` quaternions `[qx, qy, qz, qw]` (q and -q are the
     same rotation; one sign makes the target unique)."""

@@ -3,9 +3,15 @@
     env = make_env(cfg.data, "drawer-open-v3")      # MetaWorldEnv.from_config(cfg.data, task)
 
 The registry maps a name to an import path (`"module:Class"`), not to a class, so a worker process
-started with `spawn` can build the same env from plain strings, and the simulator module is only
-imported where an env is actually built (RLBench exists only inside its Docker image). A data
-config whose `name` is itself an import path (`"my_package.envs:MyEnv"`) needs no registration.
+started with `spawn` is handed the import path its parent resolved and builds the same env from
+plain strings, and the simulator module is only imported where an env is actually built (RLBench
+exists only inside its Docker image).
+
+A name is only ever looked up here, never imported: `data.name` comes from a config that may be a
+downloaded checkpoint, and a checkpoint is data. An env defined outside the package is registered
+by the user's own code, `register_env("my_robot", "my_package.envs:MyEnv")`, for example in a
+module named on the command line of the scripts (`plugins=[my_package.envs]`, see
+`drifting_vla.plugins`).
 """
 
 from __future__ import annotations
@@ -19,20 +25,44 @@ ENVS: dict[str, str] = {
 
 
 def register_env(name: str, import_path: str) -> None:
-    """Register `"module:Class"` (a `BaseEnv` with a `from_config(data_cfg, task)` classmethod)."""
+    """Register `"module:Class"` (a `BaseEnv` with a `from_config(data_cfg, task)` classmethod)
+    under `name`, the value a data config's `name` selects it by."""
     if ":" not in import_path:
         raise ValueError(f"env import path must look like 'module:Class', got {import_path!r}")
     ENVS[name] = import_path
 
 
+def unregistered_env_message(name: str, plugins=None) -> str:
+    """Why `name` selects no simulator, and how a user who trusts the code behind it registers it."""
+    recorded = f" The run's config records plugins={list(plugins)}: name them if you trust them." if plugins else ""
+    return (
+        f"data.name={name!r} is not a registered simulator {sorted(ENVS)}. A name read from a config "
+        f"(a checkpoint, an export, a server) only selects a registered simulator and never imports code. "
+        f"To evaluate in a simulator of your own, register it in a module of yours "
+        f"(drifting_vla.envs.register_env({name!r}, 'module:Class')) and name that module on the command "
+        f"line: plugins=[your.module].{recorded}"
+    )
+
+
 def env_import_path(data_cfg) -> str:
-    """The import path of the env class for a data config (its `name`, or a `module:Class` name)."""
+    """The registered import path of the env class for a data config's `name`."""
     name = str(data_cfg["name"])
-    if name in ENVS:
-        return ENVS[name]
-    if ":" in name:
-        return name
-    raise ValueError(f"no simulator registered for data.name={name!r}; registered: {sorted(ENVS)}")
+    if name not in ENVS:
+        raise ValueError(unregistered_env_message(name))
+    return ENVS[name]
+
+
+def checked_env_import_path(data_cfg, tasks) -> str:
+    """`env_import_path`, after checking that the simulator knows every one of `tasks` (a list of
+    names), so that a misspelt task is refused before any worker or episode starts."""
+    import_path = env_import_path(data_cfg)
+    if isinstance(tasks, str) or not all(isinstance(t, str) for t in tasks):
+        raise ValueError(f"tasks must be a list of task names, e.g. [{tasks}], got {tasks!r}")
+    known = env_class(import_path).known_tasks()
+    unknown = [t for t in tasks if known is not None and t not in known]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown} for the simulator {data_cfg['name']!r}; valid names: {sorted(known)}")
+    return import_path
 
 
 NO_SIMULATOR = (

@@ -13,6 +13,7 @@ so a policy sees in closed loop exactly what it saw in the demonstrations.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,6 +37,13 @@ class BaseEnv(ABC):
     task: str
     instruction: str
     max_episode_steps: int
+
+    @classmethod
+    def known_tasks(cls) -> Collection[str] | None:
+        """The task names this simulator builds, checked before an evaluation starts, so a misspelt
+        task fails at once instead of as every one of its episodes; None where the simulator cannot
+        list them without starting (its episodes then fail, and are reported as errors)."""
+        return None
 
     @abstractmethod
     def reset(self, seed: int) -> dict:

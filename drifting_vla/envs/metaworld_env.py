@@ -187,6 +187,10 @@ class MetaWorldEnv(BaseEnv):
         self.steps = 0
 
     @classmethod
+    def known_tasks(cls) -> frozenset[str]:
+        return frozenset(TASK_INSTRUCTIONS)
+
+    @classmethod
     def from_config(cls, data_cfg, task: str, **kwargs) -> MetaWorldEnv:
         """The env with the data config's observation settings (those the demos were collected
         with), so evaluation observations match training ones."""

@@ -41,7 +41,9 @@ RLBench/PerAct-fork API but not executed against CoppeliaSim).
 
 from __future__ import annotations
 
+import importlib.util
 import random
+from pathlib import Path
 
 import numpy as np
 
@@ -160,6 +162,16 @@ class RLBenchEnv(BaseEnv):
         self.instruction = task.replace("_", " ")
         self._last = None
         self.steps = 0
+
+    @classmethod
+    def known_tasks(cls) -> frozenset[str] | None:
+        """The task files of the installed RLBench (`rlbench/tasks/<task>.py`), found without
+        importing it (its import needs PyRep and CoppeliaSim); None without RLBench, where building any env says which
+        Docker image to use."""
+        spec = importlib.util.find_spec("rlbench")
+        if spec is None or spec.origin is None:
+            return None
+        return frozenset(p.stem for p in (Path(spec.origin).parent / "tasks").glob("*.py") if p.stem != "__init__")
 
     @classmethod
     def from_config(cls, data_cfg, task: str, **kwargs) -> RLBenchEnv:

@@ -17,8 +17,9 @@ Layout (huggingface_hub's ModelHubMixin conventions: config.json + model.safeten
 
 The policy classes do not subclass `ModelHubMixin`: its `from_pretrained` passes config.json keys
 that match constructor parameter names (`objective`, `device`, `execution`, ...) into the
-constructor, so a downloaded file would choose arguments. Here config.json is read with `json` and
-its names only ever select something already registered (`check_untrusted_config`).
+constructor, so a downloaded file would choose arguments. Here config.json is read with `json`, a
+checkpoint's config.yaml with `yaml.safe_load`, and the names in either only ever select something
+already registered (`check_untrusted_config`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from drifting_vla.envs import ENVS
+from drifting_vla.envs import ENVS, unregistered_env_message
 from drifting_vla.training.checkpoint import (
     CONFIG_FILE,
     EMA_FILE,
@@ -98,6 +99,7 @@ def read_saved_policy(path: str | os.PathLike) -> SavedPolicy:
                            [path / MODEL_FILE], objective.get("nfe"), objective.get("sampler"))
     path = resolve_checkpoint(path)
     cfg = yaml.safe_load((path / CONFIG_FILE).read_text())
+    check_untrusted_config(cfg, path / CONFIG_FILE)
     return SavedPolicy(path, cfg, _read_normalization(path), read_references(path), [path / MODEL_FILE, path / EMA_FILE])
 
 
@@ -106,17 +108,17 @@ def _read_normalization(path: Path) -> dict:
 
 
 def check_untrusted_config(cfg: dict, file: Path) -> None:
-    """A downloaded config may only name registered things. `data.name` is the one value that can
-    name code (`module:Class`, for envs defined outside the package), and `${...}` strings would be
-    resolved by OmegaConf (reading environment variables); an export holds a resolved config, so
-    neither belongs in one."""
-    name = str(cfg.get("data", {}).get("name"))
-    if ":" in name and name not in ENVS:
-        raise ValueError(
-            f"{file}: data.name={name!r} names a module to import; an exported policy may only name a "
-            f"registered simulator {sorted(ENVS)}. Register the env (drifting_vla.envs.register_env) and "
-            "edit data.name to its name if you trust its code."
-        )
+    """A checkpoint's or an export's config may only name registered things. A simulator name of
+    the `module:Class` form is refused here, early, unless the user registered it under that very
+    name: an env name is never imported (`drifting_vla.envs`), and a run of an earlier version
+    that named one says how to register it. `${...}` strings would be resolved by OmegaConf
+    (reading environment variables); a saved config is resolved, so none belongs in one."""
+    data = cfg.get("data") or {}
+    simulator = data.get("simulator")
+    names = [data.get("name"), simulator.get("name") if isinstance(simulator, dict) else None]
+    for name in names:
+        if name is not None and ":" in str(name) and str(name) not in ENVS:
+            raise ValueError(f"{file}: {unregistered_env_message(str(name), cfg.get('plugins'))}")
     stack = [("", cfg)]
     while stack:
         key, value = stack.pop()
@@ -125,7 +127,7 @@ def check_untrusted_config(cfg: dict, file: Path) -> None:
         elif isinstance(value, list):
             stack += [(f"{key}[{i}]", v) for i, v in enumerate(value)]
         elif isinstance(value, str) and "${" in value:
-            raise ValueError(f"{file}: {key}={value!r} is an interpolation; an exported config holds plain values only")
+            raise ValueError(f"{file}: {key}={value!r} is an interpolation; a saved config holds plain values only")
 
 
 # ----------------------------------------------------------------------------------------------

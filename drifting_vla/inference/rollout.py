@@ -25,8 +25,10 @@ Outputs under `output_dir`:
     videos/<task>_seed<seed>.mp4   the first `videos_per_task` episodes of each task (H.264)
 
 Success rates come with a 95% Wilson score interval (sound for rates near 0 or 1 and few episodes).
-A task whose every episode ended in an error has no success rate: `evaluate` raises
-`EvaluationError` (after writing both files) rather than report it as 0.00.
+A task whose every episode ended in an error has no success rate, and neither has an evaluation
+that ran fewer episodes than it queued: `evaluate` raises `EvaluationError` (after writing both
+files) rather than report 0.00. Unknown tasks, an unregistered simulator and fewer than one worker
+are refused before any worker starts.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from drifting_vla.envs import NO_SIMULATOR, env_class, env_import_path, simulation_config
+from drifting_vla.envs import NO_SIMULATOR, checked_env_import_path, env_class, simulation_config
 
 VIDEO_FPS = 30
 
@@ -182,8 +184,13 @@ class EvaluationError(RuntimeError):
         self.summary = summary
 
 
-def check_evaluated(summary: EvalSummary, output_dir: Path | None = None) -> None:
-    """Raise `EvaluationError` when every episode of a task errored, naming the likeliest cause."""
+def check_evaluated(summary: EvalSummary, expected: int, output_dir: Path | None = None) -> None:
+    """Raise `EvaluationError` when fewer than the `expected` episodes ran, or every episode of a
+    task errored, naming the likeliest cause: a success rate over nothing is not a 0."""
+    if summary.episodes < expected:
+        raise EvaluationError(
+            f"{summary.episodes} of the {expected} queued episodes ran, so there is no success rate to report", summary
+        )
     failed = summary.failed_tasks()
     if not failed:
         return
@@ -373,8 +380,10 @@ def evaluate(
     video_dir: default `<output_dir>/videos`. max_episode_steps overrides the data config's.
     `protocol` labels the results (e.g. RLBench "keyframe-planner" vs "dense-ik"); `record`
     (JSON-able) goes into summary.json beside them, e.g. the checkpoint that was evaluated.
-    Raises `EvaluationError` when every episode of a task ended in an error (a crashed worker, an
-    env that cannot be built, a script without a `__main__` guard), after writing the outputs.
+    Raises ValueError before any worker starts for an unregistered simulator, unknown tasks or
+    fewer than one worker; `EvaluationError` when fewer episodes ran than were queued, or every
+    episode of a task ended in an error (a crashed worker, an env that cannot be built, a script
+    without a `__main__` guard), after writing the outputs.
     """
     import os
 
@@ -385,10 +394,14 @@ def evaluate(
         raise ValueError(f"data.name={data_cfg['name']!r}: {NO_SIMULATOR}")
     if max_episode_steps is not None:
         data["max_episode_steps"] = int(max_episode_steps)
-    tasks = list(tasks) if tasks is not None else list(data["tasks"])
+    tasks = tasks if tasks is not None else data["tasks"]
+    import_path = checked_env_import_path(data, tasks)
+    tasks = list(tasks)
     seeds = list(seeds) if seeds is not None else evaluation_seeds(data, episodes)
     if not tasks or not seeds:
         raise ValueError(f"nothing to evaluate: tasks={tasks}, seeds={seeds}")
+    if int(num_workers) < 1:
+        raise ValueError(f"num_workers={num_workers}: an evaluation needs at least one simulator worker")
     output_dir = Path(output_dir) if output_dir is not None else None
     if video_dir is None and output_dir is not None:
         video_dir = output_dir / "videos"
@@ -407,7 +420,6 @@ def evaluate(
         jsonl = (output_dir / "episodes.jsonl").open("w")
     os.environ.setdefault("MUJOCO_GL", "egl")  # inherited by the spawned workers
     context = mp.get_context("spawn")
-    import_path = env_import_path(data)
     summary = EvalSummary(records=[], protocol=protocol)
     started = time.perf_counter()
     slots = [_Slot(_Worker(context, import_path, data, step_timeout_s)) for _ in range(min(num_workers, total))]
@@ -492,7 +504,7 @@ def evaluate(
     summary.seconds = time.perf_counter() - started
     if output_dir is not None:
         (output_dir / "summary.json").write_text(json.dumps({**summary.to_dict(), **(record or {})}, indent=2))
-    check_evaluated(summary, output_dir)
+    check_evaluated(summary, total, output_dir)
     return summary
 
 

@@ -1,131 +1,396 @@
-"""The schema of `training.*`: a wrong type or an unknown key is an error naming the key.
+"""The schema of every config group: a wrong type, an out-of-range number or an unknown key is an
+error naming the key, raised when a run, an evaluation or a server starts, not later.
 
-Hydra's struct mode already refuses unknown keys given on the command line; merging into these
-dataclasses also catches wrong types (`training.max_steps=abc`) and keys mistyped in YAML files.
+    validate_run_config(cfg)        # scripts/train.py's config: seed, device, plugins, data.*, model.*, training.*
+    training_config(cfg.training)   # training.* over its defaults (how a checkpoint builds its objective)
+    validate_eval_config(cfg)       # scripts/simulate_eval.py's keys (configs/eval.yaml)
+    validate_serve_config(cfg)      # scripts/serve.py's keys (configs/serve.yaml)
+
+Each group is a dataclass. Merging a config into it (OmegaConf structured configs) refuses unknown
+keys and wrong types: `training.max_steps=abc`, and `data.tasks=close_jar`, a string where a list
+belongs that would otherwise be read as the list of its characters. A field's range or choices
+ride in its metadata (`setting(ge=1)`), and one walk checks them all (`_check_rules`), so a new
+key gets its check where it is declared: `training.grad_clip=-1`, which would turn descent into
+ascent, fails as `config key training.grad_clip=-1.0 must be > 0`. Hydra's struct mode already
+refuses unknown keys given on the command line; the schema also catches those mistyped in YAML.
+
+`data.*` is checked against its dataset's schema (`DATA_SCHEMAS`, by `data.name`), `model.vision`
+and `model.language` against their encoder's. A dataset or encoder a plugin registered is checked
+on the keys all of them share (`DataConfig`, `EncoderConfig`); its own keys are its builder's.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import operator
+import typing
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from drifting_vla.specs import COMPONENT_KINDS
+from drifting_vla.training.objectives import OBJECTIVES
 
-@dataclass
+# ----------------------------------------------------------------------------------------------
+# How a field carries its rule
+
+
+def setting(default: Any = MISSING, *, factory=None, ge=None, gt=None, le=None, lt=None, choices=None):
+    """A schema field. `ge`, `gt`, `le`, `lt` bound a number (each number of a list); `choices` is
+    a tuple of allowed values, or a function returning them (a registry plugins may extend).
+    Without a default the key is required."""
+    rules = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt), ("choices", choices)) if v is not None}
+    if factory is not None:
+        return field(default_factory=factory, metadata=rules)
+    return field(default=default, metadata=rules)
+
+
+BOUNDS = (("ge", operator.ge, ">="), ("gt", operator.gt, ">"), ("le", operator.le, "<="), ("lt", operator.lt, "<"))
+
+
+def _registered_objectives() -> tuple[str, ...]:
+    """Read when checked, not when defined: a plugin may register one after this module loads."""
+    return tuple(OBJECTIVES)
+
+
+SAMPLERS = (None, "ddim", "ddpm")
+EXECUTION_MODES = ("chunk", "ensemble")
+
+# ----------------------------------------------------------------------------------------------
+# training.*
+
+
+@dataclass(kw_only=True)
 class DriftingConfig:
-    temperatures: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.2])
-    affinity_floor: float = 1e-6
-    grouping: str = "chunk"
-    extra_positives: int = 0
-    queue_size: int = 256
+    temperatures: list[float] = setting(factory=lambda: [0.02, 0.05, 0.2], gt=0)
+    affinity_floor: float = setting(1e-6, ge=0)
+    grouping: str = setting("chunk", choices=("chunk", "timestep", "dimension"))
+    extra_positives: int = setting(0, ge=0)
+    queue_size: int = setting(256, ge=1)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class FlowMatchingConfig:
-    time_distribution: str = "beta"
-    beta_alpha: float = 1.5
+    time_distribution: str = setting("beta", choices=("uniform", "beta"))
+    beta_alpha: float = setting(1.5, gt=0)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DiffusionConfig:
-    num_train_timesteps: int = 100
-    prediction_type: str = "epsilon"
+    num_train_timesteps: int = setting(100, ge=2)
+    prediction_type: str = setting("epsilon", choices=("epsilon", "sample"))
     clip_sample: bool = True
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DistributedConfig:
-    strategy: str = "ddp"
-    backend: str = "auto"
+    strategy: str = setting("ddp", choices=("ddp", "fsdp"))
+    backend: str = setting("auto", choices=("auto", "nccl", "gloo"))
 
 
-@dataclass
+@dataclass(kw_only=True)
 class EvalConfig:
-    every: int = 0
+    every: int = setting(0, ge=0)
     at_end: bool = True
-    episodes: int = 25
-    workers: int = 2
-    videos_per_task: int = 1
-    execution: str = "chunk"
-    execute_steps: int = 8
-    ensemble_decay: float = 0.01
-    nfe: int | None = None
-    sampler: str | None = None
+    episodes: int = setting(25, ge=1)
+    workers: int = setting(2, ge=1)
+    videos_per_task: int = setting(1, ge=0)
+    execution: str = setting("chunk", choices=EXECUTION_MODES)
+    execute_steps: int = setting(8, ge=1)
+    ensemble_decay: float = setting(0.01, ge=0)
+    nfe: int | None = setting(None, ge=1)
+    sampler: str | None = setting(None, choices=SAMPLERS)
 
 
-@dataclass
+@dataclass(kw_only=True)
+class PanelSchedule:
+    frequency: int = setting(0, ge=0)
+
+
+@dataclass(kw_only=True)
 class WandbConfig:
-    mode: str = "offline"
+    mode: str = setting("offline", choices=("online", "offline", "disabled"))
     project: str = "drifting-vla"
     name: str | None = None
-    visualizations: dict[str, Any] = field(default_factory=dict)
+    visualizations: dict[str, PanelSchedule] = setting(factory=dict)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainingConfig:
-    objective: str = "drifting"
-    max_steps: int = 3000
-    batch_size: int = 32
-    num_samples: int = 8
-    grad_accum_steps: int = 1
-    learning_rate: float = 3e-4
-    weight_decay: float = 0.05
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    warmup_steps: int = 200
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    precision: str = "auto"
+    objective: str = setting("drifting", choices=_registered_objectives)
+    max_steps: int = setting(3000, ge=1)
+    batch_size: int = setting(32, ge=1)
+    num_samples: int = setting(8, ge=1)
+    grad_accum_steps: int = setting(1, ge=1)
+    learning_rate: float = setting(3e-4, gt=0)
+    weight_decay: float = setting(0.05, ge=0)
+    betas: list[float] = setting(factory=lambda: [0.9, 0.95], ge=0, lt=1)
+    warmup_steps: int = setting(200, ge=0)
+    min_lr_ratio: float = setting(0.1, ge=0, le=1)
+    grad_clip: float = setting(1.0, gt=0)
+    ema_decay: float = setting(0.999, ge=0, lt=1)
+    precision: str = setting("auto", choices=("auto", "bf16", "fp32"))
     compile: bool = False
-    num_threads: int | None = None
-    nan_policy: str = "stop"
-    drifting: DriftingConfig = field(default_factory=DriftingConfig)
-    flow_matching: FlowMatchingConfig = field(default_factory=FlowMatchingConfig)
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    log_every: int = 50
-    val_every: int = 500
-    val_batches: int = 4
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 3
+    num_threads: int | None = setting(None, ge=1)
+    nan_policy: str = setting("stop", choices=("stop", "skip"))
+    max_skipped_fraction: float = setting(0.05, ge=0, le=1)
+    drifting: DriftingConfig = setting(factory=DriftingConfig)
+    flow_matching: FlowMatchingConfig = setting(factory=FlowMatchingConfig)
+    diffusion: DiffusionConfig = setting(factory=DiffusionConfig)
+    log_every: int = setting(50, ge=1)
+    val_every: int = setting(500, ge=0)
+    val_batches: int = setting(4, ge=1)
+    checkpoint_every: int = setting(1000, ge=1)
+    keep_checkpoints: int = setting(3, ge=1)
     resume: str | None = None
     feature_cache: bool = False
-    distributed: DistributedConfig = field(default_factory=DistributedConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    wandb: WandbConfig = field(default_factory=WandbConfig)
+    distributed: DistributedConfig = setting(factory=DistributedConfig)
+    eval: EvalConfig = setting(factory=EvalConfig)
+    wandb: WandbConfig = setting(factory=WandbConfig)
 
 
-CHOICES = {
-    "objective": ("drifting", "regression", "flow_matching", "diffusion"),
-    "drifting.grouping": ("chunk", "timestep", "dimension"),
-    "flow_matching.time_distribution": ("uniform", "beta"),
-    "diffusion.prediction_type": ("epsilon", "sample"),
-    "precision": ("auto", "bf16", "fp32"),
-    "nan_policy": ("stop", "skip"),
-    "distributed.strategy": ("ddp", "fsdp"),
-    "distributed.backend": ("auto", "nccl", "gloo"),
-    "eval.execution": ("chunk", "ensemble"),
-    "wandb.mode": ("online", "offline", "disabled"),
-}
+# ----------------------------------------------------------------------------------------------
+# data.*
+
+
+@dataclass(kw_only=True)
+class ActionComponentConfig:
+    name: str = setting()
+    kind: str = setting(choices=COMPONENT_KINDS)
+    dim: int = setting(ge=1)
+
+
+@dataclass(kw_only=True)
+class ActionSpecConfig:
+    components: list[ActionComponentConfig] = setting()
+
+
+@dataclass(kw_only=True)
+class SeedRange:
+    start: int = setting(ge=0)
+    count: int = setting(ge=1)
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """The keys every dataset shares (and the simulator settings evaluation reads)."""
+
+    name: str = setting()
+    tasks: list[str] | None = None
+    cameras: list[str] = setting()
+    image_size: int | None = setting(None, ge=1)
+    proprio_dim: int = setting(ge=1)
+    horizon: int = setting(ge=1)
+    action_spec: ActionSpecConfig = setting()
+    control_hz: float | None = setting(None, gt=0)
+    max_episode_steps: int | None = setting(None, ge=1)
+    train_seeds: SeedRange | None = None
+    eval_seeds: SeedRange | None = None
+    val_every: int | None = setting(None, ge=2)
+    num_workers: int = setting(0, ge=0)
+    skip_corrupt: bool = False
+    instructions: list[str] | None = None  # learned task embeddings' vocabulary (the trainer fills it in)
+    simulator: Any = None  # null, auto, or a registered simulator's data config (drifting_vla.envs)
+
+
+@dataclass(kw_only=True)
+class MetaWorldDataConfig(DataConfig):
+    root: str | None = None
+    privileged_state: bool = False
+    collect_workers: int = setting(1, ge=1)
+
+
+@dataclass(kw_only=True)
+class RLBenchDataConfig(DataConfig):
+    root: str = setting()
+    repo_id: str | None = None
+    split: str = setting("train", choices=("train", "val", "test"))
+    keyframes: bool = False
+    cache_dir: str | None = None
+    max_episodes_per_task: int | None = setting(None, ge=1)
+    control: str | None = setting(None, choices=(None, "planner", "ik"))
+    workspace_bounds: list[list[float]] | None = None
+
+
+@dataclass(kw_only=True)
+class LeRobotDataConfig(DataConfig):
+    root: str | None = None
+    repo_id: str | None = None
+    revision: str | None = None
+    state_key: str = "observation.state"
+    action_key: str = "action"
+
+
+DATA_SCHEMAS = {"metaworld": MetaWorldDataConfig, "rlbench": RLBenchDataConfig, "lerobot": LeRobotDataConfig}
+
+# ----------------------------------------------------------------------------------------------
+# model.*
+
+
+@dataclass(kw_only=True)
+class EncoderConfig:
+    name: str = setting()
+
+
+@dataclass(kw_only=True)
+class CNNVisionConfig(EncoderConfig):
+    input_size: int = setting(64, ge=1)
+    width: int = setting(32, ge=1)
+    num_stages: int = setting(3, ge=1)
+    groups: int = setting(8, ge=1)
+
+
+@dataclass(kw_only=True)
+class Dinov2VisionConfig(EncoderConfig):
+    name_or_path: str = setting()
+    revision: str | None = None
+    input_size: int = setting(224, ge=1)
+    arch: dict[str, Any] | None = None
+
+
+@dataclass(kw_only=True)
+class ClipLanguageConfig(EncoderConfig):
+    name_or_path: str = setting()
+    revision: str | None = None
+    tokenizer: str | None = None
+    max_length: int = setting(77, ge=1)
+    arch: dict[str, Any] | None = None
+
+
+@dataclass(kw_only=True)
+class MiniLMLanguageConfig(EncoderConfig):
+    name_or_path: str | None = None
+    revision: str | None = None
+    max_length: int = setting(32, ge=1)
+
+
+@dataclass(kw_only=True)
+class TaskEmbeddingLanguageConfig(EncoderConfig):
+    dim: int = setting(256, ge=1)
+    instructions: list[str] | None = None
+
+
+VISION_SCHEMAS = {"cnn": CNNVisionConfig, "dinov2": Dinov2VisionConfig}
+LANGUAGE_SCHEMAS = {"clip": ClipLanguageConfig, "minilm": MiniLMLanguageConfig, "task_embedding": TaskEmbeddingLanguageConfig}
+
+
+@dataclass(kw_only=True)
+class FusionConfig:
+    num_layers: int = setting(2, ge=1)
+    num_tokens: int = setting(32, ge=1)
+
+
+@dataclass(kw_only=True)
+class DiTConfig:
+    hidden_size: int = setting(ge=1)
+    depth: int = setting(ge=1)
+    num_heads: int = setting(ge=1)
+    mlp_ratio: float = setting(4.0, gt=0)
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    name: str = "custom"
+    pretrained: bool = True
+    vision: Any = setting()  # checked against its encoder's schema (VISION_SCHEMAS)
+    language: Any = setting()  # (LANGUAGE_SCHEMAS)
+    fusion: FusionConfig = setting(factory=FusionConfig)
+    dit: DiTConfig = setting()
+    decoder_hidden_size: int | None = setting(None, ge=1)
+    noise_dim: int | None = setting(None, ge=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# A run, an evaluation, a server
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    seed: int = setting(0, ge=0)
+    device: str = "auto"
+    run_dir: str | None = None
+    plugins: list[str] = setting(factory=list)
+    model: Any = setting()  # ModelConfig
+    data: Any = setting()  # DATA_SCHEMAS[data.name]
+    training: Any = setting(factory=dict)  # TrainingConfig
+
+
+@dataclass(kw_only=True)
+class EvalScriptConfig:
+    checkpoint: str | None = None
+    remote: str | None = None
+    remote_token: str | None = None
+    seed: int | None = setting(None, ge=0)
+    tasks: list[str] | None = None
+    episodes: int | None = setting(None, ge=1)
+    workers: int = setting(2, ge=1)
+    output: str = setting()
+    videos_per_task: int = setting(2, ge=0)
+    execution: str = setting("chunk", choices=EXECUTION_MODES)
+    execute_steps: int | None = setting(None, ge=1)
+    ensemble_decay: float = setting(0.01, ge=0)
+    nfe: int | None = setting(None, ge=1)
+    sampler: str | None = setting(None, choices=SAMPLERS)
+    max_episode_steps: int | None = setting(None, ge=1)
+    device: str = "cpu"
+    num_threads: int | None = setting(None, ge=1)
+    progress: bool = True
+    plugins: list[str] = setting(factory=list)
+
+
+@dataclass(kw_only=True)
+class ServeScriptConfig:
+    checkpoint: str = setting()
+    host: str = "127.0.0.1"
+    port: int = setting(8000, ge=0, le=65535)
+    token: str | None = None
+    max_batch: int = setting(16, ge=1)
+    max_wait_ms: float = setting(2.0, ge=0)
+    max_queue: int = setting(64, ge=1)
+    max_message_mb: float = setting(16.0, gt=0)
+    nfe: int | None = setting(None, ge=1)
+    sampler: str | None = setting(None, choices=SAMPLERS)
+    control_hz: float | None = setting(None, gt=0)
+    device: str = "cpu"
+    num_threads: int | None = setting(None, ge=1)
+    plugins: list[str] = setting(factory=list)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checking
+
+
+def check_section(key: str, schema: type, node, open_keys: bool = False) -> DictConfig:
+    """`node` (a mapping) merged over `schema`'s defaults and checked, or ValueError naming the key
+    (`<key>.<field>`). With `open_keys`, keys the schema does not declare are left unchecked."""
+    node = _plain(node)
+    if not isinstance(node, dict):
+        raise ValueError(f"config key {key or '<root>'} must be a mapping of keys, got {node!r}")
+    if open_keys:
+        declared = {f.name for f in fields(schema)}
+        node = {k: v for k, v in node.items() if k in declared}
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), node)
+    except OmegaConfBaseException as err:
+        raise ValueError(_merge_error(key, node, err)) from None
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing:
+        raise ValueError(f"config key {_join(key, missing[0])} is missing: set it in the config or on the command line")
+    _check_rules(key, schema, merged)
+    return merged
 
 
 def training_config(training) -> DictConfig:
     """`training.*` merged over the schema's defaults (so a checkpoint written before a key existed
     still builds its objective), with `drifting.per_timestep` of earlier versions read as
     `drifting.grouping`. Raises ValueError naming an unknown, mistyped or out-of-range key."""
-    training = OmegaConf.create(OmegaConf.to_container(training, resolve=True) if OmegaConf.is_config(training) else training)
+    training = OmegaConf.create(_plain(training))
     legacy = OmegaConf.select(training, "drifting.per_timestep")
     if legacy is not None:
         del training.drifting["per_timestep"]
         training.drifting.grouping = "timestep" if legacy else "chunk"
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(TrainingConfig), training)
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or "?"
-        raise ValueError(f"config key training.{key}: {err.msg if hasattr(err, 'msg') else err}") from None
-    _check_values(merged)
-    return merged
+    return check_section("training", TrainingConfig, training)
 
 
 def validate_training_config(training) -> None:
@@ -133,13 +398,102 @@ def validate_training_config(training) -> None:
     training_config(training)
 
 
-def _check_values(training) -> None:
-    for key, allowed in CHOICES.items():
-        value = OmegaConf.select(training, key)
-        if value not in allowed:
-            raise ValueError(f"config key training.{key}={value!r}; choose from {allowed}")
-    for key in ("max_steps", "batch_size", "grad_accum_steps", "log_every", "checkpoint_every"):
-        if int(training[key]) < 1:
-            raise ValueError(f"config key training.{key} must be >= 1, got {training[key]}")
-    if training.eval.nfe is not None and int(training.eval.nfe) < 1:
-        raise ValueError(f"config key training.eval.nfe must be >= 1 or null, got {training.eval.nfe}")
+def validate_run_config(cfg) -> None:
+    """Every group of a training run's config (scripts/train.py, `Trainer`), checked before the
+    run reads any data: types, ranges, choices, and the settings that must agree across groups."""
+    run = check_section("", RunConfig, cfg)
+    data_name = str(OmegaConf.select(run, "data.name", default=""))
+    data = check_section("data", DATA_SCHEMAS.get(data_name, DataConfig), run.data, open_keys=data_name not in DATA_SCHEMAS)
+    model = check_section("model", ModelConfig, run.model)
+    for part, schemas in (("vision", VISION_SCHEMAS), ("language", LANGUAGE_SCHEMAS)):
+        name = str(OmegaConf.select(model, f"{part}.name", default=""))
+        check_section(f"model.{part}", schemas.get(name, EncoderConfig), model[part], open_keys=name not in schemas)
+    training = training_config(run.training)
+    evaluates = training.eval.at_end or training.eval.every > 0
+    if evaluates and training.eval.execute_steps > data.horizon:
+        raise ValueError(
+            f"config key training.eval.execute_steps={training.eval.execute_steps} must be in [1, data.horizon={data.horizon}] "
+            "(the actions of one chunk)"
+        )
+
+
+def validate_eval_config(cfg) -> None:
+    """scripts/simulate_eval.py's keys (configs/eval.yaml)."""
+    check_section("", EvalScriptConfig, cfg)
+
+
+def validate_serve_config(cfg) -> None:
+    """scripts/serve.py's keys (configs/serve.yaml)."""
+    check_section("", ServeScriptConfig, cfg)
+
+
+def _plain(node):
+    """A config (OmegaConf or plain) as plain dicts and lists, interpolations resolved."""
+    if OmegaConf.is_config(node):
+        return OmegaConf.to_container(node, resolve=True)
+    if isinstance(node, (dict, list)):
+        return OmegaConf.to_container(OmegaConf.create(node), resolve=True)
+    return node
+
+
+def _join(key: str, name: str) -> str:
+    return f"{key}.{name}" if key else name
+
+
+def _merge_error(key: str, node: dict, err: OmegaConfBaseException) -> str:
+    full_key = getattr(err, "full_key", None) or "?"
+    name = _join(key, full_key)
+    message = (getattr(err, "msg", None) or str(err)).splitlines()[0]
+    value = OmegaConf.select(OmegaConf.create(node), full_key, default=None) if full_key != "?" else None
+    if "is not a ListConfig" in message:
+        return f"config key {name}={value!r} must be a list, e.g. {name}=[{value}]"
+    if "not in" in message and "Key" in message:
+        return f"config key {name} is unknown ({message})"
+    return f"config key {name}: {message}"
+
+
+def _check_rules(key: str, schema: type, node) -> None:
+    hints = typing.get_type_hints(schema)
+    for f in fields(schema):
+        name, value = _join(key, f.name), node[f.name]
+        if value is None:
+            continue
+        nested = _dataclass_in(hints[f.name])
+        if nested is not None:
+            if isinstance(value, ListConfig):
+                for i, item in enumerate(value):
+                    _check_rules(f"{name}[{i}]", nested, item)
+            elif isinstance(value, DictConfig) and not is_dataclass(OmegaConf.get_type(value)):
+                for item_key, item in value.items():
+                    _check_rules(f"{name}.{item_key}", nested, item)
+            else:
+                _check_rules(name, nested, value)
+            continue
+        _check_value(name, value, f.metadata)
+
+
+def _check_value(name: str, value, rules) -> None:
+    choices = rules.get("choices")
+    if callable(choices):
+        choices = choices()
+    for item in value if isinstance(value, ListConfig) else [value]:
+        if choices is not None and item not in choices:
+            raise ValueError(f"config key {name}={item!r}; choose from {tuple(choices)}")
+        for rule, holds, words in BOUNDS:
+            if rule in rules and not holds(item, rules[rule]):
+                raise ValueError(f"config key {name}={_shown(value)} must be {words} {rules[rule]}")
+
+
+def _shown(value):
+    return list(value) if isinstance(value, ListConfig) else value
+
+
+def _dataclass_in(hint) -> type | None:
+    """The dataclass a field holds: itself, or inside `X | None`, `list[X]`, `dict[str, X]`."""
+    if is_dataclass(hint):
+        return hint
+    for arg in typing.get_args(hint):
+        found = _dataclass_in(arg)
+        if found is not None:
+            return found
+    return None

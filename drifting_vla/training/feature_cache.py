@@ -1,5 +1,8 @@
 """Encode the dataset once with the frozen vision backbone (`training.feature_cache=true`).
 
+The features live in memory for the run that computed them, from its own dataset and backbone;
+nothing is written to disk, so no run can read features of another dataset or backbone.
+
 With a frozen encoder and no image augmentation, every epoch recomputes the same backbone
 features; caching them turns the most expensive part of a dit_b2 step into a table lookup. The
 trainable camera embedding and everything after it still run every step.

@@ -36,7 +36,7 @@ from drifting_vla.data.collate import collate_samples
 from drifting_vla.data.normalization import Normalizer, dataset_stats
 from drifting_vla.data.registry import build_dataset, prepare_dataset
 from drifting_vla.data.sampler import ResumableBatchSampler
-from drifting_vla.envs import NO_SIMULATOR, simulation_config
+from drifting_vla.envs import NO_SIMULATOR, checked_env_import_path, simulation_config
 from drifting_vla.logging.visualizations import PANELS, MetricHistory, PanelInputs, due_panels
 from drifting_vla.logging.wandb_logger import create_run_logger
 from drifting_vla.models import build_model, parameter_table
@@ -52,7 +52,7 @@ from drifting_vla.training.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from drifting_vla.training.config import training_config
+from drifting_vla.training.config import training_config, validate_run_config
 from drifting_vla.training.distributed import (
     all_reduce_sum,
     full_tensor,
@@ -67,12 +67,11 @@ from drifting_vla.training.optimizer import OptimizerConfig, build_optimizer, bu
 
 class Trainer:
     def __init__(self, cfg: DictConfig) -> None:
+        validate_run_config(cfg)  # every group, before any data is read
         self.cfg, t = cfg, cfg.training
         self.objective = build_objective(training_config(t))
         self.eval_nfe, self.eval_sampler = self.objective.resolve(t.eval.nfe, t.eval.sampler)
         evaluates = bool(t.eval.at_end) or int(t.eval.every) > 0
-        if evaluates and not 1 <= int(t.eval.execute_steps) <= int(cfg.data.horizon):
-            raise ValueError(f"config key training.eval.execute_steps={t.eval.execute_steps} must be in [1, data.horizon={cfg.data.horizon}]")
         self.ctx = init_distributed(t.distributed.backend, str(cfg.device))
         self.device = self.ctx.device
         if t.num_threads:
@@ -93,6 +92,9 @@ class Trainer:
         if cfg.data.get("simulator") == "auto":  # recorded by the dataset (a LeRobot export of sim demos)
             with _unlocked(cfg):
                 cfg.data.simulator = self.train_set.simulator()
+        simulator = simulation_config(cfg.data)
+        if evaluates and simulator is not None:  # an unknown simulator or task fails now, not after training
+            checked_env_import_path(simulator, simulator["tasks"])
         self.normalizer = Normalizer(dataset_stats(self.train_set), self.action_spec, int(cfg.data.proprio_dim)).to(self.device)
         if str(cfg.model.language.name) == "task_embedding":
             with _unlocked(cfg):
@@ -155,6 +157,12 @@ class Trainer:
                             samples_s=f"{meter.samples_per_second:.0f}", data_wait=f"{meter.data_wait_share:.0%}", refresh=False)
             self._after_step(step_metrics, last, meter)
         bar.close()
+        if self.skipped_steps >= self.step:
+            raise FloatingPointError(
+                f"all {self.step} steps were skipped for non-finite values (training.nan_policy=skip): the run trained "
+                "nothing, so no final checkpoint is written. Check the data and training.learning_rate; "
+                "training.nan_policy=stop names the first bad step and batch."
+            )
         self._save_checkpoint()  # before evaluating: a failed evaluation never costs the weights
         summary = self._evaluate_in_sim(final=True) if t.eval.at_end else None
         self.logger.close()
@@ -254,10 +262,21 @@ class Trainer:
         return False
 
     def _skip_step(self) -> dict[str, float]:
-        """Drop this step's gradients; the schedule still advances so the LR follows the step count."""
+        """Drop this step's gradients; the schedule still advances so the LR follows the step count.
+        Past `training.max_skipped_fraction` of `max_steps` the run stops: a run that skips most
+        of its steps has not trained, whatever its step count says."""
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.skipped_steps += 1
+        t = self.cfg.training
+        allowed = int(float(t.max_skipped_fraction) * int(t.max_steps))
+        if self.skipped_steps > allowed:
+            raise FloatingPointError(
+                f"{self.skipped_steps} of the {self.step + 1} steps so far were skipped for non-finite values, more than "
+                f"training.max_skipped_fraction={t.max_skipped_fraction} of training.max_steps={t.max_steps} allows "
+                f"({allowed}); the run stops rather than pass for trained. Check the data and training.learning_rate "
+                "(training.nan_policy=stop names the first bad step and batch), or raise training.max_skipped_fraction."
+            )
         return {"train/loss": float("nan"), "train/skipped_steps": self.skipped_steps}
 
     def _loader(self, dataset, batch_sampler) -> DataLoader:
