@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from drifting_vla.data.fixtures import write_rlbench_fixture
 from drifting_vla.data.registry import build_dataset, register_dataset
+from drifting_vla.file_lock import FileLock, LockHeld
 from drifting_vla.inference.policy import DriftingPolicy
 from drifting_vla.training.config import validate_training_config
 from drifting_vla.training.trainer import Trainer
@@ -275,3 +277,71 @@ def test_checkpoints_hold_every_ranks_random_state(rlbench_root, tmp_path):
     checkpoint = next((tmp_path / "checkpoints").glob("step_*"))
     state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
     assert len(state["extra"]["ranks"]) == 1 and "rng" in state["extra"]["ranks"][0]
+
+
+# --- one run per directory, and a refused resume that leaves it as it was ------------------------
+
+HOLD_THE_LOCK = """
+import os, sys, time
+from drifting_vla.file_lock import FileLock
+FileLock(os.path.join(sys.argv[1], ".lock"), "the run directory", "").acquire()
+child = os.fork() if sys.argv[2] == "fork" else 0
+if child == 0 and sys.argv[2] == "fork":
+    time.sleep(60)  # a loader worker that outlives its killed trainer
+    os._exit(0)
+print(child, flush=True)
+time.sleep(60)
+"""
+
+
+def _hold_the_lock(run_dir: Path, fork: bool) -> tuple[subprocess.Popen, int]:
+    """A process that holds the run directory (and, with `fork`, has a forked child); returns it and the child's pid."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_LOCK, str(run_dir), "fork" if fork else "no"],
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return holder, int(holder.stdout.readline())
+
+
+def test_a_second_run_on_the_same_directory_is_refused_naming_the_first(rlbench_root, tmp_path):
+    holder, _ = _hold_the_lock(tmp_path, fork=False)
+    cfg = compose_config(overrides_for(rlbench_root, tmp_path, "training.max_steps=2", "training.val_every=0"))
+    try:
+        with pytest.raises(LockHeld, match=rf"run directory .* is in use by process {holder.pid} on .*hydra.run.dir"):
+            Trainer(cfg)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (tmp_path / ".lock").exists(), "a SIGKILL leaves the lock file behind"
+    Trainer(cfg).fit()  # ... which blocks nobody
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_a_killed_runs_forked_children_do_not_keep_its_directory(tmp_path):
+    holder, child = _hold_the_lock(tmp_path, fork=True)
+    try:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        with FileLock(tmp_path / ".lock", "the run directory", ""):
+            os.kill(child, 0)  # the child still lives, and holds nothing
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
+def _directory_digest(path: Path) -> dict[str, str]:
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(path.rglob("*"))}
+
+
+def test_a_refused_resume_changes_nothing_in_the_run_directory(rlbench_root, tmp_path):
+    run = ["training.max_steps=2", "training.val_every=0", "training.log_every=1"]
+    Trainer(compose_config(overrides_for(rlbench_root, tmp_path, *run))).fit()
+    before = _directory_digest(tmp_path)
+
+    deeper = compose_config(overrides_for(rlbench_root, tmp_path, *run, "model.dit.depth=3", "training.resume=auto"))
+    with pytest.raises(KeyError, match="does not match the model"):
+        Trainer(deeper)
+    assert _directory_digest(tmp_path) == before
+
+    other_data = _train_script(rlbench_root, tmp_path, *run, "data.max_episodes_per_task=1", "training.resume=auto")
+    assert other_data.wait(timeout=300) != 0
+    assert "normalization statistics" in other_data.stderr.read()
+    assert _directory_digest(tmp_path) == before  # nor did Hydra write into it
