@@ -18,6 +18,7 @@ from drifting_vla.data.collate import collate_samples
 from drifting_vla.data.fixtures import write_rlbench_fixture
 from drifting_vla.data.metaworld_dataset import MetaWorldDataset, write_task_store
 from drifting_vla.data.normalization import Normalizer, compute_stats, dataset_stats
+from drifting_vla.data.registry import build_dataset
 from drifting_vla.data.rlbench_dataset import (
     RLBENCH_TASKS,
     RLBenchDataset,
@@ -129,6 +130,51 @@ def test_corrupt_png_raises_naming_the_file(tmp_path):
     ds = RLBenchDataset(root, ["close_jar"], ["wrist"], horizon=2)
     with pytest.raises(CorruptEpisodeError, match="wrist_rgb/0.png"):
         ds[0]
+
+
+def _damage(file, how):
+    """Truncate `file`, or flip bytes in its middle at the same size."""
+    data = bytearray(file.read_bytes())
+    if how == "truncated":
+        file.write_bytes(bytes(data[: len(data) // 2]))
+        return
+    middle = len(data) // 2
+    data[middle : middle + 8] = bytes(b ^ 0xFF for b in data[middle : middle + 8])
+    file.write_bytes(bytes(data))
+
+
+RLBENCH_CONFIG = {"name": "rlbench", "tasks": ["close_jar"], "cameras": ["front"], "horizon": 2, "image_size": None,
+                  "keyframes": False}
+
+
+@pytest.mark.parametrize("how", ["truncated", "same size"])
+def test_a_frame_damaged_mid_episode_names_the_file_or_is_replaced_the_same_way_every_time(tmp_path, how):
+    root = write_rlbench_fixture(tmp_path / "train", episodes=2, steps=6)
+    _damage(_episode(root, n=1) / "front_rgb" / "3.png", how)
+    damaged = 5 + 3  # episode 1, step 3: five samples per episode
+    strict = build_dataset({**RLBENCH_CONFIG, "root": str(tmp_path)})
+    with pytest.raises(CorruptEpisodeError, match="episode1/front_rgb/3.png.*skip_corrupt=true"):
+        strict[damaged]
+
+    skipping = build_dataset({**RLBENCH_CONFIG, "root": str(tmp_path), "skip_corrupt": True})
+    key = SampleKey(damaged, draw=7)
+    replacement = skipping[key]
+    assert any(torch.equal(replacement["images"], strict[j]["images"]) for j in range(len(strict)) if j != damaged)
+    again = build_dataset({**RLBENCH_CONFIG, "root": str(tmp_path), "skip_corrupt": True})[key]  # a resumed run, another worker
+    for name in ("images", "actions", "proprio"):
+        assert torch.equal(again[name], replacement[name])
+    assert torch.equal(skipping[damaged - 1]["images"], strict[damaged - 1]["images"])  # readable samples untouched
+    assert len(skipping) == len(strict) and skipping.all_actions().shape == strict.all_actions().shape
+
+
+def test_a_damaged_frame_cache_is_rebuilt_from_the_episode(rlbench_root, tmp_path, caplog):
+    ds = RLBenchDataset(rlbench_root, ["close_jar"], ["front"], horizon=2, cache_dir=tmp_path)
+    expected = ds[3]["images"]
+    cache = next(tmp_path.rglob("*.npy"))
+    _damage(cache, "truncated")
+    with caplog.at_level("WARNING"):
+        rebuilt = RLBenchDataset(rlbench_root, ["close_jar"], ["front"], horizon=2, cache_dir=tmp_path)[3]["images"]
+    assert torch.equal(rebuilt, expected) and cache.name in caplog.text and "decoding the episode again" in caplog.text
 
 
 def test_unknown_task_lists_the_18_names(rlbench_root):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from drifting_vla.data.fixtures import write_rlbench_fixture
 from drifting_vla.data.registry import build_dataset, register_dataset
+from drifting_vla.data.rlbench_pickle import CorruptEpisodeError
 from drifting_vla.file_lock import FileLock, LockHeld
 from drifting_vla.inference.policy import DriftingPolicy
 from drifting_vla.training.config import validate_training_config
@@ -345,3 +347,29 @@ def test_a_refused_resume_changes_nothing_in_the_run_directory(rlbench_root, tmp
     assert other_data.wait(timeout=300) != 0
     assert "normalization statistics" in other_data.stderr.read()
     assert _directory_digest(tmp_path) == before  # nor did Hydra write into it
+
+
+def _weights(run_dir: Path, step: int, name: str = "model.safetensors") -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "checkpoints" / f"step_{step:08d}" / name)
+
+
+def test_a_frame_damaged_mid_episode_stops_training_naming_it_or_is_skipped_with_an_exact_resume(tmp_path, caplog):
+    root = tmp_path / "data"
+    write_rlbench_fixture(root / "train", episodes=3, steps=12, seed=0)
+    frame = root / "train" / "close_jar" / "all_variations" / "episodes" / "episode1" / "wrist_rgb" / "6.png"
+    frame.write_bytes(frame.read_bytes()[:40])
+    run = ["training.max_steps=6", "training.checkpoint_every=3", "training.val_every=0", "training.keep_checkpoints=5"]
+    with pytest.raises(CorruptEpisodeError, match="episode1/wrist_rgb/6.png.*data.skip_corrupt=true"):
+        Trainer(compose_config(overrides_for(root, tmp_path / "strict", *run))).fit()
+
+    straight = tmp_path / "straight"
+    Trainer(compose_config(overrides_for(root, straight, *run, "data.skip_corrupt=true"))).fit()
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000006")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        Trainer(compose_config(overrides_for(root, resumed, *run, "data.skip_corrupt=true", "training.resume=auto"))).fit()
+    assert "wrist_rgb/6.png" in caplog.text, "the resumed steps must meet the damaged frame again"
+    for name, value in _weights(straight, 6).items():
+        torch.testing.assert_close(_weights(resumed, 6)[name], value, rtol=0, atol=0, msg=name)

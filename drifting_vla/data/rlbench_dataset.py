@@ -306,13 +306,31 @@ class RLBenchDataset(Dataset):
         episode = self.episodes[e]
         size = self.image_size or "orig"
         path = self.cache_dir / self.episode_tasks[e] / f"{episode.path.name}_{'-'.join(self.cameras)}_{size}.npy"
-        if not path.is_file():
+        expected = (len(episode), len(self.cameras), 3)
+        frames = _open_cache(path, expected) if path.is_file() else None
+        if frames is None:
             frames = np.stack([[self._decode(episode, cam, t) for cam in self.cameras] for t in range(len(episode))])
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
             np.save(tmp, frames)
             tmp.replace(path)  # atomic: workers racing on one episode all end with a whole file
-        return np.load(path, mmap_mode="r")
+            frames = np.load(path, mmap_mode="r")
+        return frames
+
+
+def _open_cache(path: pathlib.Path, expected: tuple[int, ...]) -> np.ndarray | None:
+    """The decoded frames at `path`, or None (with a warning) when the file is damaged or from
+    another layout: a cache is rebuilt from the episode, never trusted over it."""
+    try:
+        frames = np.load(path, mmap_mode="r")
+    except (OSError, ValueError, EOFError) as error:
+        log.warning("decoded-frame cache %s is unreadable (%s: %s); decoding the episode again", path, type(error).__name__, error)
+        return None
+    if frames.dtype != np.uint8 or frames.shape[: len(expected)] != expected:
+        log.warning("decoded-frame cache %s holds %s %s, not uint8 %s...; decoding the episode again",
+                    path, frames.dtype, frames.shape, expected)
+        return None
+    return frames
 
 
 def _read_png(path: pathlib.Path, mode: str) -> np.ndarray:
@@ -320,6 +338,12 @@ def _read_png(path: pathlib.Path, mode: str) -> np.ndarray:
         with Image.open(path) as img:
             return np.asarray(img.convert(mode))
     except FileNotFoundError:
-        raise CorruptEpisodeError(f"missing image {path}") from None
+        raise CorruptEpisodeError(f"missing image {path}; {FRAME_REMEDY}") from None
     except Exception as e:
-        raise CorruptEpisodeError(f"cannot decode image {path}: {type(e).__name__}: {e}") from e
+        raise CorruptEpisodeError(f"cannot decode image {path}: {type(e).__name__}: {e}; {FRAME_REMEDY}") from e
+
+
+FRAME_REMEDY = (
+    "download its task again (scripts/download_rlbench_data.py), or set data.skip_corrupt=true to train "
+    "without the samples that need it"
+)
