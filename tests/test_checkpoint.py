@@ -224,14 +224,16 @@ def test_a_checkpoint_from_before_hashes_is_checked_by_size(tmp_path, caplog):
     assert "predates checkpoint hashes" in caplog.text
 
 
-def test_an_unreadable_file_of_a_whole_checkpoint_is_named_and_nothing_is_restored(tmp_path):
+@pytest.mark.parametrize(("name", "content"), [("trainer_state.pt", b"written by some other program"),
+                                             ("normalization.json", b'{"actions": {"min": [0]')])
+def test_an_unreadable_file_of_a_whole_checkpoint_is_named_and_nothing_is_restored(tmp_path, name, content):
     run = Run()
     path = run.save(tmp_path, step=1)
-    (path / "trainer_state.pt").write_bytes(b"written by some other program")
+    (path / name).write_bytes(content)
     ckpt.seal_checkpoint(path)
     other = Run(seed=1)
     before = {k: v.clone() for k, v in other.model.state_dict().items()}
-    with pytest.raises(ckpt.DamagedCheckpointError, match="trainer_state.pt.*another drifting-vla or torch version"):
+    with pytest.raises(ckpt.DamagedCheckpointError, match=f"{name}.*another drifting-vla or torch version"):
         other.load(path)
     for name, value in other.model.state_dict().items():
         assert torch.equal(value, before[name]), name

@@ -25,7 +25,12 @@ from drifting_vla.inference.rollout import (
 )
 from drifting_vla.models.drifting_vla import build_model
 from drifting_vla.specs import ActionSpec
-from drifting_vla.training.checkpoint import gather_training_state, save_checkpoint, seal_checkpoint
+from drifting_vla.training.checkpoint import (
+    DamagedCheckpointError,
+    gather_training_state,
+    save_checkpoint,
+    seal_checkpoint,
+)
 from drifting_vla.training.config import training_config
 from drifting_vla.training.ema import EMA
 from drifting_vla.training.objectives import OBJECTIVES, build_objective
@@ -124,6 +129,16 @@ def test_from_checkpoint_refuses_normalization_for_another_action_spec(checkpoin
     (path / "normalization.json").write_text(json.dumps(saved))
     seal_checkpoint(path)
     with pytest.raises(ValueError, match="action spec"):
+        DriftingPolicy.from_checkpoint(path)
+
+
+def test_a_damaged_or_foreign_checkpoint_file_is_named_when_a_policy_loads(checkpoint):
+    path = checkpoint[0]
+    (path / "normalization.json").write_text(json.dumps({"actions": {"min": [0.0]}}))  # another layout
+    with pytest.raises(FileNotFoundError, match="normalization.json.*marker says.*Copy it again"):
+        DriftingPolicy.from_checkpoint(path)
+    seal_checkpoint(path)
+    with pytest.raises(DamagedCheckpointError, match="normalization.json.*not 'stats' and 'action_spec'"):
         DriftingPolicy.from_checkpoint(path)
 
 

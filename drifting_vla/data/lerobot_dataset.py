@@ -342,7 +342,7 @@ def _read_json(path: pathlib.Path) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise CorruptEpisodeError(f"cannot read {path} ({type(e).__name__}: {e})") from e
+        raise CorruptEpisodeError(f"cannot read {path} ({type(e).__name__}: {e}); download or export the dataset again") from e
 
 
 def _read_parquet(path: pathlib.Path, columns: list[str] | None = None):

@@ -102,8 +102,17 @@ def read_saved_policy(path: str | os.PathLike) -> SavedPolicy:
     return SavedPolicy(path, cfg, _read_normalization(path), read_references(path), [path / MODEL_FILE, path / EMA_FILE])
 
 
-def _read_normalization(path: Path) -> dict:
-    return read_saved_file(path / NORMALIZATION_FILE, lambda f: json.loads(f.read_text()))
+def _read_normalization(directory: Path) -> dict:
+    """normalization.json: what `Normalizer.to_dict` wrote, {"stats", "action_spec"}."""
+
+    def parse(file: Path) -> dict:
+        data = json.loads(file.read_text())
+        if not isinstance(data, dict) or not {"stats", "action_spec"} <= data.keys():
+            raise ValueError(f"it holds {sorted(data) if isinstance(data, dict) else type(data).__name__}, "
+                             "not 'stats' and 'action_spec'")
+        return data
+
+    return read_saved_file(directory / NORMALIZATION_FILE, parse)
 
 
 def check_untrusted_config(cfg: dict, file: Path) -> None:

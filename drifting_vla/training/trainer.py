@@ -427,7 +427,7 @@ class Trainer:
         else:
             path = resolve_checkpoint(resume)
         state = load_checkpoint(path, model=self.model, ema=self.ema, optimizer=self.optimizer, scheduler=self.scheduler)
-        if state.normalization["stats"] != self.normalizer.to_dict()["stats"]:
+        if state.normalization.get("stats") != self.normalizer.to_dict()["stats"]:
             raise ValueError(
                 f"the normalization statistics saved in {path} differ from this run's data ({self.cfg.data.name}); "
                 f"resuming would train on differently scaled actions. Resume with the same data config."
