@@ -19,12 +19,13 @@ import torch.multiprocessing as mp
 from conftest import free_port
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
+from test_files import hold_the_lock
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from drifting_vla.data.fixtures import write_rlbench_fixture
 from drifting_vla.data.registry import build_dataset, register_dataset
 from drifting_vla.data.rlbench_pickle import CorruptEpisodeError
-from drifting_vla.file_lock import FileLock, LockHeld
+from drifting_vla.files import LockHeld
 from drifting_vla.inference.policy import DriftingPolicy
 from drifting_vla.training.config import validate_training_config
 from drifting_vla.training.trainer import Trainer
@@ -283,28 +284,8 @@ def test_checkpoints_hold_every_ranks_random_state(rlbench_root, tmp_path):
 
 # --- one run per directory, and a refused resume that leaves it as it was ------------------------
 
-HOLD_THE_LOCK = """
-import os, sys, time
-from drifting_vla.file_lock import FileLock
-FileLock(os.path.join(sys.argv[1], ".lock"), "the run directory", "").acquire()
-child = os.fork() if sys.argv[2] == "fork" else 0
-if child == 0 and sys.argv[2] == "fork":
-    time.sleep(60)  # a loader worker that outlives its killed trainer
-    os._exit(0)
-print(child, flush=True)
-time.sleep(60)
-"""
-
-
-def _hold_the_lock(run_dir: Path, fork: bool) -> tuple[subprocess.Popen, int]:
-    """A process that holds the run directory (and, with `fork`, has a forked child); returns it and the child's pid."""
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_LOCK, str(run_dir), "fork" if fork else "no"],
-                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    return holder, int(holder.stdout.readline())
-
-
 def test_a_second_run_on_the_same_directory_is_refused_naming_the_first(rlbench_root, tmp_path):
-    holder, _ = _hold_the_lock(tmp_path, fork=False)
+    holder, _ = hold_the_lock(tmp_path, fork=False)
     cfg = compose_config(overrides_for(rlbench_root, tmp_path, "training.max_steps=2", "training.val_every=0"))
     try:
         with pytest.raises(LockHeld, match=rf"run directory .* is in use by process {holder.pid} on .*hydra.run.dir"):
@@ -315,17 +296,6 @@ def test_a_second_run_on_the_same_directory_is_refused_naming_the_first(rlbench_
     assert (tmp_path / ".lock").exists(), "a SIGKILL leaves the lock file behind"
     Trainer(cfg).fit()  # ... which blocks nobody
     assert not (tmp_path / ".lock").exists()
-
-
-def test_a_killed_runs_forked_children_do_not_keep_its_directory(tmp_path):
-    holder, child = _hold_the_lock(tmp_path, fork=True)
-    try:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
-        with FileLock(tmp_path / ".lock", "the run directory", ""):
-            os.kill(child, 0)  # the child still lives, and holds nothing
-    finally:
-        os.kill(child, signal.SIGKILL)
 
 
 def _directory_digest(path: Path) -> dict[str, str]:

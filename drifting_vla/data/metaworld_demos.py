@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing as mp
-import os
 import pathlib
 import shutil
 import time
@@ -32,7 +31,7 @@ from drifting_vla.data.metaworld_dataset import (
     write_task_store,
 )
 from drifting_vla.data.rlbench_pickle import CorruptEpisodeError
-from drifting_vla.file_lock import FileLock
+from drifting_vla.files import FileLock, write_atomic
 
 DEFAULT_ROOT = "~/.cache/drifting_vla/metaworld"
 
@@ -87,9 +86,7 @@ def _collect_missing(out: pathlib.Path, tasks: list[str], collection: dict, work
     for stale in [*out.glob(".*.partial-*"), *out.glob(".*.retired-*")]:
         shutil.rmtree(stale, ignore_errors=True)
     if _read_collection(out) != collection:
-        tmp = out / f".collection.json.{os.getpid()}"
-        tmp.write_text(json.dumps(collection, indent=2))
-        tmp.replace(out / "collection.json")
+        write_atomic(out / "collection.json", json.dumps(collection, indent=2))
     problems = {task: task_store_problem(out / task) for task in tasks}
     todo = [task for task, problem in problems.items() if problem is not None]
     for task in todo:

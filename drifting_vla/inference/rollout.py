@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from drifting_vla.envs import NO_SIMULATOR, env_class, env_import_path, simulation_config
+from drifting_vla.files import write_atomic
 
 VIDEO_FPS = 30
 
@@ -458,7 +459,7 @@ def evaluate(
             jsonl.close()
     summary.seconds = time.perf_counter() - started
     if output_dir is not None:
-        (output_dir / "summary.json").write_text(json.dumps({**summary.to_dict(), **(record or {})}, indent=2))
+        write_atomic(output_dir / "summary.json", json.dumps({**summary.to_dict(), **(record or {})}, indent=2))
     check_evaluated(summary, output_dir)
     return summary
 

@@ -37,7 +37,7 @@ from drifting_vla.data.normalization import Normalizer, dataset_stats
 from drifting_vla.data.registry import build_dataset, prepare_dataset
 from drifting_vla.data.sampler import ResumableBatchSampler
 from drifting_vla.envs import NO_SIMULATOR, simulation_config
-from drifting_vla.file_lock import FileLock
+from drifting_vla.files import FileLock, write_atomic
 from drifting_vla.logging.visualizations import PANELS, MetricHistory, PanelInputs, due_panels
 from drifting_vla.logging.wandb_logger import create_run_logger
 from drifting_vla.models import build_model, parameter_table
@@ -140,7 +140,7 @@ class Trainer:
                 run_name=t.wandb.name, config=OmegaConf.to_container(cfg, resolve=True),
             )
             if self.ctx.is_main:
-                (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+                write_atomic(self.run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         except BaseException:
             self.run_lock.release()
             raise
@@ -478,7 +478,7 @@ class Trainer:
         for video in result.videos[:1]:
             self.logger.log_video("sim/rollout_video", np.stack(imageio.mimread(video, memtest=False)), self.step)
         if final:  # "step": which checkpoint was evaluated (an export's model card reads it)
-            (self.run_dir / "summary.json").write_text(json.dumps({**summary, "step": self.step}, indent=2))
+            write_atomic(self.run_dir / "summary.json", json.dumps({**summary, "step": self.step}, indent=2))
             print(result.format_table(), flush=True)
             print(f"summary: {self.run_dir / 'summary.json'}", flush=True)
         return summary

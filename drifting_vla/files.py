@@ -1,12 +1,13 @@
-"""An exclusive lock on a file, held by one process at a time, that a killed holder never leaves
-taken. Used for what must have one writer: a run directory, a demo store being collected.
+"""Files that survive a crash and a second process: what must have one writer takes a lock, and
+what readers open later is written whole or not at all.
 
     lock = FileLock(run_dir / ".lock", "the run directory runs/x", "train into another directory").acquire()
     ...                                  # LockHeld, naming the holder and the remedy, if it is taken
     lock.release()
+    write_atomic(run_dir / "summary.json", text)    # readers see the old file or the new, never half
 
-The holder writes who it is into the file (pid, host, command, start time) for the message
-another process gets.
+The lock holder writes who it is into the lock file (pid, host, command, start time) for the
+message another process gets.
 
 Why `flock`: the kernel drops the lock when its holder dies, SIGKILL and power loss included, so a
 lock file left behind never blocks the process that follows; no pid has to be guessed dead. Two
@@ -26,6 +27,16 @@ import os
 import socket
 import sys
 from pathlib import Path
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` through a temporary file renamed over it: a process killed while
+    writing leaves the previous file (or none), never a truncated one that every later reader
+    trips over, and a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 class LockHeld(RuntimeError):
