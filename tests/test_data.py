@@ -115,6 +115,14 @@ def test_truncated_pickle_raises_naming_the_file(tmp_path):
     assert len(ds.skipped) == 1 and len(ds.episodes) == 1
 
 
+def test_pickles_of_another_shape_name_the_file(tmp_path):
+    root = write_rlbench_fixture(tmp_path, episodes=2, steps=6)
+    (_episode(root, n=1) / "variation_number.pkl").write_bytes(pickle.dumps([1, 2]))
+    with pytest.raises(CorruptEpisodeError, match="episode1/variation_number.pkl holds a list.*skip_corrupt"):
+        RLBenchDataset(root, ["close_jar"], ["front"], horizon=2)
+    assert len(RLBenchDataset(root, ["close_jar"], ["front"], horizon=2, skip_corrupt=True).episodes) == 1
+
+
 def test_missing_image_and_missing_camera_are_clear_errors(tmp_path):
     root = write_rlbench_fixture(tmp_path, episodes=1, steps=6)
     (_episode(root) / "front_rgb" / "5.png").unlink()

@@ -129,11 +129,16 @@ def load_rlbench_episode(episode_dir: str | pathlib.Path) -> RLBenchEpisode:
     observations = getattr(demo, "_observations", None)
     if not observations:
         raise CorruptEpisodeError(f"{episode_dir / 'low_dim_obs.pkl'} holds no observations")
-    descriptions = load_rlbench_pickle(episode_dir / "variation_descriptions.pkl")
+    descriptions_file = episode_dir / "variation_descriptions.pkl"
+    descriptions = load_rlbench_pickle(descriptions_file)
     if isinstance(descriptions, str):
         descriptions = [descriptions]
+    if not isinstance(descriptions, list | tuple):
+        raise CorruptEpisodeError(f"{descriptions_file} holds a {type(descriptions).__name__}, not a list of instructions")
     variation_file = episode_dir / "variation_number.pkl"
-    variation = int(load_rlbench_pickle(variation_file)) if variation_file.exists() else 0
+    variation = load_rlbench_pickle(variation_file) if variation_file.exists() else 0
+    if not isinstance(variation, int | np.integer):
+        raise CorruptEpisodeError(f"{variation_file} holds a {type(variation).__name__}, not the variation number")
     try:
         pose = np.stack([np.asarray(o.gripper_pose, dtype=np.float32) for o in observations])
         gripper_open = np.array([float(o.gripper_open) for o in observations], dtype=np.float32)
@@ -145,7 +150,7 @@ def load_rlbench_episode(episode_dir: str | pathlib.Path) -> RLBenchEpisode:
     return RLBenchEpisode(
         path=episode_dir,
         instructions=[str(d) for d in descriptions],
-        variation=variation,
+        variation=int(variation),
         gripper_pose=pose,
         gripper_open=gripper_open,
         joint_positions=joints,
