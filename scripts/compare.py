@@ -41,6 +41,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from benchmarks.timing import time_call  # noqa: E402
+from drifting_vla.files import write_atomic  # noqa: E402
 from drifting_vla.inference.policy import DriftingPolicy  # noqa: E402
 from drifting_vla.inference.rollout import (  # noqa: E402
     evaluate,
@@ -119,7 +120,7 @@ def train(run: Run, output: Path, overrides: list[str]) -> Path:
         result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     if result.returncode != 0:
         raise SystemExit(f"training {run.name} failed (exit {result.returncode}); see {run_dir / 'train.log'}")
-    (run_dir / "trained.json").write_text(json.dumps({"command": command, "seconds": time.time() - started}))
+    write_atomic(run_dir / "trained.json", json.dumps({"command": command, "seconds": time.time() - started}))
     return run_dir
 
 

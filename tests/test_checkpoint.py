@@ -173,6 +173,72 @@ def test_find_latest_skips_incomplete_and_truncated_checkpoints_with_a_warning(t
         run.load(unfinished)
 
 
+def _flip_a_byte(file: Path, offset: int) -> None:
+    data = bytearray(file.read_bytes())
+    data[offset] ^= 0x01
+    file.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "ema.safetensors", "trainer_state.pt", "config.yaml", "normalization.json"])
+def test_a_file_damaged_at_the_same_size_is_refused_by_its_hash(tmp_path, caplog, name):
+    run = Run()
+    good = run.save(tmp_path, step=1)
+    damaged = run.save(tmp_path, step=2)
+    size = (damaged / name).stat().st_size
+    _flip_a_byte(damaged / name, size - 3)
+    assert (damaged / name).stat().st_size == size
+
+    with caplog.at_level("WARNING"):
+        assert find_latest_valid_checkpoint(tmp_path) == good
+    assert "step_00000002" in caplog.text and name in caplog.text and "sha256" in caplog.text
+    with pytest.raises(FileNotFoundError, match=f"{name}.*sha256.*damaged"):
+        run.load(damaged)
+    with pytest.raises(FileNotFoundError, match=f"{name}.*sha256.*Copy it again"):
+        ckpt.resolve_checkpoint(damaged)
+
+
+def test_an_edited_checkpoint_loads_once_sealed(tmp_path):
+    run = Run()
+    path = run.save(tmp_path, step=1)
+    (path / "config.yaml").write_text("model: {hidden: 9}\n")
+    assert "config.yaml" in ckpt.checkpoint_problem(path)
+    ckpt.seal_checkpoint(path)
+    assert ckpt.checkpoint_problem(path) is None
+    assert run.load(path).config == {"model": {"hidden": 9}}
+
+
+def test_a_checkpoint_of_a_newer_format_asks_for_an_upgrade(tmp_path):
+    path = Run().save(tmp_path, step=1)
+    marker = json.loads((path / "complete").read_text())
+    (path / "complete").write_text(json.dumps({**marker, "format_version": ckpt.FORMAT_VERSION + 1}))
+    assert "upgrade drifting-vla" in ckpt.checkpoint_problem(path)
+
+
+def test_a_checkpoint_from_before_hashes_is_checked_by_size(tmp_path, caplog):
+    path = Run().save(tmp_path, step=1)
+    marker = json.loads((path / "complete").read_text())
+    sizes = {name: record["bytes"] for name, record in marker["files"].items()}
+    (path / "complete").write_text(json.dumps({"step": 1, "files": sizes}))
+    with caplog.at_level("WARNING"):
+        assert ckpt.checkpoint_problem(path) is None
+    assert "predates checkpoint hashes" in caplog.text
+
+
+@pytest.mark.parametrize(("name", "content"), [("trainer_state.pt", b"written by some other program"),
+                                             ("normalization.json", b'{"actions": {"min": [0]')])
+def test_an_unreadable_file_of_a_whole_checkpoint_is_named_and_nothing_is_restored(tmp_path, name, content):
+    run = Run()
+    path = run.save(tmp_path, step=1)
+    (path / name).write_bytes(content)
+    ckpt.seal_checkpoint(path)
+    other = Run(seed=1)
+    before = {k: v.clone() for k, v in other.model.state_dict().items()}
+    with pytest.raises(ckpt.DamagedCheckpointError, match=f"{name}.*another drifting-vla or torch version"):
+        other.load(path)
+    for name, value in other.model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
 def test_find_latest_in_an_empty_or_missing_directory_is_none(tmp_path):
     assert find_latest_valid_checkpoint(tmp_path / "nothing") is None
 

@@ -137,6 +137,14 @@ def test_a_non_finite_pose_is_refused_naming_the_episode_step_and_field(tmp_path
     assert len(RLBenchDataset(root, ["close_jar"], ["front"], horizon=2, skip_corrupt=True).episodes) == 1
 
 
+def test_pickles_of_another_shape_name_the_file(tmp_path):
+    root = write_rlbench_fixture(tmp_path, episodes=2, steps=6)
+    (_episode(root, n=1) / "variation_number.pkl").write_bytes(pickle.dumps([1, 2]))
+    with pytest.raises(CorruptEpisodeError, match="episode1/variation_number.pkl holds a list.*skip_corrupt"):
+        RLBenchDataset(root, ["close_jar"], ["front"], horizon=2)
+    assert len(RLBenchDataset(root, ["close_jar"], ["front"], horizon=2, skip_corrupt=True).episodes) == 1
+
+
 def test_missing_image_and_missing_camera_are_clear_errors(tmp_path):
     root = write_rlbench_fixture(tmp_path, episodes=1, steps=6)
     (_episode(root) / "front_rgb" / "5.png").unlink()
@@ -152,6 +160,51 @@ def test_corrupt_png_raises_naming_the_file(tmp_path):
     ds = RLBenchDataset(root, ["close_jar"], ["wrist"], horizon=2)
     with pytest.raises(CorruptEpisodeError, match="wrist_rgb/0.png"):
         ds[0]
+
+
+def _damage(file, how):
+    """Truncate `file`, or flip bytes in its middle at the same size."""
+    data = bytearray(file.read_bytes())
+    if how == "truncated":
+        file.write_bytes(bytes(data[: len(data) // 2]))
+        return
+    middle = len(data) // 2
+    data[middle : middle + 8] = bytes(b ^ 0xFF for b in data[middle : middle + 8])
+    file.write_bytes(bytes(data))
+
+
+RLBENCH_CONFIG = {"name": "rlbench", "tasks": ["close_jar"], "cameras": ["front"], "horizon": 2, "image_size": None,
+                  "keyframes": False}
+
+
+@pytest.mark.parametrize("how", ["truncated", "same size"])
+def test_a_frame_damaged_mid_episode_names_the_file_or_is_replaced_the_same_way_every_time(tmp_path, how):
+    root = write_rlbench_fixture(tmp_path / "train", episodes=2, steps=6)
+    _damage(_episode(root, n=1) / "front_rgb" / "3.png", how)
+    damaged = 5 + 3  # episode 1, step 3: five samples per episode
+    strict = build_dataset({**RLBENCH_CONFIG, "root": str(tmp_path)})
+    with pytest.raises(CorruptEpisodeError, match="episode1/front_rgb/3.png.*skip_corrupt=true"):
+        strict[damaged]
+
+    skipping = build_dataset({**RLBENCH_CONFIG, "root": str(tmp_path), "skip_corrupt": True})
+    key = SampleKey(damaged, draw=7)
+    replacement = skipping[key]
+    assert any(torch.equal(replacement["images"], strict[j]["images"]) for j in range(len(strict)) if j != damaged)
+    again = build_dataset({**RLBENCH_CONFIG, "root": str(tmp_path), "skip_corrupt": True})[key]  # a resumed run, another worker
+    for name in ("images", "actions", "proprio"):
+        assert torch.equal(again[name], replacement[name])
+    assert torch.equal(skipping[damaged - 1]["images"], strict[damaged - 1]["images"])  # readable samples untouched
+    assert len(skipping) == len(strict) and skipping.all_actions().shape == strict.all_actions().shape
+
+
+def test_a_damaged_frame_cache_is_rebuilt_from_the_episode(rlbench_root, tmp_path, caplog):
+    ds = RLBenchDataset(rlbench_root, ["close_jar"], ["front"], horizon=2, cache_dir=tmp_path)
+    expected = ds[3]["images"]
+    cache = next(tmp_path.rglob("*.npy"))
+    _damage(cache, "truncated")
+    with caplog.at_level("WARNING"):
+        rebuilt = RLBenchDataset(rlbench_root, ["close_jar"], ["front"], horizon=2, cache_dir=tmp_path)[3]["images"]
+    assert torch.equal(rebuilt, expected) and cache.name in caplog.text and "decoding the episode again" in caplog.text
 
 
 def test_unknown_task_lists_the_18_names(rlbench_root):
@@ -413,9 +466,8 @@ def test_corrupt_metaworld_array_names_the_file(tmp_path):
     (tmp_path / "collection.json").write_text(json.dumps({"cameras": ["corner"], "image_size": 8}))
     write_task_store(tmp_path / "reach-v3", _fake_episodes(1, 3, views=1), {"instruction": "reach"})
     (tmp_path / "reach-v3" / "images.npy").write_bytes(b"garbage")
-    ds = MetaWorldDataset(tmp_path, ["reach-v3"], ["corner"], horizon=2)
     with pytest.raises(CorruptEpisodeError, match="reach-v3/images.npy.*collect_demos"):
-        ds[0]
+        MetaWorldDataset(tmp_path, ["reach-v3"], ["corner"], horizon=2)
 
 
 @pytest.mark.parametrize("key", ["proprio", "actions"])

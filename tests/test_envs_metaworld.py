@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -9,6 +15,7 @@ pytest.importorskip("metaworld")
 
 from drifting_vla.data.metaworld_dataset import MetaWorldDataset  # noqa: E402
 from drifting_vla.data.metaworld_demos import ensure_metaworld_demos, store_dir  # noqa: E402
+from drifting_vla.data.rlbench_pickle import CorruptEpisodeError  # noqa: E402
 from drifting_vla.envs.metaworld_env import (  # noqa: E402
     MT10_TASKS,
     TASK_INSTRUCTIONS,
@@ -101,3 +108,65 @@ def test_parallel_collection_equals_serial_collection(tmp_path):
         np.testing.assert_array_equal(
             np.load(serial / "reach-v3" / f"{name}.npy"), np.load(parallel / "reach-v3" / f"{name}.npy")
         )
+
+
+def test_demos_cut_short_or_damaged_on_disk_are_collected_again_and_killed_writes_cleared(tmp_path, capsys):
+    store = ensure_metaworld_demos(_cfg(tmp_path), progress=False)
+    task = store / "reach-v3"
+    written = {name: np.load(task / f"{name}.npy") for name in ("images", "actions")}
+    killed = store / ".reach-v3.partial-99999"  # a writer killed before its rename
+    killed.mkdir()
+    (killed / "images.npy").write_bytes(b"\x93NUMPY")
+    for damage in ("cut short", "same size"):
+        actions = task / "actions.npy"
+        data = bytearray(actions.read_bytes())
+        if damage == "cut short":
+            data = data[: len(data) // 2]
+        else:
+            data[-5] ^= 0x40
+        actions.write_bytes(bytes(data))
+        with pytest.raises(CorruptEpisodeError, match="reach-v3.*actions.npy.*collect_demos"):
+            MetaWorldDataset(store, ["reach-v3"], ["corner"], horizon=4)
+        assert ensure_metaworld_demos(_cfg(tmp_path), progress=False) == store
+        assert "reach-v3: the demos in" in capsys.readouterr().out
+        for name, array in written.items():
+            np.testing.assert_array_equal(np.load(task / f"{name}.npy"), array)
+    assert not killed.exists()
+
+
+COLLECT_ELSEWHERE = """
+import json, sys, time
+import numpy as np
+from drifting_vla.data.metaworld_dataset import write_task_store
+from drifting_vla.data.metaworld_demos import collection_config, store_dir
+from drifting_vla.files import FileLock
+cfg = json.loads(sys.argv[1])
+out = store_dir(cfg)
+lock = FileLock(out / ".lock", "the store", "").acquire()
+print("collecting", flush=True)
+time.sleep(1.5)
+(out / "collection.json").write_text(json.dumps(collection_config(cfg)))
+steps = 3
+episode = {"images": np.zeros((steps, 2, 3, 32, 32), np.uint8), "proprio": np.zeros((steps, 4), np.float32),
+           "state": np.zeros((steps, 39), np.float32), "actions": np.zeros((steps, 4), np.float32), "seed": 0}
+write_task_store(out / "reach-v3", [episode], {"instruction": "reach"})
+lock.release()
+"""
+
+
+def test_a_second_process_waits_for_the_collection_in_progress_and_reads_it(tmp_path, monkeypatch, capsys):
+    import drifting_vla.data.metaworld_demos as demos
+
+    cfg = _cfg(tmp_path)
+    other = subprocess.Popen([sys.executable, "-c", COLLECT_ELSEWHERE, json.dumps(cfg)], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).resolve().parents[1])})
+    assert other.stdout.readline() == "collecting\n"
+
+    def collect_again(job):
+        raise AssertionError("collected a store another process was collecting")
+
+    monkeypatch.setattr(demos, "_collect_one", collect_again)
+    store = ensure_metaworld_demos(cfg, progress=False)
+    assert other.wait(timeout=60) == 0
+    assert f"is in use by process {other.pid}" in capsys.readouterr().err
+    assert MetaWorldDataset(store, ["reach-v3"], ["corner"], horizon=2)[0]["instruction"] == "reach"

@@ -28,7 +28,12 @@ from drifting_vla.inference.rollout import (
 )
 from drifting_vla.models.drifting_vla import build_model
 from drifting_vla.specs import RLBENCH_ACTION_SPEC, ActionSpec
-from drifting_vla.training.checkpoint import gather_training_state, save_checkpoint
+from drifting_vla.training.checkpoint import (
+    DamagedCheckpointError,
+    gather_training_state,
+    save_checkpoint,
+    seal_checkpoint,
+)
 from drifting_vla.training.config import training_config
 from drifting_vla.training.ema import EMA
 from drifting_vla.training.objectives import OBJECTIVES, build_objective
@@ -127,10 +132,18 @@ def test_from_checkpoint_refuses_normalization_for_another_action_spec(checkpoin
     saved["action_spec"]["components"][0]["dim"] = 2
     saved["action_spec"]["components"].append({"name": "extra", "kind": "raw", "dim": 1})
     (path / "normalization.json").write_text(json.dumps(saved))
-    marker = json.loads((path / "complete").read_text())
-    marker["files"]["normalization.json"] = (path / "normalization.json").stat().st_size
-    (path / "complete").write_text(json.dumps(marker))
+    seal_checkpoint(path)
     with pytest.raises(ValueError, match="action spec"):
+        DriftingPolicy.from_checkpoint(path)
+
+
+def test_a_damaged_or_foreign_checkpoint_file_is_named_when_a_policy_loads(checkpoint):
+    path = checkpoint[0]
+    (path / "normalization.json").write_text(json.dumps({"actions": {"min": [0.0]}}))  # another layout
+    with pytest.raises(FileNotFoundError, match="normalization.json.*marker says.*Copy it again"):
+        DriftingPolicy.from_checkpoint(path)
+    seal_checkpoint(path)
+    with pytest.raises(DamagedCheckpointError, match="normalization.json.*not 'stats' and 'action_spec'"):
         DriftingPolicy.from_checkpoint(path)
 
 
@@ -622,9 +635,7 @@ def _rewrite(path: Path, name: str, weights: dict) -> None:
     from safetensors.torch import save_file
 
     save_file(weights, str(path / name))
-    marker = json.loads((path / "complete").read_text())
-    marker["files"][name] = (path / name).stat().st_size
-    (path / "complete").write_text(json.dumps(marker))
+    seal_checkpoint(path)
 
 
 def test_checkpoint_from_before_the_time_embedder_loads_and_acts_the_same(checkpoint):

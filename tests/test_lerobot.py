@@ -19,6 +19,7 @@ from drifting_vla.data.lerobot_writer import LeRobotWriter, export_metaworld_sto
 from drifting_vla.data.metaworld_dataset import MetaWorldDataset, write_task_store
 from drifting_vla.data.normalization import STATS, dataset_stats
 from drifting_vla.data.rlbench_pickle import CorruptEpisodeError
+from drifting_vla.data.skip_corrupt import SkipCorruptSamples
 from drifting_vla.envs import simulation_config
 
 FIXTURE = Path(__file__).parent / "fixtures" / "lerobot_v30"
@@ -180,6 +181,31 @@ def test_missing_or_truncated_video_is_an_error_naming_the_file(fixture_copy):
     video.unlink()
     with pytest.raises(CorruptEpisodeError, match=f"video file .*{VIDEOS[0]}.*missing"):
         fixture_dataset(root=fixture_copy)
+
+
+def test_a_damaged_png_frame_names_its_file_and_row_and_is_replaced_under_skip_corrupt(fixture_copy):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = fixture_copy / "data" / "chunk-000" / "file-000.parquet"
+    table = pq.read_table(data)
+    images = table.column(IMAGE).to_pylist()
+    images[3] = {**images[3], "bytes": images[3]["bytes"][:30]}
+    column = pa.array(images, type=table.schema.field(IMAGE).type)
+    pq.write_table(table.set_column(table.schema.get_field_index(IMAGE), IMAGE, column), data)
+    dataset = fixture_dataset(root=fixture_copy, cameras=[IMAGE])
+    damaged = int(np.flatnonzero(dataset._index[:, 0] == 3)[0])
+    with pytest.raises(CorruptEpisodeError, match=f"{IMAGE}.*row 3 of .*file-000.parquet.*skip_corrupt=true"):
+        dataset[damaged]
+    replaced = SkipCorruptSamples(dataset)[damaged]
+    assert replaced["images"].shape == dataset[damaged + 1]["images"].shape
+
+
+def test_skip_corrupt_does_not_hide_a_dataset_that_is_mostly_damaged(fixture_copy):
+    video = fixture_copy / "videos" / VIDEOS[0] / "chunk-000" / "file-000.mp4"
+    video.write_bytes(bytes(video.stat().st_size))  # zeros at the same size: every frame is lost
+    with pytest.raises(CorruptEpisodeError, match="most of the data is damaged"):
+        SkipCorruptSamples(fixture_dataset(root=fixture_copy))[0]
 
 
 def test_hub_dataset_offline_says_how_to_use_a_local_copy(monkeypatch):

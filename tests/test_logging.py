@@ -116,6 +116,17 @@ def test_metrics_jsonl_has_one_parseable_object_per_call_with_the_step(tmp_path)
     assert steps.tolist() == [1] and values.tolist() == [3.5]
 
 
+def test_a_metrics_line_cut_short_by_a_kill_is_left_out_and_the_next_record_starts_its_own_line(tmp_path, caplog):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train/loss": 2.0}\n{"step": 2, "train/lo')
+    with caplog.at_level("WARNING"):
+        history = MetricHistory.from_jsonl(tmp_path / "metrics.jsonl", up_to_step=10)
+    assert history.series("train/loss")[0].tolist() == [1]
+    assert "metrics.jsonl line 2 is not JSON" in caplog.text
+    with RunLogger(tmp_path, mode="disabled") as logger:
+        logger.log_metrics({"train/loss": 1.5}, step=3)
+    assert (tmp_path / "metrics.jsonl").read_text().splitlines()[-1] == '{"step": 3, "train/loss": 1.5}'
+
+
 def test_panels_and_videos_are_written_to_the_run_directory(tmp_path):
     frames = np.random.default_rng(0).integers(0, 255, (6, 33, 47, 3), dtype=np.uint8)
     with RunLogger(tmp_path, mode="disabled") as logger:

@@ -30,6 +30,7 @@ from drifting_vla.serving import (
 )
 from drifting_vla.serving.protocol import check_observation, pack, unpack
 from drifting_vla.serving.server import PolicyServer, ServerConfig, predict_chunks
+from drifting_vla.training.checkpoint import seal_checkpoint
 from tests.test_inference import CountingGenerator, checkpoint, env_batch, tiny_cfg, tiny_policy  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -433,9 +434,7 @@ def drift_checkpoint(checkpoint):  # noqa: F811
     cfg.data.name = "drift"
     cfg.data.max_episode_steps = 12
     OmegaConf.save(cfg, config)
-    marker = json.loads((path / "complete").read_text())
-    marker["files"]["config.yaml"] = config.stat().st_size
-    (path / "complete").write_text(json.dumps(marker))
+    seal_checkpoint(path)
     return path
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,10 +20,13 @@ import torch.multiprocessing as mp
 from conftest import free_port
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
+from test_files import hold_the_lock
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from drifting_vla.data.fixtures import write_rlbench_fixture
 from drifting_vla.data.registry import build_dataset, register_dataset
+from drifting_vla.data.rlbench_pickle import CorruptEpisodeError
+from drifting_vla.files import LockHeld
 from drifting_vla.inference.policy import DriftingPolicy
 from drifting_vla.training.config import (
     validate_eval_config,
@@ -359,3 +364,66 @@ def test_checkpoints_hold_every_ranks_random_state(rlbench_root, tmp_path):
     checkpoint = next((tmp_path / "checkpoints").glob("step_*"))
     state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
     assert len(state["extra"]["ranks"]) == 1 and "rng" in state["extra"]["ranks"][0]
+
+
+# --- one run per directory, and a refused resume that leaves it as it was ------------------------
+
+def test_a_second_run_on_the_same_directory_is_refused_naming_the_first(rlbench_root, tmp_path):
+    holder, _ = hold_the_lock(tmp_path, fork=False)
+    cfg = compose_config(overrides_for(rlbench_root, tmp_path, "training.max_steps=2", "training.val_every=0"))
+    try:
+        with pytest.raises(LockHeld, match=rf"run directory .* is in use by process {holder.pid} on .*hydra.run.dir"):
+            Trainer(cfg)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (tmp_path / ".lock").exists(), "a SIGKILL leaves the lock file behind"
+    Trainer(cfg).fit()  # ... which blocks nobody
+    assert not (tmp_path / ".lock").exists()
+
+
+def _directory_digest(path: Path) -> dict[str, str]:
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(path.rglob("*"))}
+
+
+def test_a_refused_resume_changes_nothing_in_the_run_directory(rlbench_root, tmp_path):
+    run = ["training.max_steps=2", "training.val_every=0", "training.log_every=1"]
+    Trainer(compose_config(overrides_for(rlbench_root, tmp_path, *run))).fit()
+    before = _directory_digest(tmp_path)
+
+    deeper = compose_config(overrides_for(rlbench_root, tmp_path, *run, "model.dit.depth=3", "training.resume=auto"))
+    with pytest.raises(KeyError, match="does not match the model"):
+        Trainer(deeper)
+    assert _directory_digest(tmp_path) == before
+
+    other_data = _train_script(rlbench_root, tmp_path, *run, "data.max_episodes_per_task=1", "training.resume=auto")
+    assert other_data.wait(timeout=300) != 0
+    assert "normalization statistics" in other_data.stderr.read()
+    assert _directory_digest(tmp_path) == before  # nor did Hydra write into it
+
+
+def _weights(run_dir: Path, step: int, name: str = "model.safetensors") -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "checkpoints" / f"step_{step:08d}" / name)
+
+
+def test_a_frame_damaged_mid_episode_stops_training_naming_it_or_is_skipped_with_an_exact_resume(tmp_path, caplog):
+    root = tmp_path / "data"
+    write_rlbench_fixture(root / "train", episodes=3, steps=12, seed=0)
+    frame = root / "train" / "close_jar" / "all_variations" / "episodes" / "episode1" / "wrist_rgb" / "6.png"
+    frame.write_bytes(frame.read_bytes()[:40])
+    run = ["training.max_steps=6", "training.checkpoint_every=3", "training.val_every=0", "training.keep_checkpoints=5"]
+    with pytest.raises(CorruptEpisodeError, match="episode1/wrist_rgb/6.png.*data.skip_corrupt=true"):
+        Trainer(compose_config(overrides_for(root, tmp_path / "strict", *run))).fit()
+
+    straight = tmp_path / "straight"
+    Trainer(compose_config(overrides_for(root, straight, *run, "data.skip_corrupt=true"))).fit()
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000006")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        Trainer(compose_config(overrides_for(root, resumed, *run, "data.skip_corrupt=true", "training.resume=auto"))).fit()
+    assert "wrist_rgb/6.png" in caplog.text, "the resumed steps must meet the damaged frame again"
+    for name, value in _weights(straight, 6).items():
+        torch.testing.assert_close(_weights(resumed, 6)[name], value, rtol=0, atol=0, msg=name)

@@ -46,6 +46,7 @@ TIMESTAMP_TOLERANCE_S = 1e-4
 """LeRobot's own `tolerance_s`: a decoded frame farther than this from the asked time is an error
 (a frame period is 1/fps, orders of magnitude more)."""
 
+REMEDY = "download or export the dataset again, or set data.skip_corrupt=true to train without the samples that need it"
 _INHERITED_FILES: list[dict] = []  # a forked worker's copies of its parent's open files (see _files)
 _CONVERTERS = {
     "v2.1": "python -m lerobot.datasets.v30.convert_dataset_v21_to_v30 --repo-id=<repo_id>",
@@ -305,11 +306,16 @@ class LeRobotDataset(Dataset):
         if (file, key) not in columns:
             path = self.root / self._data_files[file]
             columns[(file, key)] = _read_parquet(path, [key]).column(key).combine_chunks().field("bytes")
-        with Image.open(io.BytesIO(columns[(file, key)][row].as_py())) as image:
-            image = image.convert("RGB")
-            if image.size != (self.image_size, self.image_size):
-                image = image.resize((self.image_size, self.image_size), Image.BILINEAR)
-            return np.asarray(image)
+        try:
+            with Image.open(io.BytesIO(columns[(file, key)][row].as_py())) as image:
+                image = image.convert("RGB")
+                if image.size != (self.image_size, self.image_size):
+                    image = image.resize((self.image_size, self.image_size), Image.BILINEAR)
+                return np.asarray(image)
+        except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for a damaged image
+            raise CorruptEpisodeError(
+                f"cannot decode {key!r} in row {row} of {self.root / self._data_files[file]} ({type(e).__name__}: {e}); {REMEDY}"
+            ) from e
 
     def _decode_video_frame(self, path: pathlib.Path, t: float) -> np.ndarray:
         """uint8 [S, S, 3]: the frame at time `t` (seconds) of `path`."""
@@ -336,10 +342,10 @@ class LeRobotDataset(Dataset):
                 return files["reformatter"].reformat(frame, width=self.image_size, height=self.image_size, format="rgb24").to_ndarray()
         except (av.error.FFmpegError, OSError) as e:
             files["videos"].pop(path, None)
-            raise CorruptEpisodeError(f"cannot decode {path} at {t:.4f} s ({type(e).__name__}: {e}); the file is damaged: download or export the dataset again") from e
+            raise CorruptEpisodeError(f"cannot decode {path} at {t:.4f} s ({type(e).__name__}: {e}); the file is damaged: {REMEDY}") from e
         raise CorruptEpisodeError(
             f"{path} has no frame within {TIMESTAMP_TOLERANCE_S} s of {t:.4f} s (truncated, or meta/episodes "
-            "timestamps do not match the video); download or export the dataset again"
+            f"timestamps do not match the video); {REMEDY}"
         )
 
 
@@ -347,7 +353,7 @@ def _read_json(path: pathlib.Path) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise CorruptEpisodeError(f"cannot read {path} ({type(e).__name__}: {e})") from e
+        raise CorruptEpisodeError(f"cannot read {path} ({type(e).__name__}: {e}); download or export the dataset again") from e
 
 
 def _read_parquet(path: pathlib.Path, columns: list[str] | None = None):

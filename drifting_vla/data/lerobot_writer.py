@@ -25,7 +25,7 @@ import shutil
 import numpy as np
 
 from drifting_vla.data.lerobot_dataset import CODEBASE_VERSION, EXPORT_META
-from drifting_vla.data.metaworld_dataset import open_task_arrays, read_task_meta
+from drifting_vla.data.metaworld_dataset import open_task_arrays, read_collection, read_task_meta
 from drifting_vla.data.normalization import compute_stats
 
 VIDEO_CODECS = {"libsvtav1": ("av1", {"g": "2", "crf": "30", "preset": "12"}), "libx264": ("h264", {"g": "2", "crf": "30"})}
@@ -208,7 +208,7 @@ def export_metaworld_store(
     step limit, train and eval seeds), so `data=lerobot data.root=<output>` evaluates in Meta-World.
     """
     store_dir = pathlib.Path(store_dir)
-    collection = json.loads((store_dir / "collection.json").read_text())
+    collection = read_collection(store_dir)
     keys = {f"observation.images.{camera}": camera for camera in collection["cameras"]}
     size = int(collection["image_size"])
     writer = LeRobotWriter(

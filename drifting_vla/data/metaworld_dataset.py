@@ -11,7 +11,12 @@ On-disk format (one folder per collection config, one sub-folder per task):
             actions.npy  float32 [N, 4]            expert action taken at that step
             episode_ends.npy int64 [E]             exclusive end row of each episode
             seeds.npy    int64   [E]               reset seed of each kept episode
-            meta.json                              written last: marks the task complete
+            meta.json                              instruction, counts, sha256 of the small arrays
+        .<task>.partial-<pid>/       a write in progress (or killed); never read
+
+A task folder appears whole or not at all (written aside, then renamed), and is checked whenever
+it is opened (`task_store_problem`): a store that is cut short, damaged or of another layout is
+collected again by the next run rather than tripped over by every later one.
 
 Why plain `.npy`: images are stored uint8 and uncompressed, so `np.load(mmap_mode="r")` gives O(1)
 random access with no decoding; loader workers share the OS page cache instead of each holding a
@@ -22,8 +27,11 @@ a decode per sample; zarr/HDF5 would add a dependency for no gain at this size.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import pathlib
+import shutil
 
 import numpy as np
 import torch
@@ -36,33 +44,83 @@ ARRAYS = ("images", "proprio", "state", "actions")
 FORMAT_VERSION = 1
 
 
+HASHED = ("proprio", "state", "actions", "episode_ends", "seeds")
+"""Arrays whose sha256 meta.json records and every opening checks: a flipped bit in them is a wrong
+training target, and they are small (MBs). images.npy (hundreds of MBs) is checked by its shape and
+size only: hashing it would add seconds to every start to catch a wrong pixel."""
+
+
 def write_task_store(task_dir: pathlib.Path, episodes: list[dict], meta: dict) -> None:
-    """Write the kept episodes of one task atomically (a temp folder renamed into place)."""
+    """Write the kept episodes of one task atomically: into a folder of this process, renamed into
+    place (replacing a damaged store of the task), so a killed writer leaves only a hidden
+    `.<task>.partial-<pid>` folder that no reader opens. Two processes must not collect one store
+    at once: `metaworld_demos.ensure_metaworld_demos` holds its lock."""
     task_dir = pathlib.Path(task_dir)
     if not episodes:
         raise ValueError(f"no successful episodes to write for {task_dir.name}: {meta}")
-    tmp = task_dir.with_name(task_dir.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    for key in ARRAYS:
-        np.save(tmp / f"{key}.npy", np.concatenate([ep[key] for ep in episodes]))
-    np.save(tmp / "episode_ends.npy", np.cumsum([len(ep["actions"]) for ep in episodes]).astype(np.int64))
-    np.save(tmp / "seeds.npy", np.array([ep["seed"] for ep in episodes], dtype=np.int64))
+    tmp = task_dir.with_name(f".{task_dir.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    arrays = {key: np.concatenate([ep[key] for ep in episodes]) for key in ARRAYS}
+    arrays["episode_ends"] = np.cumsum([len(ep["actions"]) for ep in episodes]).astype(np.int64)
+    arrays["seeds"] = np.array([ep["seed"] for ep in episodes], dtype=np.int64)
+    for name, array in arrays.items():
+        np.save(tmp / f"{name}.npy", array)
+    meta = {**meta, "sha256": {name: _sha256(tmp / f"{name}.npy") for name in HASHED}}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    tmp.rename(task_dir)
+    if task_dir.exists():
+        retired = task_dir.with_name(f".{task_dir.name}.retired-{os.getpid()}")
+        task_dir.rename(retired)
+        tmp.rename(task_dir)
+        shutil.rmtree(retired)
+    else:
+        tmp.rename(task_dir)
 
 
-def task_store_complete(task_dir: pathlib.Path) -> bool:
-    return (pathlib.Path(task_dir) / "meta.json").is_file()
+NOT_COLLECTED = "not collected"
+
+
+def task_store_problem(task_dir: pathlib.Path) -> str | None:
+    """Why the store of one task cannot be read (not collected, cut short, damaged, written by
+    another version), or None when it is whole. Cheap: the arrays are memory-mapped, not read,
+    except the small `HASHED` ones."""
+    task_dir = pathlib.Path(task_dir)
+    meta_file = task_dir / "meta.json"
+    if not meta_file.is_file():
+        return NOT_COLLECTED
+    try:
+        meta = json.loads(meta_file.read_text())
+    except ValueError as e:
+        return f"{meta_file} is unreadable ({e})"
+    if not isinstance(meta, dict) or "instruction" not in meta:
+        return f"{meta_file} lacks the task's instruction (another version wrote it)"
+    try:
+        arrays = {name: _load(task_dir / f"{name}.npy", mmap_mode="r") for name in (*ARRAYS, "episode_ends", "seeds")}
+    except CorruptEpisodeError as e:
+        return str(e)
+    ends = arrays["episode_ends"]
+    rows = {name: len(arrays[name]) for name in ARRAYS}
+    if not len(ends) or set(rows.values()) != {int(ends[-1])} or len(arrays["seeds"]) != len(ends):
+        return (f"the arrays in {task_dir} disagree on their lengths (rows {rows}; episode_ends: {len(ends)} episodes, "
+                f"{int(ends[-1]) if len(ends) else 0} rows; seeds: {len(arrays['seeds'])})")
+    for name, digest in meta.get("sha256", {}).items():
+        if _sha256(task_dir / f"{name}.npy") != digest:
+            return f"{task_dir / name}.npy does not hold what was written (its sha256 differs from meta.json's)"
+    return None
 
 
 def read_task_meta(task_dir: pathlib.Path) -> tuple[dict, np.ndarray]:
-    """meta.json and the episode ends of one complete task folder."""
+    """meta.json and the episode ends of one whole task folder."""
     task_dir = pathlib.Path(task_dir)
-    if not task_store_complete(task_dir):
-        collected = sorted(p.name for p in task_dir.parent.iterdir() if task_store_complete(p)) if task_dir.parent.is_dir() else []
-        raise FileNotFoundError(
-            f"no complete demos for task {task_dir.name!r} in {task_dir}; run scripts/collect_demos.py "
-            f"(collected tasks: {collected})"
+    problem = task_store_problem(task_dir)
+    if problem is not None:
+        parent = task_dir.parent
+        collected = sorted(p.name for p in parent.iterdir() if p.is_dir() and not p.name.startswith(".")) if parent.is_dir() else []
+        error = FileNotFoundError if problem == NOT_COLLECTED else CorruptEpisodeError
+        raise error(
+            f"no whole demos for task {task_dir.name!r} in {task_dir}: {problem}. Run scripts/collect_demos.py with "
+            f"the same settings (or train, which collects them): it collects what is missing or damaged (tasks in "
+            f"the store: {collected})"
         )
     return json.loads((task_dir / "meta.json").read_text()), _load(task_dir / "episode_ends.npy")
 
@@ -87,6 +145,18 @@ def check_task_values(task_dir: pathlib.Path, ends: np.ndarray, keys) -> None:
 def open_task_arrays(task_dir: pathlib.Path) -> dict[str, np.ndarray]:
     """The step arrays of one task folder, memory-mapped (`ARRAYS`)."""
     return {key: _load(pathlib.Path(task_dir) / f"{key}.npy", mmap_mode="r") for key in ARRAYS}
+
+
+def read_collection(store_dir: pathlib.Path) -> dict:
+    """collection.json of a store: the settings its demos were collected with."""
+    path = pathlib.Path(store_dir) / "collection.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CorruptEpisodeError(
+            f"cannot read {path} ({type(e).__name__}: {e}); run scripts/collect_demos.py with the same settings "
+            "(or train), which writes it again"
+        ) from e
 
 
 class MetaWorldDataset(Dataset):
@@ -117,7 +187,7 @@ class MetaWorldDataset(Dataset):
         self.privileged_state = privileged_state
         if not self.tasks:
             raise ValueError("MetaWorldDataset: the task list is empty")
-        collection = json.loads((self.store_dir / "collection.json").read_text())
+        collection = read_collection(self.store_dir)
         stored_cameras = list(collection["cameras"])
         missing = [c for c in cameras if c not in stored_cameras]
         if missing or not cameras:
@@ -197,6 +267,11 @@ def _load(path: pathlib.Path, mmap_mode: str | None = None) -> np.ndarray:
         return np.load(path, mmap_mode=mmap_mode)
     except (OSError, ValueError, EOFError) as e:
         raise CorruptEpisodeError(
-            f"cannot read {path} ({type(e).__name__}: {e}); delete {path.parent} and run "
-            "scripts/collect_demos.py again"
+            f"cannot read {path} ({type(e).__name__}: {e}); run scripts/collect_demos.py with the same settings "
+            "(or train), which collects damaged tasks again"
         ) from e
+
+
+def _sha256(path: pathlib.Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

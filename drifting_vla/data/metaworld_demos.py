@@ -6,7 +6,8 @@ Deterministic for a config: episode k of a task starts from `reset(seed=train_se
 failed expert episodes are dropped (and counted in `meta.json`), and kept episodes are written in
 seed order whatever the number of workers. The store folder is named by a hash of everything that
 changes its content, so a changed config never reads stale demos and an unchanged one is not
-collected twice.
+collected twice. A task whose demos were cut short (a killed collection) or damaged is collected
+again; two processes never collect one store at the same time.
 
 Collection runs the simulator through `drifting_vla.envs.metaworld_env.MetaWorldEnv`, the same
 wrapper the closed-loop evaluation uses (imported lazily: reading demos needs no simulator).
@@ -18,16 +19,20 @@ import hashlib
 import json
 import multiprocessing as mp
 import pathlib
+import shutil
 import time
 
 from tqdm import tqdm
 
 from drifting_vla.data.metaworld_dataset import (
     FORMAT_VERSION,
-    task_store_complete,
+    read_collection,
+    task_store_problem,
     write_task_store,
 )
+from drifting_vla.data.rlbench_pickle import CorruptEpisodeError
 from drifting_vla.envs.metaworld_routes import EXPERT_VERSION as ROUTE_EXPERT_VERSION
+from drifting_vla.files import FileLock, write_atomic
 
 DEFAULT_ROOT = "~/.cache/drifting_vla/metaworld"
 
@@ -60,23 +65,48 @@ def store_dir(cfg) -> pathlib.Path:
 
 
 def ensure_metaworld_demos(cfg, workers: int | None = None, progress: bool = True) -> pathlib.Path:
-    """Collect the demos of every task in `cfg.tasks` not yet complete in the store; return the
-    store folder. `workers` defaults to `cfg.collect_workers`."""
-    from drifting_vla.envs.metaworld_env import check_task, instruction_for, seed_range
+    """Collect the demos of every task in `cfg.tasks` not yet whole in the store (never collected,
+    cut short, damaged); return the store folder. `workers` defaults to `cfg.collect_workers`.
+
+    Collection holds the store's lock (`<store>/.lock`): a second process, a run started at the
+    same moment, waits and then reads what the first collected instead of collecting it again."""
+    from drifting_vla.envs.metaworld_env import check_task
 
     tasks = [str(t) for t in cfg["tasks"]]
     for task in tasks:
         check_task(task)
     out = store_dir(cfg)
-    todo = [t for t in tasks if not task_store_complete(out / t)]
-    if not todo:  # read-only from here on: other processes may be reading the store
-        return out
-    out.mkdir(parents=True, exist_ok=True)
     collection = collection_config(cfg)
-    (out / "collection.json").write_text(json.dumps(collection, indent=2))
+    if _read_collection(out) == collection and not any(task_store_problem(out / t) for t in tasks):
+        return out  # read-only from here on: other processes may be reading the store
+    lock = FileLock(out / ".lock", f"the Meta-World demo store {out}", "Waiting for it, then reading what it collected.")
+    lock.wait_and_acquire()
+    try:
+        _collect_missing(out, tasks, collection, workers if workers is not None else cfg.get("collect_workers", 1), progress)
+    finally:
+        lock.release()
+    return out
+
+
+def _collect_missing(out: pathlib.Path, tasks: list[str], collection: dict, workers: int, progress: bool) -> None:
+    """Under the store's lock: collect the tasks that are still not whole (whoever held the lock
+    before may have collected them), and clear what killed writers left."""
+    from drifting_vla.envs.metaworld_env import instruction_for, seed_range
+
+    for stale in [*out.glob(".*.partial-*"), *out.glob(".*.retired-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
+    if _read_collection(out) != collection:
+        write_atomic(out / "collection.json", json.dumps(collection, indent=2))
+    problems = {task: task_store_problem(out / task) for task in tasks}
+    todo = [task for task, problem in problems.items() if problem is not None]
+    for task in todo:
+        if (out / task).exists():
+            print(f"{task}: the demos in {out / task} cannot be used ({problems[task]}); collecting them again")
+    if not todo:
+        return
     seeds = seed_range(collection["train_seeds"])
     jobs = [(task, seed, collection) for task in todo for seed in seeds]
-    workers = max(1, int(workers if workers is not None else cfg.get("collect_workers", 1)))
+    workers = max(1, int(workers))
     start = time.perf_counter()
     results: dict[str, list[dict]] = {t: [] for t in todo}
     bar = tqdm(total=len(jobs), desc="collecting Meta-World demos", unit="ep", disable=not progress)
@@ -111,7 +141,14 @@ def ensure_metaworld_demos(cfg, workers: int | None = None, progress: bool = Tru
             )
     if progress:
         print(f"collected {len(todo)} task(s) in {time.perf_counter() - start:.0f} s -> {out}")
-    return out
+
+
+def _read_collection(out: pathlib.Path) -> dict | None:
+    """collection.json, or None when it is absent or unreadable (it is written again)."""
+    try:
+        return read_collection(out)
+    except CorruptEpisodeError:
+        return None
 
 
 def _mode_counts(episodes: list[dict]) -> dict[str, int] | None:

@@ -16,6 +16,8 @@ from collections.abc import Callable
 
 from torch.utils.data import Dataset
 
+from drifting_vla.data.skip_corrupt import SkipCorruptSamples
+
 DATASETS: dict[str, Callable[..., Dataset]] = {}
 PREPARERS: dict[str, Callable] = {}
 
@@ -47,10 +49,13 @@ def _collect_metaworld_demos(cfg) -> None:
 
 
 def build_dataset(cfg, split: str = "train") -> Dataset:
+    """With `data.skip_corrupt=true` a sample whose files turn out damaged while training is
+    replaced by a readable one, the same in every run (`skip_corrupt.SkipCorruptSamples`)."""
     name = str(cfg["name"])
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; registered: {sorted(DATASETS)}")
-    return DATASETS[name](cfg, split)
+    dataset = DATASETS[name](cfg, split)
+    return SkipCorruptSamples(dataset) if cfg.get("skip_corrupt", False) else dataset
 
 
 @register_dataset("metaworld", prepare=_collect_metaworld_demos)

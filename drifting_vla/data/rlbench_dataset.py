@@ -149,11 +149,16 @@ def load_rlbench_episode(episode_dir: str | pathlib.Path) -> RLBenchEpisode:
     observations = getattr(demo, "_observations", None)
     if not observations:
         raise CorruptEpisodeError(f"{episode_dir / 'low_dim_obs.pkl'} holds no observations")
-    descriptions = load_rlbench_pickle(episode_dir / "variation_descriptions.pkl")
+    descriptions_file = episode_dir / "variation_descriptions.pkl"
+    descriptions = load_rlbench_pickle(descriptions_file)
     if isinstance(descriptions, str):
         descriptions = [descriptions]
+    if not isinstance(descriptions, list | tuple):
+        raise CorruptEpisodeError(f"{descriptions_file} holds a {type(descriptions).__name__}, not a list of instructions")
     variation_file = episode_dir / "variation_number.pkl"
-    variation = int(load_rlbench_pickle(variation_file)) if variation_file.exists() else 0
+    variation = load_rlbench_pickle(variation_file) if variation_file.exists() else 0
+    if not isinstance(variation, int | np.integer):
+        raise CorruptEpisodeError(f"{variation_file} holds a {type(variation).__name__}, not the variation number")
     try:
         pose = np.stack([np.asarray(o.gripper_pose, dtype=np.float32) for o in observations])
         gripper_open = np.array([float(o.gripper_open) for o in observations], dtype=np.float32)
@@ -175,7 +180,7 @@ def load_rlbench_episode(episode_dir: str | pathlib.Path) -> RLBenchEpisode:
     return RLBenchEpisode(
         path=episode_dir,
         instructions=[str(d) for d in descriptions],
-        variation=variation,
+        variation=int(variation),
         gripper_pose=pose,
         gripper_open=gripper_open,
         joint_positions=joints,
@@ -373,21 +378,33 @@ class RLBenchDataset(Dataset):
         episode = self.episodes[e]
         digest = frames_digest(episode, self.cameras, self.image_size)
         path = self.cache_dir / self.episode_tasks[e] / f"{episode.path.name}_{'-'.join(self.cameras)}_{self.image_size or 'orig'}_{digest}.npy"
-        if path.is_file():
+        size = (self.image_size,) * 2 if self.image_size else ()
+        expected = (len(episode), len(self.cameras), 3, *size)
+        frames = _open_cache(path, expected) if path.is_file() else None
+        if frames is None:
+            frames = np.stack([[self._decode(episode, cam, t) for cam in self.cameras] for t in range(len(episode))])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
+            np.save(tmp, frames)
+            tmp.replace(path)  # atomic: workers racing on one episode all end with a whole file
             frames = np.load(path, mmap_mode="r")
-            if self._holds_episode(frames, episode):
-                return frames
-            log.warning("decoding %s again: its shape %s does not match the episode", path, frames.shape)
-        frames = np.stack([[self._decode(episode, cam, t) for cam in self.cameras] for t in range(len(episode))])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
-        np.save(tmp, frames)
-        tmp.replace(path)  # atomic: workers racing on one episode all end with a whole file
-        return np.load(path, mmap_mode="r")
+        return frames
 
-    def _holds_episode(self, frames: np.ndarray, episode: RLBenchEpisode) -> bool:
-        size = (self.image_size,) * 2 if self.image_size else frames.shape[3:]
-        return frames.dtype == np.uint8 and frames.shape == (len(episode), len(self.cameras), 3, *size)
+
+def _open_cache(path: pathlib.Path, expected: tuple[int, ...]) -> np.ndarray | None:
+    """The decoded frames at `path`, or None (with a warning) when the file is damaged or from
+    another layout: a cache is rebuilt from the episode, never trusted over it."""
+    try:
+        frames = np.load(path, mmap_mode="r")
+    except (OSError, ValueError, EOFError) as error:
+        log.warning("decoded-frame cache %s is unreadable (%s: %s); decoding the episode again", path, type(error).__name__, error)
+        return None
+    if frames.dtype != np.uint8 or frames.shape[: len(expected)] != expected:
+        log.warning("decoded-frame cache %s holds %s %s, not uint8 %s...; decoding the episode again",
+                    path, frames.dtype, frames.shape, expected)
+        return None
+    return frames
+
 
 
 def frames_digest(episode: RLBenchEpisode, cameras: list[str], image_size: int | None) -> str:
@@ -409,6 +426,12 @@ def _read_png(path: pathlib.Path, mode: str) -> np.ndarray:
         with Image.open(path) as img:
             return np.asarray(img.convert(mode))
     except FileNotFoundError:
-        raise CorruptEpisodeError(f"missing image {path}") from None
+        raise CorruptEpisodeError(f"missing image {path}; {FRAME_REMEDY}") from None
     except Exception as e:
-        raise CorruptEpisodeError(f"cannot decode image {path}: {type(e).__name__}: {e}") from e
+        raise CorruptEpisodeError(f"cannot decode image {path}: {type(e).__name__}: {e}; {FRAME_REMEDY}") from e
+
+
+FRAME_REMEDY = (
+    "download its task again (scripts/download_rlbench_data.py), or set data.skip_corrupt=true to train "
+    "without the samples that need it"
+)

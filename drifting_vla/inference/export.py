@@ -41,6 +41,7 @@ from drifting_vla.training.checkpoint import (
     find_latest_valid_checkpoint,
     pretrained_sources,
     read_references,
+    read_saved_file,
     resolve_checkpoint,
     split_referenced,
     write_references,
@@ -79,7 +80,7 @@ def read_saved_policy(path: str | os.PathLike) -> SavedPolicy:
     path = Path(path).expanduser()
     if is_export(path):
         file = path / EXPORT_CONFIG_FILE
-        saved = json.loads(file.read_text())
+        saved = read_saved_file(file, lambda f: json.loads(f.read_text()))
         if saved.get("format") != EXPORT_FORMAT or not {"config", "objective"} <= saved.keys():
             raise ValueError(
                 f"{file} is not a Drifting-VLA policy (format {saved.get('format')!r}, keys {sorted(saved)}; expected "
@@ -98,13 +99,22 @@ def read_saved_policy(path: str | os.PathLike) -> SavedPolicy:
         return SavedPolicy(path, cfg, _read_normalization(path), read_references(path),
                            [path / MODEL_FILE], objective.get("nfe"), objective.get("sampler"))
     path = resolve_checkpoint(path)
-    cfg = yaml.safe_load((path / CONFIG_FILE).read_text())
+    cfg = read_saved_file(path / CONFIG_FILE, lambda f: yaml.safe_load(f.read_text()))
     check_untrusted_config(cfg, path / CONFIG_FILE)
     return SavedPolicy(path, cfg, _read_normalization(path), read_references(path), [path / MODEL_FILE, path / EMA_FILE])
 
 
-def _read_normalization(path: Path) -> dict:
-    return json.loads((path / NORMALIZATION_FILE).read_text())
+def _read_normalization(directory: Path) -> dict:
+    """normalization.json: what `Normalizer.to_dict` wrote, {"stats", "action_spec"}."""
+
+    def parse(file: Path) -> dict:
+        data = json.loads(file.read_text())
+        if not isinstance(data, dict) or not {"stats", "action_spec"} <= data.keys():
+            raise ValueError(f"it holds {sorted(data) if isinstance(data, dict) else type(data).__name__}, "
+                             "not 'stats' and 'action_spec'")
+        return data
+
+    return read_saved_file(directory / NORMALIZATION_FILE, parse)
 
 
 def check_untrusted_config(cfg: dict, file: Path) -> None:

@@ -64,7 +64,7 @@ from drifting_vla.inference.export import (
 from drifting_vla.models.drifting_vla import DriftingVLA, build_model
 from drifting_vla.rotations import quaternion_to_rotation6d, rotation6d_to_quaternion
 from drifting_vla.specs import ActionSpec
-from drifting_vla.training.checkpoint import load_weights, pin_referenced_revisions
+from drifting_vla.training.checkpoint import load_weights, pin_referenced_revisions, read_saved_file
 from drifting_vla.training.config import training_config
 from drifting_vla.training.objectives import Objective, build_objective
 
@@ -139,7 +139,7 @@ class DriftingPolicy:
         model = build_model(pin_referenced_revisions(cfg, saved.references))
         load_weights(model, saved.weights[0], saved.references)
         for file in saved.weights[1:]:  # EMA: trainable weights only
-            overlay = load_file(str(file), device="cpu")
+            overlay = read_saved_file(file, lambda f: load_file(str(f), device="cpu"))
             unknown = sorted(set(overlay) - set(model.state_dict()))
             if unknown:
                 raise KeyError(f"{file} has weights the model lacks: {unknown[:5]}")

@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from drifting_vla.envs import NO_SIMULATOR, checked_env_import_path, env_class, simulation_config
+from drifting_vla.files import write_atomic
 
 VIDEO_FPS = 30
 
@@ -503,7 +504,7 @@ def evaluate(
             jsonl.close()
     summary.seconds = time.perf_counter() - started
     if output_dir is not None:
-        (output_dir / "summary.json").write_text(json.dumps({**summary.to_dict(), **(record or {})}, indent=2))
+        write_atomic(output_dir / "summary.json", json.dumps({**summary.to_dict(), **(record or {})}, indent=2))
     check_evaluated(summary, total, output_dir)
     return summary
 

@@ -54,16 +54,24 @@ class MetricHistory:
     @classmethod
     def from_jsonl(cls, path, up_to_step: int) -> MetricHistory:
         """The history a run had logged by `up_to_step`, read back from its `metrics.jsonl` (so a
-        resumed run's trend panels continue; lines a killed run wrote after its checkpoint are left out)."""
+        resumed run's trend panels continue; lines a killed run wrote after its checkpoint are left out).
+        A line that is not JSON (a SIGKILL mid-write cuts the last one short) is left out with a
+        warning: the history only draws the trend panels, and is not worth refusing the resume for."""
         import json
+        import logging
         from pathlib import Path
 
         history = cls()
         path = Path(path)
         if path.is_file():
-            for line in path.read_text().splitlines():
-                record = json.loads(line) if line.strip() else {}
-                if "step" in record and int(record["step"]) <= up_to_step:
+            for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+                try:
+                    record = json.loads(line) if line.strip() else {}
+                except ValueError:
+                    logging.getLogger(__name__).warning("%s line %d is not JSON (a write cut short?); left out of the "
+                                                        "trend panels: %.80s", path, number, line)
+                    continue
+                if isinstance(record, dict) and "step" in record and int(record["step"]) <= up_to_step:
                     step = record.pop("step")
                     history.record(step, {k: v for k, v in record.items() if isinstance(v, (int, float))})
         return history

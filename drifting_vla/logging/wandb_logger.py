@@ -62,6 +62,19 @@ def _json_number(value: Any) -> float | int | None:
     return number if math.isfinite(number) else None
 
 
+def _open_jsonl(path: Path):
+    """`path` for appending lines (flushed per line), after ending a line a killed writer cut short
+    so that the next record starts on its own line."""
+    if path.is_file() and path.stat().st_size:
+        with path.open("rb") as f:
+            f.seek(-1, os.SEEK_END)
+            cut_short = f.read(1) != b"\n"
+        if cut_short:
+            with path.open("a") as f:
+                f.write("\n")
+    return path.open("a", buffering=1)
+
+
 def _file_name(name: str) -> str:
     """A metric-style name (`sim/reach-v3`) as a file name (`sim_reach-v3`)."""
     return _UNSAFE_FILE_CHARS.sub("_", name).strip("_") or "unnamed"
@@ -83,7 +96,7 @@ class RunLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.mode = resolve_wandb_mode(mode)
         self.history = MetricHistory()
-        self._metrics_file = (self.run_dir / "metrics.jsonl").open("a", buffering=1)
+        self._metrics_file = _open_jsonl(self.run_dir / "metrics.jsonl")
         self._wandb_run = None
         if self.mode != "disabled":
             import wandb

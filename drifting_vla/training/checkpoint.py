@@ -10,13 +10,16 @@ Layout, one directory per optimizer step:
         config.yaml           the resolved config of the run
         normalization.json    the action/proprio normalization statistics
         pretrained_weights.json   only with frozen pretrained encoders: what they are, not a copy
-        complete              written last: {"step": ..., "files": {name: size in bytes}}
+        complete              written last: {"step", "format_version",
+                                             "files": {name: {"bytes", "sha256"}}}
       .partial-step_00002000-<pid>/   a write in progress (or a crash); never read
 
 A checkpoint is written into a hidden temporary directory beside the final one and renamed into
 place with `os.replace`, which is atomic on POSIX file systems: a reader sees either no
-`step_00002000` or a whole one. The `complete` marker, with the size of every file, also catches
-copies that were cut short (rsync, a full disk on a network file system).
+`step_00002000` or a whole one. The `complete` marker records the sha256 of every file, and every
+load checks it: sizes alone miss a file damaged at the same size (a bad disk sector, a flipped
+bit in a copy), and such a file would otherwise load as weights nobody trained. Checkpoints from
+before the hashes (markers of sizes only) are still read, checked by size, with a warning.
 
 `trainer_state.pt` holds only tensors and plain Python values, so it loads with
 `torch.load(weights_only=True)`: a checkpoint from somewhere else cannot run code.
@@ -41,6 +44,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -74,6 +78,9 @@ CONFIG_FILE = "config.yaml"
 NORMALIZATION_FILE = "normalization.json"
 REFERENCES_FILE = "pretrained_weights.json"
 COMPLETE_MARKER = "complete"
+FORMAT_VERSION = 2
+"""Of the checkpoint layout, in the marker: 1 recorded sizes only, 2 adds each file's sha256. A
+reader refuses versions above its own rather than misread files a newer drifting-vla wrote."""
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 
 
@@ -187,12 +194,27 @@ def _write_files(
     )
 
 
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def _write_complete_marker(target: Path, step: int) -> None:
-    files = {p.name: p.stat().st_size for p in sorted(target.iterdir())}
-    for name in files:
-        _fsync_path(target / name)
-    (target / COMPLETE_MARKER).write_text(json.dumps({"step": step, "files": files}, indent=2))
+    files = {}
+    for file in sorted(p for p in target.iterdir() if p.name != COMPLETE_MARKER):
+        _fsync_path(file)
+        files[file.name] = {"bytes": file.stat().st_size, "sha256": file_sha256(file)}
+    marker = {"step": step, "format_version": FORMAT_VERSION, "files": files}
+    (target / COMPLETE_MARKER).write_text(json.dumps(marker, indent=2))
     _fsync_path(target / COMPLETE_MARKER)
+
+
+def seal_checkpoint(path: str | os.PathLike) -> None:
+    """Record the files of the checkpoint at `path` as they are now, as if written so: after
+    editing one on purpose (config.yaml by hand), which loading would otherwise refuse as damaged."""
+    path = Path(path)
+    step = json.loads((path / COMPLETE_MARKER).read_text())["step"]
+    _write_complete_marker(path, step)
 
 
 def _remove_stale_partials(checkpoints_dir: Path) -> None:
@@ -264,23 +286,63 @@ def _replace_directory(source: Path, final: Path) -> None:
 # Finding and pruning
 
 
-def checkpoint_problem(path: str | os.PathLike) -> str | None:
-    """Why the checkpoint directory at `path` cannot be resumed from, or None when it is whole."""
-    path = Path(path)
+class _NotWhole(Exception):
+    """Why a checkpoint directory cannot be read (the message of `checkpoint_problem`)."""
+
+
+def _recorded_files(path: Path) -> dict[str, dict]:
+    """{name: {"bytes", and "sha256" from format 2 on}} of the marker, after checking that the
+    write finished and every file is there at its size; raises `_NotWhole`."""
     marker = path / COMPLETE_MARKER
     if not marker.is_file():
-        return f"no '{COMPLETE_MARKER}' marker (the write did not finish)"
+        raise _NotWhole(f"no '{COMPLETE_MARKER}' marker (the write did not finish)")
     try:
-        files = json.loads(marker.read_text())["files"]
-    except (ValueError, KeyError) as error:
-        return f"unreadable '{COMPLETE_MARKER}' marker ({error})"
-    for name, size in files.items():
+        content = json.loads(marker.read_text())
+        version, files = int(content.get("format_version", 1)), content["files"]
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise _NotWhole(f"unreadable '{COMPLETE_MARKER}' marker ({type(error).__name__}: {error})") from None
+    if version > FORMAT_VERSION:
+        raise _NotWhole(
+            f"written by a newer drifting-vla (checkpoint format {version}; this one reads up to "
+            f"{FORMAT_VERSION}): upgrade drifting-vla to read it"
+        )
+    records = {name: record if isinstance(record, dict) else {"bytes": record} for name, record in files.items()}
+    for name, record in records.items():
         file = path / name
         if not file.is_file():
-            return f"'{name}' is missing"
-        if file.stat().st_size != size:
-            return f"'{name}' has {file.stat().st_size} bytes, the marker says {size}"
+            raise _NotWhole(f"'{name}' is missing")
+        if file.stat().st_size != record["bytes"]:
+            raise _NotWhole(f"'{name}' has {file.stat().st_size} bytes, the marker says {record['bytes']}")
+    return records
+
+
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """Why the checkpoint directory at `path` cannot be resumed from, or None when it is whole:
+    the write finished and every file has the sha256 it was written with."""
+    path = Path(path)
+    try:
+        records = _recorded_files(path)
+    except _NotWhole as problem:
+        return str(problem)
+    unhashed = [name for name, record in records.items() if "sha256" not in record]
+    if unhashed:
+        log.warning("%s predates checkpoint hashes: %s checked by size only", path, unhashed)
+    for name, record in records.items():
+        if "sha256" in record and file_sha256(path / name) != record["sha256"]:
+            return (
+                f"'{name}' does not hold what was written: its sha256 differs from the marker's (at the "
+                f"same size, {record['bytes']} bytes), so it was damaged on disk or in a copy"
+            )
     return None
+
+
+def _write_finished(path: Path) -> bool:
+    """The marker is there and every file has its size: enough to prune by, which reads no file."""
+    try:
+        _recorded_files(path)
+    except _NotWhole:
+        return False
+    return True
 
 
 def _step_dirs(checkpoints_dir: Path) -> list[tuple[int, Path]]:
@@ -298,13 +360,14 @@ def _step_dirs(checkpoints_dir: Path) -> list[tuple[int, Path]]:
 def find_latest_valid_checkpoint(checkpoints_dir: str | os.PathLike) -> Path | None:
     """The newest whole checkpoint under `checkpoints_dir` (for `training.resume=auto`), or None.
 
-    Incomplete or damaged ones are skipped with a warning that names them and says why.
+    Incomplete or damaged ones are skipped with a warning that names them and says why; they are
+    left for a person to inspect or delete.
     """
     for _, path in _step_dirs(Path(checkpoints_dir)):
         problem = checkpoint_problem(path)
         if problem is None:
             return path
-        log.warning("skipping checkpoint %s: %s", path, problem)
+        log.warning("skipping checkpoint %s: %s; an older whole checkpoint is used instead", path, problem)
     return None
 
 
@@ -314,7 +377,10 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     if (path / MODEL_FILE).is_file():
         problem = checkpoint_problem(path)
         if problem is not None:
-            raise FileNotFoundError(f"checkpoint {path} is not whole: {problem}")
+            raise FileNotFoundError(
+                f"checkpoint {path} is not whole: {problem}. Copy it again from where it came from, or give "
+                f"{path.parent} to use the newest whole checkpoint there"
+            )
         return path
     for candidate in (path, path / "checkpoints"):
         found = find_latest_valid_checkpoint(candidate)
@@ -330,12 +396,12 @@ def prune_checkpoints(checkpoints_dir: str | os.PathLike, keep_last: int) -> lis
     """Delete whole checkpoints older than the newest `keep_last`; returns what was deleted.
 
     Damaged directories are left for a person to inspect (`find_latest_valid_checkpoint` names them).
+    Whole means the write finished (`_write_finished`): hashing every kept checkpoint at every save
+    would read gigabytes to decide what to delete; the content is checked where it is loaded.
     """
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1 (the checkpoint to resume from), got {keep_last}")
-    whole = [
-        path for _, path in _step_dirs(Path(checkpoints_dir)) if checkpoint_problem(path) is None
-    ]
+    whole = [path for _, path in _step_dirs(Path(checkpoints_dir)) if _write_finished(path)]
     deleted = whole[keep_last:]
     for path in deleted:
         shutil.rmtree(path)
@@ -429,7 +495,7 @@ def write_references(directory: Path, references: Mapping[str, dict]) -> None:
 def read_references(directory: str | os.PathLike) -> dict[str, dict]:
     """What `write_references` wrote, {} when the directory stores every weight."""
     file = Path(directory) / REFERENCES_FILE
-    return json.loads(file.read_text()) if file.is_file() else {}
+    return read_saved_file(file, lambda f: json.loads(f.read_text())) if file.is_file() else {}
 
 
 def pin_referenced_revisions(cfg: dict, references: Mapping[str, dict]) -> dict:
@@ -466,6 +532,35 @@ def verify_referenced(model: nn.Module, references: Mapping[str, dict], where: P
 # Loading
 
 
+TRAINER_STATE_KEYS = ("step", "optimizer", "scheduler", "rng", "sampler", "extra")
+
+
+class DamagedCheckpointError(ValueError):
+    """A checkpoint or export file that cannot be parsed. In a checkpoint whose hashes passed, that
+    means another version wrote it."""
+
+
+def _load_trainer_state(file: Path) -> dict:
+    """torch's own message for a refused file advises `weights_only=False`, which would run code
+    from the file: it is replaced by what the refusal means."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError("not a file of tensors and plain values, the only thing read from a checkpoint") from None
+
+
+def read_saved_file(file: Path, reader):
+    """`reader(file)`, any failure to parse it named with the file and what to do."""
+    try:
+        return reader(file)
+    except Exception as error:
+        reason = (str(error).splitlines() or [""])[0]
+        raise DamagedCheckpointError(
+            f"cannot read {file} ({type(error).__name__}: {reason}): another drifting-vla or torch version wrote "
+            "it, or it is damaged. Read it with the version that wrote it, copy it again, or use another checkpoint."
+        ) from error
+
+
 @dataclass
 class ResumeState:
     """What a checkpoint gives back beyond the objects it restores in place."""
@@ -495,7 +590,7 @@ def load_weights(model: nn.Module, file: Path, references: Mapping[str, dict] | 
     its zero-output initialization (same actions)."""
     references = references or {}
     verify_referenced(model, references, file.parent)
-    weights = load_file(str(file))
+    weights = read_saved_file(file, lambda f: load_file(str(f)))
     expected = {k for k in model.state_dict() if not any(k.startswith(p + ".") for p in references)}
     missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
     partial = StateDictOptions(full_state_dict=True, strict=False)
@@ -534,7 +629,18 @@ def load_checkpoint(
             f"cannot resume from {path}: {problem}. Use find_latest_valid_checkpoint() to pick a "
             "whole one, or start a fresh run."
         )
-    ema_weights = load_file(str(path / EMA_FILE))
+    # Every file is read before anything is restored: one that cannot be read leaves the model,
+    # optimizer and RNGs as they were.
+    ema_weights = read_saved_file(path / EMA_FILE, lambda f: load_file(str(f)))
+    state = read_saved_file(path / TRAINER_STATE_FILE, _load_trainer_state)
+    config = read_saved_file(path / CONFIG_FILE, lambda f: yaml.safe_load(f.read_text()) or {})
+    normalization = read_saved_file(path / NORMALIZATION_FILE, lambda f: json.loads(f.read_text()))
+    absent = [key for key in TRAINER_STATE_KEYS if key not in state]
+    if absent:
+        raise DamagedCheckpointError(
+            f"{path / TRAINER_STATE_FILE} lacks {absent}: it was written by another drifting-vla version. Resume "
+            "with the version that wrote it, or start a fresh run (the weights still evaluate)."
+        )
     if predates_time_embedder(sorted(set(ema.state_dict()) - set(ema_weights))):
         raise ValueError(
             f"cannot resume from {path}: it was written before the DiT gained its time embedder, so its "
@@ -543,7 +649,6 @@ def load_checkpoint(
         )
     load_weights(model, path / MODEL_FILE, read_references(path))
     ema.load_state_dict(ema_weights)
-    state = torch.load(path / TRAINER_STATE_FILE, map_location="cpu", weights_only=True)
     set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(state["scheduler"])
     restore_rng_state(state["rng"])
@@ -552,6 +657,7 @@ def load_checkpoint(
         step=int(state["step"]),
         sampler_state=state["sampler"],
         extra=state["extra"],
-        config=yaml.safe_load((path / CONFIG_FILE).read_text()) or {},
-        normalization=json.loads((path / NORMALIZATION_FILE).read_text()),
+        config=config,
+        normalization=normalization,
     )
+

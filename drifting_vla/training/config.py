@@ -198,6 +198,8 @@ class DataConfig:
 class MetaWorldDataConfig(DataConfig):
     root: str | None = None
     privileged_state: bool = False
+    observe_goal: bool = False
+    expert: str = setting("stock", choices=("stock", "routes"))
     collect_workers: int = setting(1, ge=1)
 
 
@@ -211,6 +213,7 @@ class RLBenchDataConfig(DataConfig):
     max_episodes_per_task: int | None = setting(None, ge=1)
     control: str | None = setting(None, choices=(None, "planner", "ik"))
     workspace_bounds: list[list[float]] | None = None
+    ignore_collisions: bool = False
 
 
 @dataclass(kw_only=True)

@@ -37,6 +37,7 @@ from drifting_vla.data.normalization import Normalizer, dataset_stats
 from drifting_vla.data.registry import build_dataset, prepare_dataset
 from drifting_vla.data.sampler import ResumableBatchSampler
 from drifting_vla.envs import NO_SIMULATOR, checked_env_import_path, simulation_config
+from drifting_vla.files import FileLock, write_atomic
 from drifting_vla.logging.visualizations import PANELS, MetricHistory, PanelInputs, due_panels
 from drifting_vla.logging.wandb_logger import create_run_logger
 from drifting_vla.models import build_model, parameter_table
@@ -128,20 +129,36 @@ class Trainer:
         )
         self.step, self.skipped_steps, self.batches_consumed = 0, 0, 0
         self.history = MetricHistory()
-        self.logger = create_run_logger(
-            self.run_dir, rank=self.ctx.rank, mode=str(t.wandb.mode), project=str(t.wandb.project),
-            run_name=t.wandb.name, config=OmegaConf.to_container(cfg, resolve=True),
-        )
+        # The run directory is taken (one run at a time), read (resume), and only then written: a
+        # refused resume leaves it as it was. fit() gives it back.
+        self.run_lock = FileLock(self.run_dir / RUN_LOCK_FILE, f"the run directory {self.run_dir}", RUN_DIR_TAKEN)
         if self.ctx.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            self.run_lock.acquire()
+        try:
+            if t.resume:
+                self._resume(str(t.resume))
+            self.logger = create_run_logger(
+                self.run_dir, rank=self.ctx.rank, mode=str(t.wandb.mode), project=str(t.wandb.project),
+                run_name=t.wandb.name, config=OmegaConf.to_container(cfg, resolve=True),
+            )
+            if self.ctx.is_main:
+                write_atomic(self.run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        except BaseException:
+            self.run_lock.release()
+            raise
+        if self.ctx.is_main:
             print(parameter_table(self.model), flush=True)
-        if t.resume:
-            self._resume(str(t.resume))
 
     # ------------------------------------------------------------------------------ the loop
     def fit(self) -> dict | None:
-        """Train to `training.max_steps`, then evaluate in simulation; returns the eval summary."""
+        """Train to `training.max_steps`, then evaluate in simulation; returns the eval summary.
+        The run directory is given back at the end, also when training fails."""
+        try:
+            return self._fit()
+        finally:
+            self.run_lock.release()
+
+    def _fit(self) -> dict | None:
         t = self.cfg.training
         self.sampler_start = self.sampler.state_dict()
         batches = iter(self._loader(self.train_set, self.sampler))
@@ -429,7 +446,7 @@ class Trainer:
         else:
             path = resolve_checkpoint(resume)
         state = load_checkpoint(path, model=self.model, ema=self.ema, optimizer=self.optimizer, scheduler=self.scheduler)
-        if state.normalization["stats"] != self.normalizer.to_dict()["stats"]:
+        if state.normalization.get("stats") != self.normalizer.to_dict()["stats"]:
             raise ValueError(
                 f"the normalization statistics saved in {path} differ from this run's data ({self.cfg.data.name}); "
                 f"resuming would train on differently scaled actions. Resume with the same data config."
@@ -480,7 +497,7 @@ class Trainer:
         for video in result.videos[:1]:
             self.logger.log_video("sim/rollout_video", np.stack(imageio.mimread(video, memtest=False)), self.step)
         if final:  # "step": which checkpoint was evaluated (an export's model card reads it)
-            (self.run_dir / "summary.json").write_text(json.dumps({**summary, "step": self.step}, indent=2))
+            write_atomic(self.run_dir / "summary.json", json.dumps({**summary, "step": self.step}, indent=2))
             print(result.format_table(), flush=True)
             print(f"summary: {self.run_dir / 'summary.json'}", flush=True)
         return summary
@@ -489,6 +506,10 @@ class Trainer:
         if self.ctx.world_size > 1:
             dist.barrier()
 
+
+RUN_LOCK_FILE = ".lock"
+RUN_DIR_TAKEN = ("Two runs writing one directory mix their checkpoints and metrics: wait for that run to end or stop it, "
+                 "or train into another directory (hydra.run.dir=... with scripts/train.py, run_dir=... otherwise).")
 
 PANEL_SAMPLES = 8
 """Chunks drawn per observation for the panels (distributions, mode coverage), whatever the objective."""

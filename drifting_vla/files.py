@@ -1,0 +1,138 @@
+"""Files that survive a crash and a second process: what must have one writer takes a lock, and
+what readers open later is written whole or not at all.
+
+    lock = FileLock(run_dir / ".lock", "the run directory runs/x", "train into another directory").acquire()
+    ...                                  # LockHeld, naming the holder and the remedy, if it is taken
+    lock.release()
+    write_atomic(run_dir / "summary.json", text)    # readers see the old file or the new, never half
+
+The lock holder writes who it is into the lock file (pid, host, command, start time) for the
+message another process gets.
+
+Why `flock`: the kernel drops the lock when its holder dies, SIGKILL and power loss included, so a
+lock file left behind never blocks the process that follows; no pid has to be guessed dead. Two
+details keep that true:
+- A forked child (a DataLoader worker) shares its parent's lock and could hold it for seconds after
+  the parent was killed; every child closes its copy right after the fork (`os.register_at_fork`).
+- The file is deleted on release, while still locked. A process that opened it just before checks,
+  once it holds a lock, that the path still names the file it locked, and otherwise starts over.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` through a temporary file renamed over it: a process killed while
+    writing leaves the previous file (or none), never a truncated one that every later reader
+    trips over, and a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class LockHeld(RuntimeError):
+    """Another live process holds the lock."""
+
+
+class FileLock:
+    def __init__(self, path: str | os.PathLike, what: str, remedy: str) -> None:
+        """`what` is locked (for messages: "the run directory runs/x"); `remedy` tells the second
+        process what to do instead."""
+        self.path, self.what, self.remedy = Path(path), what, remedy
+        self._fd: int | None = None
+
+    def acquire(self) -> FileLock:
+        """Take the lock now or raise `LockHeld` naming its holder."""
+        return self._take(fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def wait_and_acquire(self) -> FileLock:
+        """Take the lock, first waiting (and saying for whom) while another process holds it."""
+        try:
+            return self.acquire()
+        except LockHeld as held:
+            print(f"waiting: {held}", file=sys.stderr, flush=True)
+        return self._take(fcntl.LOCK_EX)
+
+    def release(self) -> None:
+        """Give the lock back (idempotent); the lock file goes with it."""
+        if self._fd is None:
+            return
+        self.path.unlink(missing_ok=True)
+        os.close(self._fd)
+        self._fd = None
+        _HELD.discard(self)
+
+    def __enter__(self) -> FileLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def _take(self, flags: int) -> FileLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, flags)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise LockHeld(f"{self.what} is in use by {holder}. {self.remedy}") from None
+            if _names(self.path, fd):
+                break
+            os.close(fd)  # released and deleted between our open and our lock: take the new file
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(_whoami()).encode())
+        self._fd = fd
+        _HELD.add(self)
+        return self
+
+
+_HELD: set[FileLock] = set()
+
+
+def _forget_in_child() -> None:
+    """After a fork, in the child: close the inherited locks, so that only the parent holds them."""
+    for lock in _HELD:
+        os.close(lock._fd)
+        lock._fd = None
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+
+
+def _names(path: Path, fd: int) -> bool:
+    try:
+        on_disk = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (on_disk.st_dev, on_disk.st_ino) == (held.st_dev, held.st_ino)
+
+
+def _whoami() -> dict:
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "since": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+    }
+
+
+def _read_holder(fd: int) -> str:
+    """The holder as it described itself, for the message."""
+    try:
+        holder = json.loads(os.pread(fd, 65536, 0))
+        return f"process {holder['pid']} on {holder['host']} since {holder['since']} ({holder['command']})"
+    except (ValueError, KeyError, TypeError):
+        return "a process that has not yet said who it is"
