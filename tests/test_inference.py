@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import imageio.v2 as imageio
 import numpy as np
 import pytest
 import torch
@@ -23,7 +24,9 @@ from drifting_vla.inference.rollout import (
     evaluation_seeds,
     wilson_interval,
 )
+from drifting_vla.logging.trajectory_video import PLOT_HEIGHT_PX, TITLE_HEIGHT_PX
 from drifting_vla.models.drifting_vla import build_model
+from drifting_vla.serving import ChunkedPolicy
 from drifting_vla.specs import ActionSpec
 from drifting_vla.training.checkpoint import gather_training_state, save_checkpoint
 from drifting_vla.training.config import training_config
@@ -223,6 +226,24 @@ def test_chunk_queue_replans_only_the_envs_whose_queue_is_empty():
     assert generator.batch_sizes == [2, 1, 1]
 
 
+def test_policies_name_the_envs_that_drew_a_new_chunk_for_the_trajectory_videos():
+    policy = tiny_policy(horizon=8, execution="chunk", execute_steps=2)
+    policy.predict_action_chunk = CountingGenerator(8)
+    chunked = ChunkedPolicy(lambda obs, seed: np.zeros((8, 4), np.float32), horizon=8, execute_steps=2)
+    for queue in (policy, chunked):
+        queue.select_action(env_batch([0, 1]))
+        assert queue.replanned == [0, 1]
+        queue.reset(1)
+        queue.select_action(env_batch([0, 1]))
+        assert queue.replanned == [1]
+        queue.select_action(env_batch([0, 1]))
+        assert queue.replanned == [0]
+    ensemble = tiny_policy(horizon=3, execution="ensemble")
+    ensemble.predict_action_chunk = CountingGenerator(3)
+    ensemble.select_action(env_batch([0, 1]))
+    assert ensemble.replanned == [0, 1]
+
+
 def test_temporal_ensembling_matches_the_hand_computed_weighted_average():
     decay = 0.5
     policy = tiny_policy(horizon=3, execution="ensemble", ensemble_decay=decay)
@@ -298,6 +319,26 @@ def test_rollout_reports_simulator_errors_and_dead_workers_as_failed_episodes(tm
     assert by_seed[0].video and (tmp_path / "videos" / f"{TASK}_seed0.mp4").stat().st_size > 0
 
 
+def test_episodes_with_a_video_also_get_a_trajectory_video_one_frame_per_observation(tmp_path):
+    data = OmegaConf.to_container(tiny_cfg().data)
+    data["name"] = "tests.fake_envs:ScriptedEnv"
+    summary = evaluate(
+        tiny_policy(execution="chunk", execute_steps=2), data, tasks=[TASK], seeds=[0, 3, 4], num_workers=2,
+        output_dir=tmp_path, videos_per_task=2, max_episode_steps=6, progress=False,
+    )
+    by_seed = {r.seed: r for r in summary.records}
+    expected = {0: tmp_path / "videos" / f"{TASK}_seed0_trajectory.mp4", 3: tmp_path / "videos" / f"{TASK}_seed3_trajectory.mp4"}
+    assert {seed: by_seed[seed].trajectory_video for seed in expected} == {seed: str(p) for seed, p in expected.items()}
+    assert by_seed[4].trajectory_video is None and sorted(summary.to_dict()["trajectory_videos"]) == sorted(map(str, expected.values()))
+    for seed, path in expected.items():
+        frames = imageio.mimread(path, memtest=False)
+        assert len(frames) == by_seed[seed].steps + 1  # the reset frame, then one per step
+        assert frames[0].shape == (TITLE_HEIGHT_PX + PLOT_HEIGHT_PX, 32 + 2 * PLOT_HEIGHT_PX, 3)
+        assert np.abs(frames[-1].astype(int) - frames[0].astype(int)).mean() > 1
+    records = [json.loads(line) for line in (tmp_path / "episodes.jsonl").read_text().splitlines()]
+    assert {r["seed"]: r["trajectory_video"] for r in records}[0] == str(expected[0])
+
+
 def test_a_task_whose_every_episode_errored_raises_after_writing_the_summary(tmp_path):
     data = OmegaConf.to_container(tiny_cfg().data)
     data["name"] = "tests.fake_envs:ScriptedEnv"
@@ -343,6 +384,9 @@ def test_metaworld_rollout_with_two_workers_writes_episodes_summary_and_video(tm
     assert all(set(r) >= {"task", "seed", "success", "steps", "seconds", "error"} for r in records)
     video = tmp_path / "videos" / f"{TASK}_seed100000.mp4"
     assert video.stat().st_size > 1000 and not (tmp_path / "videos" / f"{TASK}_seed100001.mp4").exists()
+    trajectory = imageio.mimread(tmp_path / "videos" / f"{TASK}_seed100000_trajectory.mp4", memtest=False)
+    steps = next(r["steps"] for r in records if r["seed"] == 100000)
+    assert len(trajectory) == steps + 1 and trajectory[0].shape == (TITLE_HEIGHT_PX + PLOT_HEIGHT_PX, 256 + 2 * PLOT_HEIGHT_PX, 3)
 
 
 def test_make_env_picks_the_class_by_data_name():
