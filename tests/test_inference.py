@@ -454,6 +454,21 @@ def test_simulate_eval_writes_summary_json_and_prints_the_table(checkpoint, tmp_
     assert "overall" in result.stdout
 
 
+def test_simulate_eval_logs_the_trajectory_videos_to_wandb_when_asked(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    out = tmp_path / "eval"
+    result = run_simulate_eval(
+        tmp_path / "hydra", f"checkpoint={checkpoint[0]}", "episodes=1", "workers=1", "max_episode_steps=4",
+        "videos_per_task=1", f"output={out}", "progress=false", "num_threads=1", "wandb_mode=offline",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    trajectory = out / "videos" / f"{TASK}_seed100000_trajectory.mp4"
+    assert json.loads((out / "summary.json").read_text())["trajectory_videos"] == [str(trajectory)]
+    assert len(imageio.mimread(trajectory, memtest=False)) == 5
+    assert len(list((out / "wandb").rglob("media/videos/eval/trajectory_video_*.mp4"))) == 1
+
+
 def test_simulate_eval_rejects_an_unknown_key_by_name(checkpoint, tmp_path):
     result = run_simulate_eval(tmp_path, f"checkpoint={checkpoint[0]}", "episdoes=3")
     assert result.returncode != 0 and "episdoes" in result.stderr

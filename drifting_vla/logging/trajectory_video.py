@@ -39,6 +39,8 @@ from PIL import Image, ImageDraw
 
 from drifting_vla.logging.themes import THEME, PanelTheme
 
+TRAJECTORY_VIDEO_KEY = "eval/trajectory_video"
+"""The WandB key the trainer and scripts/simulate_eval.py log an evaluation's trajectory videos under."""
 PLOT_HEIGHT_PX = 256
 """The plots are as tall as the camera frame and at least this tall (RLBench's video frame is its
 128 px observation): the fonts and the layout below are sized for it."""
