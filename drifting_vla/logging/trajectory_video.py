@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
+import imageio.v2 as imageio
 import matplotlib as mpl
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -53,7 +54,7 @@ FAILURE_COLOR = "#D55E00"
 
 
 def episode_title(record: Mapping, labels: Sequence[str] = ()) -> str:
-    """'drawer-open-v3  seed 100000  SUCCESS in 91 steps', then `label: value` for each key of
+    """'drawer-open-v3   seed 100000   SUCCESS in 91 steps', then `label: value` for each key of
     `labels` the episode record has (e.g. a route label `mode`), then the error if there was one."""
     outcome = f"SUCCESS in {record['steps']} steps" if record["success"] else f"FAILURE after {record['steps']} steps"
     parts = [str(record["task"]), f"seed {record['seed']}", outcome]
@@ -225,13 +226,12 @@ def trajectory_frames(
 
 
 def write_trajectory_video(path: str | Path, frames, positions, replan_steps, record, labels=(), fps: int = 30) -> Path:
-    """`trajectory_frames(...)` encoded as H.264 at `path` (frames streamed, never all in memory)."""
-    import imageio.v2 as imageio
-
+    """`trajectory_frames(...)` encoded as H.264 at `path`, each composed frame handed to the
+    encoder as it is drawn (an episode's composed frames are never all in memory)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # ultrafast: a third of the encoding time of x264's default preset; the files (mostly static
-    # frames) stay small, about 3 KB a frame
+    # frames) stay small, 2-3 KB a frame
     with imageio.get_writer(path, fps=fps, codec="libx264", macro_block_size=2, ffmpeg_params=["-preset", "ultrafast"]) as writer:
         for frame in trajectory_frames(frames, positions, replan_steps, record, labels):
             writer.append_data(frame)
@@ -241,8 +241,6 @@ def write_trajectory_video(path: str | Path, frames, positions, replan_steps, re
 def frame_strip(path: str | Path, count: int = 4) -> np.ndarray:
     """`count` evenly spaced frames of the video at `path` (first and last included), stacked top
     to bottom: one picture of a whole episode, for docs and reports. uint8 [count * H, W, 3]."""
-    import imageio.v2 as imageio
-
     frames = imageio.mimread(path, memtest=False)
     picks = np.linspace(0, len(frames) - 1, count).round().astype(int)
     return np.concatenate([frames[i][..., :3] for i in picks])
