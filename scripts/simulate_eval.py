@@ -15,7 +15,9 @@ run through a server (`remote=`) with the same seed execute the same actions and
 success; both run the chunk queue (`execution=chunk`).
 
 Writes <output>/summary.json ({"success_rate", "ci95", "per_task", "episodes", ...}),
-<output>/episodes.jsonl and <output>/videos/, and prints the success table. Keys: drifting_vla/configs/eval.yaml.
+<output>/episodes.jsonl and <output>/videos/ (rollout and trajectory videos), and prints the success
+table. `wandb_mode=online|offline` also logs the success rates and the trajectory videos
+(`eval/trajectory_video`) as a WandB run under <output>/wandb. Keys: drifting_vla/configs/eval.yaml.
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from drifting_vla.envs import NO_SIMULATOR, simulation_config  # noqa: E402
 from drifting_vla.inference.export import local_policy_dir, read_saved_policy  # noqa: E402
 from drifting_vla.inference.policy import DriftingPolicy  # noqa: E402
-from drifting_vla.inference.rollout import evaluate, evaluation_seeds, protocol_label  # noqa: E402
+from drifting_vla.inference.rollout import EvalSummary, evaluate, evaluation_seeds, protocol_label  # noqa: E402
+from drifting_vla.logging.trajectory_video import TRAJECTORY_VIDEO_KEY  # noqa: E402
+from drifting_vla.logging.wandb_logger import RunLogger  # noqa: E402
 from drifting_vla.plugins import load_plugins  # noqa: E402
 from drifting_vla.serving import ChunkedPolicy, PolicyClient  # noqa: E402
 from drifting_vla.serving.server import predict_chunks  # noqa: E402
@@ -76,7 +80,18 @@ def main(cfg: DictConfig) -> float:
     )
     print(summary.format_table())
     print(f"wrote {output / 'summary.json'}")
+    if cfg.wandb_mode != "disabled":
+        _log_to_wandb(summary, output, str(cfg.wandb_mode), str(cfg.wandb_project), settings)
     return summary.success_rate
+
+
+def _log_to_wandb(summary: EvalSummary, output: Path, mode: str, project: str, settings: dict) -> None:
+    """The success rates (the trainer's `sim/` keys) and the trajectory videos as one WandB run."""
+    rates = summary.to_dict()
+    with RunLogger(output, mode=mode, project=project, run_name=f"eval {output.name}", config=settings) as logger:
+        logger.log_metrics({"sim/success_rate": rates["success_rate"],
+                            **{f"sim/success_rate/{task}": rate for task, rate in rates["per_task"].items()}}, step=0)
+        logger.log_video_files(TRAJECTORY_VIDEO_KEY, summary.trajectory_videos, step=0)
 
 
 def _policy(cfg: DictConfig):

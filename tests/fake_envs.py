@@ -24,6 +24,8 @@ from drifting_vla.envs.base_env import BaseEnv, StepResult
 
 
 class ScriptedEnv(BaseEnv):
+    end_effector = slice(0, 3)
+
     def __init__(self, task: str, instruction: str, cameras: int, image_size: int, max_episode_steps: int):
         self.task, self.instruction = task, instruction
         self.cameras, self.image_size = cameras, image_size
@@ -77,6 +79,8 @@ class DriftEnv(BaseEnv):
     episode succeeds once the summed first action component has moved it past x = 0.
 
     The images show the hand's x (every pixel), so the policy's chunks change with the state."""
+
+    end_effector = slice(0, 3)
 
     def __init__(self, instruction: str, cameras: int, image_size: int, max_episode_steps: int):
         self.instruction, self.cameras, self.image_size = instruction, cameras, image_size

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import imageio.v2 as imageio
 import numpy as np
 import pytest
 import torch
@@ -26,7 +27,9 @@ from drifting_vla.inference.rollout import (
     evaluation_seeds,
     wilson_interval,
 )
+from drifting_vla.logging.trajectory_video import PLOT_HEIGHT_PX, TITLE_HEIGHT_PX
 from drifting_vla.models.drifting_vla import build_model
+from drifting_vla.serving import ChunkedPolicy
 from drifting_vla.specs import RLBENCH_ACTION_SPEC, ActionSpec
 from drifting_vla.training.checkpoint import (
     DamagedCheckpointError,
@@ -241,6 +244,24 @@ def test_chunk_queue_replans_only_the_envs_whose_queue_is_empty():
     assert generator.batch_sizes == [2, 1, 1]
 
 
+def test_policies_name_the_envs_that_drew_a_new_chunk_for_the_trajectory_videos():
+    policy = tiny_policy(horizon=8, execution="chunk", execute_steps=2)
+    policy.predict_action_chunk = CountingGenerator(8)
+    chunked = ChunkedPolicy(lambda obs, seed: np.zeros((8, 4), np.float32), horizon=8, execute_steps=2)
+    for queue in (policy, chunked):
+        queue.select_action(env_batch([0, 1]))
+        assert queue.replanned == [0, 1]
+        queue.reset(1)
+        queue.select_action(env_batch([0, 1]))
+        assert queue.replanned == [1]
+        queue.select_action(env_batch([0, 1]))
+        assert queue.replanned == [0]
+    ensemble = tiny_policy(horizon=3, execution="ensemble")
+    ensemble.predict_action_chunk = CountingGenerator(3)
+    ensemble.select_action(env_batch([0, 1]))
+    assert ensemble.replanned == [0, 1]
+
+
 def test_temporal_ensembling_matches_the_hand_computed_weighted_average():
     decay = 0.5
     policy = tiny_policy(horizon=3, execution="ensemble", ensemble_decay=decay)
@@ -388,6 +409,26 @@ def test_rlbench_tasks_are_the_installed_rlbench_task_files(tmp_path, monkeypatc
     assert RLBenchEnv.known_tasks() == {"open_drawer", "close_jar"}
 
 
+def test_episodes_with_a_video_also_get_a_trajectory_video_one_frame_per_observation(tmp_path):
+    data = OmegaConf.to_container(tiny_cfg().data)
+    data["name"] = "scripted"
+    summary = evaluate(
+        tiny_policy(execution="chunk", execute_steps=2), data, tasks=[TASK], seeds=[0, 3, 4], num_workers=2,
+        output_dir=tmp_path, videos_per_task=2, max_episode_steps=6, progress=False,
+    )
+    by_seed = {r.seed: r for r in summary.records}
+    expected = {0: tmp_path / "videos" / f"{TASK}_seed0_trajectory.mp4", 3: tmp_path / "videos" / f"{TASK}_seed3_trajectory.mp4"}
+    assert {seed: by_seed[seed].trajectory_video for seed in expected} == {seed: str(p) for seed, p in expected.items()}
+    assert by_seed[4].trajectory_video is None and sorted(summary.to_dict()["trajectory_videos"]) == sorted(map(str, expected.values()))
+    for seed, path in expected.items():
+        frames = imageio.mimread(path, memtest=False)
+        assert len(frames) == by_seed[seed].steps + 1  # the reset frame, then one per step
+        assert frames[0].shape == (TITLE_HEIGHT_PX + PLOT_HEIGHT_PX, 32 + 2 * PLOT_HEIGHT_PX, 3)
+        assert np.abs(frames[-1].astype(int) - frames[0].astype(int)).mean() > 1
+    records = [json.loads(line) for line in (tmp_path / "episodes.jsonl").read_text().splitlines()]
+    assert {r["seed"]: r["trajectory_video"] for r in records}[0] == str(expected[0])
+
+
 def test_a_task_whose_every_episode_errored_raises_after_writing_the_summary(tmp_path):
     data = OmegaConf.to_container(tiny_cfg().data)
     data["name"] = "scripted"
@@ -434,6 +475,9 @@ def test_metaworld_rollout_with_two_workers_writes_episodes_summary_and_video(tm
     assert all(set(r) >= {"task", "seed", "success", "steps", "seconds", "error"} for r in records)
     video = tmp_path / "videos" / f"{TASK}_seed100000.mp4"
     assert video.stat().st_size > 1000 and not (tmp_path / "videos" / f"{TASK}_seed100001.mp4").exists()
+    trajectory = imageio.mimread(tmp_path / "videos" / f"{TASK}_seed100000_trajectory.mp4", memtest=False)
+    steps = next(r["steps"] for r in records if r["seed"] == 100000)
+    assert len(trajectory) == steps + 1 and trajectory[0].shape == (TITLE_HEIGHT_PX + PLOT_HEIGHT_PX, 256 + 2 * PLOT_HEIGHT_PX, 3)
 
 
 def test_make_env_picks_the_class_by_data_name():
@@ -616,6 +660,21 @@ def test_simulate_eval_writes_summary_json_and_prints_the_table(checkpoint, tmp_
     assert summary["episodes"] == 1 and set(summary["per_task"]) == {TASK}
     assert isinstance(summary["success_rate"], float) and summary["protocol"] == "metaworld | drifting nfe=1 | chunk 2/4"
     assert "overall" in result.stdout
+
+
+def test_simulate_eval_logs_the_trajectory_videos_to_wandb_when_asked(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    out = tmp_path / "eval"
+    result = run_simulate_eval(
+        tmp_path / "hydra", f"checkpoint={checkpoint[0]}", "episodes=1", "workers=1", "max_episode_steps=4",
+        "videos_per_task=1", f"output={out}", "progress=false", "num_threads=1", "wandb_mode=offline",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    trajectory = out / "videos" / f"{TASK}_seed100000_trajectory.mp4"
+    assert json.loads((out / "summary.json").read_text())["trajectory_videos"] == [str(trajectory)]
+    assert len(imageio.mimread(trajectory, memtest=False)) == 5
+    assert len(list((out / "wandb").rglob("media/videos/eval/trajectory_video_*.mp4"))) == 1
 
 
 def test_simulate_eval_rejects_an_unknown_key_by_name(checkpoint, tmp_path):

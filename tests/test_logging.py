@@ -153,6 +153,18 @@ def test_offline_wandb_writes_a_local_run_without_an_account(tmp_path, monkeypat
     assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
 
 
+def test_video_files_are_logged_to_wandb_under_the_given_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    paths = [tmp_path / f"episode{k}_trajectory.mp4" for k in range(2)]
+    for k, path in enumerate(paths):
+        imageio.mimwrite(path, np.full((3, 16, 16, 3), 100 * k, np.uint8), fps=10, codec="libx264", macro_block_size=2)
+    with RunLogger(tmp_path / "run", mode="offline") as logger:
+        logger.log_video_files("eval/trajectory_video", paths, step=7)
+    logged = list((tmp_path / "run" / "wandb").rglob("media/videos/eval/trajectory_video_*.mp4"))
+    assert len(logged) == 2
+
+
 def test_online_without_an_api_key_falls_back_to_offline_and_says_so(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)

@@ -37,6 +37,9 @@ class BaseEnv(ABC):
     task: str
     instruction: str
     max_episode_steps: int
+    end_effector: slice | None = None
+    """Where the end-effector position (xyz) sits in `proprio`; None when proprio has none. The
+    evaluation's trajectory videos draw the path of `proprio[end_effector]`, and only when it is set."""
 
     @classmethod
     def known_tasks(cls) -> Collection[str] | None:

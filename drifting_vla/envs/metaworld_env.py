@@ -129,6 +129,8 @@ def instruction_for(task: str) -> str:
 class MetaWorldEnv(BaseEnv):
     """One Meta-World task with seeded resets and multi-camera uint8 observations."""
 
+    end_effector = slice(0, 3)  # proprio = hand xyz + gripper opening
+
     def __init__(
         self,
         task: str,

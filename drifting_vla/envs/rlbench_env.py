@@ -120,6 +120,8 @@ def sanitize_action(action, workspace_bounds=PERACT_WORKSPACE_BOUNDS) -> np.ndar
 class RLBenchEnv(BaseEnv):
     """One RLBench task in a headless CoppeliaSim (one per process; CoppeliaSim is not re-entrant)."""
 
+    end_effector = slice(0, 3)  # proprio = gripper pose (xyz, quaternion) + gripper open
+
     def __init__(
         self,
         task: str,

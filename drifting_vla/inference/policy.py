@@ -116,6 +116,7 @@ class DriftingPolicy:
         self._queues: dict[int, deque] = {}  # chunk mode: actions left to execute, per env
         self._chunks: dict[int, list[tuple[int, np.ndarray]]] = {}  # ensemble: (start step, chunk)
         self._steps: dict[int, int] = {}  # ensemble: control steps taken, per env
+        self.replanned: list[int] = []  # envs that drew a new chunk in the latest select_action (videos mark them)
         self.cfg = None if cfg is None else dict(cfg)
         self.checkpoint: Path | None = None  # where the weights were loaded from
 
@@ -255,6 +256,7 @@ class DriftingPolicy:
 
     def _select_from_queue(self, obs: Mapping, env_ids: list[int]) -> np.ndarray:
         replan = [b for b, env in enumerate(env_ids) if not self._queues.get(env)]
+        self.replanned = [env_ids[b] for b in replan]
         if replan:
             chunks = self.predict_action_chunk(_rows(obs, replan))
             for b, chunk in zip(replan, chunks, strict=True):
@@ -263,6 +265,7 @@ class DriftingPolicy:
 
     def _select_ensembled(self, obs: Mapping, env_ids: list[int]) -> np.ndarray:
         chunks = self.predict_action_chunk(obs)
+        self.replanned = list(env_ids)
         actions = []
         for env, chunk in zip(env_ids, chunks, strict=True):
             t = self._steps.get(env, 0)

@@ -20,9 +20,22 @@ pose) or a dead or hung worker ends THAT episode as a failure with the error in 
 
 Outputs under `output_dir`:
 
-    episodes.jsonl         one JSON object per finished episode: task, seed, success, steps, seconds, error, video
+    episodes.jsonl         one JSON object per finished episode: task, seed, success, steps, seconds, error,
+                           video, trajectory_video
     summary.json           `EvalSummary.to_dict()`: rates, intervals, errors per task, timings
-    videos/<task>_seed<seed>.mp4   the first `videos_per_task` episodes of each task (H.264)
+    videos/<task>_seed<seed>.mp4              the first `videos_per_task` episodes of each task (H.264)
+    videos/<task>_seed<seed>_trajectory.mp4   the same episodes: camera beside the end-effector path,
+                                              chunk boundaries marked (`logging/trajectory_video.py`)
+
+The frames of an episode with a video stay in its worker (they never cross the pipe). When the
+episode ends, the main process, which alone knows the episode's record and the steps at which the
+policy drew a new chunk, asks that worker for the trajectory video:
+
+    main                                        worker
+    step ------------------------------------>  env.step, render frame, record proprio[env.end_effector]
+    obs, done  <------------------------------  (done: camera video written)
+    ("trajectory", path, record, new-chunk steps) -->  draw and encode the trajectory video
+    ("written", path)  <----------------------
 
 Success rates come with a 95% Wilson score interval (sound for rates near 0 or 1 and few episodes).
 A task whose every episode ended in an error has no success rate, and neither has an evaluation
@@ -65,6 +78,7 @@ class EpisodeRecord:
     error: str | None = None
     video: str | None = None
     mode: str | None = None  # the way the episode took, from envs that label it (the wall tasks)
+    trajectory_video: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,6 +104,7 @@ class EvalSummary:
     policy_calls: int = 0  # batched select_action calls
     protocol: str = ""
     videos: list[str] = field(default_factory=list)
+    trajectory_videos: list[str] = field(default_factory=list)
 
     @property
     def episodes(self) -> int:
@@ -125,6 +140,7 @@ class EvalSummary:
             "policy_ms_per_call": 1000 * self.policy_seconds / max(1, self.policy_calls),
             "videos": list(self.videos),
             **self._modes(),
+            "trajectory_videos": list(self.trajectory_videos),
         }
 
     def _modes(self) -> dict:
@@ -236,9 +252,33 @@ class WorkerError(RuntimeError):
     """A worker died, hung or could not be reached; the episode it ran is a failure."""
 
 
+class _Recording:
+    """One episode's camera frames and end-effector positions, kept by its worker until the next reset."""
+
+    def __init__(self, video: str, end_effector: slice | None) -> None:
+        self.video, self.end_effector = video, end_effector
+        self.frames: list[np.ndarray] = []
+        self.positions: list[np.ndarray] = []
+
+    def add(self, env, obs: dict) -> None:
+        self.frames.append(env.render())
+        if self.end_effector is not None:
+            self.positions.append(np.asarray(obs["proprio"], dtype=np.float64)[self.end_effector])
+
+    def write_trajectory_video(self, path: str, record: dict, replan_steps: list[int]) -> str | None:
+        """The trajectory video at `path`; None when the env's proprio has no end-effector position."""
+        if self.end_effector is None:
+            return None
+        # imported here: matplotlib loads only in workers that draw a video
+        from drifting_vla.logging.trajectory_video import write_trajectory_video
+
+        write_trajectory_video(path, self.frames, np.stack(self.positions), replan_steps, record, labels=("mode",))
+        return path
+
+
 def _worker_main(conn, import_path: str, data_cfg: dict) -> None:
-    """Serve reset/step requests for one env at a time until told to close."""
-    env, task, frames, video = None, None, None, None
+    """Serve reset/step/trajectory requests for one env at a time until told to close."""
+    env, task, recording = None, None, None
     while True:
         message = conn.recv()
         if message[0] == "close":
@@ -246,24 +286,31 @@ def _worker_main(conn, import_path: str, data_cfg: dict) -> None:
         try:
             if message[0] == "reset":
                 _, next_task, seed, video = message
+                recording = None
                 if next_task != task:
                     if env is not None:
                         env.close()
                     env, task = None, None  # a failed build must not leave the old env in use
                     env, task = env_class(import_path).from_config(data_cfg, next_task), next_task
                 obs = env.reset(int(seed))
-                frames = [env.render()] if video else None
+                if video:
+                    recording = _Recording(video, env.end_effector)
+                    recording.add(env, obs)
                 conn.send(("obs", obs, False, False, None, None))
-            else:
+            elif message[0] == "step":
                 result = env.step(message[1])
-                if frames is not None:
-                    frames.append(env.render())
+                if recording is not None:
+                    recording.add(env, result.observation)
                     if result.done:
-                        write_video(video, frames)
-                        frames = None
+                        write_video(recording.video, recording.frames)
                 conn.send(
                     ("obs", result.observation, result.done, result.success, result.info.get("error"), result.info.get("mode"))
                 )
+            else:
+                _, path, record, replan_steps = message
+                if recording is None:
+                    raise RuntimeError("this worker holds no recorded episode (it was restarted or never recorded one)")
+                conn.send(("written", recording.write_trajectory_video(path, record, replan_steps)))
         except Exception as error:  # the simulator's failure ends the episode, not the worker loop
             last = traceback.extract_tb(error.__traceback__)[-1]
             conn.send(("error", f"{type(error).__name__}: {error} ({last.filename}:{last.lineno})"))
@@ -339,6 +386,7 @@ class _Slot:
     steps: int = 0
     started: float = 0.0
     mode: str | None = None
+    replans: list[int] = field(default_factory=list)  # control steps at which the policy drew a new chunk
 
 
 # ----------------------------------------------------------------------------------------------
@@ -374,7 +422,8 @@ def evaluate(
     record: Mapping | None = None,
 ) -> EvalSummary:
     """Run every task on every seed with `policy` (a `DriftingPolicy` or anything with
-    `reset(env_index)` and `select_action(obs, env_ids)`).
+    `reset(env_index)` and `select_action(obs, env_ids)`; a policy that also has `replanned`, the
+    env ids that drew a new chunk in its latest call, gets those steps marked in the trajectory videos).
 
     tasks: default `data.tasks`. seeds: the same seed list for every task; default the first
     `episodes` of `data.eval_seeds`. output_dir: where episodes.jsonl goes (None: not written).
@@ -426,14 +475,34 @@ def evaluate(
     slots = [_Slot(_Worker(context, import_path, data, step_timeout_s)) for _ in range(min(num_workers, total))]
     bar = tqdm(total=total, unit="ep", desc="evaluate", disable=not progress, dynamic_ncols=True)
 
+    def trajectory_video(index: int, record: EpisodeRecord) -> str | None:
+        """Ask the worker that holds the episode's frames for its trajectory video; a failure to
+        draw it is reported and leaves the episode as it was."""
+        slot = slots[index]
+        path = str(Path(slot.video).with_name(f"{Path(slot.video).stem}_trajectory.mp4"))
+        try:
+            slot.worker.send(("trajectory", path, record.to_dict(), list(slot.replans)))
+            reply = slot.worker.recv()
+        except WorkerError as error:
+            slot.worker.restart()
+            reply = ("error", str(error))
+        if reply[0] == "error":
+            tqdm.write(f"no trajectory video for {slot.task} seed {slot.seed}: {reply[1]}")
+            return None
+        return reply[1]
+
     def finish(index: int, success: bool, error: str | None = None) -> None:
         slot = slots[index]
         video = slot.video if slot.video and Path(slot.video).is_file() else None
         elapsed = time.perf_counter() - slot.started
         record = EpisodeRecord(slot.task, slot.seed, success, slot.steps, elapsed, error, video, slot.mode)
+        if video:
+            record.trajectory_video = trajectory_video(index, record)
         summary.records.append(record)
         if video:
             summary.videos.append(video)
+        if record.trajectory_video:
+            summary.trajectory_videos.append(record.trajectory_video)
         if jsonl is not None:
             jsonl.write(json.dumps(record.to_dict()) + "\n")
             jsonl.flush()
@@ -448,7 +517,7 @@ def evaluate(
         slot = slots[index]
         while queue and slot.obs is None:
             slot.task, slot.seed, slot.video = queue.popleft()
-            slot.steps, slot.started, slot.mode = 0, time.perf_counter(), None
+            slot.steps, slot.started, slot.mode, slot.replans = 0, time.perf_counter(), None, []
             policy.reset(index)
             try:
                 slot.worker.send(("reset", slot.task, slot.seed, slot.video))
@@ -475,6 +544,8 @@ def evaluate(
             actions = policy.select_action(obs, env_ids=live)
             summary.policy_seconds += time.perf_counter() - t0
             summary.policy_calls += 1
+            for i in getattr(policy, "replanned", ()):
+                slots[i].replans.append(slots[i].steps)
             for i, action in zip(live, actions, strict=True):
                 _send_step(slots[i], action)
             for i in live:

@@ -5,6 +5,7 @@ Everything is written locally first, so a user without WandB sees the same numbe
     <run_dir>/metrics.jsonl                       one JSON object per log call: {"step": ..., key: value}
     <run_dir>/panels/<panel>/<step:08d>.png       every panel image
     <run_dir>/videos/<name>_<step:08d>.mp4        rollout videos
+    <run_dir>/eval/.../videos/*_trajectory.mp4    `eval/trajectory_video`: written by the evaluation, logged as they are
     <run_dir>/wandb/                              WandB's own files (offline runs sync with `wandb sync`)
 
 `training.wandb.mode`: `online` (needs WANDB_API_KEY in the environment; without it the run falls back
@@ -142,6 +143,13 @@ class RunLogger:
             self._wandb_run.log({f"videos/{name}": video}, step=int(step))
         return path
 
+    def log_video_files(self, key: str, paths: list[str | Path], step: int) -> None:
+        """Log mp4 files that are already on disk (an evaluation's trajectory videos) under `key`,
+        all in one WandB entry; locally they stay where they were written."""
+        if self._wandb_run is not None and paths:
+            videos = [self._wandb.Video(str(path), format="mp4") for path in paths]
+            self._wandb_run.log({key: videos}, step=int(step))
+
     def close(self) -> None:
         """Flush and close metrics.jsonl and finish the WandB run (idempotent)."""
         if not self._metrics_file.closed:
@@ -170,6 +178,9 @@ class NullRunLogger:
         """Rank != 0: panels are logged by rank 0."""
 
     def log_video(self, name: str, frames: np.ndarray, step: int, fps: int = 20) -> None:
+        """Rank != 0: videos are logged by rank 0."""
+
+    def log_video_files(self, key: str, paths: list[str | Path], step: int) -> None:
         """Rank != 0: videos are logged by rank 0."""
 
     def close(self) -> None:

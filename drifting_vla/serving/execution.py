@@ -164,6 +164,7 @@ class ChunkedPolicy:
         self._queues: dict[int, ChunkQueue] = {}
         self._episodes: dict[int, int] = {}  # episodes started per env slot
         self._chunks: dict[int, int] = {}  # chunks requested in the current episode, per env slot
+        self.replanned: list[int] = []  # envs that got a new chunk in the latest select_action (videos mark them)
 
     def reset(self, env_index: int | None = None) -> None:
         for env in list(self._queues) if env_index is None else [env_index]:
@@ -174,10 +175,11 @@ class ChunkedPolicy:
     def select_action(self, obs: Mapping, env_ids: Sequence[int] | None = None) -> np.ndarray:
         """obs: a batch (images [B, V, 3, H, W], proprio [B, S], instruction list) -> [B, A]."""
         env_ids = list(range(len(obs["instruction"]))) if env_ids is None else list(env_ids)
-        actions = []
+        actions, self.replanned = [], []
         for b, env in enumerate(env_ids):
             queue = self._queues.setdefault(env, ChunkQueue(self.horizon - self.execute_steps))
             if queue.needs_chunk():
+                self.replanned.append(env)
                 row = {"images": np.asarray(obs["images"][b]), "proprio": np.asarray(obs["proprio"][b]),
                        "instruction": obs["instruction"][b]}
                 queue.install(self.predict(row, self._next_seed(env)), queue.step)

@@ -38,6 +38,7 @@ from drifting_vla.data.registry import build_dataset, prepare_dataset
 from drifting_vla.data.sampler import ResumableBatchSampler
 from drifting_vla.envs import NO_SIMULATOR, checked_env_import_path, simulation_config
 from drifting_vla.files import FileLock, write_atomic
+from drifting_vla.logging.trajectory_video import TRAJECTORY_VIDEO_KEY
 from drifting_vla.logging.visualizations import PANELS, MetricHistory, PanelInputs, due_panels
 from drifting_vla.logging.wandb_logger import create_run_logger
 from drifting_vla.models import build_model, parameter_table
@@ -496,6 +497,7 @@ class Trainer:
                    **{f"sim/success_rate/{task}": rate for task, rate in summary["per_task"].items()}})
         for video in result.videos[:1]:
             self.logger.log_video("sim/rollout_video", np.stack(imageio.mimread(video, memtest=False)), self.step)
+        self.logger.log_video_files(TRAJECTORY_VIDEO_KEY, result.trajectory_videos, self.step)
         if final:  # "step": which checkpoint was evaluated (an export's model card reads it)
             write_atomic(self.run_dir / "summary.json", json.dumps({**summary, "step": self.step}, indent=2))
             print(result.format_table(), flush=True)
