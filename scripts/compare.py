@@ -5,8 +5,12 @@ every requested NFE, and each policy's chunk timed at batch 1 on this machine in
     python scripts/compare.py --output comparisons/quickstart                   # the default matrix
     python scripts/compare.py --output comparisons/quick --runs drifting:0 flow_matching:0 \\
         --protocols drifting:1 flow_matching:1,10 --episodes 10 -- training.max_steps=500
+    python scripts/compare.py --output comparisons/ablation --runs drifting:0 drifting@dim:0 \\
+        --variant dim "training.drifting.grouping=dimension" --protocols drifting:1    # a recipe ablation
 
-    --runs        objective:seed[,seed...]    (default: drifting:0,1 regression:0,1 flow_matching:0 diffusion:0)
+    --runs        objective[@variant]:seed[,seed...]    (default: drifting:0,1 regression:0,1 flow_matching:0 diffusion:0)
+    --variant     NAME "OVERRIDES"    the Hydra overrides a variant adds to its runs (a recipe ablation:
+                                      every variant shares the data, budget and evaluation seeds)
     --protocols   objective[/sampler]:nfe,... (default: drifting:1 regression:1 flow_matching:1,2,5,10
                                                diffusion/ddim:1,2,5,10 diffusion/ddpm:100)
     --plugins     module ...                  modules of yours registering a dataset or simulator
@@ -16,8 +20,8 @@ every requested NFE, and each policy's chunk timed at batch 1 on this machine in
 Layout under --output (a killed comparison resumes: finished runs and evaluations are kept,
 an interrupted training run continues from its newest checkpoint):
 
-    runs/<objective>_seed<s>/          scripts/train.py run directories (logs in train.log)
-    evals/<objective>_seed<s>/<protocol>/summary.json, episodes.jsonl, videos/
+    runs/<objective>[@variant]_seed<s>/          scripts/train.py run directories (logs in train.log)
+    evals/<objective>[@variant]_seed<s>/<protocol>/summary.json, episodes.jsonl, videos/
     comparison.json, comparison.md, success_vs_nfe.png, success_vs_latency.png
 """
 
@@ -59,10 +63,20 @@ DEFAULT_PROTOCOLS = ["drifting:1", "regression:1", "flow_matching:1,2,5,10", "di
 class Run:
     objective: str
     seed: int
+    variant: str | None = None
+
+    @property
+    def method(self) -> str:
+        """The objective, and the recipe variant when there is one: `drifting@dim`."""
+        return self.objective if self.variant is None else f"{self.objective}@{self.variant}"
 
     @property
     def name(self) -> str:
-        return f"{self.objective}_seed{self.seed}"
+        return f"{self.method}_seed{self.seed}"
+
+    def cell(self, protocol: Protocol) -> str:
+        """The row a run's evaluation under `protocol` pools into (its seeds pool together)."""
+        return protocol.name.replace(self.objective, self.method, 1)
 
 
 @dataclass(frozen=True)
@@ -85,9 +99,15 @@ def _name_and_numbers(spec: str, flag: str, form: str) -> tuple[str, list[int]]:
         raise SystemExit(f"{flag} {spec!r}: expected {form}") from None
 
 
-def parse_runs(specs: list[str]) -> list[Run]:
-    parsed = [_name_and_numbers(s, "--runs", "objective:seed[,seed...], e.g. drifting:0,1") for s in specs]
-    return [Run(objective, seed) for objective, seeds in parsed for seed in seeds]
+def parse_runs(specs: list[str], variants: dict[str, list[str]]) -> list[Run]:
+    parsed = [_name_and_numbers(s, "--runs", "objective[@variant]:seed[,seed...], e.g. drifting:0,1") for s in specs]
+    runs = []
+    for method, seeds in parsed:
+        objective, _, variant = method.partition("@")
+        if variant and variant not in variants:
+            raise SystemExit(f"--runs {method}: no --variant {variant!r} defines its overrides (defined: {sorted(variants)})")
+        runs += [Run(objective, seed, variant or None) for seed in seeds]
+    return runs
 
 
 def parse_protocols(specs: list[str]) -> list[Protocol]:
@@ -181,6 +201,7 @@ def aggregate(results: list[dict], latencies: dict[str, dict], runs: list[Run]) 
         rows.append({
             "protocol": name,
             "objective": mine[0]["objective"],
+            "variant": mine[0]["variant"],
             "sampler": mine[0]["sampler"],
             "nfe": mine[0]["nfe"],
             "label": mine[0]["protocol"],
@@ -192,11 +213,23 @@ def aggregate(results: list[dict], latencies: dict[str, dict], runs: list[Run]) 
             "seed_std": float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else None,
             "per_task": {task: float(np.mean([r["per_task"][task] for r in mine])) for task in mine[0]["per_task"]},
             "errors": sum(r["errors"] for r in mine),
+            "modes": pooled_modes(mine),
             "latency_ms": latency.get("ms"),
             "encoder_ms": latency.get("encoder_ms"),
             "slowdown_vs_drifting": latency["ms"] / drifting_ms if latency and drifting_ms else None,
         })
     return rows
+
+
+def pooled_modes(summaries: list[dict]) -> dict | None:
+    """Each mode's share of the episodes and success rate, pooled over seeds (None when the env
+    labels no modes)."""
+    if not all(s.get("modes") for s in summaries):
+        return None
+    episodes = {m: sum(s["modes"].get(m, {}).get("episodes", 0) for s in summaries) for s in summaries for m in s["modes"]}
+    wins = {m: sum(round(s["modes"][m]["success"] * s["modes"][m]["episodes"]) for s in summaries if m in s["modes"]) for m in episodes}
+    total = sum(episodes.values())
+    return {m: {"share": episodes[m] / total, "episodes": episodes[m], "success": wins[m] / episodes[m]} for m in sorted(episodes)}
 
 
 def write_markdown(rows: list[dict], meta: dict, path: Path) -> None:
@@ -217,13 +250,27 @@ def write_markdown(rows: list[dict], meta: dict, path: Path) -> None:
         encoders = "-" if r["encoder_ms"] is None else f"{r['encoder_ms']:.2f}"
         ratio = "-" if r["slowdown_vs_drifting"] is None else f"{r['slowdown_vs_drifting']:.1f}x"
         lo, hi = r["ci95"]
+        method = r["objective"] if r["variant"] is None else f"{r['objective']} @{r['variant']}"
         lines.append(
-            f"| {r['objective']} | {r['sampler'] or '-'} | {r['nfe']} | **{r['success']:.3f}** | [{lo:.2f}, {hi:.2f}] | "
+            f"| {method} | {r['sampler'] or '-'} | {r['nfe']} | **{r['success']:.3f}** | [{lo:.2f}, {hi:.2f}] | "
             f"{len(r['seeds'])} | {spread} | {latency} | {encoders} | {ratio} |"
         )
     tasks = list(rows[0]["per_task"]) if rows else []
     lines += ["", "Per task (mean over seeds):", "", "| protocol | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
     lines += [f"| {r['protocol']} | " + " | ".join(f"{r['per_task'][t]:.2f}" for t in tasks) + " |" for r in rows]
+    modes = sorted({m for r in rows for m in (r["modes"] or {})})
+    if modes:
+        lines += ["", "Which way each episode went (share of episodes, success rate of those), pooled over seeds:", "",
+                  "| protocol | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
+        lines += [
+            f"| {r['protocol']} | "
+            + " | ".join(f"{r['modes'][m]['share']:.0%} ({r['modes'][m]['success']:.2f})" if m in r["modes"] else "-" for m in modes)
+            + " |"
+            for r in rows if r["modes"]
+        ]
+    if meta.get("variants"):
+        lines += ["", "Variants (overrides added to the shared ones): "
+                  + "; ".join(f"`{name}`: {' '.join(o)}" for name, o in meta["variants"].items())]
     lines += ["", f"Wall time of the matrix: {meta['wall_minutes']:.1f} min (training {meta['train_minutes']:.1f}, "
               f"evaluation {meta['eval_minutes']:.1f}), as recorded by each cell when it ran.", ""]
     path.write_text("\n".join(lines))
@@ -239,13 +286,14 @@ def plot(rows: list[dict], output: Path) -> None:
     colors = {"drifting": "tab:red", "regression": "tab:gray", "flow_matching": "tab:blue", "diffusion": "tab:green"}
     markers = {None: "o", "ddim": "o", "ddpm": "s"}
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-    for key in dict.fromkeys((r["objective"], r["sampler"]) for r in rows):
-        mine = sorted((r for r in rows if (r["objective"], r["sampler"]) == key), key=lambda r: r["nfe"])
+    for key in dict.fromkeys((r["objective"], r["sampler"], r["variant"]) for r in rows):
+        mine = sorted((r for r in rows if (r["objective"], r["sampler"], r["variant"]) == key), key=lambda r: r["nfe"])
         nfe = [r["nfe"] for r in mine]
         success = np.array([r["success"] for r in mine])
         err = np.array([[r["success"] - r["ci95"][0], r["ci95"][1] - r["success"]] for r in mine]).T
-        label = key[0] + ("" if key[1] is None else f" ({key[1]})")
-        ax.errorbar(nfe, success, yerr=err, marker=markers.get(key[1], "o"), color=colors.get(key[0]), capsize=3, label=label)
+        label = key[0] + ("" if key[2] is None else f" @{key[2]}") + ("" if key[1] is None else f" ({key[1]})")
+        ax.errorbar(nfe, success, yerr=err, marker=markers.get(key[1], "o"), color=colors.get(key[0]), capsize=3, label=label,
+                    linestyle="-" if key[2] is None else "--")
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
     ax.set_xlabel("network evaluations per chunk (NFE, log scale)")
@@ -264,7 +312,7 @@ def plot(rows: list[dict], output: Path) -> None:
         err = [[r["success"] - r["ci95"][0]], [r["ci95"][1] - r["success"]]]
         ax.errorbar(r["latency_ms"], r["success"], yerr=err, marker=markers.get(r["sampler"], "o"), color=colors.get(r["objective"]), capsize=3)
         # Points at one latency crowd together: labels step down the right-hand side instead.
-        ax.annotate(f"{r['objective']}{'' if r['sampler'] is None else '/' + r['sampler']} {r['nfe']} ({r['success']:.2f})",
+        ax.annotate(f"{r['protocol']} ({r['success']:.2f})",
                     (r["latency_ms"], r["success"]), textcoords="offset points", xytext=(10, 12 - 12 * (i % 4)),
                     fontsize=7, color=colors.get(r["objective"]))
     ax.set_xscale("log")
@@ -294,6 +342,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--runs", nargs="+", default=DEFAULT_RUNS)
+    parser.add_argument("--variant", nargs=2, action="append", default=[], metavar=("NAME", "OVERRIDES"),
+                        help='a recipe variant for --runs objective@NAME:seeds, e.g. --variant dim "training.drifting.grouping=dimension"')
     parser.add_argument("--protocols", nargs="+", default=DEFAULT_PROTOCOLS)
     parser.add_argument("--episodes", type=int, default=50, help="evaluation episodes per task (data.eval_seeds)")
     parser.add_argument("--workers", type=int, default=2, help="simulator processes per evaluation")
@@ -303,7 +353,8 @@ def main() -> None:
     load_plugins(args.plugins)
     if args.plugins:
         args.overrides = [f"plugins=[{','.join(args.plugins)}]", *args.overrides]
-    runs, protocols = parse_runs(args.runs), parse_protocols(args.protocols)
+    variants = {name: overrides.split() for name, overrides in args.variant}
+    runs, protocols = parse_runs(args.runs, variants), parse_protocols(args.protocols)
     for run in runs:
         if not any(p.objective == run.objective for p in protocols):
             raise SystemExit(f"--runs has {run.objective} but --protocols gives it no NFE to evaluate at")
@@ -320,17 +371,17 @@ def main() -> None:
     for run, protocol in bar:
         bar.set_postfix_str(run.name if protocol is None else f"{run.name} @ {protocol.name}")
         if protocol is None:
-            run_dirs[run] = train(run, args.output, args.overrides)
+            run_dirs[run] = train(run, args.output, [*args.overrides, *variants.get(run.variant, [])])
             continue
         summary = evaluate_run(run, run_dirs[run], protocol, args.output, args.episodes, args.workers)
-        results.append({**summary, "protocol_name": protocol.name, "objective": protocol.objective,
-                        "sampler": protocol.sampler, "nfe": protocol.nfe, "seed": run.seed})
+        results.append({**summary, "protocol_name": run.cell(protocol), "objective": protocol.objective,
+                        "variant": run.variant, "sampler": protocol.sampler, "nfe": protocol.nfe, "seed": run.seed})
         bar.write(f"{run.name} @ {protocol.name}: success {summary['success_rate']:.3f} over {summary['episodes']} episodes")
 
     latencies = {}
-    for protocol in tqdm(protocols, desc="latency", unit="policy"):
-        first_run = next(run for run in runs if run.objective == protocol.objective)
-        latencies[protocol.name] = chunk_latency(run_dirs[first_run], protocol)
+    timed = {run.cell(p): (run, p) for run in reversed(runs) for p in protocols if p.objective == run.objective}
+    for cell, (run, protocol) in tqdm(timed.items(), desc="latency", unit="policy"):
+        latencies[cell] = chunk_latency(run_dirs[run], protocol)
     rows = aggregate(results, latencies, runs)
     train_seconds = sum(json.loads((d / "trained.json").read_text())["seconds"] for d in run_dirs.values())
     eval_seconds = sum(r["seconds"] for r in results)
@@ -343,6 +394,7 @@ def main() -> None:
         "eval_minutes": eval_seconds / 60,
         "wall_minutes": (train_seconds + eval_seconds) / 60,
         "overrides": args.overrides,
+        "variants": variants,
     }
     (args.output / "comparison.json").write_text(json.dumps({"meta": meta, "rows": rows, "cells": results}, indent=2))
     write_markdown(rows, meta, args.output / "comparison.md")

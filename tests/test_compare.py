@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_compare(output: Path, data_root: Path) -> subprocess.CompletedProcess:
     command = [
         sys.executable, str(ROOT / "scripts" / "compare.py"), "--output", str(output),
-        "--runs", "drifting:0", "regression:0", "--protocols", "drifting:1", "regression:1", "--episodes", "1", "--workers", "1",
+        "--runs", "drifting:0", "drifting@g2:0", "regression:0",
+        "--variant", "g2", "training.num_samples=2", "--protocols", "drifting:1", "regression:1", "--episodes", "1", "--workers", "1",
         "--", "experiment=tiny_cpu", "data.tasks=[drawer-close-v3]", f"data.root={data_root}",
         "data.train_seeds.count=3", "data.val_every=3", "data.collect_workers=1", "training.max_steps=4",
     ]
@@ -27,12 +28,16 @@ def test_compare_writes_table_and_plots_and_resumes_without_retraining(tmp_path)
 
     result = json.loads((output / "comparison.json").read_text())
     rows = {row["protocol"]: row for row in result["rows"]}
-    assert set(rows) == {"drifting_nfe1", "regression_nfe1"}
+    assert set(rows) == {"drifting_nfe1", "drifting@g2_nfe1", "regression_nfe1"}
+    assert rows["drifting@g2_nfe1"]["variant"] == "g2" and result["meta"]["variants"] == {"g2": ["training.num_samples=2"]}
+    variant_config = (output / "runs" / "drifting@g2_seed0" / "config.yaml").read_text()
+    assert "num_samples: 2" in variant_config
     for row in rows.values():
         assert row["episodes"] == 1 and 0.0 <= row["success"] <= 1.0 and row["latency_ms"] > 0
         assert row["label"].startswith("metaworld | " + row["objective"])
     assert rows["drifting_nfe1"]["slowdown_vs_drifting"] == pytest.approx(1.0)
-    assert "| drifting | - | 1 |" in (output / "comparison.md").read_text()
+    markdown = (output / "comparison.md").read_text()
+    assert "| drifting | - | 1 |" in markdown and "| drifting @g2 | - | 1 |" in markdown
     assert (output / "success_vs_nfe.png").stat().st_size > 10_000
     assert (output / "success_vs_latency.png").stat().st_size > 10_000
 
@@ -51,3 +56,26 @@ def test_compare_refuses_a_run_without_a_protocol(tmp_path):
         capture_output=True, text=True, cwd=ROOT,
     )
     assert result.returncode != 0 and "flow_matching" in result.stderr
+
+
+def test_an_undefined_variant_is_refused(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "compare.py"), "--output", str(tmp_path), "--runs", "drifting@dim:0", "--protocols", "drifting:1"],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert result.returncode != 0 and "no --variant 'dim'" in result.stderr
+
+
+def test_modes_pool_over_seeds():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from compare import pooled_modes
+
+    seed0 = {"modes": {"left": {"episodes": 3, "success": 1.0}, "none": {"episodes": 1, "success": 0.0}}}
+    seed1 = {"modes": {"right": {"episodes": 4, "success": 0.5}}}
+    pooled = pooled_modes([seed0, seed1])
+    assert pooled == {
+        "left": {"share": 3 / 8, "episodes": 3, "success": 1.0},
+        "none": {"share": 1 / 8, "episodes": 1, "success": 0.0},
+        "right": {"share": 4 / 8, "episodes": 4, "success": 0.5},
+    }
+    assert pooled_modes([{"success_rate": 1.0}]) is None
