@@ -174,7 +174,7 @@ def _damage(file, how):
 
 
 RLBENCH_CONFIG = {"name": "rlbench", "tasks": ["close_jar"], "cameras": ["front"], "horizon": 2, "image_size": None,
-                  "keyframes": False}
+                  "keyframes": False, "action_spec": RLBENCH_ACTION_SPEC.to_config()}
 
 
 @pytest.mark.parametrize("how", ["truncated", "same size"])
