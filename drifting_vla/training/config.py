@@ -340,6 +340,8 @@ class EvalScriptConfig:
     num_threads: int | None = setting(None, ge=1)
     progress: bool = True
     plugins: list[str] = setting(factory=list)
+    wandb_mode: str = setting("disabled", choices=("disabled", "offline", "online"))
+    wandb_project: str = "drifting-vla"
 
 
 @dataclass(kw_only=True)
