@@ -1,13 +1,19 @@
-"""Neighbour positives: the index finds true nearest neighbours of the same task."""
+"""Neighbour positives: the index finds true nearest neighbours of the same task in the training
+split only, and their chunks enter each observation's own drift problem."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 
-from drifting_vla.data.neighbours import NeighbourIndex
+from drifting_vla.data.collate import collate_samples
+from drifting_vla.data.neighbours import NeighbourIndex, NeighbourPositives
+from drifting_vla.training.config import training_config
+from drifting_vla.training.losses import DriftingLoss
+from drifting_vla.training.objectives import build_objective
 
 STEPS = 6
 
@@ -91,6 +97,87 @@ def test_index_agrees_with_brute_force_on_random_observations():
         assert allowed[found].all()
 
 
+def test_only_training_episodes_are_ever_positives():
+    train = ToyDemos(TRAIN)
+    val = ToyDemos([("a", 9, 0.02), ("b", 8, 0.06)])
+    objective = build_objective(training_config(OmegaConf.create({"drifting": {"positives": {"source": "neighbours", "k": 2}}})))
+    train_set, val_set = objective.training_datasets(train, val)
+    train_episodes = {e for _, e, _ in TRAIN}
+    for dataset in (train_set, val_set):
+        for i in range(len(dataset)):
+            assert {code // 100 for code in codes(dataset[i]["neighbour_actions"])} <= train_episodes
+    # A validation observation gets its nearest training observations: episode 9 step 2 (2.02) -> 2, 102.
+    assert codes(val_set[val.row(9, 2)]["neighbour_actions"]) == [2, 102]
+
+
 def test_too_few_candidates_is_an_error_naming_the_keys():
     with pytest.raises(ValueError, match="exclude_own_episode"):
         NeighbourIndex(ToyDemos([("a", 0, 0.0), ("a", 1, 0.1)]), k=STEPS + 1).neighbours()
+
+
+class FixedSamples(torch.nn.Module):
+    """A 'network' whose chunks are given: the field then depends on the positives alone."""
+
+    def __init__(self, samples: torch.Tensor) -> None:
+        super().__init__()
+        self.samples = samples
+
+    def forward(self, obs, noise):
+        return self.samples
+
+    def to_actions(self, x):
+        return x
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.5])
+def test_neighbour_chunks_enter_each_observations_own_drift_problem(weight):
+    positives = {"source": "neighbours", "k": 2, "weight": weight}
+    objective = build_objective(training_config(OmegaConf.create({"num_samples": 4, "drifting": {"positives": positives}})))
+    data, _ = objective.training_datasets(ToyDemos(TRAIN), None)
+    rows = [data.row(0, 2), data.row(3, 0)]
+    batch = collate_samples([data[i] for i in rows])
+    actions = batch["actions"] / 500  # any scaling, as long as the positives get the same
+    obs = {"task": batch["task"], "neighbour_actions": batch["neighbour_actions"] / 500}
+    samples = torch.randn(2, 4, 2, 2, generator=torch.Generator().manual_seed(0)) * 0.1
+    out = objective(FixedSamples(samples), obs, actions, objective.training_inputs(2, 2, 2, torch.Generator()))
+
+    known = torch.tensor([[102.0, 202.0], [400.0, 401.0]])[..., None, None].expand(2, 2, 2, 2) / 500
+    expected = DriftingLoss()(samples, torch.cat([actions[:, None], known], 1), pos_weight=torch.tensor([1.0, weight, weight]))
+    torch.testing.assert_close(out.loss, expected.loss)
+    torch.testing.assert_close(out.metrics["lambda_V"], expected.metrics["lambda_V"])
+    alone = DriftingLoss()(samples, actions[:, None])
+    assert not torch.allclose(out.loss, alone.loss)
+
+
+def test_a_lighter_extra_positive_pulls_the_samples_less():
+    samples = torch.randn(1, 8, 1, generator=torch.Generator().manual_seed(0)) * 0.1
+    positives = torch.tensor([[[0.0], [1.0]]])  # the expert at 0, a neighbour at 1
+    pull = [
+        float(DriftingLoss(grouping="chunk")(samples, positives, pos_weight=torch.tensor([1.0, w])).raw_field.mean())
+        for w in (1.0, 0.25)
+    ]
+    assert pull[0] > pull[1]
+
+
+def test_missing_neighbour_chunks_in_a_batch_is_an_error():
+    objective = build_objective(training_config(OmegaConf.create({"num_samples": 4, "drifting": {"positives": {"source": "neighbours"}}})))
+    inputs = objective.training_inputs(1, 2, 2, torch.Generator())
+    with pytest.raises(ValueError, match="training_datasets"):
+        objective(FixedSamples(torch.zeros(1, 4, 2, 2)), {"task": ["a"]}, torch.zeros(1, 2, 2), inputs)
+
+
+def test_legacy_queue_keys_read_as_positives():
+    cfg = training_config(OmegaConf.create({"drifting": {"extra_positives": 2, "queue_size": 64}}))
+    assert (cfg.drifting.positives.source, cfg.drifting.positives.k, cfg.drifting.positives.queue_size) == ("queue", 2, 64)
+    assert training_config(OmegaConf.create({"drifting": {"extra_positives": 0}})).drifting.positives.source == "self"
+
+
+def test_neighbour_table_survives_a_checkpoint_and_refuses_another_shape():
+    objective = build_objective(training_config(OmegaConf.create({"drifting": {"positives": {"source": "neighbours", "k": 2}}})))
+    train, _ = objective.training_datasets(ToyDemos(TRAIN), None)
+    saved = {key: value.flip(1) for key, value in objective.state_dict().items()}
+    objective.load_state_dict(saved)
+    assert torch.equal(train.neighbours, saved["neighbours"])
+    with pytest.raises(ValueError, match="positives.k"):
+        objective.load_state_dict({"neighbours": saved["neighbours"][:, :1]})
+    assert isinstance(train, NeighbourPositives)

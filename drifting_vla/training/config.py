@@ -14,12 +14,20 @@ from omegaconf.errors import OmegaConfBaseException
 
 
 @dataclass
+class PositivesConfig:
+    source: str = "self"
+    k: int = 4
+    weight: float = 1.0
+    queue_size: int = 256
+    exclude_own_episode: bool = True
+
+
+@dataclass
 class DriftingConfig:
     temperatures: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.2])
     affinity_floor: float = 1e-6
     grouping: str = "chunk"
-    extra_positives: int = 0
-    queue_size: int = 256
+    positives: PositivesConfig = field(default_factory=PositivesConfig)
 
 
 @dataclass
@@ -99,6 +107,7 @@ class TrainingConfig:
 CHOICES = {
     "objective": ("drifting", "regression", "flow_matching", "diffusion"),
     "drifting.grouping": ("chunk", "timestep", "dimension"),
+    "drifting.positives.source": ("self", "queue", "neighbours"),
     "flow_matching.time_distribution": ("uniform", "beta"),
     "diffusion.prediction_type": ("epsilon", "sample"),
     "precision": ("auto", "bf16", "fp32"),
@@ -112,13 +121,15 @@ CHOICES = {
 
 def training_config(training) -> DictConfig:
     """`training.*` merged over the schema's defaults (so a checkpoint written before a key existed
-    still builds its objective), with `drifting.per_timestep` of earlier versions read as
-    `drifting.grouping`. Raises ValueError naming an unknown, mistyped or out-of-range key."""
+    still builds its objective), with keys of earlier versions read as today's: `drifting.per_timestep`
+    as `drifting.grouping`, `drifting.extra_positives` and `drifting.queue_size` as
+    `drifting.positives`. Raises ValueError naming an unknown, mistyped or out-of-range key."""
     training = OmegaConf.create(OmegaConf.to_container(training, resolve=True) if OmegaConf.is_config(training) else training)
     legacy = OmegaConf.select(training, "drifting.per_timestep")
     if legacy is not None:
         del training.drifting["per_timestep"]
         training.drifting.grouping = "timestep" if legacy else "chunk"
+    _read_legacy_queue_keys(training)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(TrainingConfig), training)
     except OmegaConfBaseException as err:
@@ -126,6 +137,20 @@ def training_config(training) -> DictConfig:
         raise ValueError(f"config key training.{key}: {err.msg if hasattr(err, 'msg') else err}") from None
     _check_values(merged)
     return merged
+
+
+def _read_legacy_queue_keys(training) -> None:
+    """`drifting.extra_positives: n` (n > 0: n queued chunks per observation) and
+    `drifting.queue_size` -> `drifting.positives` {source: queue, k: n, queue_size}."""
+    drifting = training.get("drifting")
+    if drifting is None or ("extra_positives" not in drifting and "queue_size" not in drifting):
+        return
+    count = int(drifting.pop("extra_positives", 0))
+    queue_size = drifting.pop("queue_size", None)
+    read = {"source": "queue", "k": count} if count > 0 else {}
+    if queue_size is not None:
+        read["queue_size"] = int(queue_size)
+    drifting.positives = OmegaConf.merge(drifting.get("positives", {}), read)
 
 
 def validate_training_config(training) -> None:
@@ -141,5 +166,11 @@ def _check_values(training) -> None:
     for key in ("max_steps", "batch_size", "grad_accum_steps", "log_every", "checkpoint_every"):
         if int(training[key]) < 1:
             raise ValueError(f"config key training.{key} must be >= 1, got {training[key]}")
+    positives = training.drifting.positives
+    if positives.source != "self" and positives.k < 1:
+        raise ValueError(f"config key training.drifting.positives.k must be >= 1 with source={positives.source}, got {positives.k}")
+    if positives.weight <= 0 or positives.queue_size < 1:
+        raise ValueError("config keys training.drifting.positives.weight must be > 0 and .queue_size >= 1, got "
+                         f"{positives.weight} and {positives.queue_size}")
     if training.eval.nfe is not None and int(training.eval.nfe) < 1:
         raise ValueError(f"config key training.eval.nfe must be >= 1 or null, got {training.eval.nfe}")
