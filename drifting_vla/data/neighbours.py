@@ -5,7 +5,7 @@ Policy (2026) adds the expert chunks of nearby observations: where demonstration
 observation they are its other modes, where they agree more samples of its one mode. (The sample
 queue, `sample_queue.py`, draws chunks of the same task at large instead.)
 
-    index = NeighbourIndex(train_set, k=4, exclude_own_episode=True)       # once per run: seconds
+    index = NeighbourIndex(train_set, k=4, exclude_own_episode=True)       # once per run: ~13 s (docs/data.md)
     train = NeighbourPositives(train_set, index.neighbours(), index.chunks)
     val = NeighbourPositives(val_set, index.query(val_set), index.chunks)  # training neighbours
     train[i]["neighbour_actions"]                                          # [k, T, A], raw units
