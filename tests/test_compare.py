@@ -17,6 +17,8 @@ def run_compare(output: Path, data_root: Path) -> subprocess.CompletedProcess:
         "--variant", "g2", "training.num_samples=2", "--protocols", "drifting:1", "regression:1", "--episodes", "1", "--workers", "1",
         "--", "experiment=tiny_cpu", "data.tasks=[drawer-close-v3]", f"data.root={data_root}",
         "data.train_seeds.count=3", "data.val_every=3", "data.collect_workers=1", "training.max_steps=4",
+        # A drifting key after --: the drifting run trains with neighbour positives, regression ignores it.
+        "training.drifting.positives.source=neighbours", "training.drifting.positives.k=2",
     ]
     return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
 
@@ -38,6 +40,7 @@ def test_compare_writes_table_and_plots_and_resumes_without_retraining(tmp_path)
     assert rows["drifting_nfe1"]["slowdown_vs_drifting"] == pytest.approx(1.0)
     markdown = (output / "comparison.md").read_text()
     assert "| drifting | - | 1 |" in markdown and "| drifting @g2 | - | 1 |" in markdown
+    assert "source: neighbours" in (output / "runs" / "drifting_seed0" / "config.yaml").read_text()
     assert (output / "success_vs_nfe.png").stat().st_size > 10_000
     assert (output / "success_vs_latency.png").stat().st_size > 10_000
 

@@ -442,6 +442,15 @@ def test_metaworld_val_split_holds_out_whole_episodes(metaworld_store):
         MetaWorldDataset(metaworld_store, split="val", tasks=["reach-v3"], cameras=["corner"], horizon=2)
 
 
+def test_metaworld_and_rlbench_number_the_episode_of_every_sample(metaworld_store, rlbench_root):
+    train = MetaWorldDataset(metaworld_store, ["reach-v3", "push-v3"], ["corner"], horizon=2, split="train", val_every=3)
+    assert train.episode_ids().tolist() == [0] * 5 + [1] * 5 + [2] * 5 + [3] * 5  # 2 training episodes per task
+    rlbench = RLBenchDataset(rlbench_root, ["close_jar", "open_drawer"], ["front"], horizon=2)
+    ids = rlbench.episode_ids()
+    assert len(ids) == len(rlbench) and sorted(set(ids.tolist())) == list(range(len(rlbench.episodes)))
+    assert (np.diff(ids) >= 0).all()
+
+
 def test_normalization_statistics_see_only_the_training_episodes(metaworld_store):
     kwargs = dict(tasks=["reach-v3", "push-v3"], cameras=["corner"], horizon=2, val_every=3)
     train = MetaWorldDataset(metaworld_store, split="train", **kwargs)

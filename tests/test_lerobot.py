@@ -76,6 +76,7 @@ def test_val_split_holds_out_whole_episodes():
     assert {float(val[i]["proprio"][0]) // 1000 for i in range(len(val))} == {2.0}
     with pytest.raises(ValueError, match="val split .* is empty .*val_every"):
         fixture_dataset(split="val", val_every=10)
+    assert train.episode_ids().tolist() == [0] * 20 + [1] * 15 and set(val.episode_ids().tolist()) == {2}
 
 
 def test_normalization_stats_come_from_meta_stats_json():

@@ -24,6 +24,7 @@ from test_files import hold_the_lock
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from drifting_vla.data.fixtures import write_rlbench_fixture
+from drifting_vla.data.neighbours import NeighbourIndex
 from drifting_vla.data.registry import build_dataset, register_dataset
 from drifting_vla.data.rlbench_pickle import CorruptEpisodeError
 from drifting_vla.files import LockHeld
@@ -158,7 +159,7 @@ def test_run_killed_with_sigkill_resumes_to_the_same_weights(rlbench_root, tmp_p
     # The fixture's episodes have three phrasings each, drawn at random per sample: with loader
     # workers they must still come out the same after a resume (drawn from seed, epoch and index).
     steps = ["training.max_steps=150", "training.checkpoint_every=10", "training.val_every=50", "training.keep_checkpoints=20",
-             f"data.num_workers={workers}", "training.drifting.extra_positives=2"]
+             f"data.num_workers={workers}", "training.drifting.positives.source=queue", "training.drifting.positives.k=2"]
     straight = _train_script(rlbench_root, tmp_path / "straight", *steps)
     assert straight.wait(timeout=300) == 0, straight.stderr.read()
 
@@ -344,9 +345,10 @@ def test_validation_measures_the_chunks_the_policy_executes(rlbench_root, tmp_pa
     assert measured == pytest.approx(sum(errors) / len(errors), rel=1e-4)
 
 
-def test_two_gloo_ranks_crashed_after_a_checkpoint_resume_to_the_same_weights(rlbench_root, tmp_path):
+@pytest.mark.parametrize("source", ["queue", "neighbours"])
+def test_two_gloo_ranks_crashed_after_a_checkpoint_resume_to_the_same_weights(rlbench_root, tmp_path, source):
     common = ["training.max_steps=8", "training.checkpoint_every=4", "training.val_every=0", "training.batch_size=2",
-              "training.drifting.extra_positives=2"]
+              f"training.drifting.positives.source={source}", "training.drifting.positives.k=2"]
     straight = overrides_for(rlbench_root, tmp_path / "straight", *common)
     mp.spawn(_rank_main, args=(2, free_port(), straight, str(tmp_path / "straight")), nprocs=2, join=True)
 
@@ -357,6 +359,30 @@ def test_two_gloo_ranks_crashed_after_a_checkpoint_resume_to_the_same_weights(rl
     mp.spawn(_rank_main, args=(2, free_port(), resumed, str(tmp_path / "crashed")), nprocs=2, join=True)
     for name, value in _final_weights(tmp_path / "straight", 8).items():
         torch.testing.assert_close(_final_weights(tmp_path / "crashed", 8)[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_a_resumed_run_trains_on_the_checkpointed_neighbours_even_if_a_rebuild_differs(rlbench_root, tmp_path, monkeypatch):
+    common = ["training.max_steps=6", "training.checkpoint_every=3", "training.val_every=3",
+              "training.drifting.positives.source=neighbours", "training.drifting.positives.k=3"]
+    straight = Trainer(compose_config(overrides_for(rlbench_root, tmp_path / "straight", *common)))
+    straight.fit()
+    crashed = Trainer(compose_config(overrides_for(rlbench_root, tmp_path / "crashed", *common)))
+    save = crashed._save_checkpoint
+
+    def save_then_crash():
+        save()
+        if crashed.step == 3:
+            raise _Crash("killed after the checkpoint of step 3")
+
+    crashed._save_checkpoint = save_then_crash
+    with pytest.raises(_Crash):
+        crashed.fit()
+    built = NeighbourIndex.neighbours  # a rebuild on another machine could differ: here every row does
+    monkeypatch.setattr(NeighbourIndex, "neighbours", lambda index: built(index).roll(1, dims=0))
+    resumed = Trainer(compose_config(overrides_for(rlbench_root, tmp_path / "crashed", *common, "training.resume=auto")))
+    resumed.fit()
+    for name, value in straight.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[name], value, rtol=0, atol=0, msg=name)
 
 
 def test_checkpoints_hold_every_ranks_random_state(rlbench_root, tmp_path):

@@ -172,6 +172,10 @@ class LeRobotDataset(Dataset):
     def all_proprio(self) -> np.ndarray:
         return self._frames["proprio"][self._index[:, 0]]
 
+    def episode_ids(self) -> np.ndarray:
+        """The episode index of every sample, int64 [N] (neighbour positives can leave it out)."""
+        return self._index[:, 2].astype(np.int64)
+
     def normalization_stats(self) -> dict[str, dict[str, list[float]]]:
         """{"actions", "proprio"} statistics: meta/stats.json's when it has all of `STATS` for both
         features (LeRobot computes them at recording time, over every episode), else computed over

@@ -249,6 +249,11 @@ class MetaWorldDataset(Dataset):
         arrays = self._open()
         return np.concatenate([arrays[task_id][key][start:end] for task_id, start, end in self._episodes])
 
+    def episode_ids(self) -> np.ndarray:
+        """The episode of every sample, int64 [N], numbered within this split (neighbour
+        positives can then leave an observation's own demonstration out)."""
+        return np.unique(self._index[:, [0, 2]], axis=0, return_inverse=True)[1].reshape(-1).astype(np.int64)
+
     def episodes(self, task: str) -> int:
         return len(self._ends[self.tasks.index(task)])
 

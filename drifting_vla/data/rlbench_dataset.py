@@ -319,6 +319,10 @@ class RLBenchDataset(Dataset):
     def all_proprio(self) -> np.ndarray:
         return np.concatenate([ep.actions() for ep in self.episodes])
 
+    def episode_ids(self) -> np.ndarray:
+        """The episode of every sample, int64 [N] (neighbour positives can leave it out)."""
+        return self._index[:, 0].copy()
+
     def _sample_steps(self, episode: RLBenchEpisode) -> range:
         last = episode.keyframes()[-1] if self.keyframes else len(episode) - 1
         return range(0, last)

@@ -62,12 +62,20 @@ EXECUTION_MODES = ("chunk", "ensemble")
 
 
 @dataclass(kw_only=True)
+class PositivesConfig:
+    source: str = setting("self", choices=("self", "queue", "neighbours"))
+    k: int = setting(4, ge=1)
+    weight: float = setting(1.0, gt=0)
+    queue_size: int = setting(256, ge=1)
+    exclude_own_episode: bool = True
+
+
+@dataclass(kw_only=True)
 class DriftingConfig:
     temperatures: list[float] = setting(factory=lambda: [0.02, 0.05, 0.2], gt=0)
     affinity_floor: float = setting(1e-6, ge=0)
     grouping: str = setting("chunk", choices=("chunk", "timestep", "dimension"))
-    extra_positives: int = setting(0, ge=0)
-    queue_size: int = setting(256, ge=1)
+    positives: PositivesConfig = setting(factory=PositivesConfig)
 
 
 @dataclass(kw_only=True)
@@ -388,14 +396,30 @@ def check_section(key: str, schema: type, node, open_keys: bool = False) -> Dict
 
 def training_config(training) -> DictConfig:
     """`training.*` merged over the schema's defaults (so a checkpoint written before a key existed
-    still builds its objective), with `drifting.per_timestep` of earlier versions read as
-    `drifting.grouping`. Raises ValueError naming an unknown, mistyped or out-of-range key."""
+    still builds its objective), with keys of earlier versions read as today's: `drifting.per_timestep`
+    as `drifting.grouping`, `drifting.extra_positives` and `drifting.queue_size` as
+    `drifting.positives`. Raises ValueError naming an unknown, mistyped or out-of-range key."""
     training = OmegaConf.create(_plain(training))
     legacy = OmegaConf.select(training, "drifting.per_timestep")
     if legacy is not None:
         del training.drifting["per_timestep"]
         training.drifting.grouping = "timestep" if legacy else "chunk"
+    _read_legacy_queue_keys(training)
     return check_section("training", TrainingConfig, training)
+
+
+def _read_legacy_queue_keys(training) -> None:
+    """`drifting.extra_positives: n` (n > 0: n queued chunks per observation) and
+    `drifting.queue_size` -> `drifting.positives` {source: queue, k: n, queue_size}."""
+    drifting = training.get("drifting")
+    if drifting is None or ("extra_positives" not in drifting and "queue_size" not in drifting):
+        return
+    count = int(drifting.pop("extra_positives", 0))
+    queue_size = drifting.pop("queue_size", None)
+    read = {"source": "queue", "k": count} if count > 0 else {}
+    if queue_size is not None:
+        read["queue_size"] = int(queue_size)
+    drifting.positives = OmegaConf.merge(drifting.get("positives", {}), read)
 
 
 def validate_training_config(training) -> None:

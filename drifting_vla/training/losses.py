@@ -81,11 +81,15 @@ class DriftingLoss(nn.Module):
         y_pos: Tensor,
         y_neg: Tensor | None = None,
         neg_weight: float | Tensor = 1.0,
+        pos_weight: float | Tensor = 1.0,
     ) -> DriftingOutput:
         """x `[B, G, ...]` generated; y_pos `[B, P, ...]` expert samples of the same condition;
         y_neg `[B, K, ...]` optional unconditional negatives (e.g. expert chunks of OTHER
         observations, for guidance) with weight `neg_weight` (scalar or `[K]`), the paper's
-        `(alpha - 1)(G - 1) / K`. The generated samples are always negatives too (self-masked)."""
+        `(alpha - 1)(G - 1) / K`. The generated samples are always negatives too (self-masked).
+        `pos_weight` (scalar or `[P]`) weights the positive columns the same way, after the
+        softmaxes and in S: 1 (the paper) counts every positive alike; below 1 an extra positive
+        (a neighbour's chunk) pulls less than the observation's own expert chunk."""
         _check_shapes(x, y_pos, y_neg)
         gen = self._problems(x)
         extra = [] if y_neg is None else [self._problems(y_neg.detach())]
@@ -96,7 +100,7 @@ class DriftingLoss(nn.Module):
         with torch.no_grad(), torch.autocast(gen.device.type, enabled=False):
             gen_fixed = gen.detach().float()
             targets = torch.cat([gen_fixed, *[e.float() for e in extra], pos.float()], dim=1)
-            weights = self._column_weights(num_gen, extra, pos.shape[1], neg_weight, gen.device)
+            weights = self._column_weights(num_gen, extra, pos.shape[1], neg_weight, pos_weight, gen.device)
             distances = pairwise_distances(gen_fixed, targets)
 
             weighted_sum = (distances * weights).sum()
@@ -165,15 +169,16 @@ class DriftingLoss(nn.Module):
 
     @staticmethod
     def _column_weights(
-        num_gen: int, extra: list[Tensor], num_pos: int, neg_weight: float | Tensor, device: torch.device
+        num_gen: int, extra: list[Tensor], num_pos: int, neg_weight: float | Tensor, pos_weight: float | Tensor,
+        device: torch.device,
     ) -> Tensor:
-        """Weights of the target columns `[C]`: 1 for generated and positive columns, the
-        guidance weight for unconditional negatives."""
+        """Weights of the target columns `[C]`: 1 for generated columns, the guidance weight for
+        unconditional negatives, `pos_weight` for positives."""
         parts = [torch.ones(num_gen, device=device)]
         if extra:
             k = extra[0].shape[1]
             parts.append(torch.as_tensor(neg_weight, dtype=torch.float32, device=device).expand(k).clone())
-        parts.append(torch.ones(num_pos, device=device))
+        parts.append(torch.as_tensor(pos_weight, dtype=torch.float32, device=device).expand(num_pos).clone())
         return torch.cat(parts)
 
 

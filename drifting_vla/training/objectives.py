@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from drifting_vla.data.neighbours import NeighbourIndex, NeighbourPositives
 from drifting_vla.data.sample_queue import SampleQueue
 from drifting_vla.training.losses import DriftingLoss
 
@@ -96,11 +97,17 @@ class Objective(ABC):
         """`sample` with nfe and sampler resolved."""
 
     def state_dict(self) -> dict:
-        """What a resumed run needs beyond the weights (drifting's sample queue); tensors and plain values."""
+        """What a resumed run needs beyond the weights (drifting's sample queue or neighbour table);
+        tensors and plain values."""
         return {}
 
     def load_state_dict(self, state: dict) -> None:
         del state
+
+    def training_datasets(self, train_set, val_set):
+        """The (train, val) datasets this objective trains and validates on: the given ones,
+        unless it needs more in a batch than the data gives (drifting's neighbour positives)."""
+        return train_set, val_set
 
     @torch.no_grad()
     def field(self, samples: Tensor, actions: Tensor) -> Tensor:
@@ -130,17 +137,39 @@ def _mse(prediction: Tensor, target: Tensor) -> ObjectiveOutput:
 
 class DriftingObjective(Objective):
     """G chunks per observation from G noise draws; one drift problem per observation with the
-    expert chunk as positive (plus `extra_positives` chunks of the same task from a queue, which
-    only training batches fill: validation runs without grad and leaves it alone)."""
+    expert chunk as positive, plus `positives.k` extra positives (`training.drifting.positives`):
+
+        source       extra positives of an observation
+        self         none
+        queue        chunks of the same task drawn from a queue that only training batches fill
+                     (validation runs without grad and leaves it alone)
+        neighbours   the expert chunks of its k nearest training observations of the same task
+                     (`data/neighbours.py`), carried by the batch as `neighbour_actions`
+
+    Extra positives enter the observation's own problem like the expert chunk, with column weight
+    `positives.weight` (the expert's is 1)."""
 
     name = "drifting"
 
     def __init__(self, cfg) -> None:
-        d = cfg.drifting
+        d, p = cfg.drifting, cfg.drifting.positives
         self.num_samples = int(cfg.num_samples)
         self.loss = DriftingLoss(tuple(d.temperatures), affinity_floor=float(d.affinity_floor), grouping=str(d.grouping))
-        self.extra_positives = int(d.extra_positives)
-        self.queue = SampleQueue(capacity_per_task=int(d.queue_size)) if self.extra_positives else None
+        self.source, self.extra_positives = str(p.source), int(p.k)
+        self.extra_weight, self.exclude_own_episode = float(p.weight), bool(p.exclude_own_episode)
+        self.queue = SampleQueue(capacity_per_task=int(p.queue_size)) if self.source == "queue" else None
+        self.train_positives: NeighbourPositives | None = None
+
+    def training_datasets(self, train_set, val_set):
+        """With neighbour positives, both splits' items carry their training neighbours' chunks.
+        The index is built here, from the data alone (seconds; `data/neighbours.py`), by every
+        rank alike: each holds the whole training split."""
+        if self.source != "neighbours":
+            return train_set, val_set
+        index = NeighbourIndex(train_set, self.extra_positives, self.exclude_own_episode)
+        self.train_positives = NeighbourPositives(train_set, index.neighbours(), index.chunks)
+        val = None if val_set is None else NeighbourPositives(val_set, index.query(val_set), index.chunks)
+        return self.train_positives, val
 
     def training_inputs(self, batch_size, horizon, noise_dim, generator):
         inputs = {"noise": torch.randn((batch_size, self.num_samples, horizon, noise_dim), generator=generator)}
@@ -150,25 +179,48 @@ class DriftingObjective(Objective):
 
     def __call__(self, model, obs, actions, inputs):
         samples = _unwrap(model).to_actions(model(obs, inputs["noise"]))
-        positives = actions[:, None]
-        if self.queue is not None:
-            if torch.is_grad_enabled():
-                self.queue.push(list(obs["task"]), actions.detach())
-            extra = self.queue.sample(list(obs["task"]), self.extra_positives, inputs["queue_draws"]).to(actions)
-            positives = torch.cat([positives, extra], dim=1)
-        out = self.loss(samples, positives)
+        if self.source == "self":
+            out = self.loss(samples, actions[:, None])
+        else:
+            extra = self._extra_positives(obs, actions, inputs)
+            weights = torch.tensor([1.0] + [self.extra_weight] * extra.shape[1])
+            out = self.loss(samples, torch.cat([actions[:, None], extra], dim=1), pos_weight=weights)
         return ObjectiveOutput(out.loss, out.metrics)
+
+    def _extra_positives(self, obs, actions, inputs) -> Tensor:
+        """[B, k, T, A] normalized chunks."""
+        if self.source == "neighbours":
+            if "neighbour_actions" not in obs:
+                raise ValueError("positives.source=neighbours but the batch has no neighbour_actions: train on the "
+                                 "datasets objective.training_datasets() returns")
+            return obs["neighbour_actions"].to(actions)
+        if torch.is_grad_enabled():
+            self.queue.push(list(obs["task"]), actions.detach())
+        return self.queue.sample(list(obs["task"]), self.extra_positives, inputs["queue_draws"]).to(actions)
 
     def _sample(self, model, condition, num_samples, nfe, sampler, generator):
         noise = model.sample_noise(condition.batch_size, num_samples, condition.pooled.device, generator)
         return model.to_actions(model.predict(condition, noise))
 
     def state_dict(self) -> dict:
-        return {} if self.queue is None else {"queue": self.queue.state_dict()}
+        """The queue, or the training split's neighbour table: a resumed run trains on the
+        neighbours the killed one had, even where a rebuild elsewhere (another CPU's arithmetic)
+        would break a near-tie the other way. Validation's are rebuilt: they move no weight."""
+        if self.queue is not None:
+            return {"queue": self.queue.state_dict()}
+        return {} if self.train_positives is None else {"neighbours": self.train_positives.neighbours}
 
     def load_state_dict(self, state: dict) -> None:
         if self.queue is not None and "queue" in state:
             self.queue.load_state_dict(state["queue"])
+        if self.train_positives is not None and "neighbours" in state:
+            saved, built = state["neighbours"], self.train_positives.neighbours
+            if saved.shape != built.shape:
+                raise ValueError(
+                    f"the checkpoint's neighbour table is {tuple(saved.shape)} (samples x k) and this run's is "
+                    f"{tuple(built.shape)}: resume with the same data and training.drifting.positives.k"
+                )
+            self.train_positives.neighbours = saved
 
     @torch.no_grad()
     def field(self, samples, actions):

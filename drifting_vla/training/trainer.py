@@ -101,6 +101,7 @@ class Trainer:
         if str(cfg.model.language.name) == "task_embedding":
             with _unlocked(cfg):
                 cfg.data.instructions = self.train_set.all_instructions()
+        self.train_set, self.val_set = self.objective.training_datasets(self.train_set, self.val_set)
 
         self.model = build_model(cfg).to(self.device)
         if t.feature_cache:  # before sharding: the backbone runs alone, outside the model's forward
@@ -242,6 +243,8 @@ class Trainer:
         }
         if "vision_features" in batch:
             obs["vision_features"] = batch["vision_features"].to(self.device, non_blocking=True)
+        if "neighbour_actions" in batch:  # drifting's neighbour positives, scaled like the expert chunk
+            obs["neighbour_actions"] = self.normalizer.normalize("actions", batch["neighbour_actions"].to(self.device, non_blocking=True).float())
         actions = self.normalizer.normalize("actions", batch["actions"].to(self.device, non_blocking=True).float())
         return obs, actions
 
@@ -412,7 +415,7 @@ class Trainer:
         self._barrier()
 
     def _per_rank_states(self) -> list[dict]:
-        """Every rank's RNG state and objective state (drifting's sample queue), gathered for
+        """Every rank's RNG state and objective state (drifting's sample queue or neighbours), gathered for
         rank 0 to save (collective): a resumed rank continues its own streams."""
         mine = {"rng": capture_rng_state(), "objective": self.objective.state_dict()}
         if self.ctx.world_size == 1:
