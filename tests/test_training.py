@@ -236,6 +236,29 @@ def test_feature_cache_refuses_a_trainable_backbone(rlbench_root, tmp_path):
         Trainer(cfg)
 
 
+def test_feature_cache_with_augmentation_is_refused_before_encoding_anything(rlbench_root, tmp_path):
+    cfg = compose_config(overrides_for(rlbench_root, tmp_path, "~model.vision", TINY_DINOV2, "training.feature_cache=true",
+                                       "training.augmentation.random_shift=4"))
+    with pytest.raises(ValueError, match="unaugmented images"):
+        Trainer(cfg)
+
+
+@pytest.mark.parametrize("shift", ["null", "0"])
+def test_training_batches_are_shifted_by_default_and_validation_batches_never(rlbench_root, tmp_path, shift):
+    cfg = compose_config(overrides_for(rlbench_root, tmp_path, "training.max_steps=2", "training.val_every=2",
+                                       f"training.augmentation.random_shift={shift}"))
+    trainer = Trainer(cfg)
+    loaded, seen = [], []
+    to_device, encode = trainer._to_device, trainer.model.vision_encoder.forward
+    trainer._to_device = lambda batch: loaded.append(batch["images"].clone()) or to_device(batch)
+    trainer.model.vision_encoder.forward = lambda images: seen.append(images.clone()) or encode(images)
+    trainer.fit()
+    for step in (0, 1):
+        assert seen[step].shape == loaded[step].shape
+        assert torch.equal(seen[step], loaded[step]) == (shift == "0")  # the tiny model's CNN is trained: on by default
+    assert len(seen) > 2 and all(torch.equal(images, loaded[2]) for images in seen[2:])
+
+
 @pytest.mark.parametrize("objective", ["drifting", "regression", "flow_matching", "diffusion"])
 def test_validation_measures_the_chunks_the_policy_executes(rlbench_root, tmp_path, objective):
     # val/action_mse must come from the same sampler, nfe and noise as the closed-loop policy:

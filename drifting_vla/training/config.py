@@ -36,6 +36,11 @@ class DiffusionConfig:
 
 
 @dataclass
+class AugmentationConfig:
+    random_shift: int | None = None
+
+
+@dataclass
 class DistributedConfig:
     strategy: str = "ddp"
     backend: str = "auto"
@@ -91,6 +96,7 @@ class TrainingConfig:
     keep_checkpoints: int = 3
     resume: str | None = None
     feature_cache: bool = False
+    augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -141,5 +147,8 @@ def _check_values(training) -> None:
     for key in ("max_steps", "batch_size", "grad_accum_steps", "log_every", "checkpoint_every"):
         if int(training[key]) < 1:
             raise ValueError(f"config key training.{key} must be >= 1, got {training[key]}")
+    shift = training.augmentation.random_shift
+    if shift is not None and int(shift) < 0:
+        raise ValueError(f"config key training.augmentation.random_shift must be >= 0 or null, got {shift}")
     if training.eval.nfe is not None and int(training.eval.nfe) < 1:
         raise ValueError(f"config key training.eval.nfe must be >= 1 or null, got {training.eval.nfe}")
