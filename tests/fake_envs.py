@@ -106,3 +106,45 @@ class DriftEnv(BaseEnv):
             "instruction": self.instruction,
             "task": "drift",
         }
+
+
+class ReplayEnv(BaseEnv):
+    """Replays recorded episodes of a Meta-World demo store (`data.replay_store`), whatever the
+    actions: episode `seed` of the task, one recorded step per env step. What a policy observes in
+    it is exactly what the dataset made of the same episode for training."""
+
+    def __init__(self, store: str, task: str, max_episode_steps: int):
+        from drifting_vla.data.metaworld_dataset import open_task_arrays, read_task_meta
+
+        meta, self.ends = read_task_meta(f"{store}/{task}")
+        self.arrays, self.instruction, self.task = open_task_arrays(f"{store}/{task}"), meta["instruction"], task
+        self.max_episode_steps = max_episode_steps
+        self.row, self.end = 0, 0
+
+    @classmethod
+    def from_config(cls, data_cfg, task: str) -> ReplayEnv:
+        return cls(str(data_cfg["replay_store"]), task, int(data_cfg["max_episode_steps"]))
+
+    def reset(self, seed: int) -> dict:
+        self.row = int(self.ends[seed - 1]) if seed else 0
+        self.end = int(self.ends[seed])
+        return self._obs()
+
+    def step(self, action: np.ndarray) -> StepResult:
+        self.row += 1
+        done = self.row == self.end - 1
+        return StepResult(self._obs(), 0.0, done, False)
+
+    def render(self) -> np.ndarray:
+        return np.zeros((32, 32, 3), dtype=np.uint8)
+
+    def close(self) -> None:
+        pass
+
+    def _obs(self) -> dict:
+        return {
+            "images": np.array(self.arrays["images"][self.row]),
+            "proprio": np.array(self.arrays["proprio"][self.row]),
+            "instruction": self.instruction,
+            "task": self.task,
+        }

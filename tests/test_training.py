@@ -218,11 +218,12 @@ TINY_DINOV2 = (
 )
 
 
-def test_feature_cache_trains_exactly_like_running_the_frozen_backbone(rlbench_root, tmp_path):
+@pytest.mark.parametrize("n_obs_steps", [1, 2])
+def test_feature_cache_trains_exactly_like_running_the_frozen_backbone(rlbench_root, tmp_path, n_obs_steps):
     results = []
     for cache in ("false", "true"):
         cfg = compose_config(overrides_for(rlbench_root, tmp_path / cache, "training.max_steps=4", "~model.vision",
-                                           TINY_DINOV2, f"training.feature_cache={cache}"))
+                                           TINY_DINOV2, f"training.feature_cache={cache}", f"data.n_obs_steps={n_obs_steps}"))
         trainer = Trainer(cfg)
         trainer.fit()
         results.append(trainer.model.state_dict())

@@ -71,6 +71,7 @@ def build_metaworld(cfg, split: str = "train") -> Dataset:
         privileged_state=bool(cfg.get("privileged_state", False)),
         split=split,
         val_every=int(cfg.get("val_every", 10)),
+        n_obs_steps=int(cfg.get("n_obs_steps", 1)),
     )
 
 
@@ -91,6 +92,7 @@ def build_rlbench(cfg, split: str = "train") -> Dataset:
         skip_corrupt=bool(cfg.get("skip_corrupt", False)),
         random_instruction=split == "train",
         max_episodes_per_task=cfg.get("max_episodes_per_task"),
+        n_obs_steps=int(cfg.get("n_obs_steps", 1)),
     )
 
 
@@ -114,4 +116,5 @@ def build_lerobot(cfg, split: str = "train") -> Dataset:
         val_every=int(cfg["val_every"]),
         action_dim=ActionSpec.from_config(cfg["action_spec"]).dim,
         proprio_dim=int(cfg["proprio_dim"]),
+        n_obs_steps=int(cfg.get("n_obs_steps", 1)),
     )

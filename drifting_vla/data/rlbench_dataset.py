@@ -12,7 +12,9 @@ Items (`drifting_vla.specs`): the observation at step t and
     keyframes:  actions = the next T keyframes after t (PerAct)     [T, 8]
 
 each row `[x, y, z, qx, qy, qz, qw, gripper_open]` with a unit, qw >= 0 quaternion, padded with the
-last row and masked at the end of the episode. proprio = the current row (8 floats).
+last row and masked at the end of the episode. proprio = the current row (8 floats). Dense items
+may carry an observation history (`n_obs_steps`: steps t-n+1 .. t); keyframe items may not, since
+a keyframe policy observes only on arriving at each keyframe, never at the steps in between.
 
 PNG decoding is paid once: with `cache_dir` set, an episode's frames are decoded on first use into
 one uint8 .npy (memory-mapped afterwards), shared by all workers and epochs.
@@ -33,7 +35,14 @@ from torch.utils.data import Dataset
 
 from drifting_vla.data.rlbench_pickle import CorruptEpisodeError, load_rlbench_pickle
 from drifting_vla.data.sampler import sample_rng
-from drifting_vla.data.transforms import action_window, canonical_quaternion, resize_image
+from drifting_vla.data.transforms import (
+    action_window,
+    canonical_quaternion,
+    check_n_obs_steps,
+    history_rows,
+    resize_image,
+    stack_history,
+)
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +197,15 @@ class RLBenchDataset(Dataset):
         skip_corrupt: bool = False,
         random_instruction: bool = True,
         max_episodes_per_task: int | None = None,
+        n_obs_steps: int = 1,
     ) -> None:
+        self.n_obs_steps = check_n_obs_steps(n_obs_steps)
+        if keyframes and self.n_obs_steps > 1:
+            raise ValueError(
+                f"data.n_obs_steps={n_obs_steps} with data.keyframes=true: a keyframe policy observes only on arriving "
+                "at each keyframe, so the dense steps before t are not what it sees at inference; use "
+                "data.keyframes=false for an observation history, or data.n_obs_steps=1"
+            )
         self.root = pathlib.Path(root).expanduser()
         self.tasks = list(tasks)
         check_rlbench_tasks(self.tasks)
@@ -241,9 +258,10 @@ class RLBenchDataset(Dataset):
         chunk, mask = action_window(rows, first[t], self.horizon)
         instructions = self._instructions(e)
         pick = int(sample_rng(i).integers(len(instructions))) if self.random_instruction else 0
+        frames = history_rows(t, 0, self.n_obs_steps)
         return {
-            "images": torch.from_numpy(self._images(e, t)),
-            "proprio": torch.from_numpy(episode.actions()[t]),
+            "images": torch.from_numpy(stack_history([self._images(e, int(s)) for s in frames])),
+            "proprio": torch.from_numpy(stack_history([episode.actions()[s] for s in frames])),
             "instruction": instructions[pick],
             "actions": torch.from_numpy(chunk),
             "action_mask": torch.from_numpy(mask),

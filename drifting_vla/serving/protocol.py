@@ -107,11 +107,37 @@ def check_observation(request: Mapping, metadata: Mapping) -> dict:
     {camera name: [3, H, W] or [H, W, 3]}. H, W may differ from `image_size` (the server resizes).
     Returns {"images": uint8 [V, 3, H, W], "proprio": float32 [S], "instruction": str,
     "seed": int | None}.
+
+    A policy with an observation history (`metadata["n_obs_steps"]` = n > 1) takes the last n
+    control steps, oldest first: images a list of n entries of the form above (or one array
+    [n, V, ...]) and proprio [n, S]; returned as images [n, V, 3, H, W] and proprio [n, S].
     """
     for key in ("images", "proprio", "instruction"):
         if key not in request:
             raise ProtocolError(f"the request has no {key!r}; a request carries images, proprio and instruction")
-    images = _camera_stack(request["images"], list(metadata["cameras"]))
+    steps = int(metadata.get("n_obs_steps", 1))
+    cameras = list(metadata["cameras"])
+    if steps == 1:
+        images = _camera_stack(request["images"], cameras)
+    else:
+        history = request["images"]
+        if isinstance(history, np.ndarray):
+            given = f"an array of shape {list(history.shape)}" if history.ndim != 5 else f"{len(history)} steps"
+            valid = history.ndim == 5 and len(history) == steps
+        else:
+            given = f"{len(history)} steps" if isinstance(history, (list, tuple)) else type(history).__name__
+            valid = isinstance(history, (list, tuple)) and len(history) == steps
+        if not valid:
+            raise ProtocolError(
+                f"this policy conditions on the last {steps} control steps: images must be a list of {steps} "
+                f"observations' images (oldest first, each [V, 3, H, W], [V, H, W, 3] or a camera map) or an array "
+                f"[{steps}, V, ...], got {given}"
+            )
+        per_step = [_camera_stack(step, cameras) for step in history]
+        if len({step.shape for step in per_step}) > 1:
+            raise ProtocolError(f"the steps' images differ in size: {[list(step.shape) for step in per_step]}")
+        images = np.stack(per_step)
+    shape = [steps, int(metadata["proprio_dim"])] if steps > 1 else [int(metadata["proprio_dim"])]
     proprio = request["proprio"]
     if not isinstance(proprio, np.ndarray):
         try:
@@ -120,8 +146,8 @@ def check_observation(request: Mapping, metadata: Mapping) -> dict:
             raise ProtocolError(f"proprio must be numbers, got {type(request['proprio']).__name__}") from error
     if proprio.dtype.kind not in "fiu":
         raise ProtocolError(f"proprio must be a float array, got dtype {proprio.dtype}")
-    if proprio.shape != (int(metadata["proprio_dim"]),):
-        raise ProtocolError(f"proprio must have shape [{metadata['proprio_dim']}], got {list(proprio.shape)}")
+    if list(proprio.shape) != shape:
+        raise ProtocolError(f"proprio must have shape {shape}, got {list(proprio.shape)}")
     proprio = proprio.astype(np.float32)
     if not np.isfinite(proprio).all():
         raise ProtocolError("proprio has NaN or Inf values")
