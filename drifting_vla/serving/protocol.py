@@ -117,26 +117,7 @@ def check_observation(request: Mapping, metadata: Mapping) -> dict:
             raise ProtocolError(f"the request has no {key!r}; a request carries images, proprio and instruction")
     steps = int(metadata.get("n_obs_steps", 1))
     cameras = list(metadata["cameras"])
-    if steps == 1:
-        images = _camera_stack(request["images"], cameras)
-    else:
-        history = request["images"]
-        if isinstance(history, np.ndarray):
-            given = f"an array of shape {list(history.shape)}" if history.ndim != 5 else f"{len(history)} steps"
-            valid = history.ndim == 5 and len(history) == steps
-        else:
-            given = f"{len(history)} steps" if isinstance(history, (list, tuple)) else type(history).__name__
-            valid = isinstance(history, (list, tuple)) and len(history) == steps
-        if not valid:
-            raise ProtocolError(
-                f"this policy conditions on the last {steps} control steps: images must be a list of {steps} "
-                f"observations' images (oldest first, each [V, 3, H, W], [V, H, W, 3] or a camera map) or an array "
-                f"[{steps}, V, ...], got {given}"
-            )
-        per_step = [_camera_stack(step, cameras) for step in history]
-        if len({step.shape for step in per_step}) > 1:
-            raise ProtocolError(f"the steps' images differ in size: {[list(step.shape) for step in per_step]}")
-        images = np.stack(per_step)
+    images = _camera_stack(request["images"], cameras) if steps == 1 else _history_stack(request["images"], steps, cameras)
     shape = [steps, int(metadata["proprio_dim"])] if steps > 1 else [int(metadata["proprio_dim"])]
     proprio = request["proprio"]
     if not isinstance(proprio, np.ndarray):
@@ -158,6 +139,26 @@ def check_observation(request: Mapping, metadata: Mapping) -> dict:
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
         raise ProtocolError(f"seed must be an integer in [0, 2**63), got {seed!r}")
     return {"images": images, "proprio": proprio, "instruction": instruction, "seed": seed}
+
+
+def _history_stack(history: Any, steps: int, cameras: list[str]) -> np.ndarray:
+    """uint8 [n, V, 3, H, W] from a list of n steps' images (each as `_camera_stack` takes them)
+    or an array [n, V, ...]."""
+    is_steps = isinstance(history, (list, tuple)) or (isinstance(history, np.ndarray) and history.ndim == 5)
+    if not is_steps or len(history) != steps:
+        if is_steps:
+            given = f"{len(history)} steps"
+        else:
+            given = f"an array of shape {list(history.shape)}" if isinstance(history, np.ndarray) else type(history).__name__
+        raise ProtocolError(
+            f"this policy conditions on the last {steps} control steps: images must be a list of {steps} "
+            f"observations' images (oldest first, each [V, 3, H, W], [V, H, W, 3] or a camera map) or an array "
+            f"[{steps}, V, ...], got {given}"
+        )
+    per_step = [_camera_stack(step, cameras) for step in history]
+    if len({step.shape for step in per_step}) > 1:
+        raise ProtocolError(f"the steps' images differ in size: {[list(step.shape) for step in per_step]}")
+    return np.stack(per_step)
 
 
 def _camera_stack(images: Any, cameras: list[str]) -> np.ndarray:
