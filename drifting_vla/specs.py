@@ -11,6 +11,10 @@ Sample dict (what a dataset item holds; collate stacks along a new batch dim B):
     actions      float32 [T, A]         the next T actions (or keyframes), raw units
     action_mask  bool    [T]            False for steps padded past the episode's end
     task         str                    task name, e.g. "reach-v3" or "close_jar"
+
+With an observation history (`data.n_obs_steps` = n > 1) images are [n, V, 3, H, W] and proprio
+[n, S]: the observations of steps t-n+1 .. t, oldest first, the episode's first one repeated
+before its start; n = 1 is the layout above.
 """
 
 from __future__ import annotations

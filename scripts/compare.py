@@ -165,9 +165,10 @@ def chunk_latency(run_dir: Path, protocol: Protocol, repeats: int = 20) -> dict:
     policy = DriftingPolicy.from_checkpoint(run_dir, nfe=protocol.nfe, sampler=protocol.sampler)
     data = policy.cfg["data"]
     size, views = int(data["image_size"]), len(data["cameras"])
+    steps = (policy.n_obs_steps,) if policy.n_obs_steps > 1 else ()  # an observation history: all n steps
     obs = {
-        "images": torch.randint(0, 256, (1, views, 3, size, size), dtype=torch.uint8),
-        "proprio": torch.zeros(1, int(data["proprio_dim"])),
+        "images": torch.randint(0, 256, (1, *steps, views, 3, size, size), dtype=torch.uint8),
+        "proprio": torch.zeros(1, *steps, int(data["proprio_dim"])),
         "instruction": [(data.get("instructions") or ["open the drawer"])[0]],  # task embeddings know only theirs
     }
     normalized = {**obs, "proprio": policy.normalizer.normalize("proprio", obs["proprio"])}

@@ -107,7 +107,7 @@ def _policy(cfg: DictConfig):
     if cfg.remote is not None:
         client = PolicyClient(str(cfg.remote), token=cfg.remote_token)
         meta = client.metadata
-        policy = ChunkedPolicy(client.predict, meta["horizon"], execute_steps, seed)
+        policy = ChunkedPolicy(client.predict, meta["horizon"], execute_steps, seed, meta.get("n_obs_steps", 1))
         if cfg.nfe is not None or cfg.sampler is not None:
             raise ValueError("nfe= and sampler= are the server's settings with remote=: start scripts/serve.py with them")
         # Either data config only names a simulator: evaluate() builds registered ones alone.
@@ -127,7 +127,7 @@ def _policy(cfg: DictConfig):
         return policy, policy.cfg["data"], str(policy.checkpoint), policy.method
     local = DriftingPolicy.from_pretrained(cfg.checkpoint, device=device, nfe=cfg.nfe, sampler=cfg.sampler)
     predict = lambda obs, chunk_seed: predict_chunks(local, [obs], chunk_seed)[0]  # noqa: E731
-    chunked = ChunkedPolicy(predict, local.horizon, execute_steps, seed)
+    chunked = ChunkedPolicy(predict, local.horizon, execute_steps, seed, local.n_obs_steps)
     return chunked, local.cfg["data"], str(local.checkpoint), local.method
 
 

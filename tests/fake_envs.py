@@ -1,4 +1,4 @@
-"""Test-only simulators, registered as the envs `scripted` and `drift` when this module is imported
+"""Test-only simulators, registered as the envs `scripted`, `drift` and `replay` when this module is imported
 (tests/conftest.py does; a script names it, `plugins=[tests.fake_envs]`), as a user registers one.
 
 `ScriptedEnv` decides each episode's fate from its seed, so a rollout test can mix outcomes:
@@ -7,6 +7,8 @@
     seed % 4 == 1   the simulator raises at step 2 (like InvalidActionError)
     seed % 4 == 2   the worker process dies at step 2 (like a segfaulting simulator)
     seed % 4 == 3   never succeeds: runs to max_episode_steps
+
+`ReplayEnv` replays the episodes of a Meta-World demo store whatever the actions.
 
 `FakeRLBench` stands in for RLBench and CoppeliaSim behind `RLBenchEnv`, recording the commands a
 step sends to the simulator.
@@ -176,5 +178,48 @@ class FakeRLBench:
         )
 
 
+class ReplayEnv(BaseEnv):
+    """Replays recorded episodes of a Meta-World demo store (`data.replay_store`), whatever the
+    actions: episode `seed` of the task, one recorded step per env step. What a policy observes in
+    it is exactly what the dataset made of the same episode for training."""
+
+    def __init__(self, store: str, task: str, max_episode_steps: int):
+        from drifting_vla.data.metaworld_dataset import open_task_arrays, read_task_meta
+
+        meta, self.ends = read_task_meta(f"{store}/{task}")
+        self.arrays, self.instruction, self.task = open_task_arrays(f"{store}/{task}"), meta["instruction"], task
+        self.max_episode_steps = max_episode_steps
+        self.row, self.end = 0, 0
+
+    @classmethod
+    def from_config(cls, data_cfg, task: str) -> ReplayEnv:
+        return cls(str(data_cfg["replay_store"]), task, int(data_cfg["max_episode_steps"]))
+
+    def reset(self, seed: int) -> dict:
+        self.row = int(self.ends[seed - 1]) if seed else 0
+        self.end = int(self.ends[seed])
+        return self._obs()
+
+    def step(self, action: np.ndarray) -> StepResult:
+        self.row += 1
+        done = self.row == self.end - 1
+        return StepResult(self._obs(), 0.0, done, False)
+
+    def render(self) -> np.ndarray:
+        return np.zeros((32, 32, 3), dtype=np.uint8)
+
+    def close(self) -> None:
+        pass
+
+    def _obs(self) -> dict:
+        return {
+            "images": np.array(self.arrays["images"][self.row]),
+            "proprio": np.array(self.arrays["proprio"][self.row]),
+            "instruction": self.instruction,
+            "task": self.task,
+        }
+
+
 register_env("scripted", "tests.fake_envs:ScriptedEnv")
 register_env("drift", "tests.fake_envs:DriftEnv")
+register_env("replay", "tests.fake_envs:ReplayEnv")

@@ -91,6 +91,7 @@ class SlowPolicy:
     def __init__(self, policy, seconds: float = 0.0) -> None:
         self.policy, self.seconds, self.batch_sizes = policy, seconds, []
         self.cfg, self.checkpoint, self.action_spec, self.horizon = policy.cfg, "slow", policy.action_spec, policy.horizon
+        self.n_obs_steps = policy.n_obs_steps
         self.objective, self.nfe, self.sampler, self.method = policy.objective, policy.nfe, policy.sampler, policy.method
 
     def predict_action_chunk(self, obs, generator=None):

@@ -308,11 +308,12 @@ TINY_DINOV2 = (
 )
 
 
-def test_feature_cache_trains_exactly_like_running_the_frozen_backbone(rlbench_root, tmp_path):
+@pytest.mark.parametrize("n_obs_steps", [1, 2])
+def test_feature_cache_trains_exactly_like_running_the_frozen_backbone(rlbench_root, tmp_path, n_obs_steps):
     results = []
     for cache in ("false", "true"):
         cfg = compose_config(overrides_for(rlbench_root, tmp_path / cache, "training.max_steps=4", "~model.vision",
-                                           TINY_DINOV2, f"training.feature_cache={cache}"))
+                                           TINY_DINOV2, f"training.feature_cache={cache}", f"data.n_obs_steps={n_obs_steps}"))
         trainer = Trainer(cfg)
         trainer.fit()
         results.append(trainer.model.state_dict())
@@ -324,6 +325,29 @@ def test_feature_cache_refuses_a_trainable_backbone(rlbench_root, tmp_path):
     cfg = compose_config(overrides_for(rlbench_root, tmp_path, "training.feature_cache=true"))
     with pytest.raises(ValueError, match="frozen vision backbone"):
         Trainer(cfg)
+
+
+def test_feature_cache_with_augmentation_is_refused_before_encoding_anything(rlbench_root, tmp_path):
+    cfg = compose_config(overrides_for(rlbench_root, tmp_path, "~model.vision", TINY_DINOV2, "training.feature_cache=true",
+                                       "training.augmentation.random_shift=4"))
+    with pytest.raises(ValueError, match="unaugmented images"):
+        Trainer(cfg)
+
+
+@pytest.mark.parametrize("shift", ["null", "0"])
+def test_training_batches_are_shifted_by_default_and_validation_batches_never(rlbench_root, tmp_path, shift):
+    cfg = compose_config(overrides_for(rlbench_root, tmp_path, "training.max_steps=2", "training.val_every=2",
+                                       f"training.augmentation.random_shift={shift}"))
+    trainer = Trainer(cfg)
+    loaded, seen = [], []
+    to_device, encode = trainer._to_device, trainer.model.vision_encoder.forward
+    trainer._to_device = lambda batch: loaded.append(batch["images"].clone()) or to_device(batch)
+    trainer.model.vision_encoder.forward = lambda images: seen.append(images.clone()) or encode(images)
+    trainer.fit()
+    for step in (0, 1):
+        assert seen[step].shape == loaded[step].shape
+        assert torch.equal(seen[step], loaded[step]) == (shift == "0")  # the tiny model's CNN is trained: on by default
+    assert len(seen) > 2 and all(torch.equal(images, loaded[2]) for images in seen[2:])
 
 
 @pytest.mark.parametrize("objective", ["drifting", "regression", "flow_matching", "diffusion"])

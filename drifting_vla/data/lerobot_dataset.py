@@ -16,8 +16,9 @@ meta/episodes) + the row's `timestamp`, found by seeking to the keyframe before 
 encodes a keyframe every 2 frames) and decoding forward. Low-dimensional columns are read once
 into memory; image columns and video files are opened lazily in each loader worker.
 
-    frame t of an episode of length L:  images, proprio at t;  actions t .. t+T-1 (rows past L-1
-    repeat the last action, mask False), as the other datasets return them (specs.py).
+    frame t of an episode of length L:  images, proprio at t (with n_obs_steps = n > 1: at
+    t-n+1 .. t, the episode's first frame repeated before its start);  actions t .. t+T-1 (rows
+    past L-1 repeat the last action, mask False), as the other datasets return them (specs.py).
 
 Datasets written by `drifting_vla.data.lerobot_writer` also hold `meta/drifting_vla.json`: the
 task name of each instruction and the simulator the demos came from, so that a policy trained on
@@ -38,7 +39,14 @@ from torch.utils.data import Dataset
 
 from drifting_vla.data.normalization import STATS, compute_stats
 from drifting_vla.data.rlbench_pickle import CorruptEpisodeError
-from drifting_vla.data.transforms import action_window, first_non_finite, split_episodes
+from drifting_vla.data.transforms import (
+    action_window,
+    check_n_obs_steps,
+    first_non_finite,
+    history_rows,
+    split_episodes,
+    stack_history,
+)
 
 CODEBASE_VERSION = "v3.0"
 EXPORT_META = "meta/drifting_vla.json"
@@ -104,6 +112,7 @@ class LeRobotDataset(Dataset):
         val_every: int = 0,
         action_dim: int | None = None,
         proprio_dim: int | None = None,
+        n_obs_steps: int = 1,
     ) -> None:
         """`cameras`: image or video feature keys (any mix), each resized to `image_size` square.
         `split` "train" / "val" holds out every `val_every`-th episode (by episode index order).
@@ -114,6 +123,7 @@ class LeRobotDataset(Dataset):
         self.info = read_info(self.root)
         self.features = self.info["features"]
         self.cameras, self.horizon, self.image_size = list(cameras), int(horizon), int(image_size)
+        self.n_obs_steps = check_n_obs_steps(n_obs_steps)
         self.state_key, self.action_key = state_key, action_key
         self._check_features(action_dim, proprio_dim)
         self.tasks = _read_tasks(self.root / "meta" / "tasks.parquet")
@@ -133,6 +143,7 @@ class LeRobotDataset(Dataset):
             key: [self._video_path(episodes, key, k) for k in range(len(episodes["episode_index"]))]
             for key in self.cameras if self.features[key]["dtype"] == "video"
         }
+        self._episode_start = episodes["row_start"]
         rows, ends, episode_of_row = [], [], []
         for k in keep:
             start, end = episodes["row_start"][k], episodes["row_end"][k]
@@ -151,10 +162,11 @@ class LeRobotDataset(Dataset):
         f = self._frames
         chunk, mask = action_window(f["actions"][row:end], 0, self.horizon)
         instruction = self.tasks[int(f["task_index"][row])]
-        images = np.stack([self._image(key, row, episode) for key in self.cameras])
+        frames = history_rows(row, int(self._episode_start[episode]), self.n_obs_steps)
+        images = stack_history([np.stack([self._image(key, int(r), episode) for key in self.cameras]) for r in frames])
         return {
             "images": torch.from_numpy(images),
-            "proprio": torch.from_numpy(f["proprio"][row].copy()),
+            "proprio": torch.from_numpy(stack_history([f["proprio"][r].copy() for r in frames])),
             "instruction": instruction,
             "actions": torch.from_numpy(chunk),
             "action_mask": torch.from_numpy(mask),

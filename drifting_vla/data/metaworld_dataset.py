@@ -38,7 +38,14 @@ import torch
 from torch.utils.data import Dataset
 
 from drifting_vla.data.rlbench_pickle import CorruptEpisodeError
-from drifting_vla.data.transforms import action_window, first_non_finite, split_episodes
+from drifting_vla.data.transforms import (
+    action_window,
+    check_n_obs_steps,
+    first_non_finite,
+    history_rows,
+    split_episodes,
+    stack_history,
+)
 
 ARRAYS = ("images", "proprio", "state", "actions")
 FORMAT_VERSION = 1
@@ -161,11 +168,12 @@ def read_collection(store_dir: pathlib.Path) -> dict:
 
 class MetaWorldDataset(Dataset):
     """Items are sample dicts (`drifting_vla.specs`): for step t of an episode, the observation at t
-    and the expert actions t .. t+T-1, padded with the last action past the episode's end.
+    (with `n_obs_steps` = n > 1, the observations t-n+1 .. t) and the expert actions t .. t+T-1,
+    padded with the last action past the episode's end.
 
-        step:     t   t+1 ... t+T-1
-        images    o_t
-        actions   a_t a_t+1 ... a_t+T-1   (mask False where past the end)
+        step:     t-1 t   t+1 ... t+T-1
+        images    o_t-1 o_t                 (n = 2; o_t alone for n = 1; o_0 repeats before the start)
+        actions       a_t a_t+1 ... a_t+T-1   (mask False where past the end)
     """
 
     def __init__(
@@ -177,6 +185,7 @@ class MetaWorldDataset(Dataset):
         privileged_state: bool = False,
         split: str = "all",
         val_every: int = 0,
+        n_obs_steps: int = 1,
     ) -> None:
         """`split` "train" / "val" holds out every `val_every`-th episode of each task for
         validation (episodes, not steps: steps of one episode are near-duplicates); "all" keeps all."""
@@ -184,6 +193,7 @@ class MetaWorldDataset(Dataset):
         self.store_dir = pathlib.Path(store_dir)
         self.tasks = list(tasks)
         self.horizon = int(horizon)
+        self.n_obs_steps = check_n_obs_steps(n_obs_steps)
         self.privileged_state = privileged_state
         if not self.tasks:
             raise ValueError("MetaWorldDataset: the task list is empty")
@@ -208,8 +218,8 @@ class MetaWorldDataset(Dataset):
                 start, end = starts[episode], ends[episode]
                 self._episodes.append((task_id, int(start), int(end)))
                 rows = np.arange(start, end)
-                self._index.append(np.stack([np.full_like(rows, task_id), rows, np.full_like(rows, end)], 1))
-        self._index = np.concatenate(self._index) if self._index else np.zeros((0, 3), dtype=np.int64)
+                self._index.append(np.stack([np.full_like(rows, task_id), rows, np.full_like(rows, start), np.full_like(rows, end)], 1))
+        self._index = np.concatenate(self._index) if self._index else np.zeros((0, 4), dtype=np.int64)
         if len(self._index) == 0:
             raise ValueError(f"MetaWorldDataset at {self.store_dir} has no samples for tasks {self.tasks}")
         self._arrays: list[dict] | None = None  # memmaps, opened lazily in each worker process
@@ -218,12 +228,13 @@ class MetaWorldDataset(Dataset):
         return len(self._index)
 
     def __getitem__(self, i: int) -> dict:
-        task_id, row, end = (int(v) for v in self._index[i])
+        task_id, row, start, end = (int(v) for v in self._index[i])
         arrays = self._open()[task_id]
         chunk, mask = action_window(arrays["actions"][row:end], 0, self.horizon)
+        frames = history_rows(row, start, self.n_obs_steps)
         item = {
-            "images": torch.from_numpy(np.ascontiguousarray(arrays["images"][row, self._camera_index])),
-            "proprio": torch.from_numpy(np.array(arrays["proprio"][row])),
+            "images": torch.from_numpy(stack_history([np.ascontiguousarray(arrays["images"][r, self._camera_index]) for r in frames])),
+            "proprio": torch.from_numpy(stack_history([np.array(arrays["proprio"][r]) for r in frames])),
             "instruction": self.instructions[self.tasks[task_id]],
             "actions": torch.from_numpy(chunk),
             "action_mask": torch.from_numpy(mask),
@@ -252,6 +263,7 @@ class MetaWorldDataset(Dataset):
     def episode_ids(self) -> np.ndarray:
         """The episode of every sample, int64 [N], numbered within this split (neighbour
         positives can then leave an observation's own demonstration out)."""
+        # index columns: task, row, episode start, episode end; (task, start) names an episode
         return np.unique(self._index[:, [0, 2]], axis=0, return_inverse=True)[1].reshape(-1).astype(np.int64)
 
     def episodes(self, task: str) -> int:

@@ -21,6 +21,10 @@ The observation descriptor, built once from the data alone:
     images  [V, 3, H, W] -> [V * 3 * 8 * 8]  each camera average-pooled to 8 x 8 RGB, the same
     distance = L2 over both                  so the arm's state and the scene weigh alike
 
+With an observation history (`data.n_obs_steps` = n > 1) the descriptor is the whole window the
+policy conditions on, the n steps' proprio [n * S] and thumbnails [n * V * 3 * 8 * 8] side by side:
+neighbours then also move alike, and n = 1 is the descriptor above.
+
 Why these and not the network's fused condition: frozen inputs give a fixed index, built once,
 the same after a resume; the condition is random at step 0, changes every step, and refreshing it
 costs a pass of the network over the whole dataset. The instruction is left out: candidates share
@@ -58,7 +62,7 @@ task) doubles, whatever the dataset's size."""
 @dataclass
 class Observations:
     """One pass over a dataset, in index order: proprio [N, S] and thumbnails [N, V*3*8*8]
-    (float64, unscaled), the task of every sample, and the expert chunks [N, T, A] (raw units)."""
+    ([N, n*S] and [N, n*V*3*8*8] with an observation history; float64, unscaled), the task of every sample, and the expert chunks [N, T, A] (raw units)."""
 
     proprio: Tensor
     thumbnails: Tensor
@@ -73,9 +77,9 @@ def read_observations(dataset: Dataset) -> Observations:
     proprio, thumbnails, tasks, chunks = [], [], [], []
     for start in range(0, len(dataset), READ_BLOCK):
         items = [dataset[i] for i in range(start, min(start + READ_BLOCK, len(dataset)))]
-        images = torch.stack([item["images"] for item in items]).flatten(0, 1).float()  # exact sums of uint8
+        images = torch.stack([item["images"] for item in items]).flatten(0, -4).float()  # frames; exact sums of uint8
         thumbnails.append(F.adaptive_avg_pool2d(images, THUMBNAIL_SIZE).reshape(len(items), -1))
-        proprio += [item["proprio"] for item in items]
+        proprio += [item["proprio"].reshape(-1) for item in items]
         tasks += [item["task"] for item in items]
         chunks += [item["actions"] for item in items]
     return Observations(torch.stack(proprio).double(), torch.cat(thumbnails).double(), np.array(tasks), torch.stack(chunks).float())

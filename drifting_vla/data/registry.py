@@ -76,6 +76,7 @@ def build_metaworld(cfg, split: str = "train") -> Dataset:
         privileged_state=bool(cfg.get("privileged_state", False)),
         split=split,
         val_every=int(cfg.get("val_every", 10)),
+        n_obs_steps=int(cfg.get("n_obs_steps", 1)),
     )
 
 
@@ -99,6 +100,7 @@ def build_rlbench(cfg, split: str = "train") -> Dataset:
         max_episodes_per_task=cfg.get("max_episodes_per_task"),
         action_spec=ActionSpec.from_config(cfg["action_spec"]),
         ignore_collisions=bool(cfg.get("ignore_collisions", False)),
+        n_obs_steps=int(cfg.get("n_obs_steps", 1)),
     )
 
 
@@ -122,4 +124,5 @@ def build_lerobot(cfg, split: str = "train") -> Dataset:
         val_every=int(cfg["val_every"]),
         action_dim=ActionSpec.from_config(cfg["action_spec"]).dim,
         proprio_dim=int(cfg["proprio_dim"]),
+        n_obs_steps=int(cfg.get("n_obs_steps", 1)),
     )

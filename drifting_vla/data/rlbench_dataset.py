@@ -14,7 +14,9 @@ Items (`drifting_vla.specs`): the observation at step t and
 each row `[x, y, z, qx, qy, qz, qw, gripper_open, ignore_collisions]` (A = 9, `RLBENCH_ACTION_SPEC`)
 with a unit, qw >= 0 quaternion, padded with the last row and masked at the end of the episode;
 an action spec without the last component gives A = 8. proprio = the pose and gripper state at
-step t (8 floats).
+step t (8 floats). Dense items may carry an observation history (`n_obs_steps`: steps t-n+1 .. t,
+images [n, V, 3, H, W] and proprio [n, 8]); keyframe items may not, since a keyframe policy
+observes only on arriving at each keyframe, never at the steps in between.
 
 The ignore_collisions target of the row reaching step j is the flag the demonstration recorded at
 step j-1, PerAct's convention: the last one recorded while the arm moved towards that pose (the
@@ -47,8 +49,11 @@ from drifting_vla.data.sampler import sample_rng
 from drifting_vla.data.transforms import (
     action_window,
     canonical_quaternion,
+    check_n_obs_steps,
     first_non_finite,
+    history_rows,
     resize_image,
+    stack_history,
 )
 from drifting_vla.specs import RLBENCH_ACTION_SPEC, ActionSpec
 
@@ -226,9 +231,18 @@ class RLBenchDataset(Dataset):
         max_episodes_per_task: int | None = None,
         action_spec: ActionSpec = RLBENCH_ACTION_SPEC,
         ignore_collisions: bool = False,
+        n_obs_steps: int = 1,
     ) -> None:
         """`action_spec`: `RLBENCH_ACTION_SPEC` (the flag is a target) or `POSE_ACTION_SPEC` (it is
-        not); `ignore_collisions`: the target of episodes whose demonstration lacks the flag."""
+        not); `ignore_collisions`: the target of episodes whose demonstration lacks the flag;
+        `n_obs_steps`: observations per item (> 1 needs dense targets, `keyframes=False`)."""
+        self.n_obs_steps = check_n_obs_steps(n_obs_steps)
+        if keyframes and self.n_obs_steps > 1:
+            raise ValueError(
+                f"data.n_obs_steps={n_obs_steps} with data.keyframes=true: a keyframe policy observes only on arriving "
+                "at each keyframe, so the dense steps before t are not what it sees at inference; use "
+                "data.keyframes=false for an observation history, or data.n_obs_steps=1"
+            )
         self.root = pathlib.Path(root).expanduser()
         self.tasks = list(tasks)
         check_rlbench_tasks(self.tasks)
@@ -296,9 +310,10 @@ class RLBenchDataset(Dataset):
         chunk, mask = action_window(rows, first[t], self.horizon)
         instructions = self._instructions(e)
         pick = int(sample_rng(i).integers(len(instructions))) if self.random_instruction else 0
+        frames = history_rows(t, 0, self.n_obs_steps)
         return {
-            "images": torch.from_numpy(self._images(e, t)),
-            "proprio": torch.from_numpy(episode.actions()[t]),
+            "images": torch.from_numpy(stack_history([self._images(e, int(s)) for s in frames])),
+            "proprio": torch.from_numpy(stack_history([episode.actions()[s] for s in frames])),
             "instruction": instructions[pick],
             "actions": torch.from_numpy(chunk),
             "action_mask": torch.from_numpy(mask),

@@ -24,6 +24,29 @@ def action_window(actions: np.ndarray, start: int, horizon: int) -> tuple[np.nda
     return chunk, mask
 
 
+def check_n_obs_steps(n: int) -> int:
+    """`data.n_obs_steps` as an int, refused below 1 with the key named."""
+    if int(n) < 1:
+        raise ValueError(f"data.n_obs_steps must be >= 1 (1: the current observation alone), got {n}")
+    return int(n)
+
+
+def history_rows(row: int, start: int, n: int) -> np.ndarray:
+    """The rows of the last `n` observations up to `row`, oldest first, in an episode whose first
+    row is `start`; steps before the episode's start repeat its first row (as a policy's history
+    does right after `reset()`).
+
+        episode rows 10 11 12 13 ..., n = 3:   row 10 -> 10 10 10,  row 11 -> 10 10 11,  row 13 -> 11 12 13
+    """
+    return np.maximum(np.arange(row - n + 1, row + 1), start)
+
+
+def stack_history(frames: list[np.ndarray]) -> np.ndarray:
+    """One observation's per-step arrays, oldest first -> [n, ...]; a single step stays as it is,
+    so the layout without history (n = 1) is the one it always was (specs.py)."""
+    return frames[0] if len(frames) == 1 else np.stack(frames)
+
+
 def split_episodes(count: int, split: str, val_every: int) -> list[int]:
     """The episodes (0 .. count-1) of a split: "val" is every `val_every`-th episode, "train" the
     others, "all" every one. Whole episodes, not steps: steps of one episode are near-duplicates.

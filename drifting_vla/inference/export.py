@@ -222,7 +222,8 @@ def model_card(policy, target: str, references: dict[str, dict], summary: dict |
         "",
         f"A Drifting-VLA policy (`{model.get('name', '?')}`) trained with the `{policy.objective.name}` "
         f"objective; it samples with `{policy.method}`. Observations: {len(data['cameras'])} camera(s) "
-        f"({', '.join(data['cameras'])}), proprio of {data['proprio_dim']} dims, an instruction; "
+        f"({', '.join(data['cameras'])}), proprio of {data['proprio_dim']} dims, an instruction"
+        f"{_history_note(policy.n_obs_steps)}; "
         f"actions: chunks of {data['horizon']} x [{', '.join(policy.action_spec.names)}] on `{data['name']}`.",
         "",
         "## Evaluation",
@@ -259,6 +260,7 @@ def model_card(policy, target: str, references: dict[str, dict], summary: dict |
         "",
         f'policy = DriftingPolicy.from_pretrained("{target}")',
         "chunk = policy.predict_action_chunk(obs)   # [B, T, A] in raw action units",
+        "action = policy.select_action(obs)         # closed loop, one call per control step; reset() per episode",
         "```",
     ]
     if references:
@@ -278,6 +280,13 @@ def model_card(policy, target: str, references: dict[str, dict], summary: dict |
                 f"{ref['parameters']:,} | `{ref['sha256'][:16]}...` |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _history_note(n_obs_steps: int) -> str:
+    if n_obs_steps == 1:
+        return ""
+    return (f", each for the last {n_obs_steps} control steps (`select_action` keeps them; "
+            "`predict_action_chunk` takes them stacked, oldest first)")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,6 +12,12 @@
 instruction list[str] (B); one unbatched observation (images [V, 3, H, W], proprio [S], one
 instruction string) is taken as a batch of one. Row b of every batch is env b (or `env_ids[b]`).
 
+Observation history: a policy trained with `data.n_obs_steps` = n > 1 (recorded in its checkpoint)
+conditions on the last n observations. `select_action` takes this control step's observation and
+keeps each env's window itself (inference/history.py; `reset()` at each episode's start), exactly
+as the dataset built it for training; `predict_action_chunk` is stateless and takes the window:
+images [B, n, V, 3, H, W] and proprio [B, n, S], oldest first (a dataset batch as it comes).
+
 Chunks are drawn by the objective the checkpoint was trained with (`objective.sample`, the same
 call validation makes), with `nfe` network evaluations: 1 for drifting and regression.
 
@@ -61,6 +67,7 @@ from drifting_vla.inference.export import (
     upload_export,
     write_export,
 )
+from drifting_vla.inference.history import ObservationHistory
 from drifting_vla.models.drifting_vla import DriftingVLA, build_model
 from drifting_vla.rotations import quaternion_to_rotation6d, rotation6d_to_quaternion
 from drifting_vla.specs import ActionSpec
@@ -100,6 +107,7 @@ class DriftingPolicy:
         self.objective = objective
         self.nfe, self.sampler = objective.resolve(nfe, sampler)
         self.horizon = int(model.horizon)
+        self.n_obs_steps = int(model.n_obs_steps)
         if execute_steps is None:  # half the chunk: Diffusion Policy's 8 of 16
             execute_steps = max(1, self.horizon // 2)
         if not 1 <= execute_steps <= self.horizon:
@@ -117,6 +125,7 @@ class DriftingPolicy:
         self._chunks: dict[int, list[tuple[int, np.ndarray]]] = {}  # ensemble: (start step, chunk)
         self._steps: dict[int, int] = {}  # ensemble: control steps taken, per env
         self.replanned: list[int] = []  # envs that drew a new chunk in the latest select_action (videos mark them)
+        self._history = ObservationHistory(self.n_obs_steps)  # the last n observations, per env
         self.cfg = None if cfg is None else dict(cfg)
         self.checkpoint: Path | None = None  # where the weights were loaded from
 
@@ -212,10 +221,18 @@ class DriftingPolicy:
         """obs batch -> [B, T, A] float32 actions in raw units (numpy, like `select_action`).
         One `objective.sample` call with this policy's nfe; every random draw comes from
         `generator` (CPU), so a seeded generator gives the same chunk on any device. One unbatched
-        observation gives [T, A]."""
+        observation gives [T, A]. With n_obs_steps = n > 1, `obs` holds the window of the last n
+        observations (module docstring)."""
         if isinstance(obs["instruction"], str):
-            return self.predict_action_chunk(_as_batch(obs), generator)[0]
+            return self.predict_action_chunk(_as_batch(obs, self.n_obs_steps), generator)[0]
         images = torch.as_tensor(obs["images"]).to(self.device)
+        if self.n_obs_steps > 1 and images.ndim != 6:
+            raise ValueError(
+                f"this policy conditions on the last {self.n_obs_steps} observations (data.n_obs_steps): give images "
+                f"[B, {self.n_obs_steps}, V, 3, H, W] and proprio [B, {self.n_obs_steps}, S], oldest first, got images "
+                f"{tuple(images.shape)}; or call select_action with each step's observation, which keeps the window "
+                "(reset() at each episode's start)"
+            )
         proprio = torch.as_tensor(obs["proprio"], dtype=torch.float32).to(self.device)
         batch = {
             "images": images,
@@ -236,20 +253,24 @@ class DriftingPolicy:
     # Closed loop
 
     def reset(self, env_index: int | None = None) -> None:
-        """Forget queued actions and past chunks: of every env, or of env `env_index` only."""
+        """Forget queued actions, past chunks and past observations: of every env, or of env
+        `env_index` only. Call it at the start of every episode."""
         for state in (self._queues, self._chunks, self._steps):
             if env_index is None:
                 state.clear()
             else:
                 state.pop(env_index, None)
+        self._history.reset(env_index)
 
     def select_action(self, obs: Mapping, env_ids: Sequence[int] | None = None) -> np.ndarray:
-        """The action to execute now, float32 [B, A] raw units; row b belongs to env `env_ids[b]`
-        (default: env b). Envs that need a new chunk share ONE generator call. One unbatched
-        observation gives [A]."""
+        """The action to execute now, float32 [B, A] raw units, given this control step's
+        observation; row b belongs to env `env_ids[b]` (default: env b). Envs that need a new chunk
+        share ONE generator call. One unbatched observation gives [A]. Call it on every control
+        step of an episode: with an observation history, each call records that step."""
         if isinstance(obs["instruction"], str):
-            return self.select_action(_as_batch(obs), env_ids)[0]
+            return self.select_action(_as_batch(obs, 1), env_ids)[0]
         env_ids = list(range(len(obs["instruction"]))) if env_ids is None else list(env_ids)
+        obs = self._history.push_batch(obs, env_ids)
         if self.execution == "chunk":
             return self._select_from_queue(obs, env_ids)
         return self._select_ensembled(obs, env_ids)
@@ -315,13 +336,15 @@ def ensemble_actions(candidates: np.ndarray, weights: np.ndarray, action_spec: A
     return np.concatenate(parts)
 
 
-def _as_batch(obs: Mapping) -> Mapping:
-    """One unbatched observation (a single instruction string) -> a batch of one."""
+def _as_batch(obs: Mapping, steps: int) -> Mapping:
+    """One unbatched observation (a single instruction string) of `steps` steps -> a batch of one."""
     images, proprio = torch.as_tensor(obs["images"]), torch.as_tensor(obs["proprio"])
-    if images.dim() != 4 or proprio.dim() != 1:
+    history = 0 if steps == 1 else 1
+    if images.dim() != 4 + history or proprio.dim() != 1 + history:
+        lead = "" if steps == 1 else f"{steps}, "
         raise ValueError(
-            f"one observation needs images [V, 3, H, W] and proprio [S], got {tuple(images.shape)} and "
-            f"{tuple(proprio.shape)}; a batch needs images [B, V, 3, H, W], proprio [B, S] and a list of B instructions"
+            f"one observation needs images [{lead}V, 3, H, W] and proprio [{lead}S], got {tuple(images.shape)} and "
+            f"{tuple(proprio.shape)}; a batch needs images [B, {lead}V, 3, H, W], proprio [B, {lead}S] and a list of B instructions"
         )
     return {**obs, "images": images[None], "proprio": proprio[None], "instruction": [obs["instruction"]]}
 

@@ -5,6 +5,11 @@
     obs.proprio     float [B, S]          ----------------------------------+
     x, t            [B, G, T, noise_dim], [B, G] --DiT(c, cond)--> [B, G, T, D] --ActionDecoder--> [B, G, T, A]
 
+With an observation history (`data.n_obs_steps` = n > 1) images are [B, n, V, 3, H, W] and proprio
+[B, n, S], oldest step first: every frame becomes tokens (with a learned step embedding) and the
+n proprio vectors are concatenated, so the fusion sees all n steps at once. n = 1 is the layout
+and the network above, parameter for parameter.
+
 `encode_condition` runs the encoders ONCE per observation; `predict` evaluates the DiT for G inputs
 from that one condition. Outputs live in the normalized action space (the normalizer lives with the
 data and is applied outside the network). The objective (drifting, regression, flow matching,
@@ -59,10 +64,13 @@ class DriftingVLA(nn.Module):
         self.action_spec = action_spec
         self.horizon = dit.horizon
         self.noise_dim = dit.noise_dim
+        self.n_obs_steps = vision_encoder.num_obs_steps
 
     def encode_condition(self, obs: Mapping) -> Condition:
         """obs: images uint8 [B, V, 3, H, W], proprio float [B, S], instruction list[str] (B);
-        optionally vision_features [B, V, N, D] from a frozen backbone, used instead of images."""
+        optionally vision_features [B, V, N, D] from a frozen backbone, used instead of images.
+        With n_obs_steps = n > 1: images [B, n, V, 3, H, W], proprio [B, n, S], vision_features
+        [B, n, V, N, D]."""
         instructions = list(obs["instruction"])
         if len(instructions) != obs["images"].shape[0]:
             raise ValueError(
@@ -74,8 +82,16 @@ class DriftingVLA(nn.Module):
         else:
             vision = self.vision_encoder(obs["images"])
         language, language_mask, language_pooled = self.language_encoder(instructions)
-        tokens, pooled = self.fusion(vision, language, language_mask, language_pooled, obs["proprio"].float())
+        tokens, pooled = self.fusion(vision, language, language_mask, language_pooled, self._proprio(obs["proprio"]))
         return Condition(tokens, pooled)
+
+    def _proprio(self, proprio: torch.Tensor) -> torch.Tensor:
+        """[B, S] or, with a history, [B, n, S] -> [B, n * S] float, the steps concatenated."""
+        expected = 2 if self.n_obs_steps == 1 else 3
+        if proprio.ndim != expected or (expected == 3 and proprio.shape[1] != self.n_obs_steps):
+            layout = "[B, S]" if expected == 2 else f"[B, {self.n_obs_steps}, S] (data.n_obs_steps steps, oldest first)"
+            raise ValueError(f"expected proprio {layout}, got {tuple(proprio.shape)}")
+        return proprio.float().flatten(1)
 
     def sample_noise(
         self, batch_size: int, num_samples: int, device: torch.device, generator: torch.Generator | None = None
@@ -117,7 +133,8 @@ def build_model(cfg) -> DriftingVLA:
 
     Reads `cfg.model` (drifting_vla/configs/model/*.yaml) and from `cfg.data`: `action_spec`,
     `cameras` (list of names; their count matters), `proprio_dim`, `horizon`, and optionally
-    `instructions` (for task embeddings). `model.pretrained=false` gives random weights and no
+    `n_obs_steps` (1 when absent, as in checkpoints from before histories) and `instructions`
+    (for task embeddings). `model.pretrained=false` gives random weights and no
     download, so any config can be built, counted and shape-checked offline.
     """
     # Only these two: the rest of a composed config may hold `${hydra:...}` keys that resolve only
@@ -131,12 +148,15 @@ def build_model(cfg) -> DriftingVLA:
     dit_cfg = model_cfg["dit"]
     hidden = dit_cfg["hidden_size"]
 
-    vision = build_vision_encoder(model_cfg["vision"], len(data_cfg["cameras"]), pretrained)
+    n_obs_steps = int(data_cfg.get("n_obs_steps", 1))
+    if n_obs_steps < 1:
+        raise ValueError(f"data.n_obs_steps must be >= 1, got {n_obs_steps}")
+    vision = build_vision_encoder(model_cfg["vision"], len(data_cfg["cameras"]), pretrained, n_obs_steps)
     language = build_language_encoder(model_cfg["language"], pretrained, data_cfg.get("instructions"))
     fusion = Fusion(
         vision.out_dim,
         language.out_dim,
-        int(data_cfg["proprio_dim"]),
+        int(data_cfg["proprio_dim"]) * n_obs_steps,
         hidden,
         num_heads=dit_cfg["num_heads"],
         mlp_ratio=dit_cfg.get("mlp_ratio", 4.0),

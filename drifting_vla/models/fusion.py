@@ -2,7 +2,7 @@
 
     vision   [B, Nv, Dv]  --linear + type embedding--+
     language [B, L, Dl]   --linear + type embedding--+--> context [B, Nv + L + 1, D]
-    proprio  [B, S]       --linear + type embedding--+
+    proprio  [B, n*S]     --linear + type embedding--+      (n observation steps, concatenated)
     learned queries [K, D] --num_layers x (cross-attention to context, MLP)--> tokens [B, K, D]
     pooled [B, D] = mean(tokens) + linear(language pooled feature)
 

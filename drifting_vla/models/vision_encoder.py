@@ -12,7 +12,11 @@ Two backbones sit behind one interface (the `VISION_BACKBONES` registry, picked 
   default where no pretrained image weights can be fetched. GroupNorm rather than BatchNorm because
   batches of a few dozen observations make batch statistics noisy and the policy runs at batch 1.
 
-Several cameras share one backbone; a learned camera embedding tells their tokens apart.
+Several cameras share one backbone; a learned camera embedding tells their tokens apart. With an
+observation history (`data.n_obs_steps` = n > 1) every frame of the n steps goes through the same
+backbone and a learned step embedding tells the steps apart:
+
+    images uint8 [B, n, V, 3, H, W] --backbone--> [B, n, V, N, D] + camera[v] + step[s] --> tokens [B, n*V*N, D]
 """
 
 from __future__ import annotations
@@ -151,35 +155,53 @@ VISION_BACKBONES = {"dinov2": Dinov2Backbone, "cnn": CNNBackbone}
 
 
 class VisionEncoder(nn.Module):
-    """Shared backbone over V cameras plus a learned camera embedding.
+    """Shared backbone over V cameras (and n history steps) plus learned camera and step embeddings.
 
-    images uint8 [B, V, 3, H, W] -> tokens [B, V * num_tokens, out_dim]
+    images uint8 [B, V, 3, H, W] -> tokens [B, V * num_tokens, out_dim]                  (n = 1)
+    images uint8 [B, n, V, 3, H, W] -> tokens [B, n * V * num_tokens, out_dim], oldest step first
+
+    Without history there is no step embedding at all, so a single-observation model has exactly
+    the parameters (and the outputs) it had before histories existed.
     """
 
-    def __init__(self, backbone: nn.Module, num_cameras: int):
+    def __init__(self, backbone: nn.Module, num_cameras: int, num_obs_steps: int = 1):
         super().__init__()
         self.backbone = backbone
         self.num_cameras = num_cameras
+        self.num_obs_steps = num_obs_steps
         self.out_dim = backbone.out_dim
         self.camera_embed = nn.Parameter(torch.zeros(num_cameras, 1, backbone.out_dim))
         nn.init.normal_(self.camera_embed, std=0.02)
+        if num_obs_steps > 1:
+            self.step_embed = nn.Parameter(torch.zeros(num_obs_steps, 1, 1, backbone.out_dim))
+            nn.init.normal_(self.step_embed, std=0.02)
+
+    @property
+    def observation_shape(self) -> tuple[int, ...]:
+        """The dims between batch and frame: (V,), or (n, V) with a history."""
+        return (self.num_cameras,) if self.num_obs_steps == 1 else (self.num_obs_steps, self.num_cameras)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if images.ndim != 5 or images.shape[1] != self.num_cameras:
+        lead = self.observation_shape
+        if images.ndim != len(lead) + 4 or tuple(images.shape[1:-3]) != lead:
+            history = "" if self.num_obs_steps == 1 else f"{self.num_obs_steps} steps (data.n_obs_steps, oldest first) x "
             raise ValueError(
-                f"expected images [B, {self.num_cameras}, 3, H, W] (one per camera in data.cameras), "
+                f"expected images [B, {', '.join(map(str, lead))}, 3, H, W]: {history}one per camera in data.cameras, "
                 f"got {tuple(images.shape)}"
             )
-        b, v = images.shape[:2]
-        return self.embed(self.backbone(images.flatten(0, 1)).unflatten(0, (b, v)))
+        frames = images.flatten(0, -4)
+        return self.embed(self.backbone(frames).unflatten(0, images.shape[:-3]))
 
     def embed(self, backbone_tokens: torch.Tensor) -> torch.Tensor:
-        """The trainable part after the backbone: [B, V, N, D] -> [B, V * N, D]. Called directly
-        with features cached from a frozen backbone (training.feature_cache)."""
-        return (backbone_tokens.float() + self.camera_embed).flatten(1, 2)
+        """The trainable part after the backbone: [B, (n,) V, N, D] -> [B, (n *) V * N, D]. Called
+        directly with features cached from a frozen backbone (training.feature_cache)."""
+        tokens = backbone_tokens.float() + self.camera_embed
+        if self.num_obs_steps > 1:
+            tokens = tokens + self.step_embed
+        return tokens.flatten(1, -2)
 
 
-def build_vision_encoder(cfg, num_cameras: int, pretrained: bool) -> VisionEncoder:
+def build_vision_encoder(cfg, num_cameras: int, pretrained: bool, num_obs_steps: int = 1) -> VisionEncoder:
     """Build from `model.vision` (name, input_size and the backbone's own keys)."""
     kwargs = dict(cfg)
     name = kwargs.pop("name")
@@ -187,5 +209,5 @@ def build_vision_encoder(cfg, num_cameras: int, pretrained: bool) -> VisionEncod
         raise ValueError(f"unknown model.vision.name {name!r}; choose one of {sorted(VISION_BACKBONES)}")
     if name == "dinov2":
         kwargs["pretrained"] = pretrained
-    return VisionEncoder(VISION_BACKBONES[name](**kwargs), num_cameras)
+    return VisionEncoder(VISION_BACKBONES[name](**kwargs), num_cameras, num_obs_steps)
 

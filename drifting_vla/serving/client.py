@@ -19,6 +19,15 @@ from websockets.sync.client import connect
 from drifting_vla.serving.protocol import BUSY, PROTOCOL, check_observation, pack, unpack
 
 
+def _arrays(images):
+    """Images as the protocol sends them: arrays, camera maps, or a list of camera maps (a history)."""
+    if isinstance(images, Mapping):
+        return images
+    if isinstance(images, (list, tuple)) and images and isinstance(images[0], Mapping):
+        return list(images)
+    return np.asarray(images)
+
+
 class PolicyError(RuntimeError):
     """The server answered with an error; `kind` is one of the protocol's error kinds."""
 
@@ -58,13 +67,13 @@ class PolicyClient:
         """One observation -> its action chunk, float32 [horizon, A] in raw units.
 
         obs: images (uint8 [V, 3, H, W], [V, H, W, 3] or {camera: image}), proprio [S],
-        instruction (str). `seed` makes the chunk reproducible (the server runs it unbatched).
+        instruction (str). With `metadata["n_obs_steps"]` = n > 1, the last n control steps, oldest
+        first: images a list of n such entries, proprio [n, S] (`AsyncChunkExecutor` keeps them).
+        `seed` makes the chunk reproducible (the server runs it unbatched).
         Raises ServerBusy when the server's queue is full, PolicyError for any other error reply.
         """
-        request = {"images": obs["images"], "proprio": np.asarray(obs["proprio"], dtype=np.float32),
+        request = {"images": _arrays(obs["images"]), "proprio": np.asarray(obs["proprio"], dtype=np.float32),
                    "instruction": obs["instruction"]}
-        if not isinstance(request["images"], Mapping):
-            request["images"] = np.asarray(request["images"])
         if seed is not None:
             request["seed"] = int(seed)
         self._connection.send(pack(request))

@@ -20,6 +20,11 @@ which of its actions are still due (latency compensation):
 - `ChunkedPolicy`: the same queue driven synchronously for many simulated envs (the simulator
   waits for inference, so no action goes stale): what `scripts/simulate_eval.py remote=...` runs.
   With `refill_at = T - k` it executes k actions per chunk, like `DriftingPolicy`'s chunk queue.
+
+Both see every control step, so for a policy with an observation history (`n_obs_steps`, the
+server's `metadata["n_obs_steps"]`) they keep the window of the last n observations
+(inference/history.py) and send it with each request, as a list of n steps' images and proprio
+[n, S]: the server answers requests from any number of robots statelessly.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
+from drifting_vla.inference.history import ObservationHistory, stacked
 from drifting_vla.serving.client import ServerBusy
 
 # predict(one observation, seed or None) -> chunk [T, A]: PolicyClient.predict, or a local policy.
@@ -77,21 +83,28 @@ class ChunkQueue:
 class AsyncChunkExecutor:
     """One robot, one `act(obs)` per control tick; the next chunk is computed in the background.
 
-        executor = AsyncChunkExecutor(PolicyClient(url).predict, horizon=16, refill_at=6)
+        client = PolicyClient(url)
+        executor = AsyncChunkExecutor(client.predict, horizon=16, refill_at=6,
+                                      n_obs_steps=client.metadata["n_obs_steps"])
         while running:                          # at the robot's control rate
             robot.apply(executor.act(robot.observation()))
     """
 
-    def __init__(self, predict: Predict, horizon: int, refill_at: int | None = None, seed: int | None = None) -> None:
+    def __init__(
+        self, predict: Predict, horizon: int, refill_at: int | None = None, seed: int | None = None, n_obs_steps: int = 1
+    ) -> None:
         refill_at = horizon // 2 if refill_at is None else refill_at
         if not 0 <= refill_at < horizon:
             raise ValueError(f"refill_at must be in [0, horizon={horizon}), got {refill_at}")
         self.predict, self.horizon, self.refill_at, self.seed = predict, horizon, refill_at, seed
+        self.history = ObservationHistory(n_obs_steps)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-request")
         self.reset()
 
     def reset(self) -> None:
-        """A new episode: forget the current chunk (an in-flight request is discarded)."""
+        """A new episode: forget the current chunk (an in-flight request is discarded) and the
+        observation history."""
+        self.history.reset()
         self.queue = ChunkQueue(self.refill_at)
         self._request: tuple[Future, int] | None = None
         self.chunks = 0  # chunks installed
@@ -100,6 +113,7 @@ class AsyncChunkExecutor:
 
     def act(self, obs: Mapping) -> np.ndarray:
         """The action for this control step, given its observation."""
+        obs = request_observation(self.history, 0, obs)
         self._collect(block=False)
         if self._request is None and self.queue.needs_chunk():
             self._send(obs)
@@ -134,6 +148,17 @@ class AsyncChunkExecutor:
         self.chunks += 1
 
 
+def request_observation(history: ObservationHistory, env: int, obs: Mapping) -> Mapping:
+    """Record env's observation of this control step; what a request for it carries: the
+    observation itself, or with n > 1 steps the window's images (a list, oldest first), its proprio
+    [n, S] and the current instruction."""
+    if history.n_obs_steps == 1:
+        return obs
+    window = history.push(env, obs)
+    return {"images": [step["images"] for step in window], "proprio": stacked(window, "proprio").astype(np.float32),
+            "instruction": obs["instruction"]}
+
+
 def _snapshot(obs: Mapping) -> dict:
     """A copy of the observation's arrays: the robot may refill its buffers while the request
     is still being encoded in the background."""
@@ -156,11 +181,14 @@ class ChunkedPolicy:
     the same actions.
     """
 
-    def __init__(self, predict: Predict, horizon: int, execute_steps: int | None = None, seed: int | None = None) -> None:
+    def __init__(
+        self, predict: Predict, horizon: int, execute_steps: int | None = None, seed: int | None = None, n_obs_steps: int = 1
+    ) -> None:
         execute_steps = max(1, horizon // 2) if execute_steps is None else execute_steps
         if not 1 <= execute_steps <= horizon:
             raise ValueError(f"execute_steps must be in [1, horizon={horizon}], got {execute_steps}")
         self.predict, self.horizon, self.execute_steps, self.seed = predict, horizon, execute_steps, seed
+        self.history = ObservationHistory(n_obs_steps)
         self._queues: dict[int, ChunkQueue] = {}
         self._episodes: dict[int, int] = {}  # episodes started per env slot
         self._chunks: dict[int, int] = {}  # chunks requested in the current episode, per env slot
@@ -171,6 +199,7 @@ class ChunkedPolicy:
             self._queues.pop(env, None)
             self._episodes[env] = self._episodes.get(env, 0) + 1
             self._chunks[env] = 0
+        self.history.reset(env_index)
 
     def select_action(self, obs: Mapping, env_ids: Sequence[int] | None = None) -> np.ndarray:
         """obs: a batch (images [B, V, 3, H, W], proprio [B, S], instruction list) -> [B, A]."""
@@ -178,10 +207,11 @@ class ChunkedPolicy:
         actions, self.replanned = [], []
         for b, env in enumerate(env_ids):
             queue = self._queues.setdefault(env, ChunkQueue(self.horizon - self.execute_steps))
+            row = {"images": np.asarray(obs["images"][b]), "proprio": np.asarray(obs["proprio"][b]),
+                   "instruction": obs["instruction"][b]}
+            row = request_observation(self.history, env, row)
             if queue.needs_chunk():
                 self.replanned.append(env)
-                row = {"images": np.asarray(obs["images"][b]), "proprio": np.asarray(obs["proprio"][b]),
-                       "instruction": obs["instruction"][b]}
                 queue.install(self.predict(row, self._next_seed(env)), queue.step)
             actions.append(queue.pop())
         return np.stack(actions).astype(np.float32)

@@ -107,11 +107,18 @@ def check_observation(request: Mapping, metadata: Mapping) -> dict:
     {camera name: [3, H, W] or [H, W, 3]}. H, W may differ from `image_size` (the server resizes).
     Returns {"images": uint8 [V, 3, H, W], "proprio": float32 [S], "instruction": str,
     "seed": int | None}.
+
+    A policy with an observation history (`metadata["n_obs_steps"]` = n > 1) takes the last n
+    control steps, oldest first: images a list of n entries of the form above (or one array
+    [n, V, ...]) and proprio [n, S]; returned as images [n, V, 3, H, W] and proprio [n, S].
     """
     for key in ("images", "proprio", "instruction"):
         if key not in request:
             raise ProtocolError(f"the request has no {key!r}; a request carries images, proprio and instruction")
-    images = _camera_stack(request["images"], list(metadata["cameras"]))
+    steps = int(metadata.get("n_obs_steps", 1))
+    cameras = list(metadata["cameras"])
+    images = _camera_stack(request["images"], cameras) if steps == 1 else _history_stack(request["images"], steps, cameras)
+    shape = [steps, int(metadata["proprio_dim"])] if steps > 1 else [int(metadata["proprio_dim"])]
     proprio = request["proprio"]
     if not isinstance(proprio, np.ndarray):
         try:
@@ -120,8 +127,8 @@ def check_observation(request: Mapping, metadata: Mapping) -> dict:
             raise ProtocolError(f"proprio must be numbers, got {type(request['proprio']).__name__}") from error
     if proprio.dtype.kind not in "fiu":
         raise ProtocolError(f"proprio must be a float array, got dtype {proprio.dtype}")
-    if proprio.shape != (int(metadata["proprio_dim"]),):
-        raise ProtocolError(f"proprio must have shape [{metadata['proprio_dim']}], got {list(proprio.shape)}")
+    if list(proprio.shape) != shape:
+        raise ProtocolError(f"proprio must have shape {shape}, got {list(proprio.shape)}")
     proprio = proprio.astype(np.float32)
     if not np.isfinite(proprio).all():
         raise ProtocolError("proprio has NaN or Inf values")
@@ -132,6 +139,26 @@ def check_observation(request: Mapping, metadata: Mapping) -> dict:
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
         raise ProtocolError(f"seed must be an integer in [0, 2**63), got {seed!r}")
     return {"images": images, "proprio": proprio, "instruction": instruction, "seed": seed}
+
+
+def _history_stack(history: Any, steps: int, cameras: list[str]) -> np.ndarray:
+    """uint8 [n, V, 3, H, W] from a list of n steps' images (each as `_camera_stack` takes them)
+    or an array [n, V, ...]."""
+    is_steps = isinstance(history, (list, tuple)) or (isinstance(history, np.ndarray) and history.ndim == 5)
+    if not is_steps or len(history) != steps:
+        if is_steps:
+            given = f"{len(history)} steps"
+        else:
+            given = f"an array of shape {list(history.shape)}" if isinstance(history, np.ndarray) else type(history).__name__
+        raise ProtocolError(
+            f"this policy conditions on the last {steps} control steps: images must be a list of {steps} "
+            f"observations' images (oldest first, each [V, 3, H, W], [V, H, W, 3] or a camera map) or an array "
+            f"[{steps}, V, ...], got {given}"
+        )
+    per_step = [_camera_stack(step, cameras) for step in history]
+    if len({step.shape for step in per_step}) > 1:
+        raise ProtocolError(f"the steps' images differ in size: {[list(step.shape) for step in per_step]}")
+    return np.stack(per_step)
 
 
 def _camera_stack(images: Any, cameras: list[str]) -> np.ndarray:

@@ -86,6 +86,7 @@ def policy_metadata(policy, control_hz: float | None = None) -> dict:
         "image_size": int(data["image_size"]),
         "proprio_dim": int(data["proprio_dim"]),
         "horizon": int(policy.horizon),
+        "n_obs_steps": int(policy.n_obs_steps),  # > 1: each request carries the last n control steps
         "control_hz": control_hz if control_hz is not None else data.get("control_hz"),
         "objective": policy.objective.name,
         "nfe": int(policy.nfe),
@@ -160,9 +161,10 @@ class PolicyServer:
         """One forward pass before the port opens, so the first client does not pay for it."""
         meta = self.metadata
         size = meta["image_size"]
+        steps = (meta["n_obs_steps"],) if meta["n_obs_steps"] > 1 else ()
         predict_chunks(self.policy, [{
-            "images": np.zeros((len(meta["cameras"]), 3, size, size), dtype=np.uint8),
-            "proprio": np.zeros(meta["proprio_dim"], dtype=np.float32),
+            "images": np.zeros((*steps, len(meta["cameras"]), 3, size, size), dtype=np.uint8),
+            "proprio": np.zeros((*steps, meta["proprio_dim"]), dtype=np.float32),
             "instruction": (meta["instructions"] or ["warm up"])[0],
         }], seed=0)
 
@@ -200,8 +202,7 @@ class PolicyServer:
             request_id = _plain_id(message.get("id"))
             obs = check_observation(message, self.metadata)
             self._check_instruction(obs["instruction"])
-            size = self.metadata["image_size"]
-            obs["images"] = np.stack([resize_image(f.transpose(1, 2, 0), size).transpose(2, 0, 1) for f in obs["images"]])
+            obs["images"] = _resized(obs["images"], self.metadata["image_size"])
         except ProtocolError as error:
             return pack(error_message(BAD_REQUEST, str(error), request_id))
         if self._stopping.is_set():
@@ -300,9 +301,17 @@ class PolicyServer:
 
 def predict_chunks(policy, observations: list[dict], seed: int | None = None) -> np.ndarray:
     """One `predict_action_chunk` call for observations {images uint8 [V, 3, H, W], proprio [S],
-    instruction}: float32 [B, T, A] raw units. `seed`: noise from torch.Generator().manual_seed(seed)."""
+    instruction} (with a history: [n, V, 3, H, W] and [n, S]): float32 [B, T, A] raw units.
+    `seed`: noise from torch.Generator().manual_seed(seed)."""
     generator = None if seed is None else torch.Generator().manual_seed(seed)
     return policy.predict_action_chunk(batch_observations(observations), generator=generator).astype(np.float32)
+
+
+def _resized(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [..., 3, H, W] (cameras, and steps of a history) -> [..., 3, size, size], every
+    frame resized as the datasets resize them."""
+    frames = [resize_image(f.transpose(1, 2, 0), size).transpose(2, 0, 1) for f in images.reshape(-1, *images.shape[-3:])]
+    return np.stack(frames).reshape(*images.shape[:-2], size, size)
 
 
 def _plain_id(request_id):

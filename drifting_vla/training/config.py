@@ -30,6 +30,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from drifting_vla.specs import COMPONENT_KINDS
+from drifting_vla.training.augmentation import random_shift_pixels
 from drifting_vla.training.objectives import OBJECTIVES
 
 # ----------------------------------------------------------------------------------------------
@@ -89,6 +90,11 @@ class DiffusionConfig:
     num_train_timesteps: int = setting(100, ge=2)
     prediction_type: str = setting("epsilon", choices=("epsilon", "sample"))
     clip_sample: bool = True
+
+
+@dataclass(kw_only=True)
+class AugmentationConfig:
+    random_shift: int | None = setting(None, ge=0)  # pixels; null: 4 for a backbone trained from pixels, 0 for a frozen one
 
 
 @dataclass(kw_only=True)
@@ -153,6 +159,7 @@ class TrainingConfig:
     keep_checkpoints: int = setting(3, ge=1)
     resume: str | None = None
     feature_cache: bool = False
+    augmentation: AugmentationConfig = setting(factory=AugmentationConfig)
     distributed: DistributedConfig = setting(factory=DistributedConfig)
     eval: EvalConfig = setting(factory=EvalConfig)
     wandb: WandbConfig = setting(factory=WandbConfig)
@@ -190,6 +197,7 @@ class DataConfig:
     image_size: int | None = setting(None, ge=1)
     proprio_dim: int = setting(ge=1)
     horizon: int = setting(ge=1)
+    n_obs_steps: int = setting(1, ge=1)  # observations per sample: the current one and n-1 before it
     action_spec: ActionSpecConfig = setting()
     control_hz: float | None = setting(None, gt=0)
     max_episode_steps: int | None = setting(None, ge=1)
@@ -444,6 +452,14 @@ def validate_run_config(cfg) -> None:
             f"config key training.eval.execute_steps={training.eval.execute_steps} must be in [1, data.horizon={data.horizon}] "
             "(the actions of one chunk)"
         )
+    if data_name == "rlbench" and data.keyframes and data.n_obs_steps > 1:
+        raise ValueError(
+            f"config key data.n_obs_steps={data.n_obs_steps} needs data.keyframes=false: a keyframe policy observes only "
+            "on arriving at each keyframe, never at the dense steps a history would hold"
+        )
+    # An explicit shift with the feature cache is refused here, before any data is read; null is
+    # resolved against the backbone when the model is built (Trainer).
+    random_shift_pixels(training.augmentation.random_shift, backbone_trained=False, feature_cache=training.feature_cache)
 
 
 def validate_eval_config(cfg) -> None:

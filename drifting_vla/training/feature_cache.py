@@ -22,7 +22,8 @@ from drifting_vla.data.collate import collate_samples
 
 
 class CachedFeatures(Dataset):
-    """The wrapped dataset's items plus `vision_features` [V, N, D] at the same index."""
+    """The wrapped dataset's items plus `vision_features` [V, N, D] ([n, V, N, D] with an
+    observation history) at the same index."""
 
     def __init__(self, dataset: Dataset, features: torch.Tensor) -> None:
         if len(features) != len(dataset):
@@ -60,7 +61,6 @@ def cache_vision_features(dataset: Dataset, vision_encoder, device: torch.device
     # Reading items draws random instruction phrasings; the run's own draws must not shift.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for batch in tqdm(loader, desc="caching vision features", unit="batch", dynamic_ncols=True):
-            images = batch["images"].to(device)
-            b, v = images.shape[:2]
-            rows.append(backbone(images.flatten(0, 1)).unflatten(0, (b, v)).to(dtype).cpu())
+            images = batch["images"].to(device)  # [B, (n,) V, 3, H, W]
+            rows.append(backbone(images.flatten(0, -4)).unflatten(0, images.shape[:-3]).to(dtype).cpu())
     return CachedFeatures(dataset, torch.cat(rows))

@@ -4,6 +4,7 @@
         batch   = next(loader)                        # uint8 images, raw actions, on the device
         actions = normalize(batch.actions)            # the normalizer is saved with every checkpoint
         inputs  = objective.training_inputs(global batch, seed, step)[rank]   # noise, t: same whatever the world size
+        images  = random_shift(images, offsets(global batch, seed, step)[rank])   # training batches only
         out     = objective(model, obs, actions, inputs)  # drifting: G chunks per observation, one drift problem each
         out.loss.backward(); clip; optimizer.step(); scheduler.step(); ema.update()
         log / validate / panels / checkpoint / evaluate in simulation, each at its cadence
@@ -43,6 +44,7 @@ from drifting_vla.logging.visualizations import PANELS, MetricHistory, PanelInpu
 from drifting_vla.logging.wandb_logger import create_run_logger
 from drifting_vla.models import build_model, parameter_table
 from drifting_vla.specs import ActionSpec
+from drifting_vla.training.augmentation import random_shift, random_shift_pixels, shift_offsets
 from drifting_vla.training.checkpoint import (
     FULL_STATE,
     capture_rng_state,
@@ -104,6 +106,8 @@ class Trainer:
         self.train_set, self.val_set = self.objective.training_datasets(self.train_set, self.val_set)
 
         self.model = build_model(cfg).to(self.device)
+        backbone_trained = any(p.requires_grad for p in self.model.vision_encoder.backbone.parameters())
+        self.random_shift = random_shift_pixels(t.augmentation.random_shift, backbone_trained, bool(t.feature_cache))
         if t.feature_cache:  # before sharding: the backbone runs alone, outside the model's forward
             self.train_set = cache_vision_features(self.train_set, self.model.vision_encoder, self.device)
             if self.val_set is not None:
@@ -196,7 +200,11 @@ class Trainer:
                 batch = next(batches)
             self.batches_consumed += 1
             obs, actions = self._to_device(batch)
-            inputs = self._training_inputs(self.step * accum + micro, len(actions))
+            generator = self._generator(self.step * accum + micro)
+            inputs = self._training_inputs(generator, len(actions))
+            if self.random_shift:  # after the objective's draws, which stay what they were without it
+                offsets = shift_offsets(len(actions) * self.ctx.world_size, obs["images"].shape[-4], self.random_shift, generator)
+                obs["images"] = random_shift(obs["images"], offsets[self._rank_rows(len(actions))], self.random_shift)
             # One context for forward and backward: DDP's no_sync() can be entered only once.
             with self._gradient_sync(last_micro_batch=micro == accum - 1):
                 with self._autocast():
@@ -252,15 +260,18 @@ class Trainer:
         """The CPU generator of random draw `draw` (negative for validation and panels)."""
         return torch.Generator().manual_seed(int(self.cfg.seed) * 1_000_003 + draw)
 
-    def _training_inputs(self, draw: int, local_batch: int) -> dict[str, torch.Tensor]:
-        """The objective's random inputs (noise, times) for the GLOBAL batch from (seed, draw),
-        sliced for this rank: results do not depend on the number of ranks, and a resumed run
-        draws what the killed one would have."""
+    def _training_inputs(self, generator: torch.Generator, local_batch: int) -> dict[str, torch.Tensor]:
+        """The objective's random inputs (noise, times) for the GLOBAL batch from `generator`
+        (`_generator(draw)`: seed and draw), sliced for this rank: results do not depend on the
+        number of ranks, and a resumed run draws what the killed one would have."""
         inputs = self.objective.training_inputs(
-            local_batch * self.ctx.world_size, self.model.horizon, self.model.noise_dim, self._generator(draw)
+            local_batch * self.ctx.world_size, self.model.horizon, self.model.noise_dim, generator
         )
-        shard = slice(self.ctx.rank * local_batch, (self.ctx.rank + 1) * local_batch)
-        return {key: value[shard].to(self.device) for key, value in inputs.items()}
+        return {key: value[self._rank_rows(local_batch)].to(self.device) for key, value in inputs.items()}
+
+    def _rank_rows(self, local_batch: int) -> slice:
+        """This rank's rows of a global batch."""
+        return slice(self.ctx.rank * local_batch, (self.ctx.rank + 1) * local_batch)
 
     def validation_generator(self, batch_index: int) -> torch.Generator:
         """The generator validation samples batch `batch_index` with (a policy given the same one
@@ -321,7 +332,7 @@ class Trainer:
         with self.ema.applied_to(self.model):
             for i, batch in self.validation_batches():
                 obs, actions = self._to_device(batch)
-                out = self.objective(self.model, obs, actions, self._training_inputs(-1 - i, len(actions)))
+                out = self.objective(self.model, obs, actions, self._training_inputs(self._generator(-1 - i), len(actions)))
                 chunks = self._sample(obs, 1, self.validation_generator(i))[:, 0]
                 # As executed: a flow or diffusion sample's 6D rotation becomes a valid rotation there.
                 chunks = self.normalizer.normalize("actions", self.normalizer.unnormalize("actions", chunks))

@@ -1,0 +1,65 @@
+"""Image augmentation of training batches, on the device (`training.augmentation`).
+
+Random shift (DrQ; Diffusion Policy's random crop is the same idea): each camera's frame is
+replicate-padded by `pad` pixels on every side, then cropped back to its size at a random offset,
+so the image moves by up to `pad` pixels in each direction and the border repeats its edge pixels:
+
+    one row, pad = 2:   frame           a b c d e
+                        padded      a a a b c d e e e
+                        offset 3          b c d e e      (offsets 0..4; 2 leaves it in place)
+
+A trained-from-pixels encoder (the default CNN) otherwise memorizes exact pixel positions of a few
+hundred demonstrations; a frozen backbone (DINOv2) learns nothing from it, so it is off there.
+
+Only training batches are augmented (the panels, drawn from the last training batch, show it as
+trained): validation and every inference path see the frames as recorded. The offsets are drawn on the CPU from the training step's generator
+(seeded by seed and step, like the objective's noise) for the GLOBAL batch and sliced per rank, so
+a resumed run, and a run on any number of ranks, shifts exactly the images the uninterrupted
+single-process run shifted.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DEFAULT_RANDOM_SHIFT = 4
+"""Pixels: DrQ's pad for 84 px frames; about 6% of the default 64 px frames, which moves a
+gripper-sized object by less than its own width."""
+
+
+def random_shift_pixels(setting: int | None, backbone_trained: bool, feature_cache: bool) -> int:
+    """`training.augmentation.random_shift` -> the pad in pixels. null: `DEFAULT_RANDOM_SHIFT` when
+    the vision backbone is trained from pixels, 0 for a frozen one. A shift with the feature cache
+    is an error: the cached features were computed once from the unaugmented images."""
+    if setting is None:
+        return DEFAULT_RANDOM_SHIFT if backbone_trained else 0
+    if setting > 0 and feature_cache:
+        raise ValueError(
+            f"training.augmentation.random_shift={setting} with training.feature_cache=true: the cache holds "
+            "backbone features computed once from the unaugmented images, so shifted images would never reach "
+            "the model. Set training.augmentation.random_shift=0 to train on the cache, or "
+            "training.feature_cache=false to augment."
+        )
+    return int(setting)
+
+
+def shift_offsets(batch_size: int, num_cameras: int, pad: int, generator: torch.Generator) -> torch.Tensor:
+    """Crop offsets int64 [B, V, 2] (rows, columns), uniform in 0..2*pad; drawn on the CPU."""
+    return torch.randint(0, 2 * pad + 1, (batch_size, num_cameras, 2), generator=generator)
+
+
+def random_shift(images: torch.Tensor, offsets: torch.Tensor, pad: int) -> torch.Tensor:
+    """images uint8 [B, V, 3, H, W] or, with observation history, [B, n, V, 3, H, W]; offsets
+    [B, V, 2] from `shift_offsets` -> the same shape and dtype, shifted.
+
+    One offset per sample and camera, the same for every history step of that sample, so the
+    motion between steps stays what the camera saw. Computed as two gathers of clamped indices,
+    which equals padding and cropping without materializing the padded copy."""
+    history = images if images.ndim == 6 else images.unsqueeze(1)  # [B, n, V, 3, H, W]
+    h, w = history.shape[-2:]
+    offsets = offsets.to(images.device)
+    rows = (torch.arange(h, device=images.device) + offsets[..., :1] - pad).clamp(0, h - 1)  # [B, V, H]
+    cols = (torch.arange(w, device=images.device) + offsets[..., 1:] - pad).clamp(0, w - 1)  # [B, V, W]
+    shifted = history.gather(-2, rows[:, None, :, None, :, None].expand(history.shape))
+    shifted = shifted.gather(-1, cols[:, None, :, None, None, :].expand(history.shape))
+    return shifted if images.ndim == 6 else shifted.squeeze(1)
