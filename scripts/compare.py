@@ -227,8 +227,12 @@ def pooled_modes(summaries: list[dict]) -> dict | None:
     labels no modes)."""
     if not all(s.get("modes") for s in summaries):
         return None
-    episodes = {m: sum(s["modes"].get(m, {}).get("episodes", 0) for s in summaries) for s in summaries for m in s["modes"]}
-    wins = {m: sum(round(s["modes"][m]["success"] * s["modes"][m]["episodes"]) for s in summaries if m in s["modes"]) for m in episodes}
+    episodes: dict[str, int] = {}
+    wins: dict[str, int] = {}
+    for summary in summaries:
+        for m, row in summary["modes"].items():
+            episodes[m] = episodes.get(m, 0) + row["episodes"]
+            wins[m] = wins.get(m, 0) + round(row["success"] * row["episodes"])
     total = sum(episodes.values())
     return {m: {"share": episodes[m] / total, "episodes": episodes[m], "success": wins[m] / episodes[m]} for m in sorted(episodes)}
 

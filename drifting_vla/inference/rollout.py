@@ -151,15 +151,12 @@ class EvalSummary:
             return {}
 
         def table(records: list[EpisodeRecord]) -> dict:
-            modes = sorted({str(r.mode) for r in records})
+            by_mode: dict[str, list[bool]] = {}
+            for r in records:
+                by_mode.setdefault(str(r.mode), []).append(r.success)
             return {
-                m: {
-                    "share": sum(str(r.mode) == m for r in records) / len(records),
-                    "episodes": sum(str(r.mode) == m for r in records),
-                    "success": sum(r.success for r in records if str(r.mode) == m)
-                    / sum(str(r.mode) == m for r in records),
-                }
-                for m in modes
+                m: {"share": len(wins) / len(records), "episodes": len(wins), "success": sum(wins) / len(wins)}
+                for m, wins in sorted(by_mode.items())
             }
 
         return {"modes": table(self.records), "per_task_modes": {t: table(rs) for t, rs in self.per_task().items()}}
