@@ -13,6 +13,8 @@ every requested NFE, and each policy's chunk timed at batch 1 on this machine in
                                       every variant shares the data, budget and evaluation seeds)
     --protocols   objective[/sampler]:nfe,... (default: drifting:1 regression:1 flow_matching:1,2,5,10
                                                diffusion/ddim:1,2,5,10 diffusion/ddpm:100)
+    --execute-steps K ...                     actions executed per chunk before replanning: every protocol is
+                                              evaluated at each K (default: half the horizon, 8 of 16)
     --plugins     module ...                  modules of yours registering a dataset or simulator
                                               (drifting_vla/plugins.py), imported here and by every run
     after --       Hydra overrides given to EVERY training run (the shared budget)
@@ -84,10 +86,12 @@ class Protocol:
     objective: str
     sampler: str | None
     nfe: int
+    execute_steps: int | None = None  # None: the policy's default, half the horizon
 
     @property
     def name(self) -> str:
-        return f"{self.objective}{'' if self.sampler is None else '-' + self.sampler}_nfe{self.nfe}"
+        execution = "" if self.execute_steps is None else f"_exec{self.execute_steps}"
+        return f"{self.objective}{'' if self.sampler is None else '-' + self.sampler}_nfe{self.nfe}{execution}"
 
 
 def _name_and_numbers(spec: str, flag: str, form: str) -> tuple[str, list[int]]:
@@ -110,13 +114,14 @@ def parse_runs(specs: list[str], variants: dict[str, list[str]]) -> list[Run]:
     return runs
 
 
-def parse_protocols(specs: list[str]) -> list[Protocol]:
+def parse_protocols(specs: list[str], execute_steps: list[int | None]) -> list[Protocol]:
     form = "objective[/sampler]:nfe[,nfe...], e.g. flow_matching:1,10"
     parsed = [_name_and_numbers(s, "--protocols", form) for s in specs]
     return [
-        Protocol(method.partition("/")[0], method.partition("/")[2] or None, nfe)
+        Protocol(method.partition("/")[0], method.partition("/")[2] or None, nfe, steps)
         for method, nfes in parsed
         for nfe in nfes
+        for steps in execute_steps
     ]
 
 
@@ -150,7 +155,7 @@ def evaluate_run(run: Run, run_dir: Path, protocol: Protocol, output: Path, epis
     summary_file = out_dir / "summary.json"
     if summary_file.exists():
         return json.loads(summary_file.read_text())
-    policy = DriftingPolicy.from_checkpoint(run_dir, nfe=protocol.nfe, sampler=protocol.sampler)
+    policy = DriftingPolicy.from_checkpoint(run_dir, nfe=protocol.nfe, sampler=protocol.sampler, execute_steps=protocol.execute_steps)
     data_cfg = policy.cfg["data"]
     evaluate(
         policy, data_cfg, seeds=evaluation_seeds(data_cfg, episodes), num_workers=workers, output_dir=out_dir,
@@ -205,6 +210,7 @@ def aggregate(results: list[dict], latencies: dict[str, dict], runs: list[Run]) 
             "variant": mine[0]["variant"],
             "sampler": mine[0]["sampler"],
             "nfe": mine[0]["nfe"],
+            "execute_steps": mine[0]["execute_steps"],
             "label": mine[0]["protocol"],
             "success": successes / episodes if episodes else float("nan"),
             "ci95": list(wilson_interval(successes, episodes)),
@@ -237,17 +243,22 @@ def pooled_modes(summaries: list[dict]) -> dict | None:
     return {m: {"share": episodes[m] / total, "episodes": episodes[m], "success": wins[m] / episodes[m]} for m in sorted(episodes)}
 
 
+def executed_per_chunk(row: dict) -> str:
+    """'8/16': actions executed per chunk and the horizon, as the evaluation's label records them."""
+    return row["label"].split(" | ")[-1].removeprefix("chunk ")
+
+
 def write_markdown(rows: list[dict], meta: dict, path: Path) -> None:
     lines = [
         f"# Comparison: {meta['data']}",
         "",
         f"Same data, {meta['max_steps']} steps, batch {meta['batch_size']}, learning rate {meta['learning_rate']}, "
         f"EMA {meta['ema_decay']} for every run; {meta['episodes_per_task']} evaluation episodes per task on seeds "
-        f"never used in training, chunk execution ({meta['execution']}). Latency: one chunk at batch 1, one CPU "
+        f"never used in training, chunk execution ({meta['execution']}: executed/horizon). Latency: one chunk at batch 1, one CPU "
         f"thread, median, measured in this run on {meta['machine']}.",
         "",
-        "| objective | sampler | NFE | success | 95% CI | seeds | spread over seeds (std) | latency ms | of which encoders | x drifting |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| objective | sampler | NFE | execution | success | 95% CI | seeds | spread over seeds (std) | latency ms | of which encoders | x drifting |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         spread = "-" if r["seed_std"] is None else f"{r['seed_std']:.3f} ({', '.join(f'{s:.3f}' for s in r['success_per_seed'])})"
@@ -257,7 +268,7 @@ def write_markdown(rows: list[dict], meta: dict, path: Path) -> None:
         lo, hi = r["ci95"]
         method = r["objective"] if r["variant"] is None else f"{r['objective']} @{r['variant']}"
         lines.append(
-            f"| {method} | {r['sampler'] or '-'} | {r['nfe']} | **{r['success']:.3f}** | [{lo:.2f}, {hi:.2f}] | "
+            f"| {method} | {r['sampler'] or '-'} | {r['nfe']} | {executed_per_chunk(r)} | **{r['success']:.3f}** | [{lo:.2f}, {hi:.2f}] | "
             f"{len(r['seeds'])} | {spread} | {latency} | {encoders} | {ratio} |"
         )
     tasks = list(rows[0]["per_task"]) if rows else []
@@ -291,12 +302,13 @@ def plot(rows: list[dict], output: Path) -> None:
     colors = {"drifting": "tab:red", "regression": "tab:gray", "flow_matching": "tab:blue", "diffusion": "tab:green"}
     markers = {None: "o", "ddim": "o", "ddpm": "s"}
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-    for key in dict.fromkeys((r["objective"], r["sampler"], r["variant"]) for r in rows):
-        mine = sorted((r for r in rows if (r["objective"], r["sampler"], r["variant"]) == key), key=lambda r: r["nfe"])
+    for key in dict.fromkeys((r["objective"], r["sampler"], r["variant"], r["execute_steps"]) for r in rows):
+        mine = sorted((r for r in rows if (r["objective"], r["sampler"], r["variant"], r["execute_steps"]) == key), key=lambda r: r["nfe"])
         nfe = [r["nfe"] for r in mine]
         success = np.array([r["success"] for r in mine])
         err = np.array([[r["success"] - r["ci95"][0], r["ci95"][1] - r["success"]] for r in mine]).T
-        label = key[0] + ("" if key[2] is None else f" @{key[2]}") + ("" if key[1] is None else f" ({key[1]})")
+        label = key[0] + ("" if key[2] is None else f" @{key[2]}") + ("" if key[1] is None else f" ({key[1]})") + (
+            "" if key[3] is None else f" exec {key[3]}")
         ax.errorbar(nfe, success, yerr=err, marker=markers.get(key[1], "o"), color=colors.get(key[0]), capsize=3, label=label,
                     linestyle="-" if key[2] is None else "--")
     ax.set_xscale("log")
@@ -334,6 +346,34 @@ def plot(rows: list[dict], output: Path) -> None:
     plt.close(fig)
 
 
+def plot_execution(rows: list[dict], output: Path) -> None:
+    """Success against actions executed per chunk, one line per method and NFE: drawn when the
+    comparison evaluated more than one --execute-steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    for key in dict.fromkeys((r["objective"], r["variant"], r["sampler"], r["nfe"]) for r in rows):
+        mine = sorted((r for r in rows if (r["objective"], r["variant"], r["sampler"], r["nfe"]) == key),
+                      key=lambda r: int(executed_per_chunk(r).split("/")[0]))
+        executed = [int(executed_per_chunk(r).split("/")[0]) for r in mine]
+        success = np.array([r["success"] for r in mine])
+        err = np.array([[r["success"] - r["ci95"][0], r["ci95"][1] - r["success"]] for r in mine]).T
+        method = key[0] + ("" if key[1] is None else f" @{key[1]}") + ("" if key[2] is None else f" ({key[2]})")
+        ax.errorbar(executed, success, yerr=err, marker="o", capsize=3, label=f"{method}, NFE {key[3]}")
+    ax.set_xlabel(f"actions executed per chunk before replanning (horizon {executed_per_chunk(rows[0]).split('/')[1]})")
+    ax.set_ylabel("closed-loop success rate (95% CI)")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    ax.set_title("Success vs execution horizon, same checkpoints")
+    fig.tight_layout()
+    fig.savefig(output / "success_vs_execute_steps.png")
+    plt.close(fig)
+
+
 def resolved_budget(run_dir: Path) -> dict:
     import yaml
 
@@ -352,6 +392,8 @@ def main() -> None:
     parser.add_argument("--protocols", nargs="+", default=DEFAULT_PROTOCOLS)
     parser.add_argument("--episodes", type=int, default=50, help="evaluation episodes per task (data.eval_seeds)")
     parser.add_argument("--workers", type=int, default=2, help="simulator processes per evaluation")
+    parser.add_argument("--execute-steps", type=int, nargs="+", default=[None],
+                        help="actions executed per chunk before replanning; every protocol at each (default: half the horizon)")
     parser.add_argument("--plugins", nargs="+", default=[], help="modules of yours to import (drifting_vla/plugins.py)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every training run (after --)")
     args = parser.parse_args()
@@ -359,7 +401,7 @@ def main() -> None:
     if args.plugins:
         args.overrides = [f"plugins=[{','.join(args.plugins)}]", *args.overrides]
     variants = {name: overrides.split() for name, overrides in args.variant}
-    runs, protocols = parse_runs(args.runs, variants), parse_protocols(args.protocols)
+    runs, protocols = parse_runs(args.runs, variants), parse_protocols(args.protocols, args.execute_steps)
     for run in runs:
         if not any(p.objective == run.objective for p in protocols):
             raise SystemExit(f"--runs has {run.objective} but --protocols gives it no NFE to evaluate at")
@@ -380,7 +422,8 @@ def main() -> None:
             continue
         summary = evaluate_run(run, run_dirs[run], protocol, args.output, args.episodes, args.workers)
         results.append({**summary, "protocol_name": run.cell(protocol), "objective": protocol.objective,
-                        "variant": run.variant, "sampler": protocol.sampler, "nfe": protocol.nfe, "seed": run.seed})
+                        "variant": run.variant, "sampler": protocol.sampler, "nfe": protocol.nfe,
+                        "execute_steps": protocol.execute_steps, "seed": run.seed})
         bar.write(f"{run.name} @ {protocol.name}: success {summary['success_rate']:.3f} over {summary['episodes']} episodes")
 
     latencies = {}
@@ -393,7 +436,7 @@ def main() -> None:
     meta = {
         **resolved_budget(next(iter(run_dirs.values()))),
         "episodes_per_task": args.episodes,
-        "execution": results[0]["protocol"].split(" | ")[-1] if results else "",
+        "execution": ", ".join(dict.fromkeys(executed_per_chunk(r) for r in rows)),
         "machine": f"{os.cpu_count()} CPU cores",
         "train_minutes": train_seconds / 60,
         "eval_minutes": eval_seconds / 60,
@@ -404,6 +447,8 @@ def main() -> None:
     (args.output / "comparison.json").write_text(json.dumps({"meta": meta, "rows": rows, "cells": results}, indent=2))
     write_markdown(rows, meta, args.output / "comparison.md")
     plot(rows, args.output)
+    if len(args.execute_steps) > 1:
+        plot_execution(rows, args.output)
     print((args.output / "comparison.md").read_text())
 
 

@@ -82,3 +82,24 @@ def test_modes_pool_over_seeds():
         "right": {"share": 4 / 8, "episodes": 4, "success": 0.5},
     }
     assert pooled_modes([{"success_rate": 1.0}]) is None
+
+
+def test_execution_steps_make_their_own_cells_and_plot(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from compare import Run, parse_protocols, plot_execution
+
+    protocols = parse_protocols(["drifting:1", "flow_matching:1,10"], [4, 16])
+    assert [p.name for p in protocols] == [
+        "drifting_nfe1_exec4", "drifting_nfe1_exec16", "flow_matching_nfe1_exec4", "flow_matching_nfe1_exec16",
+        "flow_matching_nfe10_exec4", "flow_matching_nfe10_exec16",
+    ]
+    assert [p.name for p in parse_protocols(["drifting:1"], [None])] == ["drifting_nfe1"]
+    assert Run("drifting", 0, "g4").cell(protocols[0]) == "drifting@g4_nfe1_exec4"
+
+    rows = [
+        {"objective": "drifting", "variant": None, "sampler": None, "nfe": 1, "success": rate, "ci95": [rate - 0.1, rate + 0.05],
+         "label": f"metaworld | drifting nfe=1 | chunk {k}/16"}
+        for k, rate in ((4, 0.8), (8, 0.7), (16, 0.5))
+    ]
+    plot_execution(rows, tmp_path)
+    assert (tmp_path / "success_vs_execute_steps.png").stat().st_size > 10_000
