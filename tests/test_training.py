@@ -343,10 +343,13 @@ def test_training_batches_are_shifted_by_default_and_validation_batches_never(rl
     to_device, encode = trainer._to_device, trainer.model.vision_encoder.forward
     trainer._to_device = lambda batch: loaded.append(batch["images"].clone()) or to_device(batch)
     trainer.model.vision_encoder.forward = lambda images: seen.append(images.clone()) or encode(images)
+    panel_frames, render_panels = [], trainer._render_panels
+    trainer._render_panels = lambda last: panel_frames.append(last[0]["images"].clone()) or render_panels(last)
     trainer.fit()
     for step in (0, 1):
         assert seen[step].shape == loaded[step].shape
         assert torch.equal(seen[step], loaded[step]) == (shift == "0")  # the tiny model's CNN is trained: on by default
+        assert torch.equal(panel_frames[step], loaded[step])  # the panels draw the frames the policy will see
     assert len(seen) > 2 and all(torch.equal(images, loaded[2]) for images in seen[2:])
 
 

@@ -202,13 +202,14 @@ class Trainer:
             obs, actions = self._to_device(batch)
             generator = self._generator(self.step * accum + micro)
             inputs = self._training_inputs(generator, len(actions))
+            trained_on = obs  # the panels and the returned batch keep the frames as the policy sees them
             if self.random_shift:  # after the objective's draws, which stay what they were without it
                 offsets = shift_offsets(len(actions) * self.ctx.world_size, obs["images"].shape[-4], self.random_shift, generator)
-                obs["images"] = random_shift(obs["images"], offsets[self._rank_rows(len(actions))], self.random_shift)
+                trained_on = {**obs, "images": random_shift(obs["images"], offsets[self._rank_rows(len(actions))], self.random_shift)}
             # One context for forward and backward: DDP's no_sync() can be entered only once.
             with self._gradient_sync(last_micro_batch=micro == accum - 1):
                 with self._autocast():
-                    out = self.objective(self.network, obs, actions, inputs)
+                    out = self.objective(self.network, trained_on, actions, inputs)
                 if not self._is_finite(out.loss, "loss", batch):
                     return self._skip_step(), (obs, actions)
                 (out.loss / accum).backward()
