@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime
 import fcntl
+import hashlib
 import json
 import os
 import socket
@@ -37,6 +38,14 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The hex sha256 of a file's bytes: what checkpoints, exports and demo stores record of each
+    file they write and check when it is read, since a file damaged at the same size (a bad
+    sector, a flipped bit in a copy) passes every check of its size or shape."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 class LockHeld(RuntimeError):

@@ -66,6 +66,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from drifting_vla.files import file_sha256
 from drifting_vla.training.distributed import full_tensor
 from drifting_vla.training.ema import EMA
 
@@ -192,11 +193,6 @@ def _write_files(
     (target / NORMALIZATION_FILE).write_text(
         json.dumps(dict(normalization), indent=2, default=_json_default)
     )
-
-
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def write_complete_marker(directory: Path, names: list[str], **fields) -> None:
