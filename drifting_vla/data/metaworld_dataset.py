@@ -3,7 +3,7 @@
 On-disk format (one folder per collection config, one sub-folder per task):
 
     <root>/<config hash>/
-        collection.json              the collection config the hash was made from
+        collection.json              the collection config (settings, simulator versions) the hash was made from
         <task>/
             images.npy   uint8   [N, V, 3, H, W]   all steps of all episodes, back to back
             proprio.npy  float32 [N, 4]            hand xyz + gripper opening
