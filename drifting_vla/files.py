@@ -6,6 +6,10 @@ what readers open later is written whole or not at all.
     lock.release()
     write_atomic(run_dir / "summary.json", text)    # readers see the old file or the new, never half
 
+    with JsonLinesAppender(run_dir / "metrics.jsonl") as lines:
+        lines.append({"step": 1, "loss": 0.5})      # one whole line, on disk when append returns
+    records = read_jsonl(run_dir / "metrics.jsonl", "Train the run again.")   # a last line cut short: left out
+
 The lock holder writes who it is into the lock file (pid, host, command, start time) for the
 message another process gets.
 
@@ -22,11 +26,16 @@ from __future__ import annotations
 
 import datetime
 import fcntl
+import hashlib
 import json
+import logging
 import os
 import socket
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def write_atomic(path: str | os.PathLike, text: str) -> None:
@@ -37,6 +46,74 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The hex sha256 of a file's bytes: what checkpoints, exports and demo stores record of each
+    file they write and check when it is read, since a file damaged at the same size (a bad
+    sector, a flipped bit in a copy) passes every check of its size or shape."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+class JsonLinesAppender:
+    """A JSON-lines file (metrics.jsonl, episodes.jsonl) that grows one record at a time while
+    others may read it, and that its writer may not live to close. Each record is one `write` of
+    a whole line, flushed to disk before `append` returns: a kill costs at most the line being
+    written, and what was appended survives a power loss. Opening a file whose last line was cut
+    short (by the previous writer's death) ends that line first, so the next record starts a line
+    of its own."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        if path.is_file() and path.stat().st_size:
+            with path.open("rb") as f:
+                f.seek(-1, os.SEEK_END)
+                cut_short = f.read(1) != b"\n"
+            if cut_short:
+                with path.open("ab") as f:
+                    f.write(b"\n")
+        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def append(self, record: Mapping) -> None:
+        line = memoryview((json.dumps(record) + "\n").encode())
+        while line:  # write() may take less than asked (a signal, a full pipe), never more
+            line = line[os.write(self._fd, line):]
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        """Idempotent."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> JsonLinesAppender:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_jsonl(path: str | os.PathLike, remedy: str) -> list:
+    """Every record of a JSON-lines file that `JsonLinesAppender` wrote. Its last line, when not
+    JSON and without a newline, was cut short by a writer that died mid-line: it is left out with
+    a warning naming the file and line. Any other line that is not JSON means the file was damaged
+    after it was written: ValueError naming the file and line, and `remedy` (what to do)."""
+    path = Path(path)
+    lines = path.read_bytes().split(b"\n")
+    records = []
+    for number, line in enumerate(lines, start=1):
+        last = number == len(lines)
+        if last and not line:
+            break  # the empty rest after the final newline
+        try:
+            records.append(json.loads(line))
+        except ValueError as error:
+            if last:
+                log.warning("%s line %d was cut short (its writer stopped mid-line) and is left out: %.80r", path, number, line)
+                break
+            raise ValueError(f"{path} line {number} is not JSON ({error}): the file is damaged. {remedy}") from None
+    return records
 
 
 class LockHeld(RuntimeError):

@@ -145,7 +145,7 @@ def test_crash_mid_write_leaves_the_previous_checkpoint_valid(tmp_path, monkeypa
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("killed while writing")
 
-    monkeypatch.setattr(ckpt, "_write_complete_marker", crash)
+    monkeypatch.setattr(ckpt, "write_complete_marker", crash)
     with pytest.raises(KeyboardInterrupt):
         run.save(tmp_path, step=20)
     assert not (tmp_path / "step_00000020").exists()
@@ -201,9 +201,9 @@ def test_an_edited_checkpoint_loads_once_sealed(tmp_path):
     run = Run()
     path = run.save(tmp_path, step=1)
     (path / "config.yaml").write_text("model: {hidden: 9}\n")
-    assert "config.yaml" in ckpt.checkpoint_problem(path)
+    assert "config.yaml" in ckpt.marker_problem(path)
     ckpt.seal_checkpoint(path)
-    assert ckpt.checkpoint_problem(path) is None
+    assert ckpt.marker_problem(path) is None
     assert run.load(path).config == {"model": {"hidden": 9}}
 
 
@@ -211,7 +211,7 @@ def test_a_checkpoint_of_a_newer_format_asks_for_an_upgrade(tmp_path):
     path = Run().save(tmp_path, step=1)
     marker = json.loads((path / "complete").read_text())
     (path / "complete").write_text(json.dumps({**marker, "format_version": ckpt.FORMAT_VERSION + 1}))
-    assert "upgrade drifting-vla" in ckpt.checkpoint_problem(path)
+    assert "upgrade drifting-vla" in ckpt.marker_problem(path)
 
 
 def test_a_checkpoint_from_before_hashes_is_checked_by_size(tmp_path, caplog):
@@ -220,7 +220,7 @@ def test_a_checkpoint_from_before_hashes_is_checked_by_size(tmp_path, caplog):
     sizes = {name: record["bytes"] for name, record in marker["files"].items()}
     (path / "complete").write_text(json.dumps({"step": 1, "files": sizes}))
     with caplog.at_level("WARNING"):
-        assert ckpt.checkpoint_problem(path) is None
+        assert ckpt.marker_problem(path) is None
     assert "predates checkpoint hashes" in caplog.text
 
 

@@ -479,6 +479,31 @@ def test_corrupt_metaworld_array_names_the_file(tmp_path):
         MetaWorldDataset(tmp_path, ["reach-v3"], ["corner"], horizon=2)
 
 
+def test_demo_images_damaged_at_the_same_size_are_refused_naming_the_file_and_the_remedy(tmp_path):
+    (tmp_path / "collection.json").write_text(json.dumps({"cameras": ["corner"], "image_size": 8}))
+    write_task_store(tmp_path / "reach-v3", _fake_episodes(2, 3, views=1), {"instruction": "reach"})
+    MetaWorldDataset(tmp_path, ["reach-v3"], ["corner"], horizon=2)  # whole, and known so to this process
+    images = tmp_path / "reach-v3" / "images.npy"
+    written = images.stat().st_mtime_ns
+    data = bytearray(images.read_bytes())
+    data[-7] ^= 0x10  # one pixel: the header, the shape and the size are all as written
+    images.write_bytes(bytes(data))
+    os.utime(images, ns=(written + 1, written + 1))  # a later mtime, even within one tick of the file system's clock
+    with pytest.raises(CorruptEpisodeError, match=rf"reach-v3/images.npy does not hold what was written.*sha256.*collect_demos.*delete {tmp_path}"):
+        MetaWorldDataset(tmp_path, ["reach-v3"], ["corner"], horizon=2)
+
+
+def test_a_demo_store_without_a_hash_of_every_array_is_not_read(tmp_path):
+    (tmp_path / "collection.json").write_text(json.dumps({"cameras": ["corner"], "image_size": 8}))
+    write_task_store(tmp_path / "reach-v3", _fake_episodes(1, 3, views=1), {"instruction": "reach"})
+    meta_file = tmp_path / "reach-v3" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["sha256"]["images"]  # as written before images.npy was hashed
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(CorruptEpisodeError, match=r"meta.json records no sha256 of \['images'\].*collect_demos"):
+        MetaWorldDataset(tmp_path, ["reach-v3"], ["corner"], horizon=2)
+
+
 @pytest.mark.parametrize("key", ["proprio", "actions"])
 def test_a_non_finite_demo_value_is_refused_naming_the_episode_step_and_array(tmp_path, key):
     (tmp_path / "collection.json").write_text(json.dumps({"cameras": ["corner"], "image_size": 8}))

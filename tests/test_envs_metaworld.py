@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import pathlib
@@ -98,6 +99,28 @@ def test_env_from_config_uses_the_collection_settings():
 def test_store_folder_changes_with_the_collection_settings(tmp_path):
     assert store_dir(_cfg(tmp_path)) != store_dir(_cfg(tmp_path, image_size=64))
     assert store_dir(_cfg(tmp_path)) == store_dir(_cfg(tmp_path, tasks=["push-v3"]))
+
+
+def test_store_folder_changes_with_the_installed_simulator_versions(tmp_path, monkeypatch):
+    import drifting_vla.data.metaworld_demos as demos
+
+    installed = store_dir(_cfg(tmp_path))
+    assert demos.collection_config(_cfg(tmp_path))["simulator"] == {
+        "metaworld": importlib.metadata.version("metaworld"), "mujoco": importlib.metadata.version("mujoco")}
+    real = importlib.metadata.version
+    monkeypatch.setattr(demos.importlib.metadata, "version", lambda package: "99.0" if package == "mujoco" else real(package))
+    assert store_dir(_cfg(tmp_path)) != installed  # an upgraded mujoco collects a store of its own
+
+
+def test_a_store_key_without_the_simulator_installed_says_what_to_install(tmp_path, monkeypatch):
+    import drifting_vla.data.metaworld_demos as demos
+
+    def absent(package):
+        raise importlib.metadata.PackageNotFoundError(package)
+
+    monkeypatch.setattr(demos.importlib.metadata, "version", absent)
+    with pytest.raises(ImportError, match=r"metaworld is not installed.*keyed by the simulator versions.*\[sim\]"):
+        store_dir(_cfg(tmp_path))
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ from huggingface_hub import HfApi, constants
 from safetensors.torch import load_file
 
 from drifting_vla.inference.policy import DriftingPolicy
+from drifting_vla.training.checkpoint import seal_checkpoint
 from drifting_vla.training.objectives import OBJECTIVES
 from tests.test_inference import (
     TASK,
@@ -22,7 +23,7 @@ from tests.test_inference import (
     write_checkpoint,
 )
 
-EXPORT_FILES = {"model.safetensors", "config.json", "normalization.json", "README.md"}
+EXPORT_FILES = {"model.safetensors", "config.json", "normalization.json", "README.md", "complete"}
 
 
 @pytest.fixture
@@ -44,9 +45,11 @@ def frozen_dinov2_cfg(name_or_path: str | Path):
 
 
 def rewrite_config(export: Path, edit) -> None:
+    """Edit the export's config and record its files as they are now (as a hostile uploader would)."""
     saved = json.loads((export / "config.json").read_text())
     edit(saved["config"])
     (export / "config.json").write_text(json.dumps(saved))
+    seal_checkpoint(export)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,6 +114,40 @@ def test_simulate_eval_evaluates_an_exported_directory(policy, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert summary["checkpoint"] == str(export) and summary["protocol"] == "metaworld | drifting nfe=1 | chunk 2/4"
+
+
+def test_a_file_damaged_at_the_same_size_is_refused_naming_it_and_how_to_get_it_again(policy, tmp_path):
+    export = policy.save_pretrained(tmp_path / "export")
+    weights = bytearray((export / "model.safetensors").read_bytes())
+    weights[-3] ^= 0x01  # one bit of the last tensor: still a valid file, other weights
+    (export / "model.safetensors").write_bytes(bytes(weights))
+    with pytest.raises(FileNotFoundError, match=r"'model.safetensors'.*sha256.*save_pretrained.*force_download=True"):
+        DriftingPolicy.from_pretrained(export)
+
+
+def test_a_save_cut_short_is_refused_as_unfinished(policy, tmp_path):
+    export = policy.save_pretrained(tmp_path / "export")
+    (export / "complete").unlink()
+    with pytest.raises(FileNotFoundError, match="no 'complete' marker.*Export it again"):
+        DriftingPolicy.from_pretrained(export)
+
+
+def test_an_export_edited_on_purpose_loads_once_sealed_again(policy, tmp_path):
+    export = policy.save_pretrained(tmp_path / "export")
+    (export / "README.md").write_text("my own card\n")
+    with pytest.raises(FileNotFoundError, match="'README.md'"):
+        DriftingPolicy.from_pretrained(export)
+    seal_checkpoint(export)
+    np.testing.assert_array_equal(actions(DriftingPolicy.from_pretrained(export)), actions(policy))
+
+
+def test_an_export_from_before_the_hashes_loads_unchecked_with_a_warning(policy, tmp_path, caplog):
+    export = policy.save_pretrained(tmp_path / "export")
+    (export / "complete").unlink()
+    saved = json.loads((export / "config.json").read_text())
+    (export / "config.json").write_text(json.dumps({**saved, "format_version": 1}))
+    np.testing.assert_array_equal(actions(DriftingPolicy.from_pretrained(export)), actions(policy))
+    assert "not checked" in caplog.text and "save_pretrained it again" in caplog.text
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from drifting_vla.files import FileLock, LockHeld, write_atomic
+import drifting_vla.files as files
+from drifting_vla.files import FileLock, JsonLinesAppender, LockHeld, read_jsonl, write_atomic
+from drifting_vla.inference.rollout import read_episodes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,3 +66,35 @@ def test_a_write_killed_midway_leaves_the_previous_file_whole(tmp_path, monkeypa
     with pytest.raises(KeyboardInterrupt):
         write_atomic(path, '{"success_rate": 0.75}')
     assert path.read_text() == '{"success_rate": 0.5}'
+
+
+def test_each_json_line_is_appended_whole_and_on_disk_when_append_returns(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(files.os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    path = tmp_path / "episodes.jsonl"
+    appender = JsonLinesAppender(path)
+    appender.append({"seed": 0, "success": True})
+    assert path.read_bytes() == b'{"seed": 0, "success": true}\n' and len(synced) == 1  # before any close
+    appender.append({"seed": 1, "error": "x" * 100_000})  # longer than any buffer
+    appender.close()
+    assert [r["seed"] for r in read_jsonl(path, "")] == [0, 1] and len(synced) == 2
+
+
+def test_an_evaluation_killed_mid_line_leaves_the_episodes_before_it_readable(tmp_path, caplog):
+    with JsonLinesAppender(tmp_path / "episodes.jsonl") as appender:
+        appender.append({"task": "reach-v3", "seed": 0, "success": True})
+        appender.append({"task": "reach-v3", "seed": 1, "success": False})
+    with (tmp_path / "episodes.jsonl").open("ab") as f:
+        f.write(b'{"task": "reach-v3", "se')  # the kill
+    assert [r["seed"] for r in read_episodes(tmp_path)] == [0, 1]
+    assert f"{tmp_path / 'episodes.jsonl'} line 3 was cut short" in caplog.text
+
+
+def test_a_damaged_line_before_the_last_is_an_error_naming_the_file_and_line(tmp_path):
+    (tmp_path / "episodes.jsonl").write_text('{"seed": 0}\n{"seed": \x00\x00}\n{"seed": 2}\n')
+    with pytest.raises(ValueError, match=r"episodes.jsonl line 2 is not JSON .*damaged. Run the evaluation again"):
+        read_episodes(tmp_path)
+    (tmp_path / "episodes.jsonl").write_text('{"seed": 0}\n{"seed": 1\n')  # a last line ended, yet not whole
+    with pytest.raises(ValueError, match="line 2 is not JSON"):
+        read_episodes(tmp_path)

@@ -25,6 +25,7 @@ from drifting_vla.inference.rollout import (
     check_evaluated,
     evaluate,
     evaluation_seeds,
+    read_episodes,
     wilson_interval,
 )
 from drifting_vla.logging.trajectory_video import PLOT_HEIGHT_PX, TITLE_HEIGHT_PX
@@ -362,8 +363,8 @@ def test_rollout_reports_simulator_errors_and_dead_workers_as_failed_episodes(tm
     assert not by_seed[1].success and "simulated InvalidActionError" in by_seed[1].error
     assert not by_seed[2].success and "died" in by_seed[2].error
     assert not by_seed[3].success and by_seed[3].error is None and by_seed[3].steps == 6
-    lines = (tmp_path / "episodes.jsonl").read_text().splitlines()
-    assert len(lines) == 5 and {json.loads(line)["seed"] for line in lines} == {0, 1, 2, 3, 4}
+    records = read_episodes(tmp_path)
+    assert len(records) == 5 and {r["seed"] for r in records} == {0, 1, 2, 3, 4}
     assert summary.to_dict()["success_rate"] == pytest.approx(0.4)
     assert by_seed[0].video and (tmp_path / "videos" / f"{TASK}_seed0.mp4").stat().st_size > 0
 
@@ -425,7 +426,7 @@ def test_episodes_with_a_video_also_get_a_trajectory_video_one_frame_per_observa
         assert len(frames) == by_seed[seed].steps + 1  # the reset frame, then one per step
         assert frames[0].shape == (TITLE_HEIGHT_PX + PLOT_HEIGHT_PX, 32 + 2 * PLOT_HEIGHT_PX, 3)
         assert np.abs(frames[-1].astype(int) - frames[0].astype(int)).mean() > 1
-    records = [json.loads(line) for line in (tmp_path / "episodes.jsonl").read_text().splitlines()]
+    records = read_episodes(tmp_path)
     assert {r["seed"]: r["trajectory_video"] for r in records}[0] == str(expected[0])
 
 
@@ -470,7 +471,7 @@ def test_metaworld_rollout_with_two_workers_writes_episodes_summary_and_video(tm
     d = summary.to_dict()
     assert d["episodes"] == 2 and set(d["per_task"]) == {TASK} and 0.0 <= d["success_rate"] <= 1.0
     assert d["errors"] == 0, [r.error for r in summary.records]
-    records = [json.loads(line) for line in (tmp_path / "episodes.jsonl").read_text().splitlines()]
+    records = read_episodes(tmp_path)
     assert {r["seed"] for r in records} == {100000, 100001}
     assert all(set(r) >= {"task", "seed", "success", "steps", "seconds", "error"} for r in records)
     video = tmp_path / "videos" / f"{TASK}_seed100000.mp4"

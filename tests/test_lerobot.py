@@ -106,7 +106,7 @@ def test_stats_json_of_the_wrong_size_is_an_error_naming_the_file(fixture_copy):
         dataset_stats(fixture_dataset(root=fixture_copy))
 
 
-def test_a_non_finite_action_is_refused_naming_the_file_episode_frame_and_feature(fixture_copy):
+def test_a_non_finite_action_is_refused_naming_the_file_episode_frame_and_feature_or_left_out_under_skip_corrupt(fixture_copy):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -118,8 +118,9 @@ def test_a_non_finite_action_is_refused_naming_the_file_episode_frame_and_featur
     actions[row][1] = float("nan")
     column = pa.array(actions, type=table.schema.field("action").type)
     pq.write_table(table.set_column(table.schema.get_field_index("action"), "action", column), path)
-    with pytest.raises(CorruptEpisodeError, match=r"file-000.parquet: episode 1 has a non-finite 'action' at frame 2"):
+    with pytest.raises(CorruptEpisodeError, match=r"file-000.parquet: episode 1 has a non-finite 'action' at frame 2.*skip_corrupt"):
         fixture_dataset(root=fixture_copy)
+    assert sorted(set(fixture_dataset(root=fixture_copy, skip_corrupt=True).episode_ids().tolist())) == [0, 2]
 
 
 def test_stats_json_with_a_non_finite_value_is_an_error_naming_it(fixture_copy):
@@ -173,6 +174,49 @@ def test_missing_or_truncated_parquet_is_an_error_naming_the_file(fixture_copy):
         fixture_dataset(root=fixture_copy)
 
 
+def move_last_episode_to_a_second_data_file(root: Path) -> Path:
+    """data/chunk-000/file-001.parquet holding the last episode's rows (as LeRobot starts a new data
+    file past data_files_size_in_mb), meta/episodes pointing there; returns that file."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    data = root / "data" / "chunk-000" / "file-000.parquet"
+    table = pq.read_table(data)
+    last = pc.equal(table.column("episode_index"), pc.max(table.column("episode_index")))
+    pq.write_table(table.filter(pc.invert(last)), data)
+    pq.write_table(table.filter(last), data.with_name("file-001.parquet"))
+    meta = root / "meta" / "episodes" / "chunk-000" / "file-000.parquet"
+    episodes = pq.read_table(meta)
+    column = episodes.schema.get_field_index("data/file_index")
+    file_index = [0] * (episodes.num_rows - 1) + [1]  # episodes are in index order
+    pq.write_table(episodes.set_column(column, "data/file_index", pa.array(file_index, pa.int64())), meta)
+    return data.with_name("file-001.parquet")
+
+
+def test_a_damaged_data_file_stops_the_run_naming_it_or_under_skip_corrupt_leaves_out_its_episodes(fixture_copy, caplog):
+    from drifting_vla.data.registry import build_dataset
+
+    damaged = move_last_episode_to_a_second_data_file(fixture_copy)
+    whole = fixture_dataset(root=fixture_copy)
+    assert sorted(set(whole.episode_ids().tolist())) == [0, 1, 2]
+    damaged.write_bytes(damaged.read_bytes()[:400])  # cut short
+    with pytest.raises(CorruptEpisodeError, match="file-001.parquet.*set data.skip_corrupt=true"):
+        fixture_dataset(root=fixture_copy)
+
+    data_cfg = {"name": "lerobot", "root": str(fixture_copy), "cameras": [*VIDEOS, IMAGE], "horizon": 4, "image_size": 32,
+                "state_key": "observation.state", "action_key": "action", "val_every": 3, "proprio_dim": 6,
+                "action_spec": {"components": [{"name": "delta", "kind": "raw", "dim": 4}]}, "skip_corrupt": True}
+    dataset = fixture_dataset(root=fixture_copy, skip_corrupt=True)
+    assert "file-001.parquet" in caplog.text and "1 episode(s) left out" in caplog.text
+    assert sorted(set(dataset.episode_ids().tolist())) == [0, 1] and len(dataset) == 20 + 15
+    assert dataset[len(dataset) - 1]["images"].shape == (3, 3, 32, 32)
+
+    assert len(build_dataset(data_cfg, "train")) == 35  # data.skip_corrupt reaches the dataset
+    with pytest.raises(ValueError, match=r"the val split .* is empty \(3 episodes, 1 of them left out as damaged"):
+        build_dataset(data_cfg, "val")  # the split is made first: episode 2 stays the val episode
+
+
 def test_missing_or_truncated_video_is_an_error_naming_the_file(fixture_copy):
     video = fixture_copy / "videos" / VIDEOS[0] / "chunk-000" / "file-000.mp4"
     video.write_bytes(video.read_bytes()[:1500])
@@ -180,8 +224,10 @@ def test_missing_or_truncated_video_is_an_error_naming_the_file(fixture_copy):
     with pytest.raises(CorruptEpisodeError, match=f"{VIDEOS[0]}/chunk-000/file-000.mp4"):
         [dataset[i] for i in range(len(dataset))]
     video.unlink()
-    with pytest.raises(CorruptEpisodeError, match=f"video file .*{VIDEOS[0]}.*missing"):
+    with pytest.raises(CorruptEpisodeError, match=f"video file .*{VIDEOS[0]}.*episodes \\[0, 1, 2\\].*missing.*skip_corrupt"):
         fixture_dataset(root=fixture_copy)
+    with pytest.raises(ValueError, match="3 episodes, 3 of them left out as damaged"):  # one video file held them all
+        fixture_dataset(root=fixture_copy, skip_corrupt=True)
 
 
 def test_a_damaged_png_frame_names_its_file_and_row_and_is_replaced_under_skip_corrupt(fixture_copy):

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from drifting_vla.inference.rollout import evaluate
+from drifting_vla.inference.rollout import evaluate, read_episodes
 from drifting_vla.serving import (
     AsyncChunkExecutor,
     ChunkedPolicy,
@@ -478,7 +478,7 @@ def test_simulate_eval_through_the_server_prints_the_in_process_success(checkpoi
                 capture_output=True, text=True, timeout=300, cwd=ROOT,
             )
             assert result.returncode == 0, result.stderr[-3000:]
-            episodes = [json.loads(line) for line in (out / "episodes.jsonl").read_text().splitlines()]
+            episodes = read_episodes(out)
             summaries.append((json.loads((out / "summary.json").read_text()), [(e["seed"], e["success"], e["steps"]) for e in episodes]))
         (local, local_episodes), (remote, remote_episodes) = summaries
         assert local["success_rate"] == remote["success_rate"] and local["episodes"] == remote["episodes"] == 6

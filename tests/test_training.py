@@ -117,6 +117,55 @@ def test_every_shipped_experiment_passes_the_schema(experiment):
     validate_run_config(compose_config([f"experiment={experiment}", "run_dir=/tmp/unused"]))
 
 
+PLUGIN_DATASET = """
+from dataclasses import dataclass
+
+from drifting_vla.data.registry import register_dataset
+from drifting_vla.training.config import DATA_SCHEMAS, DataConfig, setting
+
+
+@dataclass(kw_only=True)
+class RobotDataConfig(DataConfig):
+    root: str = setting()
+    episodes_per_file: int = setting(10, ge=1)
+
+
+DATA_SCHEMAS["my_robot"] = RobotDataConfig
+
+
+@register_dataset("my_robot")
+def build_robot(cfg, split="train"):
+    raise NotImplementedError
+"""
+
+
+def test_a_plugin_dataset_declares_the_schema_of_its_own_keys_and_they_are_checked_at_start(tmp_path, monkeypatch):
+    import drifting_vla.data.registry as registry
+    import drifting_vla.training.config as config
+    from drifting_vla.plugins import load_plugins
+
+    monkeypatch.setattr(config, "DATA_SCHEMAS", dict(config.DATA_SCHEMAS))  # the plugin's entries go with the test
+    monkeypatch.setattr(registry, "DATASETS", dict(registry.DATASETS))
+    (tmp_path / "robot_plugin.py").write_text(PLUGIN_DATASET)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    load_plugins(["robot_plugin"])
+
+    def run_config(**data):
+        cfg = compose_config(["experiment=tiny_cpu", "run_dir=/tmp/unused"])
+        shared = {key: cfg.data[key] for key in ("cameras", "proprio_dim", "horizon", "action_spec")}
+        cfg.data = {"name": "my_robot", **shared, **data}
+        return cfg
+
+    validate_run_config(run_config(root="/data/robot"))
+    with pytest.raises(ValueError, match=re.escape("config key data.episodes_per_file=0 must be >= 1")):
+        validate_run_config(run_config(root="/data/robot", episodes_per_file=0))
+    with pytest.raises(ValueError, match="data.episodes_per_fil"):
+        validate_run_config(run_config(root="/data/robot", episodes_per_fil=3))
+    with pytest.raises(ValueError, match="config key data.root is missing"):
+        validate_run_config(run_config())
+    sys.modules.pop("robot_plugin")
+
+
 @pytest.mark.parametrize("config, override, message", [
     ("eval", "workers=0", "workers=0 must be >= 1"),
     ("eval", "tasks=close_jar", "tasks='close_jar' must be a list, e.g. tasks=[close_jar]"),

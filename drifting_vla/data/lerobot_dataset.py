@@ -20,6 +20,12 @@ into memory; image columns and video files are opened lazily in each loader work
     t-n+1 .. t, the episode's first frame repeated before its start);  actions t .. t+T-1 (rows
     past L-1 repeat the last action, mask False), as the other datasets return them (specs.py).
 
+When the dataset opens, each episode's data file is read (all of its rows), its video files are
+looked for and its actions and states checked for being finite; an episode that fails stops the
+run with an error naming the file, or with `skip_corrupt` (data.skip_corrupt=true) is left out
+with a warning naming it, like a damaged RLBench episode. A data file holds many episodes: all of
+them go with it. The split is made before leaving any out, so the held-out episodes stay the same.
+
 Datasets written by `drifting_vla.data.lerobot_writer` also hold `meta/drifting_vla.json`: the
 task name of each instruction and the simulator the demos came from, so that a policy trained on
 the export can be evaluated in that simulator (`simulator`).
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import pathlib
 
@@ -47,6 +54,8 @@ from drifting_vla.data.transforms import (
     split_episodes,
     stack_history,
 )
+
+log = logging.getLogger(__name__)
 
 CODEBASE_VERSION = "v3.0"
 EXPORT_META = "meta/drifting_vla.json"
@@ -113,11 +122,13 @@ class LeRobotDataset(Dataset):
         action_dim: int | None = None,
         proprio_dim: int | None = None,
         n_obs_steps: int = 1,
+        skip_corrupt: bool = False,
     ) -> None:
         """`cameras`: image or video feature keys (any mix), each resized to `image_size` square.
         `split` "train" / "val" holds out every `val_every`-th episode (by episode index order).
         `action_dim` / `proprio_dim`: what the data config expects of the action and state
-        features (checked here, so a mismatch names the feature instead of failing in the model)."""
+        features (checked here, so a mismatch names the feature instead of failing in the model).
+        `skip_corrupt`: leave out the episodes whose files are damaged (above) instead of failing."""
         split_episodes(0, split, val_every)  # a bad split fails before anything is read
         self.root = pathlib.Path(root)
         self.info = read_info(self.root)
@@ -125,6 +136,8 @@ class LeRobotDataset(Dataset):
         self.cameras, self.horizon, self.image_size = list(cameras), int(horizon), int(image_size)
         self.n_obs_steps = check_n_obs_steps(n_obs_steps)
         self.state_key, self.action_key = state_key, action_key
+        self.skip_corrupt = skip_corrupt
+        self.skipped: list[str] = []  # with skip_corrupt: why episodes were left out
         self._check_features(action_dim, proprio_dim)
         self.tasks = _read_tasks(self.root / "meta" / "tasks.parquet")
         export = _read_json(self.root / EXPORT_META) if (self.root / EXPORT_META).is_file() else {}
@@ -132,17 +145,18 @@ class LeRobotDataset(Dataset):
         self._export_simulator = export.get("simulator")
 
         episodes = _read_episodes(self.root)
-        self._frames = self._read_frames(episodes)
-        keep = split_episodes(len(episodes["episode_index"]), split, val_every)
+        left_out: set[int] = set()  # episodes whose files are damaged (skip_corrupt)
+        self._frames = self._read_frames(episodes, left_out)
+        self._video_ref = {  # per video camera: per episode (path, from_timestamp)
+            key: self._video_paths(episodes, key, left_out) for key in self.cameras if self.features[key]["dtype"] == "video"
+        }
+        keep = [k for k in split_episodes(len(episodes["episode_index"]), split, val_every) if k not in left_out]
         if not keep:
+            damaged = f", {len(left_out)} of them left out as damaged" if left_out else ""
             raise ValueError(
-                f"the {split} split of {self.root} is empty ({len(episodes['episode_index'])} episodes, "
+                f"the {split} split of {self.root} is empty ({len(episodes['episode_index'])} episodes{damaged}, "
                 f"val_every={val_every}); lower data.val_every or add episodes"
             )
-        self._video_ref = {  # per video camera: per episode (path, from_timestamp)
-            key: [self._video_path(episodes, key, k) for k in range(len(episodes["episode_index"]))]
-            for key in self.cameras if self.features[key]["dtype"] == "video"
-        }
         self._episode_start = episodes["row_start"]
         rows, ends, episode_of_row = [], [], []
         for k in keep:
@@ -245,19 +259,36 @@ class LeRobotDataset(Dataset):
                     f"make {config} match ({shape[0]} values) or name another feature with {key_config}"
                 )
 
-    def _read_frames(self, episodes: dict) -> dict[str, np.ndarray]:
-        """The low-dimensional columns of every data file, concatenated in file order; each
-        episode's row range is checked against the global `index` column."""
-        files = sorted(set(zip(episodes["data/chunk_index"], episodes["data/file_index"], strict=True)))
+    def _leave_out(self, error: CorruptEpisodeError, episodes: list[int], left_out: set[int]) -> None:
+        """Add `episodes` (indices into meta/episodes), whose file `error` names, to `left_out`
+        under skip_corrupt, with a warning; without it, raise the error and say how to go on."""
+        if not self.skip_corrupt:
+            raise CorruptEpisodeError(f"{error} (set data.skip_corrupt=true to train without the episodes that need it)") from error
+        left_out.update(episodes)
+        self.skipped.append(str(error))
+        log.warning("data.skip_corrupt=true: %d episode(s) left out: %s", len(episodes), error)
+
+    def _read_frames(self, episodes: dict, left_out: set[int]) -> dict[str, np.ndarray]:
+        """The low-dimensional columns of every readable data file, concatenated in file order;
+        each episode's row range is checked against the global `index` column, and its values
+        for being finite. Episodes that fail join `left_out` (`_leave_out`)."""
+        file_of_episode = list(zip(episodes["data/chunk_index"], episodes["data/file_index"], strict=True))
+        files = sorted(set(file_of_episode))
         columns = {"proprio": self.state_key, "actions": self.action_key, "timestamp": "timestamp",
                    "task_index": "task_index", "index": "index"}
         parts, file_of_row, row_in_file = [], [], []
         for n, (chunk, file) in enumerate(files):
             path = self.root / self.info["data_path"].format(chunk_index=chunk, file_index=file)
-            table = _read_parquet(path, list(columns.values()))
-            parts.append({name: _column(table, key, path) for name, key in columns.items()})
+            try:
+                table = _read_parquet(path, list(columns.values()))
+                parts.append({name: _column(table, key, path) for name, key in columns.items()})
+            except CorruptEpisodeError as error:
+                self._leave_out(error, [k for k, f in enumerate(file_of_episode) if f == (chunk, file)], left_out)
+                continue
             file_of_row.append(np.full(table.num_rows, n))
             row_in_file.append(np.arange(table.num_rows))
+        if not parts:
+            raise CorruptEpisodeError(f"no data file of {self.root} can be read (each is named above); download or export the dataset again")
         frames = {name: np.concatenate([p[name] for p in parts]) for name in columns}
         frames["proprio"] = frames["proprio"].astype(np.float32)
         frames["actions"] = frames["actions"].astype(np.float32)
@@ -268,35 +299,44 @@ class LeRobotDataset(Dataset):
         episodes["row_start"] = np.searchsorted(frames["index"], episodes["dataset_from_index"])
         episodes["row_end"] = episodes["row_start"] + (episodes["dataset_to_index"] - episodes["dataset_from_index"])
         for k, (start, end) in enumerate(zip(episodes["row_start"], episodes["row_end"], strict=True)):
+            if k in left_out:
+                continue
             found = frames["index"][start:end]
             wanted = np.arange(episodes["dataset_from_index"][k], episodes["dataset_to_index"][k])
             if len(found) != len(wanted) or (found != wanted).any():
-                raise CorruptEpisodeError(
+                self._leave_out(CorruptEpisodeError(
                     f"episode {episodes['episode_index'][k]} spans index {wanted[0]}..{wanted[-1]} in meta/episodes "
                     f"but {self.root / 'data'} lacks some of those rows; the dataset is incomplete: download or export it again"
-                )
-        for name, feature in (("actions", self.action_key), ("proprio", self.state_key)):
-            row = first_non_finite(frames[name])
-            if row is not None:
-                k = int(np.searchsorted(episodes["row_end"], row, side="right"))
-                raise CorruptEpisodeError(
-                    f"{self.root / self._data_files[int(frames['file'][row])]}: episode {episodes['episode_index'][k]} has a "
-                    f"non-finite {feature!r} at frame {row - episodes['row_start'][k]} ({frames[name][row].tolist()}); "
-                    "fix or drop that episode and export the dataset again"
-                )
+                ), [k], left_out)
+                continue
+            for name, feature in (("actions", self.action_key), ("proprio", self.state_key)):
+                row = first_non_finite(frames[name][start:end])
+                if row is not None:
+                    self._leave_out(CorruptEpisodeError(
+                        f"{self.root / self._data_files[int(frames['file'][start + row])]}: episode {episodes['episode_index'][k]} "
+                        f"has a non-finite {feature!r} at frame {row} ({frames[name][start + row].tolist()}); "
+                        "fix or drop that episode and export the dataset again"
+                    ), [k], left_out)
+                    break
         return frames
 
-    def _video_path(self, episodes: dict, key: str, k: int) -> tuple[pathlib.Path, float]:
+    def _video_paths(self, episodes: dict, key: str, left_out: set[int]) -> list[tuple[pathlib.Path, float]]:
+        """(video file, from_timestamp) of each episode for the video feature `key`; the episodes
+        of a missing file join `left_out` (`_leave_out`)."""
         prefix = f"videos/{key}/"
         missing = [c for c in ("chunk_index", "file_index", "from_timestamp") if prefix + c not in episodes]
         if missing:
             raise CorruptEpisodeError(f"{self.root / 'meta' / 'episodes'} lacks the columns {[prefix + c for c in missing]} of video feature {key!r}")
-        path = self.root / self.info["video_path"].format(
-            video_key=key, chunk_index=int(episodes[prefix + "chunk_index"][k]), file_index=int(episodes[prefix + "file_index"][k])
-        )
-        if not path.is_file():
-            raise CorruptEpisodeError(f"video file {path} (feature {key!r}, episode {episodes['episode_index'][k]}) is missing")
-        return path, float(episodes[prefix + "from_timestamp"][k])
+        paths = [
+            self.root / self.info["video_path"].format(video_key=key, chunk_index=int(chunk), file_index=int(file))
+            for chunk, file in zip(episodes[prefix + "chunk_index"], episodes[prefix + "file_index"], strict=True)
+        ]
+        for path in sorted(set(paths)):
+            ks = [k for k, p in enumerate(paths) if p == path and k not in left_out]
+            if ks and not path.is_file():
+                indices = [int(episodes["episode_index"][k]) for k in ks]
+                self._leave_out(CorruptEpisodeError(f"video file {path} (feature {key!r}, episodes {indices}) is missing"), ks, left_out)
+        return [(path, float(start)) for path, start in zip(paths, episodes[prefix + "from_timestamp"], strict=True)]
 
     def _image(self, key: str, row: int, episode: int) -> np.ndarray:
         """uint8 [3, S, S] of camera `key` at frame `row`."""

@@ -5,8 +5,8 @@
 Deterministic for a config: episode k of a task starts from `reset(seed=train_seeds.start + k)`,
 failed expert episodes are dropped (and counted in `meta.json`), and kept episodes are written in
 seed order whatever the number of workers. The store folder is named by a hash of everything that
-changes its content, so a changed config never reads stale demos and an unchanged one is not
-collected twice. A task whose demos were cut short (a killed collection) or damaged is collected
+changes its content, the installed metaworld and mujoco versions included, so a changed config or
+simulator never reads stale demos and an unchanged one is not collected twice. A task whose demos were cut short (a killed collection) or damaged is collected
 again; two processes never collect one store at the same time.
 
 Collection runs the simulator through `drifting_vla.envs.metaworld_env.MetaWorldEnv`, the same
@@ -16,6 +16,7 @@ wrapper the closed-loop evaluation uses (imported lazily: reading demos needs no
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import multiprocessing as mp
 import pathlib
@@ -35,26 +36,41 @@ from drifting_vla.envs.metaworld_routes import EXPERT_VERSION as ROUTE_EXPERT_VE
 from drifting_vla.files import FileLock, write_atomic
 
 DEFAULT_ROOT = "~/.cache/drifting_vla/metaworld"
+SIMULATOR_PACKAGES = ("metaworld", "mujoco")
+"""Packages whose version changes the demos (task definitions and scripted experts; physics and
+rendering): an upgrade collects a new store instead of mixing demos of two simulators."""
 
 
 def collection_config(cfg) -> dict:
-    """The part of the data config that determines the demos' content (what the hash covers).
-
-    The expert and the goal observation enter only when they differ from the stock settings, so
-    stores collected before these keys existed keep their hash."""
+    """The part of the data config and of the installation that determines the demos' content
+    (what the hash covers)."""
     collection = {
         "format_version": FORMAT_VERSION,
         "cameras": [str(c) for c in cfg["cameras"]],
         "image_size": int(cfg["image_size"]),
         "max_episode_steps": int(cfg["max_episode_steps"]),
         "train_seeds": {"start": int(cfg["train_seeds"]["start"]), "count": int(cfg["train_seeds"]["count"])},
+        "expert": str(cfg.get("expert", "stock")),
+        "observe_goal": bool(cfg.get("observe_goal", False)),
+        "simulator": simulator_versions(),
     }
-    if str(cfg.get("expert", "stock")) != "stock":
-        collection["expert"] = str(cfg["expert"])
+    if collection["expert"] != "stock":
         collection["expert_version"] = ROUTE_EXPERT_VERSION
-    if bool(cfg.get("observe_goal", False)):
-        collection["observe_goal"] = True
     return collection
+
+
+def simulator_versions() -> dict[str, str]:
+    """{package: installed version} of `SIMULATOR_PACKAGES`."""
+    versions = {}
+    for package in SIMULATOR_PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            raise ImportError(
+                f"{package} is not installed, and the Meta-World demo store is keyed by the simulator versions that "
+                "collect it: install the simulation extra (pip install -e '.[sim]')"
+            ) from None
+    return versions
 
 
 def store_dir(cfg) -> pathlib.Path:

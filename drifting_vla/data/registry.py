@@ -125,4 +125,5 @@ def build_lerobot(cfg, split: str = "train") -> Dataset:
         action_dim=ActionSpec.from_config(cfg["action_spec"]).dim,
         proprio_dim=int(cfg["proprio_dim"]),
         n_obs_steps=int(cfg.get("n_obs_steps", 1)),
+        skip_corrupt=bool(cfg.get("skip_corrupt", False)),
     )

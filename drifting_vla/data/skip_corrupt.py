@@ -1,10 +1,11 @@
 """`data.skip_corrupt=true`: train past damaged episode files, and still resume exactly.
 
 Datasets check what they can cheaply when they open (RLBench: every pickle, each camera's folder
-and last frame; LeRobot: every parquet file and each episode's rows), and with `skip_corrupt` they
-leave out the episodes that fail. A frame damaged in the middle of an episode is found only when a
-sample decodes it, perhaps at step 53 of training; checking every frame when the dataset opens
-would decode the whole dataset at every start (RLBench 18 tasks: about a million PNGs).
+and last frame; LeRobot: every data file, each episode's rows and that its videos exist), and with
+`skip_corrupt` they leave out the episodes that fail. A frame damaged in the middle of an episode
+is found only when a sample decodes it, perhaps at step 53 of training; checking every frame when
+the dataset opens would decode the whole dataset at every start (RLBench 18 tasks: about a million
+PNGs).
 
 So a sample whose files cannot be read is replaced where it is found:
 

@@ -14,17 +14,25 @@ Layout (huggingface_hub's ModelHubMixin conventions: config.json + model.safeten
     pretrained_weights.json   the frozen pretrained encoders by source, revision and sha256
                               (training/checkpoint.py), when the model has any
     README.md                 the model card: evaluation table and the command that reproduces it
+    complete                  written last: the size and sha256 of each file above (the checkpoint's
+                              marker, training/checkpoint.py), checked on every load
 
 The policy classes do not subclass `ModelHubMixin`: its `from_pretrained` passes config.json keys
 that match constructor parameter names (`objective`, `device`, `execution`, ...) into the
 constructor, so a downloaded file would choose arguments. Here config.json is read with `json`, a
 checkpoint's config.yaml with `yaml.safe_load`, and the names in either only ever select something
 already registered (`check_untrusted_config`).
+
+An export is copied, uploaded and downloaded, and a file damaged at the same size on the way (a bad
+sector, a flipped bit) would load as weights nobody trained: like a checkpoint, it carries the
+sha256 of its files and is refused, naming the file, when one differs. Exports of format 1 (before
+the hashes) still load, unchecked, with a warning.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,26 +41,32 @@ import yaml
 
 from drifting_vla.envs import ENVS, unregistered_env_message
 from drifting_vla.training.checkpoint import (
+    COMPLETE_MARKER,
     CONFIG_FILE,
     EMA_FILE,
     MODEL_FILE,
     NORMALIZATION_FILE,
     REFERENCES_FILE,
     find_latest_valid_checkpoint,
+    marker_problem,
     pretrained_sources,
     read_references,
     read_saved_file,
     resolve_checkpoint,
     split_referenced,
+    write_complete_marker,
     write_references,
 )
 from drifting_vla.training.config import training_config
 
+log = logging.getLogger(__name__)
+
 EXPORT_CONFIG_FILE = "config.json"
 MODEL_CARD_FILE = "README.md"
 EXPORT_FORMAT = "drifting-vla-policy"
-EXPORT_FORMAT_VERSION = 1
-EXPORT_FILES = [MODEL_FILE, EXPORT_CONFIG_FILE, NORMALIZATION_FILE, REFERENCES_FILE, MODEL_CARD_FILE]
+EXPORT_FORMAT_VERSION = 2
+"""1: the files; 2 adds the `complete` marker with their sha256, which a version-2 export must have."""
+EXPORT_FILES = [MODEL_FILE, EXPORT_CONFIG_FILE, NORMALIZATION_FILE, REFERENCES_FILE, MODEL_CARD_FILE, COMPLETE_MARKER]
 REPRODUCE_KEYS = ("tasks", "episodes", "seed", "execution", "execute_steps", "ensemble_decay", "max_episode_steps")
 """Evaluation settings a reproduce command repeats; simulate_eval's summary (`eval`) and the
 trainer's `training.eval` share these names."""
@@ -86,11 +100,13 @@ def read_saved_policy(path: str | os.PathLike) -> SavedPolicy:
                 f"{file} is not a Drifting-VLA policy (format {saved.get('format')!r}, keys {sorted(saved)}; expected "
                 f"format {EXPORT_FORMAT!r} with 'config' and 'objective'): export one with DriftingPolicy.save_pretrained"
             )
-        if int(saved.get("format_version", 0)) > EXPORT_FORMAT_VERSION:
+        version = int(saved.get("format_version", 0))
+        if version > EXPORT_FORMAT_VERSION:
             raise ValueError(
                 f"{file} has format_version {saved['format_version']}; this drifting-vla reads up to "
                 f"{EXPORT_FORMAT_VERSION}: upgrade drifting-vla"
             )
+        _check_export_files(path, version)
         cfg, objective = saved["config"], saved["objective"]
         check_untrusted_config(cfg, file)
         trained = cfg.get("training", {}).get("objective", "drifting")
@@ -102,6 +118,21 @@ def read_saved_policy(path: str | os.PathLike) -> SavedPolicy:
     cfg = read_saved_file(path / CONFIG_FILE, lambda f: yaml.safe_load(f.read_text()))
     check_untrusted_config(cfg, path / CONFIG_FILE)
     return SavedPolicy(path, cfg, _read_normalization(path), read_references(path), [path / MODEL_FILE, path / EMA_FILE])
+
+
+def _check_export_files(path: Path, version: int) -> None:
+    """Every file of the export at `path` holds what was saved (its sha256 in the marker)."""
+    if version < 2:
+        log.warning("%s was exported before exports carried hashes (format_version %d): its files are not checked; "
+                    "save_pretrained it again to add them", path, version)
+        return
+    problem = marker_problem(path)
+    if problem is not None:
+        raise FileNotFoundError(
+            f"export {path} is not whole: {problem}. Export it again (DriftingPolicy.save_pretrained), or download "
+            "it again (DriftingPolicy.from_pretrained(repo_id, force_download=True), or `hf download REPO_ID "
+            "--local-dir DIR --force-download`)"
+        )
 
 
 def _read_normalization(directory: Path) -> dict:
@@ -154,11 +185,9 @@ def write_export(policy, directory: Path, repo_id: str | None, evaluation: str |
             "DriftingPolicy.from_checkpoint / from_pretrained, or pass cfg= when constructing it"
         )
     directory.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.detach().cpu().contiguous() for k, v in policy.model.state_dict().items()}
-    stored, references = split_referenced(weights, pretrained_sources(policy.model))
-    save_file(stored, str(directory / MODEL_FILE), metadata={"format": "pt"})
-    (directory / REFERENCES_FILE).unlink(missing_ok=True)
-    write_references(directory, references)
+    # Over an earlier export: its marker goes first and config.json (which says a marker must be
+    # there) comes next, so a save cut short is refused as unfinished, never read as half old, half new.
+    (directory / COMPLETE_MARKER).unlink(missing_ok=True)
     config = {
         "format": EXPORT_FORMAT,
         "format_version": EXPORT_FORMAT_VERSION,
@@ -166,10 +195,16 @@ def write_export(policy, directory: Path, repo_id: str | None, evaluation: str |
         "config": policy.cfg,
     }
     (directory / EXPORT_CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    weights = {k: v.detach().cpu().contiguous() for k, v in policy.model.state_dict().items()}
+    stored, references = split_referenced(weights, pretrained_sources(policy.model))
+    save_file(stored, str(directory / MODEL_FILE), metadata={"format": "pt"})
+    (directory / REFERENCES_FILE).unlink(missing_ok=True)
+    write_references(directory, references)
     (directory / NORMALIZATION_FILE).write_text(json.dumps(policy.normalizer.to_dict(), indent=2))
     summary = _evaluation_summary(policy, evaluation)
     target = repo_id or str(directory)
     (directory / MODEL_CARD_FILE).write_text(model_card(policy, target, references, summary))
+    write_complete_marker(directory, [name for name in EXPORT_FILES if (directory / name).is_file()])
     return directory
 
 
@@ -186,7 +221,7 @@ def _evaluation_summary(policy, evaluation: str | os.PathLike | None) -> dict | 
     if not summary_file.is_file():
         return None
     summary = json.loads(summary_file.read_text())
-    step = json.loads((checkpoint / "complete").read_text())["step"]
+    step = json.loads((checkpoint / COMPLETE_MARKER).read_text())["step"]
     evaluated_here = summary["step"] == step if "step" in summary else find_latest_valid_checkpoint(checkpoint.parent) == checkpoint
     return summary if evaluated_here else None
 

@@ -21,7 +21,8 @@ pose) or a dead or hung worker ends THAT episode as a failure with the error in 
 Outputs under `output_dir`:
 
     episodes.jsonl         one JSON object per finished episode: task, seed, success, steps, seconds, error,
-                           video, trajectory_video
+                           video, trajectory_video; appended whole and flushed to disk as each episode
+                           ends, so a killed evaluation leaves what it ran (`read_episodes` reads it)
     summary.json           `EvalSummary.to_dict()`: rates, intervals, errors per task, timings
     videos/<task>_seed<seed>.mp4              the first `videos_per_task` episodes of each task (H.264)
     videos/<task>_seed<seed>_trajectory.mp4   the same episodes: camera beside the end-effector path,
@@ -49,6 +50,7 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing as mp
+import os
 import time
 import traceback
 from collections import deque
@@ -59,13 +61,22 @@ from pathlib import Path
 import numpy as np
 
 from drifting_vla.envs import NO_SIMULATOR, checked_env_import_path, env_class, simulation_config
-from drifting_vla.files import write_atomic
+from drifting_vla.files import JsonLinesAppender, read_jsonl, write_atomic
 
 VIDEO_FPS = 30
 
 
 # ----------------------------------------------------------------------------------------------
 # Records and the summary
+
+
+EPISODES_FILE = "episodes.jsonl"
+
+
+def read_episodes(output_dir: str | os.PathLike) -> list[dict]:
+    """The records of `<output_dir>/episodes.jsonl` (`EpisodeRecord.to_dict()`), of a finished
+    evaluation or of one killed mid-write (its last line, cut short, is left out with a warning)."""
+    return read_jsonl(Path(output_dir) / EPISODES_FILE, "Run the evaluation again to write it anew.")
 
 
 @dataclass
@@ -209,7 +220,7 @@ def check_evaluated(summary: EvalSummary, expected: int, output_dir: Path | None
     if not failed:
         return
     first = next(r.error for r in summary.records if r.task == failed[0])
-    where = f"; every episode's error is in {output_dir / 'episodes.jsonl'}" if output_dir is not None else ""
+    where = f"; every episode's error is in {output_dir / EPISODES_FILE}" if output_dir is not None else ""
     raise EvaluationError(
         f"every episode of task(s) {failed} ended in an error, so there is no success rate to report "
         f"(first error: {first}){where}. If the workers died at start-up: evaluate() runs each simulator in "
@@ -432,8 +443,6 @@ def evaluate(
     episode of a task ended in an error (a crashed worker, an env that cannot be built, a script
     without a `__main__` guard), after writing the outputs.
     """
-    import os
-
     from tqdm import tqdm
 
     data = simulation_config(_plain(data_cfg))
@@ -464,7 +473,8 @@ def evaluate(
     jsonl = None
     if output_dir is not None:
         output_dir.mkdir(parents=True, exist_ok=True)
-        jsonl = (output_dir / "episodes.jsonl").open("w")
+        (output_dir / EPISODES_FILE).unlink(missing_ok=True)  # an earlier evaluation's
+        jsonl = JsonLinesAppender(output_dir / EPISODES_FILE)
     os.environ.setdefault("MUJOCO_GL", "egl")  # inherited by the spawned workers
     context = mp.get_context("spawn")
     summary = EvalSummary(records=[], protocol=protocol)
@@ -501,8 +511,7 @@ def evaluate(
         if record.trajectory_video:
             summary.trajectory_videos.append(record.trajectory_video)
         if jsonl is not None:
-            jsonl.write(json.dumps(record.to_dict()) + "\n")
-            jsonl.flush()
+            jsonl.append(record.to_dict())
         if error is not None:
             tqdm.write(f"episode {slot.task} seed {slot.seed} failed with an error: {error}")
         slot.obs = None

@@ -17,7 +17,6 @@ trainer calls the same methods everywhere and the other ranks write nothing.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -29,6 +28,7 @@ from typing import Any
 import imageio.v2 as imageio
 import numpy as np
 
+from drifting_vla.files import JsonLinesAppender
 from drifting_vla.logging.visualizations import MetricHistory
 
 log = logging.getLogger(__name__)
@@ -63,19 +63,6 @@ def _json_number(value: Any) -> float | int | None:
     return number if math.isfinite(number) else None
 
 
-def _open_jsonl(path: Path):
-    """`path` for appending lines (flushed per line), after ending a line a killed writer cut short
-    so that the next record starts on its own line."""
-    if path.is_file() and path.stat().st_size:
-        with path.open("rb") as f:
-            f.seek(-1, os.SEEK_END)
-            cut_short = f.read(1) != b"\n"
-        if cut_short:
-            with path.open("a") as f:
-                f.write("\n")
-    return path.open("a", buffering=1)
-
-
 def _file_name(name: str) -> str:
     """A metric-style name (`sim/reach-v3`) as a file name (`sim_reach-v3`)."""
     return _UNSAFE_FILE_CHARS.sub("_", name).strip("_") or "unnamed"
@@ -97,7 +84,7 @@ class RunLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.mode = resolve_wandb_mode(mode)
         self.history = MetricHistory()
-        self._metrics_file = _open_jsonl(self.run_dir / "metrics.jsonl")
+        self._metrics_file = JsonLinesAppender(self.run_dir / "metrics.jsonl")
         self._wandb_run = None
         if self.mode != "disabled":
             import wandb
@@ -112,9 +99,9 @@ class RunLogger:
             )
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
-        """Append `{"step": step, **metrics}` to metrics.jsonl (flushed per line) and to WandB."""
+        """Append `{"step": step, **metrics}` to metrics.jsonl (a whole line, on disk) and to WandB."""
         numbers = {key: _json_number(value) for key, value in metrics.items()}
-        self._metrics_file.write(json.dumps({"step": int(step), **numbers}) + "\n")
+        self._metrics_file.append({"step": int(step), **numbers})
         self.history.record(step, {k: v for k, v in numbers.items() if v is not None})
         if self._wandb_run is not None:
             self._wandb_run.log(dict(numbers), step=int(step))
@@ -152,8 +139,7 @@ class RunLogger:
 
     def close(self) -> None:
         """Flush and close metrics.jsonl and finish the WandB run (idempotent)."""
-        if not self._metrics_file.closed:
-            self._metrics_file.close()
+        self._metrics_file.close()
         if self._wandb_run is not None:
             self._wandb_run.finish()
             self._wandb_run = None

@@ -66,6 +66,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from drifting_vla.files import file_sha256
 from drifting_vla.training.distributed import full_tensor
 from drifting_vla.training.ema import EMA
 
@@ -79,8 +80,8 @@ NORMALIZATION_FILE = "normalization.json"
 REFERENCES_FILE = "pretrained_weights.json"
 COMPLETE_MARKER = "complete"
 FORMAT_VERSION = 2
-"""Of the checkpoint layout, in the marker: 1 recorded sizes only, 2 adds each file's sha256. A
-reader refuses versions above its own rather than misread files a newer drifting-vla wrote."""
+"""Of the `complete` marker (of checkpoints and exports): 1 recorded sizes only, 2 adds each file's
+sha256. A reader refuses versions above its own rather than misread files a newer drifting-vla wrote."""
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 
 
@@ -194,27 +195,27 @@ def _write_files(
     )
 
 
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _write_complete_marker(target: Path, step: int) -> None:
+def write_complete_marker(directory: Path, names: list[str], **fields) -> None:
+    """The `complete` marker of `directory`, written last: `fields` (a checkpoint's step) and, for
+    each file of `names`, its size and sha256, which every load checks (`marker_problem`). The
+    files are flushed to disk first, so a power loss cannot leave a marker for data never written."""
     files = {}
-    for file in sorted(p for p in target.iterdir() if p.name != COMPLETE_MARKER):
-        _fsync_path(file)
-        files[file.name] = {"bytes": file.stat().st_size, "sha256": file_sha256(file)}
-    marker = {"step": step, "format_version": FORMAT_VERSION, "files": files}
-    (target / COMPLETE_MARKER).write_text(json.dumps(marker, indent=2))
-    _fsync_path(target / COMPLETE_MARKER)
+    for name in sorted(names):
+        _fsync_path(directory / name)
+        files[name] = {"bytes": (directory / name).stat().st_size, "sha256": file_sha256(directory / name)}
+    marker = {**fields, "format_version": FORMAT_VERSION, "files": files}
+    (directory / COMPLETE_MARKER).write_text(json.dumps(marker, indent=2))
+    _fsync_path(directory / COMPLETE_MARKER)
 
 
 def seal_checkpoint(path: str | os.PathLike) -> None:
-    """Record the files of the checkpoint at `path` as they are now, as if written so: after
-    editing one on purpose (config.yaml by hand), which loading would otherwise refuse as damaged."""
+    """Record the files of the checkpoint or export at `path` as they are now, as if written so:
+    after editing one on purpose (config.yaml or config.json by hand), which loading would
+    otherwise refuse as damaged."""
     path = Path(path)
-    step = json.loads((path / COMPLETE_MARKER).read_text())["step"]
-    _write_complete_marker(path, step)
+    marker = json.loads((path / COMPLETE_MARKER).read_text())
+    fields = {k: v for k, v in marker.items() if k not in ("format_version", "files")}
+    write_complete_marker(path, list(marker["files"]), **fields)
 
 
 def _remove_stale_partials(checkpoints_dir: Path) -> None:
@@ -265,7 +266,7 @@ def save_checkpoint(
         config=config,
         normalization=normalization,
     )
-    _write_complete_marker(partial_dir, step)
+    write_complete_marker(partial_dir, [p.name for p in partial_dir.iterdir()], step=step)
     _replace_directory(partial_dir, final)
     _fsync_path(checkpoints_dir)
     return final
@@ -287,7 +288,7 @@ def _replace_directory(source: Path, final: Path) -> None:
 
 
 class _NotWhole(Exception):
-    """Why a checkpoint directory cannot be read (the message of `checkpoint_problem`)."""
+    """Why a checkpoint or export directory cannot be read (the message of `marker_problem`)."""
 
 
 def _recorded_files(path: Path) -> dict[str, dict]:
@@ -303,7 +304,7 @@ def _recorded_files(path: Path) -> dict[str, dict]:
         raise _NotWhole(f"unreadable '{COMPLETE_MARKER}' marker ({type(error).__name__}: {error})") from None
     if version > FORMAT_VERSION:
         raise _NotWhole(
-            f"written by a newer drifting-vla (checkpoint format {version}; this one reads up to "
+            f"written by a newer drifting-vla (marker format {version}; this one reads up to "
             f"{FORMAT_VERSION}): upgrade drifting-vla to read it"
         )
     records = {name: record if isinstance(record, dict) else {"bytes": record} for name, record in files.items()}
@@ -316,8 +317,8 @@ def _recorded_files(path: Path) -> dict[str, dict]:
     return records
 
 
-def checkpoint_problem(path: str | os.PathLike) -> str | None:
-    """Why the checkpoint directory at `path` cannot be resumed from, or None when it is whole:
+def marker_problem(path: str | os.PathLike) -> str | None:
+    """Why the checkpoint or export directory at `path` cannot be read, or None when it is whole:
     the write finished and every file has the sha256 it was written with."""
     path = Path(path)
     try:
@@ -364,7 +365,7 @@ def find_latest_valid_checkpoint(checkpoints_dir: str | os.PathLike) -> Path | N
     left for a person to inspect or delete.
     """
     for _, path in _step_dirs(Path(checkpoints_dir)):
-        problem = checkpoint_problem(path)
+        problem = marker_problem(path)
         if problem is None:
             return path
         log.warning("skipping checkpoint %s: %s; an older whole checkpoint is used instead", path, problem)
@@ -375,7 +376,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint directory as given, or the newest whole one under a checkpoints or run directory."""
     path = Path(path).expanduser()
     if (path / MODEL_FILE).is_file():
-        problem = checkpoint_problem(path)
+        problem = marker_problem(path)
         if problem is not None:
             raise FileNotFoundError(
                 f"checkpoint {path} is not whole: {problem}. Copy it again from where it came from, or give "
@@ -623,7 +624,7 @@ def load_checkpoint(
     partial load.
     """
     path = Path(path)
-    problem = checkpoint_problem(path)
+    problem = marker_problem(path)
     if problem is not None:
         raise FileNotFoundError(
             f"cannot resume from {path}: {problem}. Use find_latest_valid_checkpoint() to pick a "

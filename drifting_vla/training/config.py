@@ -15,8 +15,10 @@ ascent, fails as `config key training.grad_clip=-1.0 must be > 0`. Hydra's struc
 refuses unknown keys given on the command line; the schema also catches those mistyped in YAML.
 
 `data.*` is checked against its dataset's schema (`DATA_SCHEMAS`, by `data.name`), `model.vision`
-and `model.language` against their encoder's. A dataset or encoder a plugin registered is checked
-on the keys all of them share (`DataConfig`, `EncoderConfig`); its own keys are its builder's.
+and `model.language` against their encoder's. A dataset or encoder a plugin registers declares its
+own keys the same way, a subclass of `DataConfig` (`EncoderConfig`) with `setting()` fields put in
+`DATA_SCHEMAS` (`VISION_SCHEMAS`, `LANGUAGE_SCHEMAS`) under its name; one that declares none is
+checked on the keys all of them share, and its other keys are its builder's.
 """
 
 from __future__ import annotations
