@@ -141,6 +141,18 @@ def test_from_checkpoint_refuses_normalization_for_another_action_spec(checkpoin
         DriftingPolicy.from_checkpoint(path)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), "abc"])
+def test_normalization_stats_that_are_not_finite_numbers_are_refused_naming_the_file(checkpoint, value):
+    # min/max scaling turns a NaN or an infinity in the statistics into every action the policy outputs
+    path = checkpoint[0]
+    saved = json.loads((path / "normalization.json").read_text())
+    saved["stats"]["actions"]["max"][0] = value
+    (path / "normalization.json").write_text(json.dumps(saved))
+    seal_checkpoint(path)
+    with pytest.raises(DamagedCheckpointError, match=r"normalization.json .*stats\['actions'\]\['max'\] are not all finite"):
+        DriftingPolicy.from_checkpoint(path)
+
+
 def test_a_damaged_or_foreign_checkpoint_file_is_named_when_a_policy_loads(checkpoint):
     path = checkpoint[0]
     (path / "normalization.json").write_text(json.dumps({"actions": {"min": [0.0]}}))  # another layout
