@@ -91,6 +91,12 @@ def test_wrong_type_in_training_config_is_an_error_naming_the_key():
     ("model.vision.num_stages=-1", "model.vision.num_stages=-1 must be >= 1"),
     ("model.language.dim=0", "model.language.dim=0 must be >= 1"),
     ("seed=-3", "seed=-3 must be >= 0"),
+    ("training.learning_rate=inf", "training.learning_rate=inf must be a finite number"),
+    ("model.dit.mlp_ratio=inf", "model.dit.mlp_ratio=inf must be a finite number"),
+    ("training.betas=[0.9]", "training.betas=[0.9] must hold exactly 2 item(s)"),
+    ("training.drifting.temperatures=[]", "training.drifting.temperatures=[] must hold at least 1 item(s)"),
+    ("data.cameras=[]", "data.cameras=[] must hold at least 1 item(s)"),
+    ("data.tasks=[]", "data.tasks=[] must hold at least 1 item(s)"),
 ])
 def test_an_out_of_range_setting_of_any_group_fails_at_start_naming_the_key(rlbench_root, tmp_path, override, message):
     # data.root names nothing: the run must fail on the setting before it reads any data
@@ -173,6 +179,7 @@ def test_a_plugin_dataset_declares_the_schema_of_its_own_keys_and_they_are_check
     ("eval", "ensemble_decay=-0.5", "ensemble_decay=-0.5 must be >= 0"),
     ("serve", "port=70000", "port=70000 must be <= 65535"),
     ("serve", "max_batch=0", "max_batch=0 must be >= 1"),
+    ("serve", "max_wait_ms=inf", "max_wait_ms=inf must be a finite number"),
 ])
 def test_evaluation_and_server_settings_are_range_checked_naming_the_key(config, override, message):
     with initialize_config_dir(config_dir=str(ROOT / "drifting_vla" / "configs"), version_base=None):

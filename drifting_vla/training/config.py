@@ -9,9 +9,10 @@ error naming the key, raised when a run, an evaluation or a server starts, not l
 Each group is a dataclass. Merging a config into it (OmegaConf structured configs) refuses unknown
 keys and wrong types: `training.max_steps=abc`, and `data.tasks=close_jar`, a string where a list
 belongs that would otherwise be read as the list of its characters. A field's range or choices
-ride in its metadata (`setting(ge=1)`), and one walk checks them all (`_check_rules`), so a new
-key gets its check where it is declared: `training.grad_clip=-1`, which would turn descent into
-ascent, fails as `config key training.grad_clip=-1.0 must be > 0`. Hydra's struct mode already
+ride in its metadata (`setting(ge=1)`, `setting(min_items=1)` for a list), and one walk checks
+them all (`_check_rules`), so a new key gets its check where it is declared: `training.grad_clip=-1`,
+which would turn descent into ascent, fails as `config key training.grad_clip=-1.0 must be > 0`.
+A number is also always finite: `inf` and `nan` pass no setting. Hydra's struct mode already
 refuses unknown keys given on the command line; the schema also catches those mistyped in YAML.
 
 `data.*` is checked against its dataset's schema (`DATA_SCHEMAS`, by `data.name`), `model.vision`
@@ -23,6 +24,7 @@ checked on the keys all of them share, and its other keys are its builder's.
 
 from __future__ import annotations
 
+import math
 import operator
 import typing
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
@@ -39,11 +41,13 @@ from drifting_vla.training.objectives import OBJECTIVES
 # How a field carries its rule
 
 
-def setting(default: Any = MISSING, *, factory=None, ge=None, gt=None, le=None, lt=None, choices=None):
+def setting(default: Any = MISSING, *, factory=None, ge=None, gt=None, le=None, lt=None, choices=None,
+            min_items=None, max_items=None):
     """A schema field. `ge`, `gt`, `le`, `lt` bound a number (each number of a list); `choices` is
-    a tuple of allowed values, or a function returning them (a registry plugins may extend).
-    Without a default the key is required."""
-    rules = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt), ("choices", choices)) if v is not None}
+    a tuple of allowed values, or a function returning them (a registry plugins may extend);
+    `min_items`, `max_items` bound the length of a list. Without a default the key is required."""
+    given = (("ge", ge), ("gt", gt), ("le", le), ("lt", lt), ("choices", choices), ("min_items", min_items), ("max_items", max_items))
+    rules = {k: v for k, v in given if v is not None}
     if factory is not None:
         return field(default_factory=factory, metadata=rules)
     return field(default=default, metadata=rules)
@@ -75,7 +79,7 @@ class PositivesConfig:
 
 @dataclass(kw_only=True)
 class DriftingConfig:
-    temperatures: list[float] = setting(factory=lambda: [0.02, 0.05, 0.2], gt=0)
+    temperatures: list[float] = setting(factory=lambda: [0.02, 0.05, 0.2], gt=0, min_items=1)
     affinity_floor: float = setting(1e-6, ge=0)
     grouping: str = setting("chunk", choices=("chunk", "timestep", "dimension"))
     positives: PositivesConfig = setting(factory=PositivesConfig)
@@ -141,7 +145,7 @@ class TrainingConfig:
     grad_accum_steps: int = setting(1, ge=1)
     learning_rate: float = setting(3e-4, gt=0)
     weight_decay: float = setting(0.05, ge=0)
-    betas: list[float] = setting(factory=lambda: [0.9, 0.95], ge=0, lt=1)
+    betas: list[float] = setting(factory=lambda: [0.9, 0.95], ge=0, lt=1, min_items=2, max_items=2)
     warmup_steps: int = setting(200, ge=0)
     min_lr_ratio: float = setting(0.1, ge=0, le=1)
     grad_clip: float = setting(1.0, gt=0)
@@ -194,8 +198,8 @@ class DataConfig:
     """The keys every dataset shares (and the simulator settings evaluation reads)."""
 
     name: str = setting()
-    tasks: list[str] | None = None
-    cameras: list[str] = setting()
+    tasks: list[str] | None = setting(None, min_items=1)
+    cameras: list[str] = setting(min_items=1)
     image_size: int | None = setting(None, ge=1)
     proprio_dim: int = setting(ge=1)
     horizon: int = setting(ge=1)
@@ -523,12 +527,23 @@ def _check_value(name: str, value, rules) -> None:
     choices = rules.get("choices")
     if callable(choices):
         choices = choices()
+    if isinstance(value, ListConfig):
+        _check_length(name, list(value), rules.get("min_items", 0), rules.get("max_items"))
     for item in value if isinstance(value, ListConfig) else [value]:
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ValueError(f"config key {name}={_shown(value)} must be a finite number")
         if choices is not None and item not in choices:
             raise ValueError(f"config key {name}={item!r}; choose from {tuple(choices)}")
         for rule, holds, words in BOUNDS:
             if rule in rules and not holds(item, rules[rule]):
                 raise ValueError(f"config key {name}={_shown(value)} must be {words} {rules[rule]}")
+
+
+def _check_length(name: str, items: list, least: int, most: int | None) -> None:
+    if least <= len(items) and (most is None or len(items) <= most):
+        return
+    wanted = f"exactly {least}" if least == most else f"at least {least}" if most is None else f"{least} to {most}"
+    raise ValueError(f"config key {name}={items} must hold {wanted} item(s)")
 
 
 def _shown(value):
