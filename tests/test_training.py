@@ -512,6 +512,22 @@ def test_a_refused_resume_changes_nothing_in_the_run_directory(rlbench_root, tmp
     assert _directory_digest(tmp_path) == before  # nor did Hydra write into it
 
 
+@pytest.mark.parametrize("override, named", [
+    ("data.cameras=[wrist,front]", "data.cameras: ['front', 'wrist'] -> ['wrist', 'front']"),  # same shapes, same stats
+    ("training.learning_rate=0.01", "training.learning_rate: 0.0003 -> 0.01"),  # the optimizer's state would restore 3e-4
+])
+def test_a_resume_that_changes_what_is_trained_is_refused_naming_the_key(rlbench_root, tmp_path, override, named):
+    run = ["training.max_steps=2", "training.val_every=0", "training.log_every=1"]
+    Trainer(compose_config(overrides_for(rlbench_root, tmp_path, *run))).fit()
+    before = _directory_digest(tmp_path)
+    with pytest.raises(ValueError, match=re.escape(named)):
+        Trainer(compose_config(overrides_for(rlbench_root, tmp_path, *run, override, "training.resume=auto")))
+    assert _directory_digest(tmp_path) == before
+    longer = Trainer(compose_config(overrides_for(rlbench_root, tmp_path, *run, "training.max_steps=3", "data.num_workers=1",
+                                                  "training.resume=auto")))
+    assert longer.step == 2  # how long, and how fast the data is read, may change
+
+
 def _weights(run_dir: Path, step: int, name: str = "model.safetensors") -> dict[str, torch.Tensor]:
     return load_file(run_dir / "checkpoints" / f"step_{step:08d}" / name)
 

@@ -468,6 +468,39 @@ def validate_run_config(cfg) -> None:
     random_shift_pixels(training.augmentation.random_shift, backbone_trained=False, feature_cache=training.feature_cache)
 
 
+RESUME_MAY_CHANGE = (
+    "run_dir", "device", "plugins",
+    "data.root", "data.repo_id", "data.revision", "data.cache_dir", "data.num_workers", "data.collect_workers",
+    "data.skip_corrupt", "data.eval_seeds", "data.simulator",
+    "training.resume", "training.max_steps", "training.log_every", "training.val_every", "training.val_batches",
+    "training.checkpoint_every", "training.keep_checkpoints", "training.num_threads", "training.compile",
+    "training.nan_policy", "training.max_skipped_fraction", "training.distributed", "training.eval", "training.wandb",
+)
+"""What a resumed run may set otherwise than its checkpoint: where the data comes from and how fast
+it is read, how long to train, what is logged, saved and evaluated. Every other key shapes what is
+trained, and a resume that changed it would train a mix of two runs under the second one's config,
+or not even that: the learning rate, betas and weight decay come back with the optimizer's state,
+so a new value would be recorded in config.yaml and never used."""
+
+
+def resume_conflicts(saved, current) -> list[str]:
+    """`key: saved -> current` for each setting both configs hold whose values differ, outside
+    `RESUME_MAY_CHANGE` (a key one of them lacks, from another drifting-vla version, is not compared)."""
+    saved, current = _leaves(_plain(saved)), _leaves(_plain(current))
+    return [
+        f"{key}: {saved[key]!r} -> {current[key]!r}"
+        for key in sorted(saved.keys() & current.keys())
+        if saved[key] != current[key] and not any(key == k or key.startswith(k + ".") for k in RESUME_MAY_CHANGE)
+    ]
+
+
+def _leaves(node, prefix: str = "") -> dict:
+    """{dotted key: value} of the mappings in `node`; lists are values."""
+    if not isinstance(node, dict):
+        return {prefix: node}
+    return {key: value for k, v in node.items() for key, value in _leaves(v, _join(prefix, str(k))).items()}
+
+
 def validate_eval_config(cfg) -> None:
     """scripts/simulate_eval.py's keys (configs/eval.yaml)."""
     check_section("", EvalScriptConfig, cfg)
