@@ -394,6 +394,17 @@ def test_an_evaluation_without_workers_is_refused_not_reported_as_zero(monkeypat
         evaluate(tiny_policy(), tiny_cfg().data, seeds=[0], num_workers=0, progress=False)
 
 
+def test_a_second_evaluation_into_the_same_output_is_refused_and_leaves_the_first_ones_records(monkeypatch, tmp_path):
+    from drifting_vla.files import FileLock, LockHeld
+
+    no_workers(monkeypatch)
+    (tmp_path / "episodes.jsonl").write_text('{"task": "a", "seed": 0}\n')  # the first evaluation's, so far
+    with FileLock(tmp_path / ".lock", "the first evaluation", ""):
+        with pytest.raises(LockHeld, match=rf"evaluation output {tmp_path} is in use by process .*output="):
+            evaluate(tiny_policy(), tiny_cfg().data, seeds=[0], output_dir=tmp_path, progress=False)
+    assert read_episodes(tmp_path) == [{"task": "a", "seed": 0}]
+
+
 def test_unknown_tasks_are_refused_before_any_worker_starts(monkeypatch):
     no_workers(monkeypatch)
     with pytest.raises(ValueError, match=r"unknown task\(s\) \['reach-v9'\] for the simulator 'metaworld'.*'reach-v3'"):
