@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import imageio.v2 as imageio
 import numpy as np
 import pytest
 import torch
+import yaml
 from omegaconf import OmegaConf
 
 from drifting_vla.data.normalization import Normalizer, compute_stats
@@ -150,6 +152,20 @@ def test_normalization_stats_that_are_not_finite_numbers_are_refused_naming_the_
     (path / "normalization.json").write_text(json.dumps(saved))
     seal_checkpoint(path)
     with pytest.raises(DamagedCheckpointError, match=r"normalization.json .*stats\['actions'\]\['max'\] are not all finite"):
+        DriftingPolicy.from_checkpoint(path)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("cameras", "front", "config key data.cameras='front' must be a list"),  # not a list of 5 characters
+    ("image_size", -1, "config key data.image_size=-1 must be >= 1"),
+])
+def test_a_checkpoint_config_is_checked_like_a_runs_naming_the_file(checkpoint, key, value, message):
+    path = checkpoint[0]
+    cfg = yaml.safe_load((path / "config.yaml").read_text())
+    cfg["data"][key] = value
+    (path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    seal_checkpoint(path)
+    with pytest.raises(ValueError, match=re.escape(f"{path / 'config.yaml'}: {message}")):
         DriftingPolicy.from_checkpoint(path)
 
 

@@ -2,6 +2,7 @@
 error naming the key, raised when a run, an evaluation or a server starts, not later.
 
     validate_run_config(cfg)        # scripts/train.py's config: seed, device, plugins, data.*, model.*, training.*
+    validate_saved_config(cfg)      # a checkpoint's or an export's: the same groups, without the run-start checks
     training_config(cfg.training)   # training.* over its defaults (how a checkpoint builds its objective)
     validate_eval_config(cfg)       # scripts/simulate_eval.py's keys (configs/eval.yaml)
     validate_serve_config(cfg)      # scripts/serve.py's keys (configs/serve.yaml)
@@ -444,14 +445,8 @@ def validate_training_config(training) -> None:
 def validate_run_config(cfg) -> None:
     """Every group of a training run's config (scripts/train.py, `Trainer`), checked before the
     run reads any data: types, ranges, choices, and the settings that must agree across groups."""
-    run = check_section("", RunConfig, cfg)
-    data_name = str(OmegaConf.select(run, "data.name", default=""))
-    data = check_section("data", DATA_SCHEMAS.get(data_name, DataConfig), run.data, open_keys=data_name not in DATA_SCHEMAS)
-    model = check_section("model", ModelConfig, run.model)
-    for part, schemas in (("vision", VISION_SCHEMAS), ("language", LANGUAGE_SCHEMAS)):
-        name = str(OmegaConf.select(model, f"{part}.name", default=""))
-        check_section(f"model.{part}", schemas.get(name, EncoderConfig), model[part], open_keys=name not in schemas)
-    training = training_config(run.training)
+    data, training = _checked_groups(cfg)
+    data_name = data.name
     evaluates = training.eval.at_end or training.eval.every > 0
     if evaluates and training.eval.execute_steps > data.horizon:
         raise ValueError(
@@ -499,6 +494,25 @@ def _leaves(node, prefix: str = "") -> dict:
     if not isinstance(node, dict):
         return {prefix: node}
     return {key: value for k, v in node.items() for key, value in _leaves(v, _join(prefix, str(k))).items()}
+
+
+def validate_saved_config(cfg) -> None:
+    """The config a checkpoint or an export holds, group by group: types, ranges, choices. The
+    checks between groups are the training run's (its evaluation's settings against the horizon,
+    say), not the policy's."""
+    _checked_groups(cfg)
+
+
+def _checked_groups(cfg) -> tuple[DictConfig, DictConfig]:
+    """(data, training) of a run's config, after checking each group against its schema."""
+    run = check_section("", RunConfig, cfg)
+    data_name = str(OmegaConf.select(run, "data.name", default=""))
+    data = check_section("data", DATA_SCHEMAS.get(data_name, DataConfig), run.data, open_keys=data_name not in DATA_SCHEMAS)
+    model = check_section("model", ModelConfig, run.model)
+    for part, schemas in (("vision", VISION_SCHEMAS), ("language", LANGUAGE_SCHEMAS)):
+        name = str(OmegaConf.select(model, f"{part}.name", default=""))
+        check_section(f"model.{part}", schemas.get(name, EncoderConfig), model[part], open_keys=name not in schemas)
+    return data, training_config(run.training)
 
 
 def validate_eval_config(cfg) -> None:
