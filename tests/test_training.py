@@ -97,6 +97,7 @@ def test_wrong_type_in_training_config_is_an_error_naming_the_key():
     ("training.drifting.temperatures=[]", "training.drifting.temperatures=[] must hold at least 1 item(s)"),
     ("data.cameras=[]", "data.cameras=[] must hold at least 1 item(s)"),
     ("data.tasks=[]", "data.tasks=[] must hold at least 1 item(s)"),
+    ("model.dit.num_heads=3", "model.dit.num_heads=3 must divide model.dit.hidden_size=32"),
 ])
 def test_an_out_of_range_setting_of_any_group_fails_at_start_naming_the_key(rlbench_root, tmp_path, override, message):
     # data.root names nothing: the run must fail on the setting before it reads any data

@@ -509,6 +509,9 @@ def _checked_groups(cfg) -> tuple[DictConfig, DictConfig]:
     data_name = str(OmegaConf.select(run, "data.name", default=""))
     data = check_section("data", DATA_SCHEMAS.get(data_name, DataConfig), run.data, open_keys=data_name not in DATA_SCHEMAS)
     model = check_section("model", ModelConfig, run.model)
+    if model.dit.hidden_size % model.dit.num_heads:  # each attention head takes an equal share of the width
+        raise ValueError(f"config key model.dit.num_heads={model.dit.num_heads} must divide "
+                         f"model.dit.hidden_size={model.dit.hidden_size}")
     for part, schemas in (("vision", VISION_SCHEMAS), ("language", LANGUAGE_SCHEMAS)):
         name = str(OmegaConf.select(model, f"{part}.name", default=""))
         check_section(f"model.{part}", schemas.get(name, EncoderConfig), model[part], open_keys=name not in schemas)
