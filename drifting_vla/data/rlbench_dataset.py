@@ -422,6 +422,10 @@ def _digest_file(path: pathlib.Path) -> pathlib.Path:
 def _open_cache(path: pathlib.Path, expected: tuple[int, ...]) -> np.ndarray | None:
     """The decoded frames at `path`, or None (with a warning) when the file is damaged or from
     another layout: a cache is rebuilt from the episode, never trusted over it."""
+    if not _digest_file(path).is_file():
+        log.warning("decoded-frame cache %s has no %s beside it (an earlier version wrote it); decoding the episode again",
+                    path, _digest_file(path).name)
+        return None
     try:
         if not holds_sha256(path, _digest_file(path).read_text().strip()):
             log.warning("decoded-frame cache %s does not hold what was written (its sha256 differs from %s); "
