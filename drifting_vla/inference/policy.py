@@ -71,7 +71,12 @@ from drifting_vla.inference.history import ObservationHistory
 from drifting_vla.models.drifting_vla import DriftingVLA, build_model
 from drifting_vla.rotations import quaternion_to_rotation6d, rotation6d_to_quaternion
 from drifting_vla.specs import ActionSpec
-from drifting_vla.training.checkpoint import NORMALIZATION_FILE, load_weights, pin_referenced_revisions, read_saved_file
+from drifting_vla.training.checkpoint import (
+    NORMALIZATION_FILE,
+    load_weights,
+    pin_referenced_revisions,
+    read_saved_file,
+)
 from drifting_vla.training.config import training_config
 from drifting_vla.training.objectives import Objective, build_objective
 
