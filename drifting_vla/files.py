@@ -56,6 +56,23 @@ def file_sha256(path: str | os.PathLike) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+_VERIFIED: set[tuple] = set()
+"""(path, inode, size, mtime, sha256) of the files this process found to hold what was written."""
+
+
+def holds_sha256(path: str | os.PathLike, digest: str) -> bool:
+    """The file at `path` has the sha256 `digest`: hashed once per process while it stays the same
+    file (a store or cache opened again by the same run is not read twice; a file written again
+    has another inode or mtime and is hashed again)."""
+    stat = os.stat(path)
+    key = (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns, digest)
+    if key not in _VERIFIED:
+        if file_sha256(path) != digest:
+            return False
+        _VERIFIED.add(key)
+    return True
+
+
 class JsonLinesAppender:
     """A JSON-lines file (metrics.jsonl, episodes.jsonl) that grows one record at a time while
     others may read it, and that its writer may not live to close. Each record is one `write` of

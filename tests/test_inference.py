@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import imageio.v2 as imageio
 import numpy as np
 import pytest
 import torch
+import yaml
 from omegaconf import OmegaConf
 
 from drifting_vla.data.normalization import Normalizer, compute_stats
@@ -138,6 +140,32 @@ def test_from_checkpoint_refuses_normalization_for_another_action_spec(checkpoin
     (path / "normalization.json").write_text(json.dumps(saved))
     seal_checkpoint(path)
     with pytest.raises(ValueError, match="action spec"):
+        DriftingPolicy.from_checkpoint(path)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), "abc"])
+def test_normalization_stats_that_are_not_finite_numbers_are_refused_naming_the_file(checkpoint, value):
+    # min/max scaling turns a NaN or an infinity in the statistics into every action the policy outputs
+    path = checkpoint[0]
+    saved = json.loads((path / "normalization.json").read_text())
+    saved["stats"]["actions"]["max"][0] = value
+    (path / "normalization.json").write_text(json.dumps(saved))
+    seal_checkpoint(path)
+    with pytest.raises(DamagedCheckpointError, match=r"normalization.json .*stats\['actions'\]\['max'\] are not all finite"):
+        DriftingPolicy.from_checkpoint(path)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("cameras", "front", "config key data.cameras='front' must be a list"),  # not a list of 5 characters
+    ("image_size", -1, "config key data.image_size=-1 must be >= 1"),
+])
+def test_a_checkpoint_config_is_checked_like_a_runs_naming_the_file(checkpoint, key, value, message):
+    path = checkpoint[0]
+    cfg = yaml.safe_load((path / "config.yaml").read_text())
+    cfg["data"][key] = value
+    (path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    seal_checkpoint(path)
+    with pytest.raises(ValueError, match=re.escape(f"{path / 'config.yaml'}: {message}")):
         DriftingPolicy.from_checkpoint(path)
 
 
@@ -380,6 +408,17 @@ def test_an_evaluation_without_workers_is_refused_not_reported_as_zero(monkeypat
     no_workers(monkeypatch)
     with pytest.raises(ValueError, match="num_workers=0: an evaluation needs at least one simulator worker"):
         evaluate(tiny_policy(), tiny_cfg().data, seeds=[0], num_workers=0, progress=False)
+
+
+def test_a_second_evaluation_into_the_same_output_is_refused_and_leaves_the_first_ones_records(monkeypatch, tmp_path):
+    from drifting_vla.files import FileLock, LockHeld
+
+    no_workers(monkeypatch)
+    (tmp_path / "episodes.jsonl").write_text('{"task": "a", "seed": 0}\n')  # the first evaluation's, so far
+    with FileLock(tmp_path / ".lock", "the first evaluation", ""):
+        with pytest.raises(LockHeld, match=rf"evaluation output {tmp_path} is in use by process .*output="):
+            evaluate(tiny_policy(), tiny_cfg().data, seeds=[0], output_dir=tmp_path, progress=False)
+    assert read_episodes(tmp_path) == [{"task": "a", "seed": 0}]
 
 
 def test_unknown_tasks_are_refused_before_any_worker_starts(monkeypatch):

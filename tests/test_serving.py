@@ -327,6 +327,7 @@ def test_bad_requests_get_an_error_reply_and_the_server_keeps_serving(running):
         pack({**observation(), "images": np.zeros((2, 3, 32, 32), np.float32)}),
         pack({**observation(), "images": {"wrist": np.zeros((32, 32, 3), np.uint8)}}),
         pack({**observation(), "instruction": "make coffee"}),
+        pack({**observation(), "images": np.zeros((2, 3, 0, 0), np.uint8)}),  # nothing to resize
     ]
     with connect(server.url) as raw, PolicyClient(server.url) as bystander:
         unpack(raw.recv(timeout=10))  # metadata
@@ -341,6 +342,7 @@ def test_bad_requests_get_an_error_reply_and_the_server_keeps_serving(running):
     messages = [r["message"] for r in replies]
     assert "not msgpack" in messages[0] and "binary" in messages[1] and "'instruction'" in messages[2]
     assert "uint8" in messages[3] and "unknown camera" in messages[4] and "unknown instruction" in messages[5]
+    assert "images[0] has no pixels (shape [3, 0, 0])" in messages[6]
     assert good["actions"].shape == (4, 4) and good["id"] == 5
 
 

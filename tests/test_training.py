@@ -91,6 +91,13 @@ def test_wrong_type_in_training_config_is_an_error_naming_the_key():
     ("model.vision.num_stages=-1", "model.vision.num_stages=-1 must be >= 1"),
     ("model.language.dim=0", "model.language.dim=0 must be >= 1"),
     ("seed=-3", "seed=-3 must be >= 0"),
+    ("training.learning_rate=inf", "training.learning_rate=inf must be a finite number"),
+    ("model.dit.mlp_ratio=inf", "model.dit.mlp_ratio=inf must be a finite number"),
+    ("training.betas=[0.9]", "training.betas=[0.9] must hold exactly 2 item(s)"),
+    ("training.drifting.temperatures=[]", "training.drifting.temperatures=[] must hold at least 1 item(s)"),
+    ("data.cameras=[]", "data.cameras=[] must hold at least 1 item(s)"),
+    ("data.tasks=[]", "data.tasks=[] must hold at least 1 item(s)"),
+    ("model.dit.num_heads=3", "model.dit.num_heads=3 must divide model.dit.hidden_size=32"),
 ])
 def test_an_out_of_range_setting_of_any_group_fails_at_start_naming_the_key(rlbench_root, tmp_path, override, message):
     # data.root names nothing: the run must fail on the setting before it reads any data
@@ -173,6 +180,7 @@ def test_a_plugin_dataset_declares_the_schema_of_its_own_keys_and_they_are_check
     ("eval", "ensemble_decay=-0.5", "ensemble_decay=-0.5 must be >= 0"),
     ("serve", "port=70000", "port=70000 must be <= 65535"),
     ("serve", "max_batch=0", "max_batch=0 must be >= 1"),
+    ("serve", "max_wait_ms=inf", "max_wait_ms=inf must be a finite number"),
 ])
 def test_evaluation_and_server_settings_are_range_checked_naming_the_key(config, override, message):
     with initialize_config_dir(config_dir=str(ROOT / "drifting_vla" / "configs"), version_base=None):
@@ -503,6 +511,22 @@ def test_a_refused_resume_changes_nothing_in_the_run_directory(rlbench_root, tmp
     assert other_data.wait(timeout=300) != 0
     assert "normalization statistics" in other_data.stderr.read()
     assert _directory_digest(tmp_path) == before  # nor did Hydra write into it
+
+
+@pytest.mark.parametrize("override, named", [
+    ("data.cameras=[wrist,front]", "data.cameras: ['front', 'wrist'] -> ['wrist', 'front']"),  # same shapes, same stats
+    ("training.learning_rate=0.01", "training.learning_rate: 0.0003 -> 0.01"),  # the optimizer's state would restore 3e-4
+])
+def test_a_resume_that_changes_what_is_trained_is_refused_naming_the_key(rlbench_root, tmp_path, override, named):
+    run = ["training.max_steps=2", "training.val_every=0", "training.log_every=1"]
+    Trainer(compose_config(overrides_for(rlbench_root, tmp_path, *run))).fit()
+    before = _directory_digest(tmp_path)
+    with pytest.raises(ValueError, match=re.escape(named)):
+        Trainer(compose_config(overrides_for(rlbench_root, tmp_path, *run, override, "training.resume=auto")))
+    assert _directory_digest(tmp_path) == before
+    longer = Trainer(compose_config(overrides_for(rlbench_root, tmp_path, *run, "training.max_steps=3", "data.num_workers=1",
+                                                  "training.resume=auto")))
+    assert longer.step == 2  # how long, and how fast the data is read, may change
 
 
 def _weights(run_dir: Path, step: int, name: str = "model.safetensors") -> dict[str, torch.Tensor]:

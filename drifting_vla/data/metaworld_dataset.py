@@ -46,7 +46,7 @@ from drifting_vla.data.transforms import (
     split_episodes,
     stack_history,
 )
-from drifting_vla.files import file_sha256
+from drifting_vla.files import file_sha256, holds_sha256
 
 ARRAYS = ("images", "proprio", "state", "actions")
 STORED = (*ARRAYS, "episode_ends", "seeds")
@@ -56,11 +56,6 @@ sees. images.npy is most of the bytes: hashing the default store (5 tasks, 0.49 
 on this project's 2-core machine (50-65 ms per task), small next to a run's start."""
 FORMAT_VERSION = 1
 
-_VERIFIED: set[tuple] = set()
-"""(path, inode, size, mtime, sha256) of the array files this process found as written. A run
-opens the store five times as it starts (collect what is missing, then the train and the val
-split, each collecting first): hashing it once is enough (0.3 s instead of 1.5 s, measured). A
-file written again has another inode or mtime and is hashed again."""
 
 
 def write_task_store(task_dir: pathlib.Path, episodes: list[dict], meta: dict) -> None:
@@ -120,21 +115,10 @@ def task_store_problem(task_dir: pathlib.Path) -> str | None:
     if unhashed:
         return f"{meta_file} records no sha256 of {unhashed} (an earlier version wrote it)"
     for name in STORED:
-        if not _holds(task_dir / f"{name}.npy", digests[name]):
+        if not holds_sha256(task_dir / f"{name}.npy", digests[name]):  # once per process: a run opens the store 5 times
             return (f"{task_dir / name}.npy does not hold what was written: its sha256 differs from meta.json's "
                     "(damaged on disk or in a copy)")
     return None
-
-
-def _holds(path: pathlib.Path, digest: str) -> bool:
-    """The file has the sha256 `digest` (hashed once per process while it stays the same file)."""
-    stat = path.stat()
-    key = (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns, digest)
-    if key not in _VERIFIED:
-        if file_sha256(path) != digest:
-            return False
-        _VERIFIED.add(key)
-    return True
 
 
 def read_task_meta(task_dir: pathlib.Path) -> tuple[dict, np.ndarray]:

@@ -149,3 +149,10 @@ def check_stats(stats: dict, action_spec: ActionSpec, proprio_dim: int | None = 
                     f"normalization stats[{key!r}][{s!r}] has {actual} dims, expected {dim} "
                     f"({'action spec ' + str(action_spec.names) if key == 'actions' else 'data.proprio_dim'})"
                 )
+            # A NaN or an infinity here becomes every action the policy outputs (min/max scaling).
+            try:
+                finite = np.isfinite(np.asarray(stats[key][s], dtype=np.float64)).all()
+            except (TypeError, ValueError):
+                finite = False
+            if not finite:
+                raise ValueError(f"normalization stats[{key!r}][{s!r}] are not all finite numbers: {stats[key][s]}")

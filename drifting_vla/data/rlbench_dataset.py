@@ -27,6 +27,8 @@ dataset says so in one warning.
 PNG decoding is paid once: with `cache_dir` set, an episode's frames are decoded on first use into
 one uint8 .npy (memory-mapped afterwards), shared by all workers and epochs, named by a digest of
 the files it was decoded from (`frames_digest`), so one cache serves several data roots safely.
+Beside it, `<name>.npy.sha256` holds the sha256 it was written with, checked once per process when
+it is opened: a cache damaged at the same size is decoded again, never trained on.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from drifting_vla.data.transforms import (
     resize_image,
     stack_history,
 )
+from drifting_vla.files import file_sha256, holds_sha256, write_atomic
 from drifting_vla.specs import RLBENCH_ACTION_SPEC, ActionSpec
 
 log = logging.getLogger(__name__)
@@ -392,8 +395,7 @@ class RLBenchDataset(Dataset):
         The file's name holds a digest of what it was decoded from (`frames_digest`): the source
         folder and its files, the cameras, the size. Another `data.root`, or an episode whose
         files changed, maps to another file, never to frames decoded from different images. On
-        open the file's shape is checked against the episode; a file that does not match is
-        decoded again."""
+        open the file's sha256 and shape are checked; a file that does not match is decoded again."""
         episode = self.episodes[e]
         digest = frames_digest(episode, self.cameras, self.image_size)
         path = self.cache_dir / self.episode_tasks[e] / f"{episode.path.name}_{'-'.join(self.cameras)}_{self.image_size or 'orig'}_{digest}.npy"
@@ -405,15 +407,30 @@ class RLBenchDataset(Dataset):
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
             np.save(tmp, frames)
+            # The hash first: a reader between the two renames finds the old file, which fails it
+            # and is decoded again. Workers racing on one episode decode the same bytes.
+            write_atomic(_digest_file(path), file_sha256(tmp))
             tmp.replace(path)  # atomic: workers racing on one episode all end with a whole file
             frames = np.load(path, mmap_mode="r")
         return frames
 
 
+def _digest_file(path: pathlib.Path) -> pathlib.Path:
+    return path.with_name(path.name + ".sha256")
+
+
 def _open_cache(path: pathlib.Path, expected: tuple[int, ...]) -> np.ndarray | None:
     """The decoded frames at `path`, or None (with a warning) when the file is damaged or from
     another layout: a cache is rebuilt from the episode, never trusted over it."""
+    if not _digest_file(path).is_file():
+        log.warning("decoded-frame cache %s has no %s beside it (an earlier version wrote it); decoding the episode again",
+                    path, _digest_file(path).name)
+        return None
     try:
+        if not holds_sha256(path, _digest_file(path).read_text().strip()):
+            log.warning("decoded-frame cache %s does not hold what was written (its sha256 differs from %s); "
+                        "decoding the episode again", path, _digest_file(path).name)
+            return None
         frames = np.load(path, mmap_mode="r")
     except (OSError, ValueError, EOFError) as error:
         log.warning("decoded-frame cache %s is unreadable (%s: %s); decoding the episode again", path, type(error).__name__, error)

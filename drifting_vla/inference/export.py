@@ -57,7 +57,7 @@ from drifting_vla.training.checkpoint import (
     write_complete_marker,
     write_references,
 )
-from drifting_vla.training.config import training_config
+from drifting_vla.training.config import training_config, validate_saved_config
 
 log = logging.getLogger(__name__)
 
@@ -149,17 +149,14 @@ def _read_normalization(directory: Path) -> dict:
 
 
 def check_untrusted_config(cfg: dict, file: Path) -> None:
-    """A checkpoint's or an export's config may only name registered things. A simulator name of
-    the `module:Class` form is refused here, early, unless the user registered it under that very
-    name: an env name is never imported (`drifting_vla.envs`), and a run of an earlier version
-    that named one says how to register it. `${...}` strings would be resolved by OmegaConf
-    (reading environment variables); a saved config is resolved, so none belongs in one."""
-    data = cfg.get("data") or {}
-    simulator = data.get("simulator")
-    names = [data.get("name"), simulator.get("name") if isinstance(simulator, dict) else None]
-    for name in names:
-        if name is not None and ":" in str(name) and str(name) not in ENVS:
-            raise ValueError(f"{file}: {unregistered_env_message(str(name), cfg.get('plugins'))}")
+    """A checkpoint's or an export's config may only name registered things, and holds what a run's
+    config holds. `${...}` strings would be resolved by OmegaConf (reading environment variables);
+    a saved config is resolved, so none belongs in one, and they are refused before anything
+    reads it. Every key is then checked for type and range like a run's (`validate_saved_config`):
+    a string where a list belongs would otherwise be read as its characters. A simulator name of
+    the `module:Class` form is refused unless the user registered it under that very name: an env
+    name is never imported (`drifting_vla.envs`), and a run of an earlier version that named one
+    says how to register it."""
     stack = [("", cfg)]
     while stack:
         key, value = stack.pop()
@@ -169,6 +166,19 @@ def check_untrusted_config(cfg: dict, file: Path) -> None:
             stack += [(f"{key}[{i}]", v) for i, v in enumerate(value)]
         elif isinstance(value, str) and "${" in value:
             raise ValueError(f"{file}: {key}={value!r} is an interpolation; a saved config holds plain values only")
+    try:
+        validate_saved_config(cfg)
+    except ValueError as error:
+        raise ValueError(
+            f"{file}: {error}. Another drifting-vla version wrote it, or it was edited: correct the key in the file "
+            "and seal it (drifting_vla.training.checkpoint.seal_checkpoint), or use another checkpoint."
+        ) from None
+    data = cfg["data"]
+    simulator = data.get("simulator")
+    names = [data.get("name"), simulator.get("name") if isinstance(simulator, dict) else None]
+    for name in names:
+        if name is not None and ":" in str(name) and str(name) not in ENVS:
+            raise ValueError(f"{file}: {unregistered_env_message(str(name), cfg.get('plugins'))}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -71,7 +71,12 @@ from drifting_vla.inference.history import ObservationHistory
 from drifting_vla.models.drifting_vla import DriftingVLA, build_model
 from drifting_vla.rotations import quaternion_to_rotation6d, rotation6d_to_quaternion
 from drifting_vla.specs import ActionSpec
-from drifting_vla.training.checkpoint import load_weights, pin_referenced_revisions, read_saved_file
+from drifting_vla.training.checkpoint import (
+    NORMALIZATION_FILE,
+    load_weights,
+    pin_referenced_revisions,
+    read_saved_file,
+)
 from drifting_vla.training.config import training_config
 from drifting_vla.training.objectives import Objective, build_objective
 
@@ -155,7 +160,8 @@ class DriftingPolicy:
                 raise KeyError(f"{file} has weights the model lacks: {unknown[:5]}")
             model.load_state_dict(overlay, strict=False)
         action_spec = ActionSpec.from_config(cfg["data"]["action_spec"])
-        normalizer = Normalizer.from_dict(saved.normalization, action_spec, proprio_dim=int(cfg["data"]["proprio_dim"]))
+        normalizer = read_saved_file(saved.path / NORMALIZATION_FILE, lambda _file: Normalizer.from_dict(
+            saved.normalization, action_spec, proprio_dim=int(cfg["data"]["proprio_dim"])))
         objective = build_objective(training_config(cfg.get("training", {})))
         kwargs.setdefault("nfe", saved.nfe)
         kwargs.setdefault("sampler", saved.sampler)

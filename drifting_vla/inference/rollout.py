@@ -47,6 +47,7 @@ are refused before any worker starts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import multiprocessing as mp
@@ -61,7 +62,7 @@ from pathlib import Path
 import numpy as np
 
 from drifting_vla.envs import NO_SIMULATOR, checked_env_import_path, env_class, simulation_config
-from drifting_vla.files import JsonLinesAppender, read_jsonl, write_atomic
+from drifting_vla.files import FileLock, JsonLinesAppender, read_jsonl, write_atomic
 
 VIDEO_FPS = 30
 
@@ -470,120 +471,131 @@ def evaluate(
             queue.append((task, int(seed), video))
     total = len(queue)
 
-    jsonl = None
-    if output_dir is not None:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / EPISODES_FILE).unlink(missing_ok=True)  # an earlier evaluation's
-        jsonl = JsonLinesAppender(output_dir / EPISODES_FILE)
-    os.environ.setdefault("MUJOCO_GL", "egl")  # inherited by the spawned workers
-    context = mp.get_context("spawn")
-    summary = EvalSummary(records=[], protocol=protocol)
-    started = time.perf_counter()
-    slots = [_Slot(_Worker(context, import_path, data, step_timeout_s)) for _ in range(min(num_workers, total))]
-    bar = tqdm(total=total, unit="ep", desc="evaluate", disable=not progress, dynamic_ncols=True)
+    # One evaluation per output folder at a time: a second one would delete the first's
+    # episodes.jsonl and leave its summary.json beside the other's episodes.
+    with _output_lock(output_dir):
+        jsonl = None
+        if output_dir is not None:
+            (output_dir / EPISODES_FILE).unlink(missing_ok=True)  # an earlier evaluation's
+            jsonl = JsonLinesAppender(output_dir / EPISODES_FILE)
+        os.environ.setdefault("MUJOCO_GL", "egl")  # inherited by the spawned workers
+        context = mp.get_context("spawn")
+        summary = EvalSummary(records=[], protocol=protocol)
+        started = time.perf_counter()
+        slots = [_Slot(_Worker(context, import_path, data, step_timeout_s)) for _ in range(min(num_workers, total))]
+        bar = tqdm(total=total, unit="ep", desc="evaluate", disable=not progress, dynamic_ncols=True)
 
-    def trajectory_video(index: int, record: EpisodeRecord) -> str | None:
-        """Ask the worker that holds the episode's frames for its trajectory video; a failure to
-        draw it is reported and leaves the episode as it was."""
-        slot = slots[index]
-        path = str(Path(slot.video).with_name(f"{Path(slot.video).stem}_trajectory.mp4"))
-        try:
-            slot.worker.send(("trajectory", path, record.to_dict(), list(slot.replans)))
-            reply = slot.worker.recv()
-        except WorkerError as error:
-            slot.worker.restart()
-            reply = ("error", str(error))
-        if reply[0] == "error":
-            tqdm.write(f"no trajectory video for {slot.task} seed {slot.seed}: {reply[1]}")
-            return None
-        return reply[1]
-
-    def finish(index: int, success: bool, error: str | None = None) -> None:
-        slot = slots[index]
-        video = slot.video if slot.video and Path(slot.video).is_file() else None
-        elapsed = time.perf_counter() - slot.started
-        record = EpisodeRecord(slot.task, slot.seed, success, slot.steps, elapsed, error, video, slot.mode)
-        if video:
-            record.trajectory_video = trajectory_video(index, record)
-        summary.records.append(record)
-        if video:
-            summary.videos.append(video)
-        if record.trajectory_video:
-            summary.trajectory_videos.append(record.trajectory_video)
-        if jsonl is not None:
-            jsonl.append(record.to_dict())
-        if error is not None:
-            tqdm.write(f"episode {slot.task} seed {slot.seed} failed with an error: {error}")
-        slot.obs = None
-        bar.update(1)
-        bar.set_postfix(success=f"{summary.success_rate:.2f}")
-
-    def start(index: int) -> None:
-        """Reset slot `index` onto the next queued episode, until one starts or the queue is empty."""
-        slot = slots[index]
-        while queue and slot.obs is None:
-            slot.task, slot.seed, slot.video = queue.popleft()
-            slot.steps, slot.started, slot.mode, slot.replans = 0, time.perf_counter(), None, []
-            policy.reset(index)
+        def trajectory_video(index: int, record: EpisodeRecord) -> str | None:
+            """Ask the worker that holds the episode's frames for its trajectory video; a failure to
+            draw it is reported and leaves the episode as it was."""
+            slot = slots[index]
+            path = str(Path(slot.video).with_name(f"{Path(slot.video).stem}_trajectory.mp4"))
             try:
-                slot.worker.send(("reset", slot.task, slot.seed, slot.video))
+                slot.worker.send(("trajectory", path, record.to_dict(), list(slot.replans)))
                 reply = slot.worker.recv()
             except WorkerError as error:
                 slot.worker.restart()
-                finish(index, False, str(error))
-                continue
+                reply = ("error", str(error))
             if reply[0] == "error":
-                slot.worker.restart()
-                finish(index, False, reply[1])
-                continue
-            slot.obs = reply[1]
+                tqdm.write(f"no trajectory video for {slot.task} seed {slot.seed}: {reply[1]}")
+                return None
+            return reply[1]
 
-    try:
-        for index in range(len(slots)):
-            start(index)
-        while True:
-            live = [i for i, slot in enumerate(slots) if slot.obs is not None]
-            if not live:
-                break
-            obs = batch_observations([slots[i].obs for i in live])
-            t0 = time.perf_counter()
-            actions = policy.select_action(obs, env_ids=live)
-            summary.policy_seconds += time.perf_counter() - t0
-            summary.policy_calls += 1
-            for i in getattr(policy, "replanned", ()):
-                slots[i].replans.append(slots[i].steps)
-            for i, action in zip(live, actions, strict=True):
-                _send_step(slots[i], action)
-            for i in live:
-                slot = slots[i]
+        def finish(index: int, success: bool, error: str | None = None) -> None:
+            slot = slots[index]
+            video = slot.video if slot.video and Path(slot.video).is_file() else None
+            elapsed = time.perf_counter() - slot.started
+            record = EpisodeRecord(slot.task, slot.seed, success, slot.steps, elapsed, error, video, slot.mode)
+            if video:
+                record.trajectory_video = trajectory_video(index, record)
+            summary.records.append(record)
+            if video:
+                summary.videos.append(video)
+            if record.trajectory_video:
+                summary.trajectory_videos.append(record.trajectory_video)
+            if jsonl is not None:
+                jsonl.append(record.to_dict())
+            if error is not None:
+                tqdm.write(f"episode {slot.task} seed {slot.seed} failed with an error: {error}")
+            slot.obs = None
+            bar.update(1)
+            bar.set_postfix(success=f"{summary.success_rate:.2f}")
+
+        def start(index: int) -> None:
+            """Reset slot `index` onto the next queued episode, until one starts or the queue is empty."""
+            slot = slots[index]
+            while queue and slot.obs is None:
+                slot.task, slot.seed, slot.video = queue.popleft()
+                slot.steps, slot.started, slot.mode, slot.replans = 0, time.perf_counter(), None, []
+                policy.reset(index)
                 try:
+                    slot.worker.send(("reset", slot.task, slot.seed, slot.video))
                     reply = slot.worker.recv()
                 except WorkerError as error:
                     slot.worker.restart()
-                    finish(i, False, str(error))
-                    start(i)
+                    finish(index, False, str(error))
                     continue
                 if reply[0] == "error":
                     slot.worker.restart()
-                    finish(i, False, reply[1])
-                    start(i)
+                    finish(index, False, reply[1])
                     continue
-                slot.steps += 1
-                _, slot.obs, done, success, error, slot.mode = reply
-                if done or slot.steps >= int(data["max_episode_steps"]):
-                    finish(i, bool(success), error)
-                    start(i)
-    finally:
-        bar.close()
-        for slot in slots:
-            slot.worker.stop()
-        if jsonl is not None:
-            jsonl.close()
-    summary.seconds = time.perf_counter() - started
-    if output_dir is not None:
-        write_atomic(output_dir / "summary.json", json.dumps({**summary.to_dict(), **(record or {})}, indent=2))
-    check_evaluated(summary, total, output_dir)
-    return summary
+                slot.obs = reply[1]
+
+        try:
+            for index in range(len(slots)):
+                start(index)
+            while True:
+                live = [i for i, slot in enumerate(slots) if slot.obs is not None]
+                if not live:
+                    break
+                obs = batch_observations([slots[i].obs for i in live])
+                t0 = time.perf_counter()
+                actions = policy.select_action(obs, env_ids=live)
+                summary.policy_seconds += time.perf_counter() - t0
+                summary.policy_calls += 1
+                for i in getattr(policy, "replanned", ()):
+                    slots[i].replans.append(slots[i].steps)
+                for i, action in zip(live, actions, strict=True):
+                    _send_step(slots[i], action)
+                for i in live:
+                    slot = slots[i]
+                    try:
+                        reply = slot.worker.recv()
+                    except WorkerError as error:
+                        slot.worker.restart()
+                        finish(i, False, str(error))
+                        start(i)
+                        continue
+                    if reply[0] == "error":
+                        slot.worker.restart()
+                        finish(i, False, reply[1])
+                        start(i)
+                        continue
+                    slot.steps += 1
+                    _, slot.obs, done, success, error, slot.mode = reply
+                    if done or slot.steps >= int(data["max_episode_steps"]):
+                        finish(i, bool(success), error)
+                        start(i)
+        finally:
+            bar.close()
+            for slot in slots:
+                slot.worker.stop()
+            if jsonl is not None:
+                jsonl.close()
+        summary.seconds = time.perf_counter() - started
+        if output_dir is not None:
+            write_atomic(output_dir / "summary.json", json.dumps({**summary.to_dict(), **(record or {})}, indent=2))
+        check_evaluated(summary, total, output_dir)
+        return summary
+
+
+def _output_lock(output_dir: Path | None):
+    """The lock of an evaluation's output folder (taken when entered), or nothing without one."""
+    if output_dir is None:
+        return contextlib.nullcontext()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return FileLock(output_dir / ".lock", f"the evaluation output {output_dir}",
+                    "Wait for that evaluation to end, or evaluate into another folder (output=... with scripts/simulate_eval.py).")
 
 
 def _send_step(slot: _Slot, action: np.ndarray) -> None:

@@ -188,8 +188,10 @@ def _channels_first(frame: Any, name: str) -> np.ndarray:
     if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8:
         dtype = getattr(frame, "dtype", type(frame).__name__)
         raise ProtocolError(f"{name} must be a uint8 array (0..255), got {dtype}")
-    if frame.ndim == 3 and frame.shape[0] == 3:
-        return frame
-    if frame.ndim == 3 and frame.shape[-1] == 3:
-        return frame.transpose(2, 0, 1)
-    raise ProtocolError(f"{name} must have shape [3, H, W] or [H, W, 3], got {list(frame.shape)}")
+    if frame.ndim != 3 or 3 not in (frame.shape[0], frame.shape[-1]):
+        raise ProtocolError(f"{name} must have shape [3, H, W] or [H, W, 3], got {list(frame.shape)}")
+    if frame.shape[0] != 3:
+        frame = frame.transpose(2, 0, 1)
+    if 0 in frame.shape:  # nothing to resize
+        raise ProtocolError(f"{name} has no pixels (shape {list(frame.shape)}); send an image of at least 1 x 1")
+    return frame

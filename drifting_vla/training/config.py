@@ -2,6 +2,7 @@
 error naming the key, raised when a run, an evaluation or a server starts, not later.
 
     validate_run_config(cfg)        # scripts/train.py's config: seed, device, plugins, data.*, model.*, training.*
+    validate_saved_config(cfg)      # a checkpoint's or an export's: the same groups, without the run-start checks
     training_config(cfg.training)   # training.* over its defaults (how a checkpoint builds its objective)
     validate_eval_config(cfg)       # scripts/simulate_eval.py's keys (configs/eval.yaml)
     validate_serve_config(cfg)      # scripts/serve.py's keys (configs/serve.yaml)
@@ -9,9 +10,10 @@ error naming the key, raised when a run, an evaluation or a server starts, not l
 Each group is a dataclass. Merging a config into it (OmegaConf structured configs) refuses unknown
 keys and wrong types: `training.max_steps=abc`, and `data.tasks=close_jar`, a string where a list
 belongs that would otherwise be read as the list of its characters. A field's range or choices
-ride in its metadata (`setting(ge=1)`), and one walk checks them all (`_check_rules`), so a new
-key gets its check where it is declared: `training.grad_clip=-1`, which would turn descent into
-ascent, fails as `config key training.grad_clip=-1.0 must be > 0`. Hydra's struct mode already
+ride in its metadata (`setting(ge=1)`, `setting(min_items=1)` for a list), and one walk checks
+them all (`_check_rules`), so a new key gets its check where it is declared: `training.grad_clip=-1`,
+which would turn descent into ascent, fails as `config key training.grad_clip=-1.0 must be > 0`.
+A number is also always finite: `inf` and `nan` pass no setting. Hydra's struct mode already
 refuses unknown keys given on the command line; the schema also catches those mistyped in YAML.
 
 `data.*` is checked against its dataset's schema (`DATA_SCHEMAS`, by `data.name`), `model.vision`
@@ -23,6 +25,7 @@ checked on the keys all of them share, and its other keys are its builder's.
 
 from __future__ import annotations
 
+import math
 import operator
 import typing
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
@@ -39,11 +42,13 @@ from drifting_vla.training.objectives import OBJECTIVES
 # How a field carries its rule
 
 
-def setting(default: Any = MISSING, *, factory=None, ge=None, gt=None, le=None, lt=None, choices=None):
+def setting(default: Any = MISSING, *, factory=None, ge=None, gt=None, le=None, lt=None, choices=None,
+            min_items=None, max_items=None):
     """A schema field. `ge`, `gt`, `le`, `lt` bound a number (each number of a list); `choices` is
-    a tuple of allowed values, or a function returning them (a registry plugins may extend).
-    Without a default the key is required."""
-    rules = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt), ("choices", choices)) if v is not None}
+    a tuple of allowed values, or a function returning them (a registry plugins may extend);
+    `min_items`, `max_items` bound the length of a list. Without a default the key is required."""
+    given = (("ge", ge), ("gt", gt), ("le", le), ("lt", lt), ("choices", choices), ("min_items", min_items), ("max_items", max_items))
+    rules = {k: v for k, v in given if v is not None}
     if factory is not None:
         return field(default_factory=factory, metadata=rules)
     return field(default=default, metadata=rules)
@@ -75,7 +80,7 @@ class PositivesConfig:
 
 @dataclass(kw_only=True)
 class DriftingConfig:
-    temperatures: list[float] = setting(factory=lambda: [0.02, 0.05, 0.2], gt=0)
+    temperatures: list[float] = setting(factory=lambda: [0.02, 0.05, 0.2], gt=0, min_items=1)
     affinity_floor: float = setting(1e-6, ge=0)
     grouping: str = setting("chunk", choices=("chunk", "timestep", "dimension"))
     positives: PositivesConfig = setting(factory=PositivesConfig)
@@ -141,7 +146,7 @@ class TrainingConfig:
     grad_accum_steps: int = setting(1, ge=1)
     learning_rate: float = setting(3e-4, gt=0)
     weight_decay: float = setting(0.05, ge=0)
-    betas: list[float] = setting(factory=lambda: [0.9, 0.95], ge=0, lt=1)
+    betas: list[float] = setting(factory=lambda: [0.9, 0.95], ge=0, lt=1, min_items=2, max_items=2)
     warmup_steps: int = setting(200, ge=0)
     min_lr_ratio: float = setting(0.1, ge=0, le=1)
     grad_clip: float = setting(1.0, gt=0)
@@ -194,8 +199,8 @@ class DataConfig:
     """The keys every dataset shares (and the simulator settings evaluation reads)."""
 
     name: str = setting()
-    tasks: list[str] | None = None
-    cameras: list[str] = setting()
+    tasks: list[str] | None = setting(None, min_items=1)
+    cameras: list[str] = setting(min_items=1)
     image_size: int | None = setting(None, ge=1)
     proprio_dim: int = setting(ge=1)
     horizon: int = setting(ge=1)
@@ -440,14 +445,8 @@ def validate_training_config(training) -> None:
 def validate_run_config(cfg) -> None:
     """Every group of a training run's config (scripts/train.py, `Trainer`), checked before the
     run reads any data: types, ranges, choices, and the settings that must agree across groups."""
-    run = check_section("", RunConfig, cfg)
-    data_name = str(OmegaConf.select(run, "data.name", default=""))
-    data = check_section("data", DATA_SCHEMAS.get(data_name, DataConfig), run.data, open_keys=data_name not in DATA_SCHEMAS)
-    model = check_section("model", ModelConfig, run.model)
-    for part, schemas in (("vision", VISION_SCHEMAS), ("language", LANGUAGE_SCHEMAS)):
-        name = str(OmegaConf.select(model, f"{part}.name", default=""))
-        check_section(f"model.{part}", schemas.get(name, EncoderConfig), model[part], open_keys=name not in schemas)
-    training = training_config(run.training)
+    data, training = _checked_groups(cfg)
+    data_name = data.name
     evaluates = training.eval.at_end or training.eval.every > 0
     if evaluates and training.eval.execute_steps > data.horizon:
         raise ValueError(
@@ -462,6 +461,61 @@ def validate_run_config(cfg) -> None:
     # An explicit shift with the feature cache is refused here, before any data is read; null is
     # resolved against the backbone when the model is built (Trainer).
     random_shift_pixels(training.augmentation.random_shift, backbone_trained=False, feature_cache=training.feature_cache)
+
+
+RESUME_MAY_CHANGE = (
+    "run_dir", "device", "plugins",
+    "data.root", "data.repo_id", "data.revision", "data.cache_dir", "data.num_workers", "data.collect_workers",
+    "data.skip_corrupt", "data.eval_seeds", "data.simulator",
+    "training.resume", "training.max_steps", "training.log_every", "training.val_every", "training.val_batches",
+    "training.checkpoint_every", "training.keep_checkpoints", "training.num_threads", "training.compile",
+    "training.nan_policy", "training.max_skipped_fraction", "training.distributed", "training.eval", "training.wandb",
+)
+"""What a resumed run may set otherwise than its checkpoint: where the data comes from and how fast
+it is read, how long to train, what is logged, saved and evaluated. Every other key shapes what is
+trained, and a resume that changed it would train a mix of two runs under the second one's config,
+or not even that: the learning rate, betas and weight decay come back with the optimizer's state,
+so a new value would be recorded in config.yaml and never used."""
+
+
+def resume_conflicts(saved, current) -> list[str]:
+    """`key: saved -> current` for each setting both configs hold whose values differ, outside
+    `RESUME_MAY_CHANGE` (a key one of them lacks, from another drifting-vla version, is not compared)."""
+    saved, current = _leaves(_plain(saved)), _leaves(_plain(current))
+    return [
+        f"{key}: {saved[key]!r} -> {current[key]!r}"
+        for key in sorted(saved.keys() & current.keys())
+        if saved[key] != current[key] and not any(key == k or key.startswith(k + ".") for k in RESUME_MAY_CHANGE)
+    ]
+
+
+def _leaves(node, prefix: str = "") -> dict:
+    """{dotted key: value} of the mappings in `node`; lists are values."""
+    if not isinstance(node, dict):
+        return {prefix: node}
+    return {key: value for k, v in node.items() for key, value in _leaves(v, _join(prefix, str(k))).items()}
+
+
+def validate_saved_config(cfg) -> None:
+    """The config a checkpoint or an export holds, group by group: types, ranges, choices. The
+    checks between groups are the training run's (its evaluation's settings against the horizon,
+    say), not the policy's."""
+    _checked_groups(cfg)
+
+
+def _checked_groups(cfg) -> tuple[DictConfig, DictConfig]:
+    """(data, training) of a run's config, after checking each group against its schema."""
+    run = check_section("", RunConfig, cfg)
+    data_name = str(OmegaConf.select(run, "data.name", default=""))
+    data = check_section("data", DATA_SCHEMAS.get(data_name, DataConfig), run.data, open_keys=data_name not in DATA_SCHEMAS)
+    model = check_section("model", ModelConfig, run.model)
+    if model.dit.hidden_size % model.dit.num_heads:  # each attention head takes an equal share of the width
+        raise ValueError(f"config key model.dit.num_heads={model.dit.num_heads} must divide "
+                         f"model.dit.hidden_size={model.dit.hidden_size}")
+    for part, schemas in (("vision", VISION_SCHEMAS), ("language", LANGUAGE_SCHEMAS)):
+        name = str(OmegaConf.select(model, f"{part}.name", default=""))
+        check_section(f"model.{part}", schemas.get(name, EncoderConfig), model[part], open_keys=name not in schemas)
+    return data, training_config(run.training)
 
 
 def validate_eval_config(cfg) -> None:
@@ -523,12 +577,23 @@ def _check_value(name: str, value, rules) -> None:
     choices = rules.get("choices")
     if callable(choices):
         choices = choices()
+    if isinstance(value, ListConfig):
+        _check_length(name, list(value), rules.get("min_items", 0), rules.get("max_items"))
     for item in value if isinstance(value, ListConfig) else [value]:
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ValueError(f"config key {name}={_shown(value)} must be a finite number")
         if choices is not None and item not in choices:
             raise ValueError(f"config key {name}={item!r}; choose from {tuple(choices)}")
         for rule, holds, words in BOUNDS:
             if rule in rules and not holds(item, rules[rule]):
                 raise ValueError(f"config key {name}={_shown(value)} must be {words} {rules[rule]}")
+
+
+def _check_length(name: str, items: list, least: int, most: int | None) -> None:
+    if least <= len(items) and (most is None or len(items) <= most):
+        return
+    wanted = f"exactly {least}" if least == most else f"at least {least}" if most is None else f"{least} to {most}"
+    raise ValueError(f"config key {name}={items} must hold {wanted} item(s)")
 
 
 def _shown(value):

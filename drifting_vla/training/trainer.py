@@ -56,7 +56,7 @@ from drifting_vla.training.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from drifting_vla.training.config import training_config, validate_run_config
+from drifting_vla.training.config import resume_conflicts, training_config, validate_run_config
 from drifting_vla.training.distributed import (
     all_reduce_sum,
     full_tensor,
@@ -466,6 +466,13 @@ class Trainer:
             raise ValueError(
                 f"the normalization statistics saved in {path} differ from this run's data ({self.cfg.data.name}); "
                 f"resuming would train on differently scaled actions. Resume with the same data config."
+            )
+        conflicts = resume_conflicts(state.config, self.cfg)
+        if conflicts:
+            raise ValueError(
+                f"cannot resume from {path}: this run's config differs from the checkpoint's in settings that shape what "
+                f"is trained ({'; '.join(conflicts)}). Resume with the checkpoint's values (its config.yaml), or train "
+                "into another directory to start a fresh run."
             )
         self.step = state.step
         self.history = MetricHistory.from_jsonl(self.run_dir / "metrics.jsonl", up_to_step=self.step)
