@@ -24,7 +24,8 @@ an interrupted training run continues from its newest checkpoint):
 
     runs/<objective>[@variant]_seed<s>/          scripts/train.py run directories (logs in train.log)
     evals/<objective>[@variant]_seed<s>/<protocol>/summary.json, episodes.jsonl, videos/
-    comparison.json, comparison.md, success_vs_nfe.png, success_vs_latency.png
+    comparison.json, comparison.md, success_vs_nfe.png, success_vs_latency.png, success_by_row.png
+    (and success_vs_execute_steps.png with more than one --execute-steps)
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from drifting_vla.inference.rollout import (  # noqa: E402
 )
 from drifting_vla.plugins import load_plugins  # noqa: E402
 
+PLOT_COLORS = {"drifting": "tab:red", "regression": "tab:gray", "flow_matching": "tab:blue", "diffusion": "tab:green"}
 DEFAULT_RUNS = ["drifting:0,1", "regression:0,1", "flow_matching:0", "diffusion:0"]
 DEFAULT_PROTOCOLS = ["drifting:1", "regression:1", "flow_matching:1,2,5,10", "diffusion/ddim:1,2,5,10", "diffusion/ddpm:100"]
 
@@ -299,7 +301,6 @@ def plot(rows: list[dict], output: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"drifting": "tab:red", "regression": "tab:gray", "flow_matching": "tab:blue", "diffusion": "tab:green"}
     markers = {None: "o", "ddim": "o", "ddpm": "s"}
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     for key in dict.fromkeys((r["objective"], r["sampler"], r["variant"], r["execute_steps"]) for r in rows):
@@ -309,7 +310,7 @@ def plot(rows: list[dict], output: Path) -> None:
         err = np.array([[r["success"] - r["ci95"][0], r["ci95"][1] - r["success"]] for r in mine]).T
         label = key[0] + ("" if key[2] is None else f" @{key[2]}") + ("" if key[1] is None else f" ({key[1]})") + (
             "" if key[3] is None else f" exec {key[3]}")
-        ax.errorbar(nfe, success, yerr=err, marker=markers.get(key[1], "o"), color=colors.get(key[0]), capsize=3, label=label,
+        ax.errorbar(nfe, success, yerr=err, marker=markers.get(key[1], "o"), color=PLOT_COLORS.get(key[0]), capsize=3, label=label,
                     linestyle="-" if key[2] is None else "--")
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
@@ -327,11 +328,11 @@ def plot(rows: list[dict], output: Path) -> None:
     timed = sorted((r for r in rows if r["latency_ms"] is not None), key=lambda r: -r["success"])
     for i, r in enumerate(timed):
         err = [[r["success"] - r["ci95"][0]], [r["ci95"][1] - r["success"]]]
-        ax.errorbar(r["latency_ms"], r["success"], yerr=err, marker=markers.get(r["sampler"], "o"), color=colors.get(r["objective"]), capsize=3)
+        ax.errorbar(r["latency_ms"], r["success"], yerr=err, marker=markers.get(r["sampler"], "o"), color=PLOT_COLORS.get(r["objective"]), capsize=3)
         # Points at one latency crowd together: labels step down the right-hand side instead.
         ax.annotate(f"{r['protocol']} ({r['success']:.2f})",
                     (r["latency_ms"], r["success"]), textcoords="offset points", xytext=(10, 12 - 12 * (i % 4)),
-                    fontsize=7, color=colors.get(r["objective"]))
+                    fontsize=7, color=PLOT_COLORS.get(r["objective"]))
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
@@ -343,6 +344,31 @@ def plot(rows: list[dict], output: Path) -> None:
     ax.set_title("Success vs latency")
     fig.tight_layout()
     fig.savefig(output / "success_vs_latency.png")
+    plt.close(fig)
+
+
+def plot_rows(rows: list[dict], output: Path) -> None:
+    """Every row's success with its 95% interval on one axis, in table order: the readable view of a
+    recipe ablation, where many variants sit at the same NFE and latency."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.2, 1.2 + 0.38 * len(rows)), dpi=120)
+    for i, r in enumerate(rows):
+        lo, hi = r["ci95"]
+        color = PLOT_COLORS.get(r["objective"])
+        ax.errorbar(r["success"], i, xerr=[[r["success"] - lo], [hi - r["success"]]], marker="o", color=color, capsize=3)
+        ax.annotate(f"{r['success']:.3f}", (r["success"], i), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7, color=color)
+    ax.set_yticks(range(len(rows)), [f"{r['protocol']} ({len(r['seeds'])} seed{'s' if len(r['seeds']) > 1 else ''})" for r in rows], fontsize=8)
+    ax.set_ylim(len(rows) - 0.5, -0.8)  # top row first, room for its label under the title
+    ax.set_xlim(0, 1.02)
+    ax.set_xlabel("closed-loop success rate (95% Wilson interval over episodes)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title("Success per method and variant, same data, budget and evaluation seeds", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(output / "success_by_row.png")
     plt.close(fig)
 
 
@@ -447,6 +473,7 @@ def main() -> None:
     (args.output / "comparison.json").write_text(json.dumps({"meta": meta, "rows": rows, "cells": results}, indent=2))
     write_markdown(rows, meta, args.output / "comparison.md")
     plot(rows, args.output)
+    plot_rows(rows, args.output)
     if len(args.execute_steps) > 1:
         plot_execution(rows, args.output)
     print((args.output / "comparison.md").read_text())

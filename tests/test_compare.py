@@ -43,6 +43,7 @@ def test_compare_writes_table_and_plots_and_resumes_without_retraining(tmp_path)
     assert "source: neighbours" in (output / "runs" / "drifting_seed0" / "config.yaml").read_text()
     assert (output / "success_vs_nfe.png").stat().st_size > 10_000
     assert (output / "success_vs_latency.png").stat().st_size > 10_000
+    assert (output / "success_by_row.png").stat().st_size > 10_000
 
     trained = {p: p.stat().st_mtime_ns for p in output.glob("runs/*/trained.json")}
     evaluated = {p: p.stat().st_mtime_ns for p in output.glob("evals/*/*/summary.json")}
