@@ -331,9 +331,10 @@ def test_a_history_run_with_neighbour_positives_skip_corrupt_and_the_shift(tmp_p
     write_rlbench_fixture(root / "val", episodes=1, steps=10, seed=1)
     cfg = compose_config(overrides_for(root, tmp_path / "run", "data.n_obs_steps=2", "data.skip_corrupt=true",
                                        "training.max_steps=2", "training.val_every=2",
-                                       "training.drifting.positives.source=neighbours", "training.drifting.positives.k=3"))
+                                       "training.drifting.positives.source=neighbours", "training.drifting.positives.k=3",
+                                       "training.augmentation.random_shift=4"))
     trainer = Trainer(cfg)
-    assert trainer.random_shift == 4  # the tiny model's CNN is trained from pixels
+    assert trainer.random_shift == 4
     assert trainer.train_set[0]["neighbour_actions"].shape[0] == 3 and trainer.train_set[0]["images"].shape[0] == 2
     trainer.fit()
     assert "val/action_mse" in json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])

@@ -101,7 +101,7 @@ class DiffusionConfig:
 
 @dataclass(kw_only=True)
 class AugmentationConfig:
-    random_shift: int | None = setting(None, ge=0)  # pixels; null: 4 for a backbone trained from pixels, 0 for a frozen one
+    random_shift: int = setting(0, ge=0)  # pixels of DrQ random shift; 0: off (it lost at the embedded budget)
 
 
 @dataclass(kw_only=True)
@@ -409,16 +409,25 @@ def check_section(key: str, schema: type, node, open_keys: bool = False) -> Dict
     return merged
 
 
+LEGACY_DEFAULT_RANDOM_SHIFT = 4
+"""Pixels that `training.augmentation.random_shift: null` meant before the shift was off by default
+(for the CNN trained from pixels, every model that version shifted)."""
+
+
 def training_config(training) -> DictConfig:
     """`training.*` merged over the schema's defaults (so a checkpoint written before a key existed
     still builds its objective), with keys of earlier versions read as today's: `drifting.per_timestep`
     as `drifting.grouping`, `drifting.extra_positives` and `drifting.queue_size` as
-    `drifting.positives`. Raises ValueError naming an unknown, mistyped or out-of-range key."""
+    `drifting.positives`, `augmentation.random_shift: null` (the shift on by default for the CNN
+    trained from pixels) as the 4 pixels it meant. Raises ValueError naming an unknown, mistyped or
+    out-of-range key."""
     training = OmegaConf.create(_plain(training))
     legacy = OmegaConf.select(training, "drifting.per_timestep")
     if legacy is not None:
         del training.drifting["per_timestep"]
         training.drifting.grouping = "timestep" if legacy else "chunk"
+    if "random_shift" in training.get("augmentation", {}) and training.augmentation.random_shift is None:
+        training.augmentation.random_shift = LEGACY_DEFAULT_RANDOM_SHIFT
     _read_legacy_queue_keys(training)
     return check_section("training", TrainingConfig, training)
 
@@ -458,9 +467,8 @@ def validate_run_config(cfg) -> None:
             f"config key data.n_obs_steps={data.n_obs_steps} needs data.keyframes=false: a keyframe policy observes only "
             "on arriving at each keyframe, never at the dense steps a history would hold"
         )
-    # An explicit shift with the feature cache is refused here, before any data is read; null is
-    # resolved against the backbone when the model is built (Trainer).
-    random_shift_pixels(training.augmentation.random_shift, backbone_trained=False, feature_cache=training.feature_cache)
+    # A shift with the feature cache is refused here, before any data is read.
+    random_shift_pixels(training.augmentation.random_shift, feature_cache=training.feature_cache)
 
 
 RESUME_MAY_CHANGE = (

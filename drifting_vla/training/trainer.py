@@ -106,8 +106,7 @@ class Trainer:
         self.train_set, self.val_set = self.objective.training_datasets(self.train_set, self.val_set)
 
         self.model = build_model(cfg).to(self.device)
-        backbone_trained = any(p.requires_grad for p in self.model.vision_encoder.backbone.parameters())
-        self.random_shift = random_shift_pixels(t.augmentation.random_shift, backbone_trained, bool(t.feature_cache))
+        self.random_shift = random_shift_pixels(int(t.augmentation.random_shift), bool(t.feature_cache))
         if t.feature_cache:  # before sharding: the backbone runs alone, outside the model's forward
             self.train_set = cache_vision_features(self.train_set, self.model.vision_encoder, self.device)
             if self.val_set is not None:
