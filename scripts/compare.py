@@ -250,6 +250,10 @@ def executed_per_chunk(row: dict) -> str:
     return row["label"].split(" | ")[-1].removeprefix("chunk ")
 
 
+def executed_steps(row: dict) -> int:
+    return int(executed_per_chunk(row).split("/")[0])
+
+
 def write_markdown(rows: list[dict], meta: dict, path: Path) -> None:
     lines = [
         f"# Comparison: {meta['data']}",
@@ -307,7 +311,7 @@ def plot(rows: list[dict], output: Path) -> None:
         mine = sorted((r for r in rows if (r["objective"], r["sampler"], r["variant"], r["execute_steps"]) == key), key=lambda r: r["nfe"])
         nfe = [r["nfe"] for r in mine]
         success = np.array([r["success"] for r in mine])
-        err = np.array([[r["success"] - r["ci95"][0], r["ci95"][1] - r["success"]] for r in mine]).T
+        err = _intervals(mine)
         label = key[0] + ("" if key[2] is None else f" @{key[2]}") + ("" if key[1] is None else f" ({key[1]})") + (
             "" if key[3] is None else f" exec {key[3]}")
         ax.errorbar(nfe, success, yerr=err, marker=markers.get(key[1], "o"), color=PLOT_COLORS.get(key[0]), capsize=3, label=label,
@@ -315,20 +319,12 @@ def plot(rows: list[dict], output: Path) -> None:
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
     ax.set_xlabel("network evaluations per chunk (NFE, log scale)")
-    ax.set_ylabel("closed-loop success rate (95% CI)")
-    ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    ax.set_title("Success vs NFE, same network and budget")
-    fig.tight_layout()
-    fig.savefig(output / "success_vs_nfe.png")
-    plt.close(fig)
+    _save_success_plot(fig, ax, output / "success_vs_nfe.png", "Success vs NFE, same network and budget", "lower right")
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     timed = sorted((r for r in rows if r["latency_ms"] is not None), key=lambda r: -r["success"])
     for i, r in enumerate(timed):
-        err = [[r["success"] - r["ci95"][0]], [r["ci95"][1] - r["success"]]]
-        ax.errorbar(r["latency_ms"], r["success"], yerr=err, marker=markers.get(r["sampler"], "o"), color=PLOT_COLORS.get(r["objective"]), capsize=3)
+        ax.errorbar(r["latency_ms"], r["success"], yerr=_intervals([r]), marker=markers.get(r["sampler"], "o"), color=PLOT_COLORS.get(r["objective"]), capsize=3)
         # Points at one latency crowd together: labels step down the right-hand side instead.
         ax.annotate(f"{r['protocol']} ({r['success']:.2f})",
                     (r["latency_ms"], r["success"]), textcoords="offset points", xytext=(10, 12 - 12 * (i % 4)),
@@ -338,12 +334,26 @@ def plot(rows: list[dict], output: Path) -> None:
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xticks([t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500) if 0.5 * min(r["latency_ms"] for r in timed) <= t <= 2 * max(r["latency_ms"] for r in timed)])
     ax.set_xlabel("chunk latency at batch 1, ms (log scale, 1 CPU thread)")
+    _save_success_plot(fig, ax, output / "success_vs_latency.png", "Success vs latency")
+
+
+def _intervals(rows: list[dict]) -> np.ndarray:
+    """[2, n] distances from each row's success down and up to its 95% interval (errorbar's form)."""
+    return np.array([[r["success"] - r["ci95"][0], r["ci95"][1] - r["success"]] for r in rows]).T
+
+
+def _save_success_plot(fig, ax, path: Path, title: str, legend_loc: str | None = None) -> None:
+    """The axes every success-vs-something plot shares (rate on y with its 95% intervals), then the file."""
+    import matplotlib.pyplot as plt
+
     ax.set_ylabel("closed-loop success rate (95% CI)")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
-    ax.set_title("Success vs latency")
+    if legend_loc is not None:
+        ax.legend(loc=legend_loc, fontsize=8)
+    ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(output / "success_vs_latency.png")
+    fig.savefig(path)
     plt.close(fig)
 
 
@@ -357,9 +367,8 @@ def plot_rows(rows: list[dict], output: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7.2, 1.2 + 0.38 * len(rows)), dpi=120)
     for i, r in enumerate(rows):
-        lo, hi = r["ci95"]
         color = PLOT_COLORS.get(r["objective"])
-        ax.errorbar(r["success"], i, xerr=[[r["success"] - lo], [hi - r["success"]]], marker="o", color=color, capsize=3)
+        ax.errorbar(r["success"], i, xerr=_intervals([r]), marker="o", color=color, capsize=3)
         ax.annotate(f"{r['success']:.3f}", (r["success"], i), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7, color=color)
     ax.set_yticks(range(len(rows)), [f"{r['protocol']} ({len(r['seeds'])} seed{'s' if len(r['seeds']) > 1 else ''})" for r in rows], fontsize=8)
     ax.set_ylim(len(rows) - 0.5, -0.8)  # top row first, room for its label under the title
@@ -382,22 +391,13 @@ def plot_execution(rows: list[dict], output: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     for key in dict.fromkeys((r["objective"], r["variant"], r["sampler"], r["nfe"]) for r in rows):
-        mine = sorted((r for r in rows if (r["objective"], r["variant"], r["sampler"], r["nfe"]) == key),
-                      key=lambda r: int(executed_per_chunk(r).split("/")[0]))
-        executed = [int(executed_per_chunk(r).split("/")[0]) for r in mine]
-        success = np.array([r["success"] for r in mine])
-        err = np.array([[r["success"] - r["ci95"][0], r["ci95"][1] - r["success"]] for r in mine]).T
+        mine = sorted((r for r in rows if (r["objective"], r["variant"], r["sampler"], r["nfe"]) == key), key=executed_steps)
         method = key[0] + ("" if key[1] is None else f" @{key[1]}") + ("" if key[2] is None else f" ({key[2]})")
-        ax.errorbar(executed, success, yerr=err, marker="o", capsize=3, label=f"{method}, NFE {key[3]}")
+        ax.errorbar([executed_steps(r) for r in mine], [r["success"] for r in mine], yerr=_intervals(mine), marker="o",
+                    capsize=3, label=f"{method}, NFE {key[3]}", color=PLOT_COLORS.get(key[0]), linestyle="-" if key[1] is None else "--")
+    ax.set_xticks(sorted({executed_steps(r) for r in rows}))
     ax.set_xlabel(f"actions executed per chunk before replanning (horizon {executed_per_chunk(rows[0]).split('/')[1]})")
-    ax.set_ylabel("closed-loop success rate (95% CI)")
-    ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower left", fontsize=8)
-    ax.set_title("Success vs execution horizon, same checkpoints")
-    fig.tight_layout()
-    fig.savefig(output / "success_vs_execute_steps.png")
-    plt.close(fig)
+    _save_success_plot(fig, ax, output / "success_vs_execute_steps.png", "Success vs execution horizon, same checkpoints", "lower left")
 
 
 def resolved_budget(run_dir: Path) -> dict:
