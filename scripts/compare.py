@@ -36,7 +36,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 os.environ.setdefault("MUJOCO_GL", "egl")
@@ -452,10 +452,11 @@ def main() -> None:
                         "execute_steps": protocol.execute_steps, "seed": run.seed})
         bar.write(f"{run.name} @ {protocol.name}: success {summary['success_rate']:.3f} over {summary['episodes']} episodes")
 
-    latencies = {}
-    timed = {run.cell(p): (run, p) for run in reversed(runs) for p in protocols if p.objective == run.objective}
-    for cell, (run, protocol) in tqdm(timed.items(), desc="latency", unit="policy"):
-        latencies[cell] = chunk_latency(run_dirs[run], protocol)
+    # One timing per policy (run, sampler, NFE): the execution horizon does not change what a chunk costs.
+    timed = {run.cell(p): (run, replace(p, execute_steps=None)) for run in reversed(runs) for p in protocols if p.objective == run.objective}
+    measured = {policy: chunk_latency(run_dirs[policy[0]], policy[1])
+                for policy in tqdm(dict.fromkeys(timed.values()), desc="latency", unit="policy")}
+    latencies = {cell: measured[policy] for cell, policy in timed.items()}
     rows = aggregate(results, latencies, runs)
     train_seconds = sum(json.loads((d / "trained.json").read_text())["seconds"] for d in run_dirs.values())
     eval_seconds = sum(r["seconds"] for r in results)
