@@ -3,9 +3,13 @@
     python scripts/probe_recipe.py                                    # the default grid, 2 seeds
     python scripts/probe_recipe.py --temperatures 0.02,0.05,0.2 0.1,0.3,1.0 --samples 8 32 --seeds 0 1 2
 
+    python scripts/probe_recipe.py --checkpoints runs/drifting runs/regression   # trained runs, held-out demos
+
 Every temperature set x G, plus regression, on unimodal and bimodal data (`lab/one_positive.py`).
 Writes into --output: probe.json (one row per cell and seed) and probe.png (error per recipe, one
-panel per kind of data, each seed a dot, regression as the reference line); prints a table.
+panel per kind of data, each seed a dot, regression as the reference line); prints a table. With
+--checkpoints it scores those runs' policies on their held-out demonstrations instead, with the
+same error and spread, and writes checkpoints.json.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from drifting_vla.lab.one_positive import ProbeSetting, run_probe  # noqa: E402
+from drifting_vla.lab.one_positive import ProbeSetting, run_probe, score_checkpoint  # noqa: E402
 
 
 def temperature_set(text: str) -> tuple[float, ...]:
@@ -45,6 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3000, help="optimizer steps per cell (default: 3000, the quickstart's)")
     p.add_argument("--output", type=Path, default=Path("probe"))
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
+    p.add_argument("--checkpoints", type=Path, nargs="+", help="score these runs (or checkpoints) on their held-out demos instead")
     return p.parse_args(argv)
 
 
@@ -80,10 +85,23 @@ def write_plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def score_checkpoints(paths: list[Path], output: Path) -> None:
+    rows = [score_checkpoint(path).as_dict() for path in tqdm(paths, desc="checkpoints", unit="run")]
+    (output / "checkpoints.json").write_text(json.dumps(rows, indent=2))
+    width = max(len(r["checkpoint"]) for r in rows)
+    print(f"{'checkpoint':{width}} {'method':22} {'error':>8} {'spread':>8} {'error of the mean':>18}")
+    for r in rows:
+        print(f"{r['checkpoint']:{width}} {r['method']:22} {r['error']:8.4f} {r['spread']:8.4f} {r['error'] - r['spread']:18.4f}")
+    print(f"wrote {output / 'checkpoints.json'} ({rows[0]['observations']} held-out observations each)")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     args.output.mkdir(parents=True, exist_ok=True)
+    if args.checkpoints:
+        score_checkpoints(args.checkpoints, args.output)
+        return
     rows = [run_probe(s).as_dict() for s in tqdm(settings(args), desc="probe", unit="cell")]
     (args.output / "probe.json").write_text(json.dumps(rows, indent=2))
     write_plot(rows, args.output / "probe.png")

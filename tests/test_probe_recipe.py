@@ -76,3 +76,31 @@ def test_tool_writes_rows_and_a_picture(tmp_path, capsys):
     }
     assert (tmp_path / "probe.png").stat().st_size > 10_000
     assert "drifting T=0.1,1 G=8" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("objective", ["drifting", "regression"])
+def test_a_checkpoint_is_scored_on_the_chunks_its_policy_executes(tmp_path, objective):
+    from drifting_vla.data.fixtures import write_rlbench_fixture
+    from drifting_vla.inference.policy import DriftingPolicy
+    from drifting_vla.lab.one_positive import held_out_batches, score_checkpoint
+    from drifting_vla.training.trainer import Trainer
+    from tests.test_training import compose_config, overrides_for
+
+    write_rlbench_fixture(tmp_path / "data" / "train", episodes=2, steps=12, seed=0)
+    write_rlbench_fixture(tmp_path / "data" / "val", episodes=1, steps=12, seed=1)
+    run = tmp_path / "run"
+    Trainer(compose_config(overrides_for(tmp_path / "data", run, f"training.objective={objective}", "training.max_steps=2"))).fit()
+
+    one = score_checkpoint(run, batches=2, batch_size=4, samples=1)
+    policy = DriftingPolicy.from_checkpoint(run)
+    normalize = policy.normalizer.normalize
+    errors = []
+    for index, batch in held_out_batches(policy, batches=2, batch_size=4):
+        chunk = torch.as_tensor(policy.predict_action_chunk(batch, generator=torch.Generator().manual_seed(index)))
+        errors.append(((normalize("actions", chunk) - normalize("actions", batch["actions"].float())).square().mean(), len(chunk)))
+    assert one.observations == sum(n for _, n in errors) == 8
+    assert one.error == pytest.approx(float(sum(e * n for e, n in errors)) / one.observations, rel=1e-4)
+
+    many = score_checkpoint(run, batches=2, batch_size=4, samples=4)
+    assert (many.spread > 0) == (objective == "drifting")
+    assert many.method == policy.method

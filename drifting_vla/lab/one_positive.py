@@ -17,7 +17,12 @@ Regression is the same network fed zeros instead of noise, trained by MSE (as
 `training.objective=regression`); it is the reference a unimodal error is read against, and on
 bimodal data it lands between the answers (error about m^2 per dimension).
 
+The same scores apply to a trained policy on its held-out demonstrations (`score_checkpoint`),
+where every observation has one answer: its expert chunk. There `error - spread` is the error of the
+samples' mean, so a run shows whether its policy misses the answer or scatters around it.
+
     python scripts/probe_recipe.py                 # the default grid, table + probe.png
+    python scripts/probe_recipe.py --checkpoints runs/a runs/b     # trained policies, held-out demos
 """
 
 from __future__ import annotations
@@ -153,3 +158,51 @@ def run_probe(setting: ProbeSetting) -> ProbeResult:
             noise = torch.randn(TEST_CONDITIONS, SAMPLES_PER_TEST_CONDITION, ACTION_DIM, generator=draws)
         error, spread, balance = score(generate(net, test_c, noise), answers(test_c, y_of, setting.bimodal))
     return ProbeResult(setting, error, spread, balance, time.perf_counter() - start)
+
+
+@dataclass(frozen=True)
+class CheckpointScore:
+    checkpoint: str
+    method: str
+    error: float
+    spread: float
+    observations: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def held_out_batches(policy, batches: int = 6, batch_size: int = 64):
+    """The first `batches` batches of the policy's run's val split, in one fixed shuffled order
+    (the same observations for every run of one dataset)."""
+    from torch.utils.data import DataLoader
+
+    from drifting_vla.data.collate import collate_samples
+    from drifting_vla.data.registry import build_dataset
+
+    val = build_dataset(policy.cfg["data"], "val")
+    loader = DataLoader(val, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0), collate_fn=collate_samples)
+    return zip(range(batches), loader, strict=False)
+
+
+@torch.no_grad()
+def score_checkpoint(path, batches: int = 6, batch_size: int = 64, samples: int = SAMPLES_PER_TEST_CONDITION) -> CheckpointScore:
+    """`samples` chunks per held-out observation (`held_out_batches`), drawn by `objective.sample`
+    with the policy's nfe and sampler as its rollouts draw them (batch `index` from a generator
+    seeded `index`), scored against the expert chunk in normalized units. One sample's error is
+    what the run logs as `val/action_mse`, on other observations."""
+    from drifting_vla.inference.policy import DriftingPolicy
+
+    policy = DriftingPolicy.from_checkpoint(path)
+    normalize, unnormalize = policy.normalizer.normalize, policy.normalizer.unnormalize
+    error_sum, spread_sum, count = 0.0, 0.0, 0
+    policy.model.eval()
+    for index, batch in held_out_batches(policy, batches, batch_size):
+        obs = {"images": batch["images"], "proprio": normalize("proprio", batch["proprio"].float()), "instruction": list(batch["instruction"])}
+        condition = policy.model.encode_condition(obs)
+        chunks = policy.objective.sample(policy.model, condition, samples, policy.nfe, policy.sampler, torch.Generator().manual_seed(index)).float()
+        chunks = normalize("actions", unnormalize("actions", chunks))  # as executed (a 6D rotation made valid)
+        expert = normalize("actions", batch["actions"].float())
+        error, spread, _ = score(chunks.flatten(2), expert.flatten(1)[:, None])
+        error_sum, spread_sum, count = error_sum + error * len(expert), spread_sum + spread * len(expert), count + len(expert)
+    return CheckpointScore(str(path), policy.method, error_sum / count, spread_sum / count, count)
