@@ -28,6 +28,7 @@ from benchmarks.inputs import compose_config, objective_named, synthetic_batch
 from benchmarks.timing import Row, time_call
 from drifting_vla.models import build_model
 from drifting_vla.models.drifting_vla import Condition
+from drifting_vla.specs import default_execute_steps
 
 ITERATIVE = {"flow10": ("flow_matching", 10, None), "ddim10": ("diffusion", 10, "ddim"), "ddpm100": ("diffusion", 100, "ddpm")}
 """The baselines (objective, nfe, sampler): the first is the row drifting's speed-up is read against."""
@@ -75,7 +76,8 @@ def chunk_latency_rows(
         names[key] = f"{title}: {objective.label(nfe, sampler)}"
         draw = inference(device, lambda o=objective, n=nfe, s=sampler: o.sample(model, condition_of(), 1, n, s))
         seconds[key] = time_call(draw, **timing)
-    execute = min(int(cfg.training.eval.execute_steps), model.horizon)
+    configured = cfg.training.eval.execute_steps
+    execute = default_execute_steps(model.horizon) if configured is None else min(int(configured), model.horizon)
 
     def notes(key: str) -> dict:
         extra = {"control_hz": f"{execute / seconds[key]:.0f}"}

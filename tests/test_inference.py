@@ -33,7 +33,7 @@ from drifting_vla.inference.rollout import (
 from drifting_vla.logging.trajectory_video import PLOT_HEIGHT_PX, TITLE_HEIGHT_PX
 from drifting_vla.models.drifting_vla import build_model
 from drifting_vla.serving import ChunkedPolicy
-from drifting_vla.specs import RLBENCH_ACTION_SPEC, ActionSpec
+from drifting_vla.specs import RLBENCH_ACTION_SPEC, ActionSpec, default_execute_steps
 from drifting_vla.training.checkpoint import (
     DamagedCheckpointError,
     gather_training_state,
@@ -698,7 +698,7 @@ def test_simulate_eval_writes_summary_json_and_prints_the_table(checkpoint, tmp_
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["episodes"] == 1 and set(summary["per_task"]) == {TASK}
-    assert isinstance(summary["success_rate"], float) and summary["protocol"] == "metaworld | drifting nfe=1 | chunk 2/4"
+    assert isinstance(summary["success_rate"], float) and summary["protocol"] == "metaworld | drifting nfe=1 | chunk 1/4"
     assert "overall" in result.stdout
 
 
@@ -762,3 +762,14 @@ def test_checkpoint_missing_other_weights_is_an_error_naming_them(checkpoint):
     _rewrite(path, "model.safetensors", {k: v for k, v in weights.items() if not k.startswith("dit.blocks.0.")})
     with pytest.raises(KeyError, match="dit.blocks.0"):
         DriftingPolicy.from_checkpoint(path)
+
+
+def test_every_path_that_executes_chunks_defaults_to_the_same_horizon():
+    # Training's evaluation passes its null setting to DriftingPolicy; simulate_eval and the served
+    # client build ChunkedPolicy: one default, so a run is evaluated the way it will be executed.
+    from drifting_vla.training.config import training_config
+
+    assert training_config({}).eval.execute_steps is None
+    assert [default_execute_steps(h) for h in (1, 4, 8, 16)] == [1, 1, 2, 4]
+    assert tiny_policy(horizon=8).execute_steps == 2
+    assert ChunkedPolicy(lambda obs, seed: np.zeros((8, 4), np.float32), horizon=8).execute_steps == 2

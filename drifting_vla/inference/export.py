@@ -40,6 +40,7 @@ from pathlib import Path
 import yaml
 
 from drifting_vla.envs import ENVS, unregistered_env_message
+from drifting_vla.specs import default_execute_steps
 from drifting_vla.training.checkpoint import (
     COMPLETE_MARKER,
     CONFIG_FILE,
@@ -238,8 +239,11 @@ def _evaluation_summary(policy, evaluation: str | os.PathLike | None) -> dict | 
 
 def reproduce_command(policy, target: str, summary: dict) -> str:
     """`python scripts/simulate_eval.py checkpoint=<target> ...` with the evaluation's settings; nfe
-    and sampler always spelled out, since the export's default sampling may differ."""
-    settings = summary.get("eval") or dict(training_config(policy.cfg.get("training", {})).eval)
+    and sampler always spelled out, since the export's default sampling may differ, and so is the
+    execution horizon, since a default may change after the card is written."""
+    settings = dict(summary.get("eval") or training_config(policy.cfg.get("training", {})).eval)
+    if settings.get("execute_steps") is None:
+        settings["execute_steps"] = default_execute_steps(policy.horizon)
     nfe, sampler = policy.objective.resolve(settings.get("nfe"), settings.get("sampler"))
     args = [f"checkpoint={target}"]
     for key in REPRODUCE_KEYS:

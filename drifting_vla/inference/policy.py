@@ -70,7 +70,7 @@ from drifting_vla.inference.export import (
 from drifting_vla.inference.history import ObservationHistory
 from drifting_vla.models.drifting_vla import DriftingVLA, build_model
 from drifting_vla.rotations import quaternion_to_rotation6d, rotation6d_to_quaternion
-from drifting_vla.specs import ActionSpec
+from drifting_vla.specs import ActionSpec, default_execute_steps
 from drifting_vla.training.checkpoint import (
     NORMALIZATION_FILE,
     load_weights,
@@ -113,8 +113,8 @@ class DriftingPolicy:
         self.nfe, self.sampler = objective.resolve(nfe, sampler)
         self.horizon = int(model.horizon)
         self.n_obs_steps = int(model.n_obs_steps)
-        if execute_steps is None:  # half the chunk: Diffusion Policy's 8 of 16
-            execute_steps = max(1, self.horizon // 2)
+        if execute_steps is None:
+            execute_steps = default_execute_steps(self.horizon)
         if not 1 <= execute_steps <= self.horizon:
             raise ValueError(f"execute_steps must be in [1, horizon={self.horizon}], got {execute_steps}")
         if ensemble_decay < 0:

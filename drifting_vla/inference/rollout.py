@@ -404,7 +404,7 @@ class _Slot:
 
 def protocol_label(data_cfg, method: str, execution: str) -> str:
     """What the numbers mean: the simulator and its control mode, the sampling method (objective,
-    sampler, NFE) and the execution mode, e.g. 'metaworld | drifting nfe=1 | chunk 8/16'."""
+    sampler, NFE) and the execution mode, e.g. 'metaworld | drifting nfe=1 | chunk 4/16'."""
     name = str((simulation_config(data_cfg) or data_cfg)["name"])
     if name == "rlbench":
         keyframes = bool(data_cfg.get("keyframes", True))

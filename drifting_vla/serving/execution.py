@@ -37,6 +37,7 @@ import numpy as np
 
 from drifting_vla.inference.history import ObservationHistory, stacked
 from drifting_vla.serving.client import ServerBusy
+from drifting_vla.specs import default_execute_steps
 
 # predict(one observation, seed or None) -> chunk [T, A]: PolicyClient.predict, or a local policy.
 Predict = Callable[[Mapping, "int | None"], np.ndarray]
@@ -184,7 +185,7 @@ class ChunkedPolicy:
     def __init__(
         self, predict: Predict, horizon: int, execute_steps: int | None = None, seed: int | None = None, n_obs_steps: int = 1
     ) -> None:
-        execute_steps = max(1, horizon // 2) if execute_steps is None else execute_steps
+        execute_steps = default_execute_steps(horizon) if execute_steps is None else execute_steps
         if not 1 <= execute_steps <= horizon:
             raise ValueError(f"execute_steps must be in [1, horizon={horizon}], got {execute_steps}")
         self.predict, self.horizon, self.execute_steps, self.seed = predict, horizon, execute_steps, seed

@@ -118,7 +118,7 @@ class EvalConfig:
     workers: int = setting(2, ge=1)
     videos_per_task: int = setting(1, ge=0)
     execution: str = setting("chunk", choices=EXECUTION_MODES)
-    execute_steps: int = setting(8, ge=1)
+    execute_steps: int | None = setting(None, ge=1)
     ensemble_decay: float = setting(0.01, ge=0)
     nfe: int | None = setting(None, ge=1)
     sampler: str | None = setting(None, choices=SAMPLERS)
@@ -457,7 +457,7 @@ def validate_run_config(cfg) -> None:
     data, training = _checked_groups(cfg)
     data_name = data.name
     evaluates = training.eval.at_end or training.eval.every > 0
-    if evaluates and training.eval.execute_steps > data.horizon:
+    if evaluates and training.eval.execute_steps is not None and training.eval.execute_steps > data.horizon:
         raise ValueError(
             f"config key training.eval.execute_steps={training.eval.execute_steps} must be in [1, data.horizon={data.horizon}] "
             "(the actions of one chunk)"

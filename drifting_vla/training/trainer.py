@@ -508,7 +508,7 @@ class Trainer:
         e = self.cfg.training.eval
         out_dir = self.run_dir / ("eval" if final else f"eval/step_{self.step:08d}")
         policy = DriftingPolicy(model, self.normalizer, self.objective, execution=str(e.execution),
-                                execute_steps=int(e.execute_steps), ensemble_decay=float(e.ensemble_decay),
+                                execute_steps=e.execute_steps, ensemble_decay=float(e.ensemble_decay),
                                 nfe=self.eval_nfe, sampler=self.eval_sampler)
         result = evaluate(policy, self.cfg.data, episodes=int(e.episodes), num_workers=int(e.workers),
                           output_dir=out_dir, videos_per_task=int(e.videos_per_task),
