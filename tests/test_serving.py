@@ -201,7 +201,12 @@ def wait_until(condition, timeout_s: float = 10.0) -> None:
 def test_async_executor_acts_while_the_next_chunk_is_computed_and_compensates_latency():
     predict = GatedPredict(horizon=8)
     executor = AsyncChunkExecutor(predict, horizon=8, refill_at=4)
-    threading.Timer(0.05, lambda: predict.gates[0].set()).start()
+    def release_the_first_chunk_late():  # once it is asked for: on a loaded machine that can take a while
+        wait_until(lambda: predict.gates)
+        time.sleep(0.05)
+        predict.gates[0].set()
+
+    threading.Thread(target=release_the_first_chunk_late, daemon=True).start()
     executed = [executor.act({"t": 0})[0]]  # waits for the first chunk: a starved step
     executed += [executor.act({"t": t})[0] for t in range(1, 7)]  # the request at step 4 stays in flight
     wait_until(lambda: len(predict.gates) == 2)
