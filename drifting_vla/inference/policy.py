@@ -229,8 +229,15 @@ class DriftingPolicy:
         `generator` (CPU), so a seeded generator gives the same chunk on any device. One unbatched
         observation gives [T, A]. With n_obs_steps = n > 1, `obs` holds the window of the last n
         observations (module docstring)."""
+        return self.predict_action_chunks(obs, 1, generator)[..., 0, :, :]
+
+    def predict_action_chunks(self, obs: Mapping, num_samples: int, generator: torch.Generator | None = None) -> np.ndarray:
+        """`num_samples` chunks per observation, [B, G, T, A] raw units ([G, T, A] for one
+        unbatched observation), from the same single `objective.sample` call that
+        `predict_action_chunk` executes the first of: for measuring what the policy would do
+        (`lab/one_positive.score_checkpoint`), not for acting."""
         if isinstance(obs["instruction"], str):
-            return self.predict_action_chunk(_as_batch(obs, self.n_obs_steps), generator)[0]
+            return self.predict_action_chunks(_as_batch(obs, self.n_obs_steps), num_samples, generator)[0]
         images = torch.as_tensor(obs["images"]).to(self.device)
         if self.n_obs_steps > 1 and images.ndim != 6:
             raise ValueError(
@@ -250,10 +257,10 @@ class DriftingPolicy:
         try:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
                 condition = self.model.encode_condition(batch)
-                chunk = self.objective.sample(self.model, condition, 1, self.nfe, self.sampler, generator)[:, 0]
+                chunks = self.objective.sample(self.model, condition, num_samples, self.nfe, self.sampler, generator)
         finally:
             self.model.train(training)
-        return self.normalizer.unnormalize("actions", chunk.float()).cpu().numpy()
+        return self.normalizer.unnormalize("actions", chunks.float()).cpu().numpy()
 
     # ------------------------------------------------------------------------------------------
     # Closed loop

@@ -187,22 +187,18 @@ def held_out_batches(policy, batches: int = 6, batch_size: int = 64):
 
 @torch.no_grad()
 def score_checkpoint(path, batches: int = 6, batch_size: int = 64, samples: int = SAMPLES_PER_TEST_CONDITION) -> CheckpointScore:
-    """`samples` chunks per held-out observation (`held_out_batches`), drawn by `objective.sample`
-    with the policy's nfe and sampler as its rollouts draw them (batch `index` from a generator
-    seeded `index`), scored against the expert chunk in normalized units. One sample's error is
-    what the run logs as `val/action_mse`, on other observations."""
+    """`samples` chunks per held-out observation (`held_out_batches`), drawn as the rollouts draw
+    them (`DriftingPolicy.predict_action_chunks`, batch `index` from a generator seeded `index`),
+    scored against the expert chunk in normalized units. One sample's error is what the run logs
+    as `val/action_mse`, on other observations."""
     from drifting_vla.inference.policy import DriftingPolicy
 
     policy = DriftingPolicy.from_checkpoint(path)
-    normalize, unnormalize = policy.normalizer.normalize, policy.normalizer.unnormalize
+    normalize = policy.normalizer.normalize
     error_sum, spread_sum, count = 0.0, 0.0, 0
-    policy.model.eval()
     for index, batch in held_out_batches(policy, batches, batch_size):
-        obs = {"images": batch["images"], "proprio": normalize("proprio", batch["proprio"].float()), "instruction": list(batch["instruction"])}
-        condition = policy.model.encode_condition(obs)
-        chunks = policy.objective.sample(policy.model, condition, samples, policy.nfe, policy.sampler, torch.Generator().manual_seed(index)).float()
-        chunks = normalize("actions", unnormalize("actions", chunks))  # as executed (a 6D rotation made valid)
-        expert = normalize("actions", batch["actions"].float())
+        chunks = torch.as_tensor(policy.predict_action_chunks(batch, samples, torch.Generator().manual_seed(index)))
+        chunks, expert = normalize("actions", chunks), normalize("actions", batch["actions"].float())
         error, spread, _ = score(chunks.flatten(2), expert.flatten(1)[:, None])
         error_sum, spread_sum, count = error_sum + error * len(expert), spread_sum + spread * len(expert), count + len(expert)
     return CheckpointScore(str(path), policy.method, error_sum / count, spread_sum / count, count)
