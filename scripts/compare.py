@@ -159,7 +159,7 @@ def evaluate_run(run: Run, run_dir: Path, protocol: Protocol, output: Path, epis
     summary_file = out_dir / "summary.json"
     if summary_file.exists():
         summary = json.loads(summary_file.read_text())
-        executed, horizon = (int(n) for n in executed_per_chunk(summary["protocol"]).split("/"))
+        executed, horizon = execution_of(summary["protocol"])
         asked = protocol.execute_steps or default_execute_steps(horizon)
         if executed != asked:
             raise SystemExit(
@@ -262,8 +262,14 @@ def executed_per_chunk(label: str) -> str:
     return label.split(" | ")[-1].removeprefix("chunk ")
 
 
+def execution_of(label: str) -> tuple[int, int]:
+    """(actions executed per chunk, horizon) of an evaluation's protocol label."""
+    executed, horizon = executed_per_chunk(label).split("/")
+    return int(executed), int(horizon)
+
+
 def executed_steps(row: dict) -> int:
-    return int(executed_per_chunk(row["label"]).split("/")[0])
+    return execution_of(row["label"])[0]
 
 
 def write_markdown(rows: list[dict], meta: dict, path: Path) -> None:
@@ -408,7 +414,7 @@ def plot_execution(rows: list[dict], output: Path) -> None:
         ax.errorbar([executed_steps(r) for r in mine], [r["success"] for r in mine], yerr=_intervals(mine), marker="o",
                     capsize=3, label=f"{method}, NFE {key[3]}", color=PLOT_COLORS.get(key[0]), linestyle="-" if key[1] is None else "--")
     ax.set_xticks(sorted({executed_steps(r) for r in rows}))
-    ax.set_xlabel(f"actions executed per chunk before replanning (horizon {executed_per_chunk(rows[0]['label']).split('/')[1]})")
+    ax.set_xlabel(f"actions executed per chunk before replanning (horizon {execution_of(rows[0]['label'])[1]})")
     _save_success_plot(fig, ax, output / "success_vs_execute_steps.png", "Success vs execution horizon, same checkpoints", "lower left")
 
 
