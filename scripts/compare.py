@@ -17,6 +17,11 @@ every requested NFE, and each policy's chunk timed at batch 1 on this machine in
                                               evaluated at each K (default: a quarter of the horizon, 4 of 16)
     --plugins     module ...                  modules of yours registering a dataset or simulator
                                               (drifting_vla/plugins.py), imported here and by every run
+    --parallel N                              training runs at once (default 1); a GPU trains several small
+                                              models side by side faster than one after another
+    --train-only                              train the matrix and stop: evaluate later, or on a machine with
+                                              the simulator (copy runs/ there; a run directory may hold a
+                                              checkpoint or a save_pretrained export of its final policy)
     after --       Hydra overrides given to EVERY training run (the shared budget)
 
 Layout under --output (a killed comparison resumes: finished runs and evaluations are kept,
@@ -36,6 +41,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -49,6 +55,7 @@ from tqdm import tqdm  # noqa: E402
 
 from benchmarks.timing import time_call  # noqa: E402
 from drifting_vla.files import write_atomic  # noqa: E402
+from drifting_vla.inference.export import read_saved_policy  # noqa: E402
 from drifting_vla.inference.policy import DriftingPolicy  # noqa: E402
 from drifting_vla.inference.rollout import (  # noqa: E402
     evaluate,
@@ -148,8 +155,30 @@ def train(run: Run, output: Path, overrides: list[str]) -> Path:
         result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     if result.returncode != 0:
         raise SystemExit(f"training {run.name} failed (exit {result.returncode}); see {run_dir / 'train.log'}")
-    write_atomic(run_dir / "trained.json", json.dumps({"command": command, "seconds": time.time() - started}))
+    record = {"command": command, "seconds": time.time() - started, "machine": machine_description()}
+    write_atomic(run_dir / "trained.json", json.dumps(record))
     return run_dir
+
+
+def machine_description() -> str:
+    """Where a run trains (scripts/train.py's `device: auto` takes the GPU when there is one)."""
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()}, {os.cpu_count()} CPU cores"
+    return f"{os.cpu_count()} CPU cores"
+
+
+def train_all(runs: list[Run], output: Path, overrides: list[str], variants: dict[str, list[str]], parallel: int) -> dict[Run, Path]:
+    """Every run trained, `parallel` training processes at a time; the first failure stops the matrix
+    after the runs in flight finish (their checkpoints resume on the next call)."""
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        futures = {run: pool.submit(train, run, output, [*overrides, *variants.get(run.variant, [])]) for run in runs}
+        bar = tqdm(as_completed(futures.values()), total=len(runs), desc=f"training ({parallel} at a time)", unit="run", dynamic_ncols=True)
+        for future in bar:
+            if future.exception() is not None:
+                for queued in futures.values():
+                    queued.cancel()
+                raise future.exception()
+    return {run: future.result() for run, future in futures.items()}
 
 
 def evaluate_run(run: Run, run_dir: Path, protocol: Protocol, output: Path, episodes: int, workers: int) -> dict:
@@ -311,8 +340,9 @@ def write_markdown(rows: list[dict], meta: dict, path: Path) -> None:
     if meta.get("variants"):
         lines += ["", "Variants (overrides added to the shared ones): "
                   + "; ".join(f"`{name}`: {' '.join(o)}" for name, o in meta["variants"].items())]
-    lines += ["", f"Wall time of the matrix: {meta['wall_minutes']:.1f} min (training {meta['train_minutes']:.1f}, "
-              f"evaluation {meta['eval_minutes']:.1f}), as recorded by each cell when it ran.", ""]
+    lines += ["", f"Wall time of the matrix: {meta['wall_minutes']:.1f} min (training {meta['train_minutes']:.1f} on "
+              f"{meta.get('trained_on', 'this machine')}, evaluation {meta['eval_minutes']:.1f}), as recorded by each cell when it "
+              "ran (runs trained side by side each count their own wall time).", ""]
     path.write_text("\n".join(lines))
 
 
@@ -419,9 +449,8 @@ def plot_execution(rows: list[dict], output: Path) -> None:
 
 
 def resolved_budget(run_dir: Path) -> dict:
-    import yaml
-
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    """The shared budget, read from a run directory or from the export of its final policy."""
+    cfg = read_saved_policy(run_dir).cfg
     t = cfg["training"]
     return {"data": cfg["data"]["name"] + " " + ", ".join(cfg["data"].get("tasks", [])), "max_steps": t["max_steps"],
             "batch_size": t["batch_size"], "learning_rate": t["learning_rate"], "ema_decay": t["ema_decay"]}
@@ -439,6 +468,8 @@ def main() -> None:
     parser.add_argument("--execute-steps", type=int, nargs="+", default=[None],
                         help="actions executed per chunk before replanning; every protocol at each (default: a quarter of the horizon)")
     parser.add_argument("--plugins", nargs="+", default=[], help="modules of yours to import (drifting_vla/plugins.py)")
+    parser.add_argument("--parallel", type=int, default=1, help="training runs at once (default 1)")
+    parser.add_argument("--train-only", action="store_true", help="train the matrix and stop (evaluate later, or elsewhere)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every training run (after --)")
     args = parser.parse_args()
     load_plugins(args.plugins)
@@ -454,10 +485,16 @@ def main() -> None:
     # (the simulator workers, other jobs) cannot stall it at OpenMP barriers.
     torch.set_num_threads(1)
 
-    cells = [(run, None) for run in runs] + [(run, p) for run in runs for p in protocols if p.objective == run.objective]
+    if args.parallel < 1:
+        raise SystemExit(f"--parallel {args.parallel}: expected at least 1 training run at a time")
+    run_dirs = train_all(runs, args.output, args.overrides, variants, args.parallel) if args.parallel > 1 or args.train_only else {}
+    if args.train_only:
+        print(f"trained {len(runs)} runs under {args.output / 'runs'}; evaluate them with the same command without --train-only")
+        return
+    cells = [(run, None) for run in runs if run not in run_dirs] + [(run, p) for run in runs for p in protocols if p.objective == run.objective]
     # Run order: each run is evaluated as soon as it is trained, so results arrive early.
     cells.sort(key=lambda cell: (runs.index(cell[0]), cell[1] is not None))
-    results, run_dirs = [], {}
+    results = []
     bar = tqdm(cells, desc="comparison", unit="cell", dynamic_ncols=True)
     for run, protocol in bar:
         bar.set_postfix_str(run.name if protocol is None else f"{run.name} @ {protocol.name}")
@@ -476,13 +513,15 @@ def main() -> None:
                 for policy in tqdm(dict.fromkeys(timed.values()), desc="latency", unit="policy")}
     latencies = {cell: measured[policy] for cell, policy in timed.items()}
     rows = aggregate(results, latencies, runs)
-    train_seconds = sum(json.loads((d / "trained.json").read_text())["seconds"] for d in run_dirs.values())
+    trained = [json.loads((d / "trained.json").read_text()) for d in run_dirs.values()]
+    train_seconds = sum(t["seconds"] for t in trained)
     eval_seconds = sum(r["seconds"] for r in results)
     meta = {
         **resolved_budget(next(iter(run_dirs.values()))),
         "episodes_per_task": args.episodes,
         "execution": ", ".join(dict.fromkeys(executed_per_chunk(r["label"]) for r in rows)),
         "machine": f"{os.cpu_count()} CPU cores",
+        "trained_on": ", ".join(dict.fromkeys(t.get("machine", "an unrecorded machine") for t in trained)),
         "train_minutes": train_seconds / 60,
         "eval_minutes": eval_seconds / 60,
         "wall_minutes": (train_seconds + eval_seconds) / 60,

@@ -121,3 +121,38 @@ def test_a_cached_cell_evaluated_at_another_horizon_is_not_reused_silently(tmp_p
     cell.rename(cell.parent / "drifting_nfe1_exec8")  # the remedy the message names
     kept = compare.evaluate_run(run, tmp_path / "runs", compare.Protocol("drifting", None, 1, execute_steps=8), tmp_path, episodes=1, workers=1)
     assert kept["success_rate"] == 0.5
+
+
+def test_train_side_by_side_then_evaluate_exports_elsewhere(tmp_path):
+    # The GPU workflow: train the matrix side by side with --train-only where there is no simulator,
+    # carry each run's final policy back as a save_pretrained export, and evaluate it with the
+    # same command: the export is what the checkpoint computes, and the budget is read from it.
+    common = [
+        "--runs", "drifting:0", "regression:0", "--protocols", "drifting:1", "regression:1", "--episodes", "1", "--workers", "1",
+        "--", "experiment=tiny_cpu", "data.tasks=[drawer-close-v3]", f"data.root={tmp_path / 'demos'}",
+        "data.train_seeds.count=3", "data.val_every=3", "data.collect_workers=1", "training.max_steps=4",
+    ]
+    trained_dir = tmp_path / "trained"
+    compare_script = [sys.executable, str(ROOT / "scripts" / "compare.py")]
+    first = subprocess.run([*compare_script, "--output", str(trained_dir), "--parallel", "2", "--train-only", *common],
+                           capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "trained 2 runs" in first.stdout
+    assert not (trained_dir / "evals").exists() and not (trained_dir / "comparison.json").exists()
+    for name in ("drifting_seed0", "regression_seed0"):
+        record = json.loads((trained_dir / "runs" / name / "trained.json").read_text())
+        assert record["machine"].endswith("CPU cores") and record["seconds"] > 0
+
+    from drifting_vla.inference.policy import DriftingPolicy
+
+    carried = tmp_path / "carried"
+    for name in ("drifting_seed0", "regression_seed0"):
+        DriftingPolicy.from_checkpoint(trained_dir / "runs" / name).save_pretrained(carried / "runs" / name)
+        (carried / "runs" / name / "trained.json").write_text((trained_dir / "runs" / name / "trained.json").read_text())
+    second = subprocess.run([*compare_script, "--output", str(carried), *common], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    result = json.loads((carried / "comparison.json").read_text())
+    assert {row["protocol"] for row in result["rows"]} == {"drifting_nfe1", "regression_nfe1"}
+    assert result["meta"]["max_steps"] == 4 and result["meta"]["trained_on"].endswith("CPU cores")
+    assert f"on {result['meta']['trained_on']}, evaluation" in (carried / "comparison.md").read_text()
+    assert not list((carried / "runs" / "drifting_seed0").glob("checkpoints"))  # evaluated as carried, not retrained
