@@ -83,7 +83,7 @@ GPU = Sizes(
     compile={"dynamic": False},  # static shapes, as in a training run (one G) and at batch 1
     timing={},
     quickstart=(
-        "model.language.name=task_embedding", "~model.language.max_length",  # MiniLM's weights ship in an 88 MB package: more than travels to the machine
+        "~model.language", "+model.language={name:task_embedding}",  # MiniLM's weights ship in an 88 MB package: more than travels to the machine
         "data.collect_workers=14", "training.max_steps=1000", "training.eval.episodes=20", "training.eval.workers=14",
         "training.eval.videos_per_task=0",  # videos need imageio-ffmpeg: one more (30 MB) wheel to carry
     ),
@@ -104,7 +104,7 @@ SMOKE = Sizes(
     compile={"backend": "eager", "dynamic": False},
     timing={"warmup": 1, "repeats": 1, "min_seconds": 0.0},
     quickstart=(
-        "model.language.name=task_embedding", "~model.language.max_length", "data.tasks=[drawer-close-v3]", "data.train_seeds.count=2", "data.max_episode_steps=100",
+        "~model.language", "+model.language={name:task_embedding}", "data.tasks=[drawer-close-v3]", "data.train_seeds.count=2", "data.max_episode_steps=100",
         "data.collect_workers=1", "training.max_steps=2", "training.warmup_steps=1", "training.batch_size=4", "training.val_every=0",
         "training.eval.episodes=1", "training.eval.workers=1", "training.eval.videos_per_task=0",
     ),
@@ -169,7 +169,10 @@ def _matmul_row(device: torch.device, sizes: Sizes) -> Row:
     n = sizes.matmul
     a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
     seconds = time_call(lambda: a @ b, **sizes.timing)
-    return Row("gpu", f"bf16 matmul {n}x{n}x{n}", seconds, extra={"TFLOP/s": round(2 * n**3 / seconds / 1e12, 1)})
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    # The card and the PyTorch build travel with the figures: a JSON file read later names both.
+    extra = {"TFLOP/s": round(2 * n**3 / seconds / 1e12, 1), "device": card, "torch": torch.__version__}
+    return Row("gpu", f"bf16 matmul {n}x{n}x{n}", seconds, extra=extra)
 
 
 def _build(cfg, device: torch.device):
