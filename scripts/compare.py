@@ -7,6 +7,8 @@ every requested NFE, and each policy's chunk timed at batch 1 on this machine in
         --protocols drifting:1 flow_matching:1,10 --episodes 10 -- training.max_steps=500
     python scripts/compare.py --output comparisons/ablation --runs drifting:0 drifting@dim:0 \\
         --variant dim "training.drifting.grouping=dimension" --protocols drifting:1    # a recipe ablation
+    python scripts/compare.py --output comparisons/gpu --parallel 6 --train-only    # train on a GPU, side by side;
+    python scripts/compare.py --output comparisons/gpu                               # then evaluate where the simulator is
 
     --runs        objective[@variant]:seed[,seed...]    (default: drifting:0,1 regression:0,1 flow_matching:0 diffusion:0)
     --variant     NAME "OVERRIDES"    the Hydra overrides a variant adds to its runs (a recipe ablation:
