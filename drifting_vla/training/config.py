@@ -80,7 +80,7 @@ class PositivesConfig:
 
 @dataclass(kw_only=True)
 class DriftingConfig:
-    temperatures: list[float] = setting(factory=lambda: [0.02, 0.05, 0.2], gt=0, min_items=1)
+    temperatures: list[float] = setting(factory=lambda: [0.02, 0.05, 0.2, 1.0], gt=0, min_items=1)
     affinity_floor: float = setting(1e-6, ge=0)
     grouping: str = setting("chunk", choices=("chunk", "timestep", "dimension"))
     positives: PositivesConfig = setting(factory=PositivesConfig)
