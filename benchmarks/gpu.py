@@ -75,6 +75,11 @@ class Sizes:
     needs_s: dict[str, float]
 
 
+TASK_EMBEDDINGS = ("~model.language", "+model.language={name:task_embedding}")
+"""The quickstart's language encoder replaced whole by learned task embeddings: MiniLM's weights ship
+in an 88 MB package, more than travels to the GPU machine."""
+
+
 GPU = Sizes(
     models=("dit_b2", "dit_l2"),
     # The GPU machine has no hub: random weights, and the CLIP tokenizer from open_clip's BPE file.
@@ -83,7 +88,7 @@ GPU = Sizes(
     compile={"dynamic": False},  # static shapes, as in a training run (one G) and at batch 1
     timing={},
     quickstart=(
-        "~model.language", "+model.language={name:task_embedding}",  # MiniLM's weights ship in an 88 MB package: more than travels to the machine
+        *TASK_EMBEDDINGS,
         "data.collect_workers=14", "training.max_steps=1000", "training.eval.episodes=20", "training.eval.workers=14",
         "training.eval.videos_per_task=0",  # videos need imageio-ffmpeg: one more (30 MB) wheel to carry
     ),
@@ -104,7 +109,7 @@ SMOKE = Sizes(
     compile={"backend": "eager", "dynamic": False},
     timing={"warmup": 1, "repeats": 1, "min_seconds": 0.0},
     quickstart=(
-        "~model.language", "+model.language={name:task_embedding}", "data.tasks=[drawer-close-v3]", "data.train_seeds.count=2", "data.max_episode_steps=100",
+        *TASK_EMBEDDINGS, "data.tasks=[drawer-close-v3]", "data.train_seeds.count=2", "data.max_episode_steps=100",
         "data.collect_workers=1", "training.max_steps=2", "training.warmup_steps=1", "training.batch_size=4", "training.val_every=0",
         "training.eval.episodes=1", "training.eval.workers=1", "training.eval.videos_per_task=0",
     ),

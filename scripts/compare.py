@@ -343,7 +343,7 @@ def write_markdown(rows: list[dict], meta: dict, path: Path) -> None:
         lines += ["", "Variants (overrides added to the shared ones): "
                   + "; ".join(f"`{name}`: {' '.join(o)}" for name, o in meta["variants"].items())]
     lines += ["", f"Wall time of the matrix: {meta['wall_minutes']:.1f} min (training {meta['train_minutes']:.1f} on "
-              f"{meta.get('trained_on', 'this machine')}, evaluation {meta['eval_minutes']:.1f}), as recorded by each cell when it "
+              f"{meta['trained_on']}, evaluation {meta['eval_minutes']:.1f}), as recorded by each cell when it "
               "ran (runs trained side by side each count their own wall time).", ""]
     path.write_text("\n".join(lines))
 
