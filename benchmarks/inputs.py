@@ -9,8 +9,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from drifting_vla.objectives.methods import Objective, build_objective
 from drifting_vla.specs import ActionSpec
-from drifting_vla.training.objectives import Objective, build_objective
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -26,8 +26,11 @@ from omegaconf import OmegaConf
 from benchmarks.inputs import ROOT, compose_config
 from benchmarks.timing import Row, time_call
 from drifting_vla.data.normalization import Normalizer, compute_stats
+from drifting_vla.formats.config import training_config
+from drifting_vla.inference.card import export_description
 from drifting_vla.inference.policy import DriftingPolicy
 from drifting_vla.models import build_model
+from drifting_vla.objectives import build_objective
 from drifting_vla.serving import PolicyClient
 from drifting_vla.serving.server import predict_chunks
 from drifting_vla.specs import ActionSpec
@@ -80,6 +83,8 @@ def _random_checkpoint(root: Path, device: str) -> Path:
         root / "checkpoints",
         step=0,
         state=gather_training_state(model, EMA(model), optimizer),
+        **export_description(OmegaConf.to_container(cfg, resolve=True), build_objective(training_config(cfg.training)),
+                             str(root / "checkpoints" / "step_00000000")),
         scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
         config=OmegaConf.to_container(cfg, resolve=True),
         normalization=Normalizer.from_stats(stats, spec, proprio_dim=int(cfg.data.proprio_dim)).to_dict(),

@@ -56,15 +56,15 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from benchmarks.timing import time_call  # noqa: E402
-from drifting_vla.files import write_atomic  # noqa: E402
-from drifting_vla.inference.export import read_saved_policy  # noqa: E402
-from drifting_vla.inference.policy import DriftingPolicy  # noqa: E402
-from drifting_vla.inference.rollout import (  # noqa: E402
+from drifting_vla.evaluation.rollout import (  # noqa: E402
     evaluate,
     evaluation_seeds,
     protocol_label,
     wilson_interval,
 )
+from drifting_vla.formats.export import read_saved_policy  # noqa: E402
+from drifting_vla.formats.files import write_atomic  # noqa: E402
+from drifting_vla.inference.policy import DriftingPolicy  # noqa: E402
 from drifting_vla.plugins import load_plugins  # noqa: E402
 from drifting_vla.specs import default_execute_steps  # noqa: E402
 

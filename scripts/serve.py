@@ -21,10 +21,10 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from drifting_vla.formats.config import validate_serve_config  # noqa: E402
 from drifting_vla.inference.policy import DriftingPolicy  # noqa: E402
 from drifting_vla.plugins import load_plugins  # noqa: E402
 from drifting_vla.serving.server import ServerConfig, serve_forever  # noqa: E402
-from drifting_vla.training.config import validate_serve_config  # noqa: E402
 
 log = logging.getLogger("serve")
 

@@ -33,15 +33,15 @@ from omegaconf import DictConfig, OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from drifting_vla.envs import NO_SIMULATOR, simulation_config  # noqa: E402
-from drifting_vla.inference.export import local_policy_dir, read_saved_policy  # noqa: E402
+from drifting_vla.evaluation.rollout import EvalSummary, evaluate, evaluation_seeds, protocol_label  # noqa: E402
+from drifting_vla.formats.config import validate_eval_config  # noqa: E402
+from drifting_vla.formats.export import local_policy_dir, read_saved_policy  # noqa: E402
 from drifting_vla.inference.policy import DriftingPolicy  # noqa: E402
-from drifting_vla.inference.rollout import EvalSummary, evaluate, evaluation_seeds, protocol_label  # noqa: E402
 from drifting_vla.logging.trajectory_video import TRAJECTORY_VIDEO_KEY  # noqa: E402
 from drifting_vla.logging.wandb_logger import RunLogger  # noqa: E402
 from drifting_vla.plugins import load_plugins  # noqa: E402
 from drifting_vla.serving import ChunkedPolicy, PolicyClient  # noqa: E402
 from drifting_vla.serving.server import predict_chunks  # noqa: E402
-from drifting_vla.training.config import validate_eval_config  # noqa: E402
 
 log = logging.getLogger("simulate_eval")
 

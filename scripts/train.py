@@ -21,6 +21,7 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
+from drifting_vla.evaluation import SimulationEvaluator  # noqa: E402
 from drifting_vla.plugins import load_plugins  # noqa: E402
 from drifting_vla.training.trainer import Trainer  # noqa: E402
 
@@ -31,7 +32,7 @@ def main(cfg: DictConfig) -> None:
     if cfg.run_dir is None:
         with open_dict(cfg):
             cfg.run_dir = HydraConfig.get().runtime.output_dir
-    Trainer(cfg).fit()
+    Trainer(cfg, evaluator=SimulationEvaluator(cfg)).fit()
 
 
 if __name__ == "__main__":

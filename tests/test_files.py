@@ -8,15 +8,21 @@ from pathlib import Path
 
 import pytest
 
-import drifting_vla.files as files
-from drifting_vla.files import FileLock, JsonLinesAppender, LockHeld, read_jsonl, write_atomic
-from drifting_vla.inference.rollout import read_episodes
+import drifting_vla.formats.files as files
+from drifting_vla.evaluation.rollout import read_episodes
+from drifting_vla.formats.files import (
+    FileLock,
+    JsonLinesAppender,
+    LockHeld,
+    read_jsonl,
+    write_atomic,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 HOLD_THE_LOCK = """
 import os, sys, time
-from drifting_vla.files import FileLock
+from drifting_vla.formats.files import FileLock
 FileLock(os.path.join(sys.argv[1], ".lock"), "the run directory", "").acquire()
 child = os.fork() if sys.argv[2] == "fork" else 0
 if child == 0 and sys.argv[2] == "fork":

@@ -11,7 +11,6 @@ import imageio.v2 as imageio
 import numpy as np
 import pytest
 import torch
-import yaml
 from omegaconf import OmegaConf
 
 from drifting_vla.data.normalization import Normalizer, compute_stats
@@ -19,8 +18,7 @@ from drifting_vla.data.rlbench_dataset import POSE_ACTION_SPEC
 from drifting_vla.data.transforms import canonical_quaternion
 from drifting_vla.envs import env_import_path, make_env, rlbench_env
 from drifting_vla.envs.metaworld_env import instruction_for
-from drifting_vla.inference.policy import DriftingPolicy, ensemble_actions
-from drifting_vla.inference.rollout import (
+from drifting_vla.evaluation.rollout import (
     EpisodeRecord,
     EvalSummary,
     EvaluationError,
@@ -30,19 +28,18 @@ from drifting_vla.inference.rollout import (
     read_episodes,
     wilson_interval,
 )
+from drifting_vla.formats.checkpoint import seal_checkpoint
+from drifting_vla.formats.config import training_config
+from drifting_vla.formats.weights import DamagedCheckpointError
+from drifting_vla.inference.card import export_description
+from drifting_vla.inference.policy import DriftingPolicy, ensemble_actions
 from drifting_vla.logging.trajectory_video import PLOT_HEIGHT_PX, TITLE_HEIGHT_PX
 from drifting_vla.models.drifting_vla import build_model
+from drifting_vla.objectives.methods import OBJECTIVES, build_objective
 from drifting_vla.serving import ChunkedPolicy
 from drifting_vla.specs import RLBENCH_ACTION_SPEC, ActionSpec, default_execute_steps
-from drifting_vla.training.checkpoint import (
-    DamagedCheckpointError,
-    gather_training_state,
-    save_checkpoint,
-    seal_checkpoint,
-)
-from drifting_vla.training.config import training_config
+from drifting_vla.training.checkpoint import gather_training_state, save_checkpoint
 from drifting_vla.training.ema import EMA
-from drifting_vla.training.objectives import OBJECTIVES, build_objective
 from tests.fake_envs import FakeRLBench
 
 TASK = "reach-v3"
@@ -106,6 +103,8 @@ def write_checkpoint(run_dir: Path, cfg, normalizer: Normalizer | None = None):
         run_dir / "checkpoints",
         step=10,
         state=gather_training_state(model, ema, optimizer),
+        **export_description(OmegaConf.to_container(cfg, resolve=True), build_objective(training_config(cfg.training)),
+                             str(run_dir / "checkpoints" / "step_00000010")),
         scheduler=scheduler,
         config=OmegaConf.to_container(cfg, resolve=True),
         normalization=normalizer.to_dict(),
@@ -161,11 +160,11 @@ def test_normalization_stats_that_are_not_finite_numbers_are_refused_naming_the_
 ])
 def test_a_checkpoint_config_is_checked_like_a_runs_naming_the_file(checkpoint, key, value, message):
     path = checkpoint[0]
-    cfg = yaml.safe_load((path / "config.yaml").read_text())
-    cfg["data"][key] = value
-    (path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    saved = json.loads((path / "config.json").read_text())
+    saved["config"]["data"][key] = value
+    (path / "config.json").write_text(json.dumps(saved))
     seal_checkpoint(path)
-    with pytest.raises(ValueError, match=re.escape(f"{path / 'config.yaml'}: {message}")):
+    with pytest.raises(ValueError, match=re.escape(f"{path / 'config.json'}: {message}")):
         DriftingPolicy.from_checkpoint(path)
 
 
@@ -399,7 +398,7 @@ def test_rollout_reports_simulator_errors_and_dead_workers_as_failed_episodes(tm
 
 def no_workers(monkeypatch):
     """Fail the test if an evaluation starts a simulator worker."""
-    from drifting_vla.inference import rollout
+    from drifting_vla.evaluation import rollout
 
     monkeypatch.setattr(rollout, "_Worker", lambda *a, **k: pytest.fail("a simulator worker was started"))
 
@@ -411,7 +410,7 @@ def test_an_evaluation_without_workers_is_refused_not_reported_as_zero(monkeypat
 
 
 def test_a_second_evaluation_into_the_same_output_is_refused_and_leaves_the_first_ones_records(monkeypatch, tmp_path):
-    from drifting_vla.files import FileLock, LockHeld
+    from drifting_vla.formats.files import FileLock, LockHeld
 
     no_workers(monkeypatch)
     (tmp_path / "episodes.jsonl").write_text('{"task": "a", "seed": 0}\n')  # the first evaluation's, so far
@@ -488,7 +487,7 @@ def test_a_script_without_a_main_guard_fails_loudly_naming_the_pitfall(tmp_path)
         "from omegaconf import OmegaConf\n"
         "import tests.fake_envs\n"
         "from tests.test_inference import tiny_cfg, tiny_policy\n"
-        "from drifting_vla.inference.rollout import evaluate\n"
+        "from drifting_vla.evaluation.rollout import evaluate\n"
         "data = OmegaConf.to_container(tiny_cfg().data)\n"
         "data['name'] = 'scripted'\n"
         "evaluate(tiny_policy(), data, seeds=[0], num_workers=1, progress=False, step_timeout_s=60)\n"
@@ -737,23 +736,6 @@ def _rewrite(path: Path, name: str, weights: dict) -> None:
     seal_checkpoint(path)
 
 
-def test_checkpoint_from_before_the_time_embedder_loads_and_acts_the_same(checkpoint):
-    from safetensors.torch import load_file
-
-    path = checkpoint[0]
-    policy = DriftingPolicy.from_checkpoint(path)
-    with torch.no_grad():  # the network as it was before the embedder existed: no time term
-        for param in policy.model.dit.t_embedder.mlp[-1].parameters():
-            param.zero_()
-    obs = observation_batch()
-    expected = policy.predict_action_chunk(obs, generator=torch.Generator().manual_seed(3))
-    for name in ("model.safetensors", "ema.safetensors"):
-        weights = load_file(str(path / name))
-        _rewrite(path, name, {k: v for k, v in weights.items() if not k.startswith("dit.t_embedder.")})
-    old = DriftingPolicy.from_checkpoint(path)
-    np.testing.assert_allclose(old.predict_action_chunk(obs, generator=torch.Generator().manual_seed(3)), expected, atol=1e-6)
-
-
 def test_checkpoint_missing_other_weights_is_an_error_naming_them(checkpoint):
     from safetensors.torch import load_file
 
@@ -767,7 +749,7 @@ def test_checkpoint_missing_other_weights_is_an_error_naming_them(checkpoint):
 def test_every_path_that_executes_chunks_defaults_to_the_same_horizon():
     # Training's evaluation passes its null setting to DriftingPolicy; simulate_eval and the served
     # client build ChunkedPolicy: one default, so a run is evaluated the way it will be executed.
-    from drifting_vla.training.config import training_config
+    from drifting_vla.formats.config import training_config
 
     assert training_config({}).eval.execute_steps is None
     assert [default_execute_steps(h) for h in (1, 4, 8, 16)] == [1, 1, 2, 4]

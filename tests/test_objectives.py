@@ -11,9 +11,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from drifting_vla.formats.config import training_config
 from drifting_vla.models.drifting_vla import DriftingVLA, build_model
-from drifting_vla.training.config import training_config
-from drifting_vla.training.objectives import OBJECTIVES, build_objective
+from drifting_vla.objectives.methods import OBJECTIVES, build_objective
 from tests.test_inference import observation_batch, tiny_cfg
 
 

@@ -18,7 +18,8 @@ from omegaconf import OmegaConf
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from drifting_vla.inference.rollout import evaluate, read_episodes
+from drifting_vla.evaluation.rollout import evaluate, read_episodes
+from drifting_vla.formats.checkpoint import seal_checkpoint
 from drifting_vla.serving import (
     AsyncChunkExecutor,
     ChunkedPolicy,
@@ -30,7 +31,6 @@ from drifting_vla.serving import (
 )
 from drifting_vla.serving.protocol import check_observation, pack, unpack
 from drifting_vla.serving.server import PolicyServer, ServerConfig, predict_chunks
-from drifting_vla.training.checkpoint import seal_checkpoint
 from tests.test_inference import CountingGenerator, checkpoint, env_batch, tiny_cfg, tiny_policy  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]

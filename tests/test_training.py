@@ -27,14 +27,14 @@ from drifting_vla.data.fixtures import write_rlbench_fixture
 from drifting_vla.data.neighbours import NeighbourIndex
 from drifting_vla.data.registry import build_dataset, register_dataset
 from drifting_vla.data.rlbench_pickle import CorruptEpisodeError
-from drifting_vla.files import LockHeld
-from drifting_vla.inference.policy import DriftingPolicy
-from drifting_vla.training.config import (
+from drifting_vla.formats.config import (
     validate_eval_config,
     validate_run_config,
     validate_serve_config,
     validate_training_config,
 )
+from drifting_vla.formats.files import LockHeld
+from drifting_vla.inference.policy import DriftingPolicy
 from drifting_vla.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,7 +128,7 @@ PLUGIN_DATASET = """
 from dataclasses import dataclass
 
 from drifting_vla.data.registry import register_dataset
-from drifting_vla.training.config import DATA_SCHEMAS, DataConfig, setting
+from drifting_vla.formats.config import DATA_SCHEMAS, DataConfig, setting
 
 
 @dataclass(kw_only=True)
@@ -148,7 +148,7 @@ def build_robot(cfg, split="train"):
 
 def test_a_plugin_dataset_declares_the_schema_of_its_own_keys_and_they_are_checked_at_start(tmp_path, monkeypatch):
     import drifting_vla.data.registry as registry
-    import drifting_vla.training.config as config
+    import drifting_vla.formats.config as config
     from drifting_vla.plugins import load_plugins
 
     monkeypatch.setattr(config, "DATA_SCHEMAS", dict(config.DATA_SCHEMAS))  # the plugin's entries go with the test

@@ -62,7 +62,7 @@ from pathlib import Path
 import numpy as np
 
 from drifting_vla.envs import NO_SIMULATOR, checked_env_import_path, env_class, simulation_config
-from drifting_vla.files import FileLock, JsonLinesAppender, read_jsonl, write_atomic
+from drifting_vla.formats.files import FileLock, JsonLinesAppender, read_jsonl, write_atomic
 
 VIDEO_FPS = 30
 
