@@ -98,7 +98,7 @@ def test_model_card_shows_the_runs_final_evaluation_and_the_command_that_reprodu
     (path.parent.parent / "summary.json").write_text(json.dumps(summary))
     card = (policy.save_pretrained(tmp_path / "export", repo_id="me/reach") / "README.md").read_text()
     assert f"| {TASK} | 0.750 | [0.41, 0.93] | 8 |" in card and "metaworld | drifting nfe=1 | chunk 8/16" in card
-    assert "python scripts/simulate_eval.py checkpoint=me/reach episodes=25 execution=chunk execute_steps=1 nfe=1" in card
+    assert "drifting-eval checkpoint=me/reach episodes=25 execution=chunk execute_steps=1 nfe=1" in card
     assert 'DriftingPolicy.from_pretrained("me/reach")' in card
 
     (path.parent.parent / "summary.json").write_text(json.dumps({**summary, "step": 20}))  # another checkpoint's

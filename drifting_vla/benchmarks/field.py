@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from benchmarks.timing import Row, time_call
+from drifting_vla.benchmarks.timing import Row, time_call
 from drifting_vla.objectives.drifting_field import (
     compute_drift,
     drift_from_distances,

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from benchmarks.inputs import ROOT, compose_config
-from benchmarks.timing import Row, time_call
+from drifting_vla.benchmarks.inputs import compose_config
+from drifting_vla.benchmarks.timing import Row, time_call
 from drifting_vla.data.normalization import Normalizer, compute_stats
 from drifting_vla.formats.config import training_config
 from drifting_vla.inference.card import export_description
@@ -103,9 +103,9 @@ def _observation(data: dict) -> dict:
 
 def _start_server(checkpoint: Path, device: str) -> tuple[subprocess.Popen, str]:
     process = subprocess.Popen(
-        [sys.executable, str(ROOT / "scripts" / "serve.py"), f"checkpoint={checkpoint}", "port=0",
+        [sys.executable, "-m", "drifting_vla.cli.serve", f"checkpoint={checkpoint}", "port=0",
          "num_threads=1", f"device={device}"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     for line in process.stdout:
         if line.startswith("ready: "):

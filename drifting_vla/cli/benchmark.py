@@ -17,12 +17,10 @@ import json
 import pathlib
 import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from drifting_vla.benchmarks.timing import format_table  # noqa: E402
 
-from benchmarks.timing import format_table  # noqa: E402
-
-CASES = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py") if p.stem not in {"__init__", "timing", "inputs"})
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+CASES = sorted(p.stem for p in BENCHMARKS.glob("*.py") if p.stem not in {"__init__", "timing", "inputs"})
 DEFAULT_CASES = [case for case in CASES if case != "gpu"]  # gpu is sized for a GPU lease: run it by name
 
 
@@ -41,7 +39,7 @@ def main() -> None:
         parser.error(f"unknown case(s) {unknown}; choose from {CASES}")
     rows = []
     for case in args.cases or DEFAULT_CASES:
-        rows += importlib.import_module(f"benchmarks.{case}").run(args)
+        rows += importlib.import_module(f"drifting_vla.benchmarks.{case}").run(args)
         print(format_table(rows), flush=True)
         print()
     if args.json:

@@ -48,14 +48,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 os.environ.setdefault("MUJOCO_GL", "egl")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from benchmarks.timing import time_call  # noqa: E402
+from drifting_vla.benchmarks.timing import time_call  # noqa: E402
 from drifting_vla.evaluation.rollout import (  # noqa: E402
     evaluate,
     evaluation_seeds,
@@ -149,12 +147,12 @@ def train(run: Run, output: Path, overrides: list[str]) -> Path:
         return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     command = [
-        sys.executable, str(ROOT / "scripts" / "train.py"), f"hydra.run.dir={run_dir}", f"seed={run.seed}",
+        sys.executable, "-m", "drifting_vla.cli.train", f"hydra.run.dir={run_dir}", f"seed={run.seed}",
         f"training.objective={run.objective}", "training.eval.at_end=false", "training.resume=auto", *overrides,
     ]
     started = time.time()
     with open(run_dir / "train.log", "a") as log:
-        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
     if result.returncode != 0:
         raise SystemExit(f"training {run.name} failed (exit {result.returncode}); see {run_dir / 'train.log'}")
     record = {"command": command, "seconds": time.time() - started, "machine": machine_description()}

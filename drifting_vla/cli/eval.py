@@ -23,14 +23,11 @@ table. `wandb_mode=online|offline` also logs the success rates and the trajector
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from drifting_vla.envs import NO_SIMULATOR, simulation_config  # noqa: E402
 from drifting_vla.evaluation.rollout import EvalSummary, evaluate, evaluation_seeds, protocol_label  # noqa: E402
@@ -46,7 +43,7 @@ from drifting_vla.serving.server import predict_chunks  # noqa: E402
 log = logging.getLogger("simulate_eval")
 
 
-@hydra.main(config_path="../drifting_vla/configs", config_name="eval", version_base=None)
+@hydra.main(config_path="../configs", config_name="eval", version_base=None)
 def main(cfg: DictConfig) -> float:
     validate_eval_config(cfg)
     load_plugins(cfg.plugins)

@@ -12,14 +12,10 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import sys
-from pathlib import Path
 
 import hydra
 import torch
 from omegaconf import DictConfig
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from drifting_vla.formats.config import validate_serve_config  # noqa: E402
 from drifting_vla.inference.policy import DriftingPolicy  # noqa: E402
@@ -29,7 +25,7 @@ from drifting_vla.serving.server import ServerConfig, serve_forever  # noqa: E40
 log = logging.getLogger("serve")
 
 
-@hydra.main(config_path="../drifting_vla/configs", config_name="serve", version_base=None)
+@hydra.main(config_path="../configs", config_name="serve", version_base=None)
 def main(cfg: DictConfig) -> None:
     validate_serve_config(cfg)
     load_plugins(cfg.plugins)

@@ -11,11 +11,8 @@ collected on first use; the dit_s model on the CPU), then closed-loop evaluation
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 os.environ.setdefault("MUJOCO_GL", "egl")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, as the other scripts
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
@@ -26,7 +23,7 @@ from drifting_vla.plugins import load_plugins  # noqa: E402
 from drifting_vla.training.trainer import Trainer  # noqa: E402
 
 
-@hydra.main(version_base=None, config_path="../drifting_vla/configs", config_name="config")
+@hydra.main(version_base=None, config_path="../configs", config_name="config")
 def main(cfg: DictConfig) -> None:
     load_plugins(cfg.plugins)
     if cfg.run_dir is None:

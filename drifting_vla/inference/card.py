@@ -103,7 +103,7 @@ def _evaluation_summary(policy, evaluation: str | os.PathLike | None) -> dict | 
 
 
 def reproduce_command(policy: CardSubject, target: str, summary: dict) -> str:
-    """`python scripts/simulate_eval.py checkpoint=<target> ...` with the evaluation's settings; nfe
+    """`drifting-eval checkpoint=<target> ...` with the evaluation's settings; nfe
     and sampler always spelled out, since the export's default sampling may differ, and so is the
     execution horizon, since a default may change after the card is written."""
     settings = dict(summary.get("eval") or training_config(policy.cfg.get("training", {})).eval)
@@ -119,7 +119,7 @@ def reproduce_command(policy: CardSubject, target: str, summary: dict) -> str:
     args.append(f"nfe={nfe}")
     if sampler is not None:
         args.append(f"sampler={sampler}")
-    return "python scripts/simulate_eval.py " + " ".join(args)
+    return "drifting-eval " + " ".join(args)
 
 
 def model_card(policy: CardSubject, target: str, references: dict[str, dict], summary: dict | None) -> str:
