@@ -246,6 +246,10 @@ class LeRobotDataConfig(DataConfig):
     revision: str | None = None
     state_key: str = "observation.state"
     action_key: str = "action"
+    # null: read from the dataset's meta/info.json when the run starts (drifting_vla/data/lerobot_features.py)
+    cameras: list[str] | None = setting(None, min_items=1)
+    proprio_dim: int | None = setting(None, ge=1)
+    action_spec: ActionSpecConfig | None = None
 
 
 DATA_SCHEMAS = {"metaworld": MetaWorldDataConfig, "rlbench": RLBenchDataConfig, "lerobot": LeRobotDataConfig}
