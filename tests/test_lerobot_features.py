@@ -23,6 +23,13 @@ from drifting_vla.data.lerobot_writer import export_metaworld_store
 from drifting_vla.data.normalization import Normalizer, dataset_stats
 from drifting_vla.data.registry import build_dataset, complete_data_config
 from drifting_vla.inference.policy import DriftingPolicy
+from drifting_vla.logging.visualizations import (
+    PANELS,
+    MetricHistory,
+    PanelInputs,
+    dimension_names,
+    end_effector_dims,
+)
 from drifting_vla.models.action_decoder import ActionDecoder
 from drifting_vla.specs import METAWORLD_ACTION_SPEC, ActionSpec
 
@@ -130,6 +137,15 @@ def test_raw_layout_is_min_max_scaled_and_decoded_linearly(hub):
     decoder = ActionDecoder(spec, dim=8, hidden_size=16)
     outputs = decoder(torch.randn(2, 3, 8))
     assert outputs.shape == (2, 3, 14) and torch.equal(decoder.activate(outputs), outputs)  # no sigmoid, no rotation
+
+
+def test_panels_label_and_draw_the_raw_layout_without_an_end_effector():
+    spec = ActionSpec.from_config({"components": [{"name": "action", "kind": "raw", "dim": 14}]})
+    assert dimension_names(spec) == tuple(f"action[{i}]" for i in range(14)) and end_effector_dims(spec) == (None, False)
+    generated, expert = torch.randn(2, 4, 16, 14), torch.randn(2, 16, 14)
+    inputs = PanelInputs.from_step(generated, expert, torch.randn_like(generated), spec, MetricHistory())
+    for name in ("a4_error_radar", "b4_end_effector_trajectory"):
+        assert PANELS[name](inputs).ndim == 3
 
 
 def train_script(data_root: Path, run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
