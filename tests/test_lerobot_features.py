@@ -36,10 +36,10 @@ from drifting_vla.specs import METAWORLD_ACTION_SPEC, ActionSpec
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def lerobot_config(root: Path, **keys) -> dict:
+def lerobot_config(root: Path | None, **keys) -> dict:
     """configs/data/lerobot.yaml with `data.root=root` and `keys`, as the command line sets them."""
     cfg = yaml.safe_load((ROOT / "drifting_vla" / "configs" / "data" / "lerobot.yaml").read_text())
-    return {**cfg, "root": str(root), **keys}
+    return {**cfg, "root": None if root is None else str(root), **keys}
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +71,20 @@ def test_hub_layouts_need_only_the_root(hub, name, camera, dim):
         np.testing.assert_array_equal(mean, colours[5])
     else:  # AV1 is lossy (up to 3/255 off here): the nearest colour is frame 5's
         assert np.abs(colours - mean).sum(1).argmin() == 5, mean
+
+
+def test_a_hub_repo_id_alone_is_enough(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    repo, commit = tmp_path / "datasets--lerobot--aloha_sim_insertion_human", "0" * 40  # the hub cache's layout
+    write_hub_layout(repo / "snapshots" / commit, "aloha")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # offline (tests/conftest.py): the cached snapshot
+    cfg = {**lerobot_config(None), "repo_id": "lerobot/aloha_sim_insertion_human"}
+    keys = complete_data_config(cfg)
+    assert keys["cameras"] == ["observation.images.top"] and keys["proprio_dim"] == 14
+    assert len(build_dataset({**cfg, **keys}, "train")) == 9 * 8
 
 
 def test_lerobots_own_fixture_gives_every_camera_in_info_json_order_and_its_sizes():
