@@ -4,8 +4,13 @@
     python scripts/simulate_eval.py checkpoint=exports/drawer          # an export (save_pretrained), or a hub repo id
     python scripts/simulate_eval.py checkpoint=<dir> tasks=[drawer-open-v3] episodes=10 workers=2 \
         execution=ensemble output=eval/drawer
+    python scripts/simulate_eval.py checkpoint=<dir> seeds.start=200000 seeds.count=50   # fresh seeds
     python scripts/simulate_eval.py remote=ws://127.0.0.1:8000 seed=0 episodes=10   # through scripts/serve.py
     python scripts/simulate_eval.py checkpoint=<dir> plugins=[my_package.robot]     # a simulator of your own
+
+Seeds: env seeds `seeds.start` .. `seeds.start + seeds.count - 1` (each task resets episode k with
+the k-th), by default the checkpoint's data.eval_seeds; `episodes=N` takes the first N. A seed the
+checkpoint trained on (data.train_seeds) is refused, naming the overlap.
 
 Names in the checkpoint (data.name, encoders, the objective) only select registered things; a
 simulator of your own is registered by a module you name in `plugins` (drifting_vla/plugins.py).
@@ -41,6 +46,8 @@ from drifting_vla.serving import ChunkedPolicy, PolicyClient  # noqa: E402
 from drifting_vla.serving.server import predict_chunks  # noqa: E402
 
 log = logging.getLogger("simulate_eval")
+DEFAULT_EPISODES = 25
+"""Episodes per task for a checkpoint whose data config has no eval_seeds and a command line without seeds."""
 
 
 @hydra.main(config_path="../configs", config_name="eval", version_base=None)
@@ -52,13 +59,9 @@ def main(cfg: DictConfig) -> float:
     policy, data_cfg, checkpoint, method = _policy(cfg)
     data_cfg = simulation_config(data_cfg)
     if data_cfg is None:
-        raise SystemExit(f"{checkpoint}: {NO_SIMULATOR}")
+        raise SystemExit(f"{checkpoint}: {NO_SIMULATOR} when training (this script reads it from the checkpoint's config)")
     log.info("checkpoint %s; %s; %s", checkpoint, method, policy.describe())
-    seeds = evaluation_seeds(data_cfg, cfg.episodes) if "eval_seeds" in data_cfg else None
-    if seeds is None:
-        episodes = int(cfg.episodes or 25)
-        seeds = list(range(episodes))
-        log.warning("data config has no eval_seeds: using seeds 0..%d", episodes - 1)
+    seeds = _seeds(cfg, data_cfg)
     output = Path(cfg.output)
     settings = OmegaConf.to_container(cfg, resolve=True)
     settings.pop("remote_token")  # a secret: never written to disk
@@ -80,6 +83,20 @@ def main(cfg: DictConfig) -> float:
     if cfg.wandb_mode != "disabled":
         _log_to_wandb(summary, output, str(cfg.wandb_mode), str(cfg.wandb_project), settings)
     return summary.success_rate
+
+
+def _seeds(cfg: DictConfig, data_cfg) -> list[int]:
+    """The env seeds every task is evaluated on: `seeds.start` .. + `seeds.count` when given, else
+    the checkpoint's data.eval_seeds, else (a config without them, RLBench's) 0 .. 24; the first
+    `episodes` of them, and never a seed of the checkpoint's data.train_seeds."""
+    if cfg.seeds.start is not None:
+        return evaluation_seeds(data_cfg, cfg.episodes, {"start": int(cfg.seeds.start), "count": int(cfg.seeds.count)})
+    if data_cfg.get("eval_seeds"):
+        return evaluation_seeds(data_cfg, cfg.episodes)
+    episodes = int(cfg.episodes or DEFAULT_EPISODES)
+    log.warning("the checkpoint's data config has no eval_seeds: using seeds 0..%d (choose others with "
+                "seeds.start=S seeds.count=N)", episodes - 1)
+    return evaluation_seeds(data_cfg, episodes, {"start": 0, "count": episodes})
 
 
 def _log_to_wandb(summary: EvalSummary, output: Path, mode: str, project: str, settings: dict) -> None:

@@ -239,6 +239,10 @@ class LeRobotDataConfig(DataConfig):
     revision: str | None = None
     state_key: str = "observation.state"
     action_key: str = "action"
+    # null: read from the dataset's meta/info.json when the run starts (drifting_vla/data/lerobot_features.py)
+    cameras: list[str] | None = setting(None, min_items=1)
+    proprio_dim: int | None = setting(None, ge=1)
+    action_spec: ActionSpecConfig | None = None
 
 
 DATA_SCHEMAS = {"metaworld": MetaWorldDataConfig, "rlbench": RLBenchDataConfig, "lerobot": LeRobotDataConfig}
@@ -336,12 +340,22 @@ class RunConfig:
 
 
 @dataclass(kw_only=True)
+class EvalSeedsConfig:
+    """The env seeds scripts/simulate_eval.py evaluates on, start .. start + count - 1: both set,
+    or neither (the checkpoint's data.eval_seeds)."""
+
+    start: int | None = setting(None, ge=0)
+    count: int | None = setting(None, ge=1)
+
+
+@dataclass(kw_only=True)
 class EvalScriptConfig:
     checkpoint: str | None = None
     remote: str | None = None
     remote_token: str | None = None
     seed: int | None = setting(None, ge=0)
     tasks: list[str] | None = None
+    seeds: EvalSeedsConfig = setting(factory=EvalSeedsConfig)
     episodes: int | None = setting(None, ge=1)
     workers: int = setting(2, ge=1)
     output: str = setting()
@@ -502,7 +516,11 @@ def _checked_groups(cfg) -> tuple[DictConfig, DictConfig]:
 
 def validate_eval_config(cfg) -> None:
     """scripts/simulate_eval.py's keys (configs/eval.yaml)."""
-    check_section("", EvalScriptConfig, cfg)
+    seeds = check_section("", EvalScriptConfig, cfg).seeds
+    if (seeds.start is None) != (seeds.count is None):
+        given, missing = ("seeds.start", "seeds.count") if seeds.count is None else ("seeds.count", "seeds.start")
+        raise ValueError(f"config key {given} is set without {missing}: give both (the seeds seeds.start .. "
+                         "seeds.start + seeds.count - 1), or neither for the checkpoint's data.eval_seeds")
 
 
 def validate_serve_config(cfg) -> None:

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from drifting_vla.data.collate import collate_samples
 from drifting_vla.data.normalization import Normalizer, dataset_stats
-from drifting_vla.data.registry import build_dataset, prepare_dataset
+from drifting_vla.data.registry import build_dataset, complete_data_config, prepare_dataset
 from drifting_vla.data.sampler import ResumableBatchSampler
 from drifting_vla.distributed import (
     all_reduce_sum,
@@ -102,11 +102,13 @@ class Trainer:
                              "sets it to Hydra's run directory")
         self.run_dir = Path(str(cfg.run_dir))
         self.checkpoints_dir = self.run_dir / "checkpoints"
-        self.action_spec = ActionSpec.from_config(cfg.data.action_spec)
-
         if self.ctx.is_main:  # one process collects or fetches; the others wait, then read
             prepare_dataset(cfg.data)
         self._barrier()
+        with _unlocked(cfg):  # keys the dataset answers itself (data=lerobot: cameras, sizes, action layout)
+            cfg.data.update(complete_data_config(cfg.data))
+        validate_run_config(cfg)  # the keys filled in, too
+        self.action_spec = ActionSpec.from_config(cfg.data.action_spec)
         self.train_set = build_dataset(cfg.data, "train")
         self.val_set = build_dataset(cfg.data, "val") if t.val_every else None
         if cfg.data.get("simulator") == "auto":  # recorded by the dataset (a LeRobot export of sim demos)
