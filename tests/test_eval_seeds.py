@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from drifting_vla.evaluation.rollout import evaluation_seeds, read_episodes
 from drifting_vla.formats.config import validate_eval_config
-from tests.test_inference import run_simulate_eval, tiny_cfg, write_checkpoint
+from tests.helpers import run_simulate_eval, tiny_cfg, write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = {"train_seeds": {"start": 0, "count": 50}, "eval_seeds": {"start": 100000, "count": 50}}

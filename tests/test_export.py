@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from drifting_vla.formats.checkpoint import seal_checkpoint
 from drifting_vla.inference.policy import DriftingPolicy
 from drifting_vla.objectives.methods import OBJECTIVES
-from tests.test_inference import (
+from tests.helpers import (
     TASK,
     observation_batch,
     run_simulate_eval,

@@ -28,10 +28,16 @@ from drifting_vla.serving.protocol import check_observation
 from drifting_vla.serving.server import policy_metadata, predict_chunks
 from drifting_vla.specs import RLBENCH_ACTION_SPEC
 from drifting_vla.training.trainer import Trainer
-from tests.test_inference import TASK, tiny_cfg, tiny_normalizer, write_checkpoint
-from tests.test_lerobot import fixture_dataset
-from tests.test_serving import Running
-from tests.test_training import compose_config, overrides_for
+from tests.helpers import (
+    TASK,
+    Running,
+    compose_config,
+    fixture_dataset,
+    overrides_for,
+    tiny_cfg,
+    tiny_normalizer,
+    write_checkpoint,
+)
 
 CAMERAS = ["corner", "topview"]
 

@@ -17,7 +17,6 @@ from drifting_vla.data.normalization import Normalizer, compute_stats
 from drifting_vla.data.rlbench_dataset import POSE_ACTION_SPEC
 from drifting_vla.data.transforms import canonical_quaternion
 from drifting_vla.envs import env_import_path, make_env, rlbench_env
-from drifting_vla.envs.metaworld_env import instruction_for
 from drifting_vla.evaluation.rollout import (
     EpisodeRecord,
     EvalSummary,
@@ -31,86 +30,23 @@ from drifting_vla.evaluation.rollout import (
 from drifting_vla.formats.checkpoint import seal_checkpoint
 from drifting_vla.formats.config import training_config
 from drifting_vla.formats.weights import DamagedCheckpointError
-from drifting_vla.inference.card import export_description
 from drifting_vla.inference.policy import DriftingPolicy, ensemble_actions
 from drifting_vla.logging.trajectory_video import PLOT_HEIGHT_PX, TITLE_HEIGHT_PX
 from drifting_vla.models.drifting_vla import build_model
 from drifting_vla.objectives.methods import OBJECTIVES, build_objective
 from drifting_vla.serving import ChunkedPolicy
 from drifting_vla.specs import RLBENCH_ACTION_SPEC, ActionSpec, default_execute_steps
-from drifting_vla.training.checkpoint import gather_training_state, save_checkpoint
-from drifting_vla.training.ema import EMA
 from tests.fake_envs import FakeRLBench
-
-TASK = "reach-v3"
-
-
-def tiny_cfg(horizon: int = 4, objective: str = "drifting"):
-    model = OmegaConf.load("drifting_vla/configs/model/tiny.yaml")
-    data = OmegaConf.load("drifting_vla/configs/data/metaworld.yaml")
-    data.image_size = 32
-    data.horizon = horizon
-    data.tasks = [TASK]
-    data.instructions = [instruction_for(TASK)]
-    data.max_episode_steps = 10
-    return OmegaConf.create({"model": model, "data": data, "training": {"objective": objective}})
-
-
-def tiny_normalizer(cfg) -> Normalizer:
-    rng = np.random.default_rng(0)
-    stats = compute_stats(
-        {
-            "actions": rng.uniform([-0.2, 0.0, 0.5, -1.0], [0.2, 0.4, 0.9, 1.0], size=(64, 4)),
-            "proprio": rng.uniform(-0.5, 0.5, size=(64, 4)),
-        }
-    )
-    return Normalizer.from_stats(stats, ActionSpec.from_config(cfg.data.action_spec), proprio_dim=4)
-
-
-def tiny_policy(horizon: int = 4, objective: str = "drifting", **kwargs) -> DriftingPolicy:
-    torch.manual_seed(0)
-    cfg = tiny_cfg(horizon, objective)
-    return DriftingPolicy(build_model(cfg), tiny_normalizer(cfg), build_objective(training_config(cfg.training)), **kwargs)
-
-
-def observation_batch(batch: int = 2, size: int = 32) -> dict:
-    rng = np.random.default_rng(1)
-    return {
-        "images": torch.from_numpy(rng.integers(0, 256, size=(batch, 2, 3, size, size), dtype=np.uint8)),
-        "proprio": torch.from_numpy(rng.uniform(-0.5, 0.5, size=(batch, 4)).astype(np.float32)),
-        "instruction": [instruction_for(TASK)] * batch,
-    }
-
-
-@pytest.fixture
-def checkpoint(tmp_path):
-    return write_checkpoint(tmp_path / "run", tiny_cfg())
-
-
-def write_checkpoint(run_dir: Path, cfg, normalizer: Normalizer | None = None):
-    """A step-10 checkpoint of a fresh model under `run_dir/checkpoints`, its EMA weights offset so
-    a test sees which weights were loaded: (path, model, ema, normalizer). The normalizer defaults
-    to `tiny_normalizer(cfg)`."""
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    ema = EMA(model, max_decay=0.9)
-    for name in ema.shadow:  # EMA weights that differ from the raw ones, to see which are loaded
-        ema.shadow[name] = ema.shadow[name] + 0.01 if ema.shadow[name].is_floating_point() else ema.shadow[name]
-    optimizer = torch.optim.SGD(model.trainable_parameters(), lr=0.1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    normalizer = normalizer or tiny_normalizer(cfg)
-    path = save_checkpoint(
-        run_dir / "checkpoints",
-        step=10,
-        state=gather_training_state(model, ema, optimizer),
-        **export_description(OmegaConf.to_container(cfg, resolve=True), build_objective(training_config(cfg.training)),
-                             str(run_dir / "checkpoints" / "step_00000010")),
-        scheduler=scheduler,
-        config=OmegaConf.to_container(cfg, resolve=True),
-        normalization=normalizer.to_dict(),
-    )
-    return path, model, ema, normalizer
-
+from tests.helpers import (
+    TASK,
+    CountingGenerator,
+    env_batch,
+    observation_batch,
+    run_simulate_eval,
+    tiny_cfg,
+    tiny_policy,
+    write_checkpoint,
+)
 
 # ----------------------------------------------------------------------------------------------
 # Policy
@@ -228,28 +164,8 @@ def test_one_unbatched_observation_gives_one_action():
         policy.select_action({**single, "images": obs["images"]})
 
 
-class CountingGenerator:
-    """Stands in for predict_action_chunk: chunk c of a call holds c*100 + env*10 + step."""
-
-    def __init__(self, horizon: int):
-        self.horizon, self.calls, self.batch_sizes = horizon, 0, []
-
-    def __call__(self, obs, generator=None):
-        batch = len(obs["instruction"])
-        self.batch_sizes.append(batch)
-        env = torch.as_tensor(obs["proprio"])[:, 0].reshape(batch, 1, 1)
-        step = torch.arange(self.horizon, dtype=torch.float32).reshape(1, -1, 1)
-        chunk = self.calls * 100 + env * 10 + step
-        self.calls += 1
-        return chunk.expand(batch, self.horizon, 4).numpy().copy()
 
 
-def env_batch(env_ids) -> dict:
-    return {
-        "images": torch.zeros(len(env_ids), 2, 3, 32, 32, dtype=torch.uint8),
-        "proprio": torch.tensor([[float(e), 0, 0, 0] for e in env_ids]),
-        "instruction": [instruction_for(TASK)] * len(env_ids),
-    }
 
 
 def test_chunk_queue_replans_exactly_every_execute_steps():
@@ -486,7 +402,7 @@ def test_a_script_without_a_main_guard_fails_loudly_naming_the_pitfall(tmp_path)
     script.write_text(
         "from omegaconf import OmegaConf\n"
         "import tests.fake_envs\n"
-        "from tests.test_inference import tiny_cfg, tiny_policy\n"
+        "from tests.helpers import tiny_cfg, tiny_policy\n"
         "from drifting_vla.evaluation.rollout import evaluate\n"
         "data = OmegaConf.to_container(tiny_cfg().data)\n"
         "data['name'] = 'scripted'\n"
@@ -644,13 +560,6 @@ def test_a_checkpoint_trained_without_the_flag_still_loads_and_acts_with_the_con
 # scripts/simulate_eval.py
 
 
-def run_simulate_eval(run_dir, *overrides, env=None):
-    """The CLI as a user runs it; Hydra's own run directory goes to `run_dir`, not the checkout."""
-    script = Path(__file__).resolve().parents[1] / "scripts" / "simulate_eval.py"
-    return subprocess.run(
-        [sys.executable, str(script), *overrides, f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=300,
-        env=None if env is None else {**__import__("os").environ, **env},
-    )
 
 
 def payload_checkpoint(tmp_path):

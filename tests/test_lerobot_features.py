@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from test_lerobot import FIXTURE, _metaworld_store
 
 from drifting_vla.data.lerobot_dataset import LeRobotDataset
 from drifting_vla.data.lerobot_fixtures import HUB_LAYOUTS, write_hub_layout
@@ -32,6 +31,7 @@ from drifting_vla.logging.visualizations import (
 )
 from drifting_vla.models.action_decoder import ActionDecoder
 from drifting_vla.specs import METAWORLD_ACTION_SPEC, ActionSpec
+from tests.helpers import FIXTURE, metaworld_store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,7 +95,7 @@ def test_lerobots_own_fixture_gives_every_camera_in_info_json_order_and_its_size
 
 
 def test_our_export_keeps_the_layout_it_records(tmp_path):
-    export = export_metaworld_store(_metaworld_store(tmp_path / "store"), tmp_path / "lerobot", ["reach-v3"], {"start": 100000, "count": 5})
+    export = export_metaworld_store(metaworld_store(tmp_path / "store"), tmp_path / "lerobot", ["reach-v3"], {"start": 100000, "count": 5})
     assert json.loads((export / "meta" / "drifting_vla.json").read_text())["action_spec"] == METAWORLD_ACTION_SPEC.to_config()
     keys = complete_data_config(lerobot_config(export))
     assert keys == {"cameras": ["observation.images.corner", "observation.images.topview"], "proprio_dim": 4,
@@ -106,7 +106,7 @@ def test_our_export_keeps_the_layout_it_records(tmp_path):
 
 
 def test_given_values_win_over_the_datasets(tmp_path):
-    export = export_metaworld_store(_metaworld_store(tmp_path / "store"), tmp_path / "lerobot", ["reach-v3"], {"start": 100000, "count": 5})
+    export = export_metaworld_store(metaworld_store(tmp_path / "store"), tmp_path / "lerobot", ["reach-v3"], {"start": 100000, "count": 5})
     raw = {"components": [{"name": "xyz", "kind": "raw", "dim": 3}, {"name": "grip", "kind": "gripper", "dim": 1}]}
     keys = complete_data_config(lerobot_config(export, cameras=["observation.images.topview"], proprio_dim=4, action_spec=raw))
     assert keys == {"cameras": ["observation.images.topview"], "proprio_dim": 4, "action_spec": raw}
@@ -127,7 +127,7 @@ def test_given_values_that_disagree_with_the_dataset_name_the_key_and_the_file(k
 
 
 def test_a_recorded_layout_of_another_size_names_the_export_file(tmp_path):
-    export = export_metaworld_store(_metaworld_store(tmp_path / "store"), tmp_path / "lerobot", ["reach-v3"], {"start": 100000, "count": 5})
+    export = export_metaworld_store(metaworld_store(tmp_path / "store"), tmp_path / "lerobot", ["reach-v3"], {"start": 100000, "count": 5})
     meta = export / "meta" / "drifting_vla.json"
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "action_spec": {"components": [{"name": "a", "kind": "raw", "dim": 3}]}}))
     with pytest.raises(ValueError, match=r"drifting_vla.json records an action_spec of 3 values but feature 'action' has shape \[4\]"):

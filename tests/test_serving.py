@@ -1,6 +1,5 @@
 """Serving: the wire protocol, the policy server, the client and asynchronous chunk execution."""
 
-import asyncio
 import json
 import signal
 import subprocess
@@ -8,7 +7,6 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import msgpack
 import numpy as np
@@ -30,10 +28,9 @@ from drifting_vla.serving import (
     ServerBusy,
 )
 from drifting_vla.serving.protocol import check_observation, pack, unpack
-from drifting_vla.serving.server import PolicyServer, ServerConfig, predict_chunks
-from tests.test_inference import CountingGenerator, checkpoint, env_batch, tiny_cfg, tiny_policy  # noqa: F401
+from drifting_vla.serving.server import predict_chunks
+from tests.helpers import ROOT, CountingGenerator, Running, env_batch, tiny_cfg, tiny_policy
 
-ROOT = Path(__file__).resolve().parents[1]
 INSTRUCTION = tiny_cfg().data.instructions[0]
 
 
@@ -55,21 +52,6 @@ def observation(size: int = 32, level: int = 7, channels_last: bool = False) -> 
     }
 
 
-class Running:
-    """A PolicyServer on a free loopback port, in a thread of this process."""
-
-    def __init__(self, policy, **config) -> None:
-        self.server = PolicyServer(policy, ServerConfig(port=0, **config))
-        ready = threading.Event()
-        self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve(lambda s: ready.set())), daemon=True)
-        self.thread.start()
-        assert ready.wait(30), "the server did not start"
-        self.url = f"ws://127.0.0.1:{self.server.port}"
-
-    def stop(self) -> None:
-        self.server.stop()
-        self.thread.join(30)
-        assert not self.thread.is_alive()
 
 
 @pytest.fixture

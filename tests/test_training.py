@@ -17,10 +17,8 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import free_port
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
-from test_files import hold_the_lock
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from drifting_vla.data.fixtures import write_rlbench_fixture
@@ -36,8 +34,7 @@ from drifting_vla.formats.config import (
 from drifting_vla.formats.files import LockHeld
 from drifting_vla.inference.policy import DriftingPolicy
 from drifting_vla.training.trainer import Trainer
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT, compose_config, free_port, hold_the_lock, overrides_for
 
 
 @pytest.fixture(scope="module")
@@ -48,18 +45,8 @@ def rlbench_root(tmp_path_factory) -> Path:
     return root
 
 
-def overrides_for(root: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [
-        "experiment=tiny_cpu", "data=rlbench", f"data.root={root}", "data.tasks=[close_jar]",
-        "data.cameras=[front,wrist]", "data.image_size=16", "data.cache_dir=null", "data.horizon=4",
-        "data.keyframes=false", "data.num_workers=0", f"run_dir={run_dir}", "training.wandb.mode=disabled",
-        "training.num_threads=1", *extra,
-    ]
 
 
-def compose_config(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(ROOT / "drifting_vla" / "configs"), version_base=None):
-        return compose("config", overrides=overrides)
 
 
 def test_unknown_config_key_is_an_error_naming_it(tmp_path):
