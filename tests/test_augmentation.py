@@ -56,8 +56,3 @@ def test_shift_is_off_by_default_and_the_pixels_asked_for_otherwise():
 def test_shift_with_the_feature_cache_is_an_error_saying_why():
     with pytest.raises(ValueError, match="computed once from the unaugmented images.*random_shift=0"):
         check_random_shift(4, feature_cache=True)
-
-
-def test_a_config_of_the_version_with_the_shift_on_by_default_reads_as_the_4_pixels_it_trained_with():
-    # `null` meant 4 pixels for the CNN trained from pixels: its checkpoints still load and resume as trained.
-    assert training_config(OmegaConf.create({"augmentation": {"random_shift": None}})).augmentation.random_shift == 4
