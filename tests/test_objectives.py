@@ -153,8 +153,3 @@ def test_every_objective_is_in_the_config_schema():
         assert _objective(name).name == name
     with pytest.raises(ValueError, match="training.objective"):
         training_config(OmegaConf.create({"objective": "gan"}))
-
-
-def test_legacy_per_timestep_key_reads_as_grouping():
-    cfg = training_config(OmegaConf.create({"drifting": {"per_timestep": True}}))
-    assert cfg.drifting.grouping == "timestep"
