@@ -419,11 +419,9 @@ def start_serve_script(*overrides) -> tuple[subprocess.Popen, str]:
 def drift_checkpoint(checkpoint):  # noqa: F811
     """The test checkpoint, evaluated on the registered test env `drift` (success depends on actions)."""
     path = checkpoint[0]
-    config = path / "config.yaml"
-    cfg = OmegaConf.load(config)
-    cfg.data.name = "drift"
-    cfg.data.max_episode_steps = 12
-    OmegaConf.save(cfg, config)
+    saved = json.loads((path / "config.json").read_text())
+    saved["config"]["data"].update(name="drift", max_episode_steps=12)
+    (path / "config.json").write_text(json.dumps(saved))
     seal_checkpoint(path)
     return path
 

@@ -313,7 +313,7 @@ def test_two_gloo_ranks_stay_identical_and_match_one_process_on_the_global_batch
     # The checkpoint holds full state whatever the strategy: a single-process policy loads it.
     policy = DriftingPolicy.from_checkpoint(tmp_path / "ranks")
     loaded = policy.model.state_dict()
-    for name, value in load_file(tmp_path / "ranks" / "checkpoints" / "step_00000006" / "ema.safetensors").items():
+    for name, value in load_file(tmp_path / "ranks" / "checkpoints" / "step_00000006" / "model.safetensors").items():
         torch.testing.assert_close(loaded[name], value, rtol=0, atol=0, msg=name)
 
 
@@ -459,7 +459,7 @@ def test_a_resumed_run_trains_on_the_checkpointed_neighbours_even_if_a_rebuild_d
 def test_checkpoints_hold_every_ranks_random_state(rlbench_root, tmp_path):
     Trainer(compose_config(overrides_for(rlbench_root, tmp_path, "training.max_steps=2", "training.val_every=0"))).fit()
     checkpoint = next((tmp_path / "checkpoints").glob("step_*"))
-    state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
+    state = torch.load(checkpoint / "training_state.pt", weights_only=True)
     assert len(state["extra"]["ranks"]) == 1 and "rng" in state["extra"]["ranks"][0]
 
 
