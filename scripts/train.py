@@ -1,38 +1,6 @@
-"""Train a Drifting-VLA policy. With no arguments: the embedded default (Meta-World demos,
-collected on first use; the dit_s model on the CPU), then closed-loop evaluation in simulation.
+"""Train a policy (Hydra overrides on the command line): `drifting-train` from a checkout. The code is drifting_vla/cli/train.py."""
 
-    python scripts/train.py
-    python scripts/train.py training.max_steps=500 training.learning_rate=1e-3
-    python scripts/train.py experiment=rlbench_18                  # GPU, inside drifting-vla:rlbench
-    python scripts/train.py hydra.run.dir=runs/my_run training.resume=auto
-    torchrun --nproc_per_node=8 scripts/train.py experiment=rlbench_18
-"""
-
-from __future__ import annotations
-
-import os
-import sys
-from pathlib import Path
-
-os.environ.setdefault("MUJOCO_GL", "egl")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, as the other scripts
-
-import hydra  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import DictConfig, open_dict  # noqa: E402
-
-from drifting_vla.plugins import load_plugins  # noqa: E402
-from drifting_vla.training.trainer import Trainer  # noqa: E402
-
-
-@hydra.main(version_base=None, config_path="../drifting_vla/configs", config_name="config")
-def main(cfg: DictConfig) -> None:
-    load_plugins(cfg.plugins)
-    if cfg.run_dir is None:
-        with open_dict(cfg):
-            cfg.run_dir = HydraConfig.get().runtime.output_dir
-    Trainer(cfg).fit()
-
+from drifting_vla.cli.train import main
 
 if __name__ == "__main__":
     main()

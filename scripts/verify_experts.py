@@ -19,11 +19,8 @@ import json
 import multiprocessing as mp
 import os
 import pathlib
-import sys
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 import numpy as np  # noqa: E402
@@ -31,7 +28,7 @@ from tqdm import tqdm  # noqa: E402
 
 from drifting_vla.configs import data_config  # noqa: E402
 from drifting_vla.envs.metaworld_routes import ROUTES, RouteExpert  # noqa: E402
-from drifting_vla.inference.rollout import wilson_interval  # noqa: E402
+from drifting_vla.evaluation.rollout import wilson_interval  # noqa: E402
 
 AVERAGE = "average"
 

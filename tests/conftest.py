@@ -1,9 +1,6 @@
 """Every test runs offline and headless: no hub, no WandB account, no display."""
 
-import gzip
 import os
-import pathlib
-import socket
 
 import pytest
 
@@ -13,21 +10,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 import tests.fake_envs  # noqa: E402, F401  registers the test simulators `scripted` and `drift`
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on, for a test's own process group."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def tiny_bpe_file(path: pathlib.Path) -> pathlib.Path:
-    """A CLIP-format BPE merges file with a handful of merges (byte symbols cover any text)."""
-    merges = ["o p", "e n</w>", "op en</w>", "t h", "th e</w>", "d r", "dr a", "dra w", "e r</w>"]
-    with gzip.open(path, "wt", encoding="utf-8") as f:
-        f.write("\n".join(["#version: 0.2", *merges]) + "\n")
-    return path
+from tests.helpers import tiny_bpe_file, tiny_cfg, write_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -61,3 +44,8 @@ def pretrained_dirs(tmp_path_factory) -> dict:
     clip.save_pretrained(root / "clip")
     tokenizer.save_pretrained(root / "clip")
     return {"dinov2": root / "dinov2", "clip": root / "clip", "dinov2_model": dinov2, "clip_model": clip}
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    return write_checkpoint(tmp_path / "run", tiny_cfg())

@@ -5,12 +5,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from drifting_vla.training.augmentation import (
-    random_shift,
-    random_shift_pixels,
-    shift_offsets,
-)
-from drifting_vla.training.config import training_config
+from drifting_vla.formats.config import check_random_shift, training_config
+from drifting_vla.training.augmentation import random_shift, shift_offsets
 
 
 def pad_and_crop(frame: torch.Tensor, offset: torch.Tensor, pad: int) -> torch.Tensor:
@@ -53,15 +49,10 @@ def test_offsets_cover_every_shift_and_repeat_for_the_same_generator_state():
 
 def test_shift_is_off_by_default_and_the_pixels_asked_for_otherwise():
     assert training_config(OmegaConf.create({})).augmentation.random_shift == 0
-    assert random_shift_pixels(0, feature_cache=True) == 0
-    assert random_shift_pixels(2, feature_cache=False) == 2
+    check_random_shift(0, feature_cache=True)
+    check_random_shift(2, feature_cache=False)
 
 
 def test_shift_with_the_feature_cache_is_an_error_saying_why():
     with pytest.raises(ValueError, match="computed once from the unaugmented images.*random_shift=0"):
-        random_shift_pixels(4, feature_cache=True)
-
-
-def test_a_config_of_the_version_with_the_shift_on_by_default_reads_as_the_4_pixels_it_trained_with():
-    # `null` meant 4 pixels for the CNN trained from pixels: its checkpoints still load and resume as trained.
-    assert training_config(OmegaConf.create({"augmentation": {"random_shift": None}})).augmentation.random_shift == 4
+        check_random_shift(4, feature_cache=True)

@@ -10,14 +10,15 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from drifting_vla.formats import checkpoint as ckpt
+from drifting_vla.formats.checkpoint import find_latest_valid_checkpoint, prune_checkpoints
+from drifting_vla.formats.weights import DamagedCheckpointError
 from drifting_vla.models.frozen import FrozenModule
-from drifting_vla.training import checkpoint as ckpt
+from drifting_vla.training import checkpoint as training_checkpoint
 from drifting_vla.training.checkpoint import (
     capture_rng_state,
-    find_latest_valid_checkpoint,
     gather_training_state,
     load_checkpoint,
-    prune_checkpoints,
     restore_rng_state,
     save_checkpoint,
 )
@@ -25,7 +26,9 @@ from drifting_vla.training.ema import EMA
 from drifting_vla.training.optimizer import OptimizerConfig, build_optimizer, build_scheduler
 
 CONFIG = {"model": {"hidden": 8}, "training": {"learning_rate": 1e-2}}
-NORMALIZATION = {"actions": {"min": np.zeros(4, dtype=np.float32), "max": torch.ones(4)}}
+NORMALIZATION = {"stats": {"actions": {"min": np.zeros(4, dtype=np.float32), "max": torch.ones(4)}},
+                 "action_spec": [{"name": "delta", "kind": "position", "dim": 4}]}
+OBJECTIVE = {"name": "drifting", "nfe": 1, "sampler": None, "method": "drifting nfe=1"}
 
 
 class PretrainedEncoder(FrozenModule):
@@ -73,13 +76,15 @@ class Run:
             directory,
             step=step,
             state=gather_training_state(self.model, self.ema, self.optimizer),
+            objective=OBJECTIVE,
+            card=lambda references: f"a test policy referencing {sorted(references)}\n",
             scheduler=self.scheduler,
             config=CONFIG,
             normalization=NORMALIZATION,
             sampler_state={"epoch": 0, "index": step * 16},
         )
 
-    def load(self, path: Path) -> ckpt.ResumeState:
+    def load(self, path: Path) -> training_checkpoint.ResumeState:
         return load_checkpoint(
             path, model=self.model, ema=self.ema, optimizer=self.optimizer, scheduler=self.scheduler
         )
@@ -90,14 +95,29 @@ def test_checkpoint_directory_holds_every_file_and_the_complete_marker(tmp_path)
     assert path.name == "step_00001000"
     names = {p.name for p in path.iterdir()}
     assert names == {
+        "config.json",  # the export of the EMA policy ...
         "model.safetensors",
-        "ema.safetensors",
-        "trainer_state.pt",
-        "config.yaml",
         "normalization.json",
+        "README.md",
+        "training_model.safetensors",  # ... beside the training state
+        "training_state.pt",
         "complete",
     }
-    assert json.loads((path / "normalization.json").read_text())["actions"]["max"] == [1.0] * 4
+    assert json.loads((path / "normalization.json").read_text())["stats"]["actions"]["max"] == [1.0] * 4
+    assert json.loads((path / "config.json").read_text())["config"] == CONFIG
+
+
+def test_the_export_of_a_step_holds_the_ema_weights_and_the_training_state_the_raw_ones(tmp_path):
+    run = Run()
+    for step in range(3):
+        run.train_step(step)
+    path = run.save(tmp_path, step=3)
+    exported, raw = load_file(str(path / "model.safetensors")), load_file(str(path / "training_model.safetensors"))
+    for name, shadow in run.ema.state_dict().items():
+        assert torch.equal(exported[name], shadow), name
+    for name, weight in run.model.state_dict().items():
+        assert torch.equal(raw[name], weight), name
+    assert not torch.equal(exported["0.weight"], raw["0.weight"])
 
 
 def test_resumed_run_is_bit_identical_to_an_uninterrupted_run(tmp_path):
@@ -179,7 +199,8 @@ def _flip_a_byte(file: Path, offset: int) -> None:
     file.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("name", ["model.safetensors", "ema.safetensors", "trainer_state.pt", "config.yaml", "normalization.json"])
+@pytest.mark.parametrize("name", ["model.safetensors", "training_model.safetensors", "training_state.pt", "config.json",
+                                  "normalization.json"])
 def test_a_file_damaged_at_the_same_size_is_refused_by_its_hash(tmp_path, caplog, name):
     run = Run()
     good = run.save(tmp_path, step=1)
@@ -200,8 +221,9 @@ def test_a_file_damaged_at_the_same_size_is_refused_by_its_hash(tmp_path, caplog
 def test_an_edited_checkpoint_loads_once_sealed(tmp_path):
     run = Run()
     path = run.save(tmp_path, step=1)
-    (path / "config.yaml").write_text("model: {hidden: 9}\n")
-    assert "config.yaml" in ckpt.marker_problem(path)
+    saved = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**saved, "config": {"model": {"hidden": 9}}}))
+    assert "config.json" in ckpt.marker_problem(path)
     ckpt.seal_checkpoint(path)
     assert ckpt.marker_problem(path) is None
     assert run.load(path).config == {"model": {"hidden": 9}}
@@ -214,18 +236,18 @@ def test_a_checkpoint_of_a_newer_format_asks_for_an_upgrade(tmp_path):
     assert "upgrade drifting-vla" in ckpt.marker_problem(path)
 
 
-def test_a_checkpoint_from_before_hashes_is_checked_by_size(tmp_path, caplog):
+def test_a_checkpoint_of_an_earlier_format_is_refused_naming_the_version(tmp_path):
     path = Run().save(tmp_path, step=1)
     marker = json.loads((path / "complete").read_text())
     sizes = {name: record["bytes"] for name, record in marker["files"].items()}
     (path / "complete").write_text(json.dumps({"step": 1, "files": sizes}))
-    with caplog.at_level("WARNING"):
-        assert ckpt.marker_problem(path) is None
-    assert "predates checkpoint hashes" in caplog.text
+    assert "format_version None" in ckpt.marker_problem(path)
+    (path / "complete").write_text(json.dumps({**marker, "format_version": 2}))
+    assert "format_version 2" in ckpt.marker_problem(path) and "save it again" in ckpt.marker_problem(path)
 
 
-@pytest.mark.parametrize(("name", "content"), [("trainer_state.pt", b"written by some other program"),
-                                             ("normalization.json", b'{"actions": {"min": [0]')])
+@pytest.mark.parametrize(("name", "content"), [("training_state.pt", b"written by some other program"),
+                                             ("normalization.json", b'{"stats": {"min": [0]')])
 def test_an_unreadable_file_of_a_whole_checkpoint_is_named_and_nothing_is_restored(tmp_path, name, content):
     run = Run()
     path = run.save(tmp_path, step=1)
@@ -233,7 +255,7 @@ def test_an_unreadable_file_of_a_whole_checkpoint_is_named_and_nothing_is_restor
     ckpt.seal_checkpoint(path)
     other = Run(seed=1)
     before = {k: v.clone() for k, v in other.model.state_dict().items()}
-    with pytest.raises(ckpt.DamagedCheckpointError, match=f"{name}.*another drifting-vla or torch version"):
+    with pytest.raises(DamagedCheckpointError, match=f"{name}.*another drifting-vla or torch version"):
         other.load(path)
     for name, value in other.model.state_dict().items():
         assert torch.equal(value, before[name]), name
@@ -270,8 +292,8 @@ def test_resume_loads_every_stored_weight_strictly_and_references_the_frozen_enc
     run = Run(encoder=PretrainedEncoder())
     run.train_step(0)
     path = run.save(tmp_path, step=1)
-    stored = load_file(str(path / "model.safetensors"))
-    assert sorted(stored) == ["1.bias", "1.weight", "2.bias", "2.weight", "3.bias", "3.weight"]
+    stored = load_file(str(path / "training_model.safetensors"))
+    assert sorted(load_file(str(path / "model.safetensors"))) == sorted(stored) == ["1.bias", "1.weight", "2.bias", "2.weight", "3.bias", "3.weight"]
     reference = json.loads((path / "pretrained_weights.json").read_text())["0"]
     assert reference["source"] == "org/encoder" and reference["revision"] == "abc123" and reference["parameters"] == 20
 

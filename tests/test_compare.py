@@ -71,8 +71,7 @@ def test_an_undefined_variant_is_refused(tmp_path):
 
 
 def test_modes_pool_over_seeds():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from compare import pooled_modes
+    from drifting_vla.cli.compare import pooled_modes
 
     seed0 = {"modes": {"left": {"episodes": 3, "success": 1.0}, "none": {"episodes": 1, "success": 0.0}}}
     seed1 = {"modes": {"right": {"episodes": 4, "success": 0.5}}}
@@ -86,8 +85,7 @@ def test_modes_pool_over_seeds():
 
 
 def test_execution_steps_make_their_own_cells_and_plot(tmp_path):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from compare import Run, parse_protocols, plot_execution
+    from drifting_vla.cli.compare import Run, parse_protocols, plot_execution
 
     protocols = parse_protocols(["drifting:1", "flow_matching:1,10"], [4, 16])
     assert [p.name for p in protocols] == [
@@ -109,8 +107,7 @@ def test_execution_steps_make_their_own_cells_and_plot(tmp_path):
 def test_a_cached_cell_evaluated_at_another_horizon_is_not_reused_silently(tmp_path):
     # A comparison resumed after the default execution horizon changed must not pool old cells
     # (evaluated at the old default) with new ones under one protocol.
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import compare
+    from drifting_vla.cli import compare
 
     run = compare.Run("drifting", 0)
     cell = tmp_path / "evals" / run.name / "drifting_nfe1"

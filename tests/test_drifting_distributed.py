@@ -7,9 +7,9 @@ import os
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import free_port
 
-from drifting_vla.training.losses import DriftingLoss
+from drifting_vla.objectives.losses import DriftingLoss
+from tests.helpers import free_port
 
 
 def _batch():

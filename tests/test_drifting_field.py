@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from drifting_vla.training.drifting_field import compute_drift
-from drifting_vla.training.losses import DriftingLoss
+from drifting_vla.objectives.drifting_field import compute_drift
+from drifting_vla.objectives.losses import DriftingLoss
 
 
 def reference_algorithm2(x, y_pos, y_neg, temperature, self_masked):

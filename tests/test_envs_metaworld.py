@@ -162,7 +162,7 @@ import json, sys, time
 import numpy as np
 from drifting_vla.data.metaworld_dataset import write_task_store
 from drifting_vla.data.metaworld_demos import collection_config, store_dir
-from drifting_vla.files import FileLock
+from drifting_vla.formats.files import FileLock
 cfg = json.loads(sys.argv[1])
 out = store_dir(cfg)
 lock = FileLock(out / ".lock", "the store", "").acquire()

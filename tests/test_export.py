@@ -2,6 +2,7 @@
 pretrained encoders referenced by source and hash instead of stored."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,10 +13,10 @@ import torch
 from huggingface_hub import HfApi, constants
 from safetensors.torch import load_file
 
+from drifting_vla.formats.checkpoint import seal_checkpoint
 from drifting_vla.inference.policy import DriftingPolicy
-from drifting_vla.training.checkpoint import seal_checkpoint
-from drifting_vla.training.objectives import OBJECTIVES
-from tests.test_inference import (
+from drifting_vla.objectives.methods import OBJECTIVES
+from tests.helpers import (
     TASK,
     observation_batch,
     run_simulate_eval,
@@ -97,7 +98,7 @@ def test_model_card_shows_the_runs_final_evaluation_and_the_command_that_reprodu
     (path.parent.parent / "summary.json").write_text(json.dumps(summary))
     card = (policy.save_pretrained(tmp_path / "export", repo_id="me/reach") / "README.md").read_text()
     assert f"| {TASK} | 0.750 | [0.41, 0.93] | 8 |" in card and "metaworld | drifting nfe=1 | chunk 8/16" in card
-    assert "python scripts/simulate_eval.py checkpoint=me/reach episodes=25 execution=chunk execute_steps=1 nfe=1" in card
+    assert "drifting-eval checkpoint=me/reach episodes=25 execution=chunk execute_steps=1 nfe=1" in card
     assert 'DriftingPolicy.from_pretrained("me/reach")' in card
 
     (path.parent.parent / "summary.json").write_text(json.dumps({**summary, "step": 20}))  # another checkpoint's
@@ -141,13 +142,15 @@ def test_an_export_edited_on_purpose_loads_once_sealed_again(policy, tmp_path):
     np.testing.assert_array_equal(actions(DriftingPolicy.from_pretrained(export)), actions(policy))
 
 
-def test_an_export_from_before_the_hashes_loads_unchecked_with_a_warning(policy, tmp_path, caplog):
+@pytest.mark.parametrize("version", [1, 2, None])
+def test_an_export_of_another_format_version_is_refused_naming_file_and_key(policy, tmp_path, version):
     export = policy.save_pretrained(tmp_path / "export")
-    (export / "complete").unlink()
     saved = json.loads((export / "config.json").read_text())
-    (export / "config.json").write_text(json.dumps({**saved, "format_version": 1}))
-    np.testing.assert_array_equal(actions(DriftingPolicy.from_pretrained(export)), actions(policy))
-    assert "not checked" in caplog.text and "save_pretrained it again" in caplog.text
+    saved["format_version"] = version
+    (export / "config.json").write_text(json.dumps(saved))
+    seal_checkpoint(export)
+    with pytest.raises(ValueError, match=re.escape(f"{export / 'config.json'}: format_version={version!r}")):
+        DriftingPolicy.from_pretrained(export)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,36 +2,25 @@
 
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-import drifting_vla.files as files
-from drifting_vla.files import FileLock, JsonLinesAppender, LockHeld, read_jsonl, write_atomic
-from drifting_vla.inference.rollout import read_episodes
+import drifting_vla.formats.files as files
+from drifting_vla.evaluation.rollout import read_episodes
+from drifting_vla.formats.files import (
+    FileLock,
+    JsonLinesAppender,
+    LockHeld,
+    read_jsonl,
+    write_atomic,
+)
+from tests.helpers import hold_the_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 
-HOLD_THE_LOCK = """
-import os, sys, time
-from drifting_vla.files import FileLock
-FileLock(os.path.join(sys.argv[1], ".lock"), "the run directory", "").acquire()
-child = os.fork() if sys.argv[2] == "fork" else 0
-if child == 0 and sys.argv[2] == "fork":
-    time.sleep(60)  # a loader worker that outlives its killed trainer
-    os._exit(0)
-print(child, flush=True)
-time.sleep(60)
-"""
 
 
-def hold_the_lock(run_dir: Path, fork: bool) -> tuple[subprocess.Popen, int]:
-    """A process that holds the run directory (and, with `fork`, has a forked child); returns it and the child's pid."""
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_LOCK, str(run_dir), "fork" if fork else "no"],
-                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    return holder, int(holder.stdout.readline())
 
 
 def test_a_killed_runs_forked_children_do_not_keep_its_directory(tmp_path):

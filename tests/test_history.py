@@ -18,20 +18,26 @@ from drifting_vla.data.rlbench_dataset import RLBenchDataset
 from drifting_vla.data.rlbench_pickle import CorruptEpisodeError
 from drifting_vla.data.sampler import SampleKey
 from drifting_vla.data.transforms import history_rows
+from drifting_vla.evaluation.rollout import evaluate
+from drifting_vla.formats.config import training_config, validate_run_config
 from drifting_vla.inference.policy import DriftingPolicy
-from drifting_vla.inference.rollout import evaluate
 from drifting_vla.models.drifting_vla import build_model
+from drifting_vla.objectives.methods import build_objective
 from drifting_vla.serving import AsyncChunkExecutor, ChunkedPolicy, PolicyClient, ProtocolError
 from drifting_vla.serving.protocol import check_observation
 from drifting_vla.serving.server import policy_metadata, predict_chunks
 from drifting_vla.specs import RLBENCH_ACTION_SPEC
-from drifting_vla.training.config import training_config, validate_run_config
-from drifting_vla.training.objectives import build_objective
 from drifting_vla.training.trainer import Trainer
-from tests.test_inference import TASK, tiny_cfg, tiny_normalizer, write_checkpoint
-from tests.test_lerobot import fixture_dataset
-from tests.test_serving import Running
-from tests.test_training import compose_config, overrides_for
+from tests.helpers import (
+    TASK,
+    Running,
+    compose_config,
+    fixture_dataset,
+    overrides_for,
+    tiny_cfg,
+    tiny_normalizer,
+    write_checkpoint,
+)
 
 CAMERAS = ["corner", "topview"]
 

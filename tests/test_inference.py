@@ -11,16 +11,13 @@ import imageio.v2 as imageio
 import numpy as np
 import pytest
 import torch
-import yaml
 from omegaconf import OmegaConf
 
 from drifting_vla.data.normalization import Normalizer, compute_stats
 from drifting_vla.data.rlbench_dataset import POSE_ACTION_SPEC
 from drifting_vla.data.transforms import canonical_quaternion
 from drifting_vla.envs import env_import_path, make_env, rlbench_env
-from drifting_vla.envs.metaworld_env import instruction_for
-from drifting_vla.inference.policy import DriftingPolicy, ensemble_actions
-from drifting_vla.inference.rollout import (
+from drifting_vla.evaluation.rollout import (
     EpisodeRecord,
     EvalSummary,
     EvaluationError,
@@ -30,88 +27,26 @@ from drifting_vla.inference.rollout import (
     read_episodes,
     wilson_interval,
 )
+from drifting_vla.formats.checkpoint import seal_checkpoint
+from drifting_vla.formats.config import training_config
+from drifting_vla.formats.weights import DamagedCheckpointError
+from drifting_vla.inference.policy import DriftingPolicy, ensemble_actions
 from drifting_vla.logging.trajectory_video import PLOT_HEIGHT_PX, TITLE_HEIGHT_PX
 from drifting_vla.models.drifting_vla import build_model
+from drifting_vla.objectives.methods import OBJECTIVES, build_objective
 from drifting_vla.serving import ChunkedPolicy
 from drifting_vla.specs import RLBENCH_ACTION_SPEC, ActionSpec, default_execute_steps
-from drifting_vla.training.checkpoint import (
-    DamagedCheckpointError,
-    gather_training_state,
-    save_checkpoint,
-    seal_checkpoint,
-)
-from drifting_vla.training.config import training_config
-from drifting_vla.training.ema import EMA
-from drifting_vla.training.objectives import OBJECTIVES, build_objective
 from tests.fake_envs import FakeRLBench
-
-TASK = "reach-v3"
-
-
-def tiny_cfg(horizon: int = 4, objective: str = "drifting"):
-    model = OmegaConf.load("drifting_vla/configs/model/tiny.yaml")
-    data = OmegaConf.load("drifting_vla/configs/data/metaworld.yaml")
-    data.image_size = 32
-    data.horizon = horizon
-    data.tasks = [TASK]
-    data.instructions = [instruction_for(TASK)]
-    data.max_episode_steps = 10
-    return OmegaConf.create({"model": model, "data": data, "training": {"objective": objective}})
-
-
-def tiny_normalizer(cfg) -> Normalizer:
-    rng = np.random.default_rng(0)
-    stats = compute_stats(
-        {
-            "actions": rng.uniform([-0.2, 0.0, 0.5, -1.0], [0.2, 0.4, 0.9, 1.0], size=(64, 4)),
-            "proprio": rng.uniform(-0.5, 0.5, size=(64, 4)),
-        }
-    )
-    return Normalizer.from_stats(stats, ActionSpec.from_config(cfg.data.action_spec), proprio_dim=4)
-
-
-def tiny_policy(horizon: int = 4, objective: str = "drifting", **kwargs) -> DriftingPolicy:
-    torch.manual_seed(0)
-    cfg = tiny_cfg(horizon, objective)
-    return DriftingPolicy(build_model(cfg), tiny_normalizer(cfg), build_objective(training_config(cfg.training)), **kwargs)
-
-
-def observation_batch(batch: int = 2, size: int = 32) -> dict:
-    rng = np.random.default_rng(1)
-    return {
-        "images": torch.from_numpy(rng.integers(0, 256, size=(batch, 2, 3, size, size), dtype=np.uint8)),
-        "proprio": torch.from_numpy(rng.uniform(-0.5, 0.5, size=(batch, 4)).astype(np.float32)),
-        "instruction": [instruction_for(TASK)] * batch,
-    }
-
-
-@pytest.fixture
-def checkpoint(tmp_path):
-    return write_checkpoint(tmp_path / "run", tiny_cfg())
-
-
-def write_checkpoint(run_dir: Path, cfg, normalizer: Normalizer | None = None):
-    """A step-10 checkpoint of a fresh model under `run_dir/checkpoints`, its EMA weights offset so
-    a test sees which weights were loaded: (path, model, ema, normalizer). The normalizer defaults
-    to `tiny_normalizer(cfg)`."""
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    ema = EMA(model, max_decay=0.9)
-    for name in ema.shadow:  # EMA weights that differ from the raw ones, to see which are loaded
-        ema.shadow[name] = ema.shadow[name] + 0.01 if ema.shadow[name].is_floating_point() else ema.shadow[name]
-    optimizer = torch.optim.SGD(model.trainable_parameters(), lr=0.1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    normalizer = normalizer or tiny_normalizer(cfg)
-    path = save_checkpoint(
-        run_dir / "checkpoints",
-        step=10,
-        state=gather_training_state(model, ema, optimizer),
-        scheduler=scheduler,
-        config=OmegaConf.to_container(cfg, resolve=True),
-        normalization=normalizer.to_dict(),
-    )
-    return path, model, ema, normalizer
-
+from tests.helpers import (
+    TASK,
+    CountingGenerator,
+    env_batch,
+    observation_batch,
+    run_simulate_eval,
+    tiny_cfg,
+    tiny_policy,
+    write_checkpoint,
+)
 
 # ----------------------------------------------------------------------------------------------
 # Policy
@@ -161,11 +96,11 @@ def test_normalization_stats_that_are_not_finite_numbers_are_refused_naming_the_
 ])
 def test_a_checkpoint_config_is_checked_like_a_runs_naming_the_file(checkpoint, key, value, message):
     path = checkpoint[0]
-    cfg = yaml.safe_load((path / "config.yaml").read_text())
-    cfg["data"][key] = value
-    (path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    saved = json.loads((path / "config.json").read_text())
+    saved["config"]["data"][key] = value
+    (path / "config.json").write_text(json.dumps(saved))
     seal_checkpoint(path)
-    with pytest.raises(ValueError, match=re.escape(f"{path / 'config.yaml'}: {message}")):
+    with pytest.raises(ValueError, match=re.escape(f"{path / 'config.json'}: {message}")):
         DriftingPolicy.from_checkpoint(path)
 
 
@@ -229,28 +164,8 @@ def test_one_unbatched_observation_gives_one_action():
         policy.select_action({**single, "images": obs["images"]})
 
 
-class CountingGenerator:
-    """Stands in for predict_action_chunk: chunk c of a call holds c*100 + env*10 + step."""
-
-    def __init__(self, horizon: int):
-        self.horizon, self.calls, self.batch_sizes = horizon, 0, []
-
-    def __call__(self, obs, generator=None):
-        batch = len(obs["instruction"])
-        self.batch_sizes.append(batch)
-        env = torch.as_tensor(obs["proprio"])[:, 0].reshape(batch, 1, 1)
-        step = torch.arange(self.horizon, dtype=torch.float32).reshape(1, -1, 1)
-        chunk = self.calls * 100 + env * 10 + step
-        self.calls += 1
-        return chunk.expand(batch, self.horizon, 4).numpy().copy()
 
 
-def env_batch(env_ids) -> dict:
-    return {
-        "images": torch.zeros(len(env_ids), 2, 3, 32, 32, dtype=torch.uint8),
-        "proprio": torch.tensor([[float(e), 0, 0, 0] for e in env_ids]),
-        "instruction": [instruction_for(TASK)] * len(env_ids),
-    }
 
 
 def test_chunk_queue_replans_exactly_every_execute_steps():
@@ -399,7 +314,7 @@ def test_rollout_reports_simulator_errors_and_dead_workers_as_failed_episodes(tm
 
 def no_workers(monkeypatch):
     """Fail the test if an evaluation starts a simulator worker."""
-    from drifting_vla.inference import rollout
+    from drifting_vla.evaluation import rollout
 
     monkeypatch.setattr(rollout, "_Worker", lambda *a, **k: pytest.fail("a simulator worker was started"))
 
@@ -411,7 +326,7 @@ def test_an_evaluation_without_workers_is_refused_not_reported_as_zero(monkeypat
 
 
 def test_a_second_evaluation_into_the_same_output_is_refused_and_leaves_the_first_ones_records(monkeypatch, tmp_path):
-    from drifting_vla.files import FileLock, LockHeld
+    from drifting_vla.formats.files import FileLock, LockHeld
 
     no_workers(monkeypatch)
     (tmp_path / "episodes.jsonl").write_text('{"task": "a", "seed": 0}\n')  # the first evaluation's, so far
@@ -487,8 +402,8 @@ def test_a_script_without_a_main_guard_fails_loudly_naming_the_pitfall(tmp_path)
     script.write_text(
         "from omegaconf import OmegaConf\n"
         "import tests.fake_envs\n"
-        "from tests.test_inference import tiny_cfg, tiny_policy\n"
-        "from drifting_vla.inference.rollout import evaluate\n"
+        "from tests.helpers import tiny_cfg, tiny_policy\n"
+        "from drifting_vla.evaluation.rollout import evaluate\n"
         "data = OmegaConf.to_container(tiny_cfg().data)\n"
         "data['name'] = 'scripted'\n"
         "evaluate(tiny_policy(), data, seeds=[0], num_workers=1, progress=False, step_timeout_s=60)\n"
@@ -645,13 +560,6 @@ def test_a_checkpoint_trained_without_the_flag_still_loads_and_acts_with_the_con
 # scripts/simulate_eval.py
 
 
-def run_simulate_eval(run_dir, *overrides, env=None):
-    """The CLI as a user runs it; Hydra's own run directory goes to `run_dir`, not the checkout."""
-    script = Path(__file__).resolve().parents[1] / "scripts" / "simulate_eval.py"
-    return subprocess.run(
-        [sys.executable, str(script), *overrides, f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=300,
-        env=None if env is None else {**__import__("os").environ, **env},
-    )
 
 
 def payload_checkpoint(tmp_path):
@@ -737,23 +645,6 @@ def _rewrite(path: Path, name: str, weights: dict) -> None:
     seal_checkpoint(path)
 
 
-def test_checkpoint_from_before_the_time_embedder_loads_and_acts_the_same(checkpoint):
-    from safetensors.torch import load_file
-
-    path = checkpoint[0]
-    policy = DriftingPolicy.from_checkpoint(path)
-    with torch.no_grad():  # the network as it was before the embedder existed: no time term
-        for param in policy.model.dit.t_embedder.mlp[-1].parameters():
-            param.zero_()
-    obs = observation_batch()
-    expected = policy.predict_action_chunk(obs, generator=torch.Generator().manual_seed(3))
-    for name in ("model.safetensors", "ema.safetensors"):
-        weights = load_file(str(path / name))
-        _rewrite(path, name, {k: v for k, v in weights.items() if not k.startswith("dit.t_embedder.")})
-    old = DriftingPolicy.from_checkpoint(path)
-    np.testing.assert_allclose(old.predict_action_chunk(obs, generator=torch.Generator().manual_seed(3)), expected, atol=1e-6)
-
-
 def test_checkpoint_missing_other_weights_is_an_error_naming_them(checkpoint):
     from safetensors.torch import load_file
 
@@ -767,7 +658,7 @@ def test_checkpoint_missing_other_weights_is_an_error_naming_them(checkpoint):
 def test_every_path_that_executes_chunks_defaults_to_the_same_horizon():
     # Training's evaluation passes its null setting to DriftingPolicy; simulate_eval and the served
     # client build ChunkedPolicy: one default, so a run is evaluated the way it will be executed.
-    from drifting_vla.training.config import training_config
+    from drifting_vla.formats.config import training_config
 
     assert training_config({}).eval.execute_steps is None
     assert [default_execute_steps(h) for h in (1, 4, 8, 16)] == [1, 1, 2, 4]

@@ -16,23 +16,19 @@ from torch.utils.data import DataLoader
 from drifting_vla.data.collate import collate_samples
 from drifting_vla.data.lerobot_dataset import LeRobotDataset, resolve_root
 from drifting_vla.data.lerobot_writer import LeRobotWriter, export_metaworld_store
-from drifting_vla.data.metaworld_dataset import MetaWorldDataset, write_task_store
+from drifting_vla.data.metaworld_dataset import MetaWorldDataset
 from drifting_vla.data.normalization import STATS, dataset_stats
 from drifting_vla.data.rlbench_pickle import CorruptEpisodeError
 from drifting_vla.data.skip_corrupt import SkipCorruptSamples
 from drifting_vla.envs import simulation_config
+from tests.helpers import FIXTURE, IMAGE, VIDEOS, fixture_dataset, metaworld_store
 
-FIXTURE = Path(__file__).parent / "fixtures" / "lerobot_v30"
-VIDEOS = ["observation.images.front", "observation.images.wrist"]  # AV1, 96x96 and 64x80
-IMAGE = "observation.images.overhead"  # PNG in the parquet, 32x32
 VIDEO_MEAN_TOLERANCE = 3.0
 """Per-channel image means (0..255) may differ from LeRobot's by this much: AV1 at crf 30 is lossy
 and our decode resizes (uniform frames: the mean barely moves); measured at most 2.0."""
 PNG_MEAN_TOLERANCE = 0.5
 
 
-def fixture_dataset(root: Path = FIXTURE / "dataset", **kwargs) -> LeRobotDataset:
-    return LeRobotDataset(root, **{"cameras": [*VIDEOS, IMAGE], "horizon": 4, "image_size": 32, **kwargs})
 
 
 @pytest.fixture
@@ -266,28 +262,11 @@ def test_hub_dataset_offline_says_how_to_use_a_local_copy(monkeypatch):
 # --- writing --------------------------------------------------------------------------------------
 
 
-def _metaworld_store(root: Path, size: int = 16) -> Path:
-    """Two tasks of 3 episodes of 7 steps; frame t of episode k is uniform gray 20 + 10 t + 50 k."""
-    rng = np.random.default_rng(0)
-    root.mkdir(parents=True)
-    collection = {"cameras": ["corner", "topview"], "image_size": size, "max_episode_steps": 50, "train_seeds": {"start": 0, "count": 3}}
-    (root / "collection.json").write_text(json.dumps(collection))
-    for task in ("reach-v3", "push-v3"):
-        episodes = [
-            {
-                "images": np.broadcast_to((20 + 10 * np.arange(7) + 50 * k).astype(np.uint8)[:, None, None, None, None], (7, 2, 3, size, size)).copy(),
-                "proprio": rng.normal(size=(7, 4)).astype(np.float32), "state": rng.normal(size=(7, 39)).astype(np.float32),
-                "actions": rng.uniform(-1, 1, (7, 4)).astype(np.float32), "seed": k,
-            }
-            for k in range(3)
-        ]
-        write_task_store(root / task, episodes, {"instruction": f"do {task}"})
-    return root
 
 
 @pytest.mark.parametrize("vcodec,codec", [("libsvtav1", "av1"), ("libx264", "h264")])
 def test_exported_metaworld_demos_read_back_like_the_native_store(tmp_path, vcodec, codec):
-    store = _metaworld_store(tmp_path / "store")
+    store = metaworld_store(tmp_path / "store")
     out = export_metaworld_store(store, tmp_path / "lerobot", ["reach-v3", "push-v3"], {"start": 100000, "count": 5}, vcodec=vcodec)
     info = json.loads((out / "meta" / "info.json").read_text())
     assert info["features"]["observation.images.corner"]["info"]["video.codec"] == codec
@@ -305,7 +284,7 @@ def test_exported_metaworld_demos_read_back_like_the_native_store(tmp_path, vcod
 def test_export_has_lerobots_layout(tmp_path):
     import pyarrow.parquet as pq
 
-    out = export_metaworld_store(_metaworld_store(tmp_path / "store"), tmp_path / "lerobot", ["reach-v3"], {"start": 0, "count": 1})
+    out = export_metaworld_store(metaworld_store(tmp_path / "store"), tmp_path / "lerobot", ["reach-v3"], {"start": 0, "count": 1})
     theirs, ours = FIXTURE / "dataset", out
     info = json.loads((ours / "meta" / "info.json").read_text())
     assert set(info) == set(json.loads((theirs / "meta" / "info.json").read_text()))
@@ -336,7 +315,7 @@ def test_writer_refuses_a_non_empty_output_and_episodes_missing_a_camera(tmp_pat
 
 
 def test_an_exported_dataset_names_its_simulator_for_the_chosen_cameras(tmp_path):
-    out = export_metaworld_store(_metaworld_store(tmp_path / "store"), tmp_path / "lerobot", ["reach-v3", "push-v3"], {"start": 100000, "count": 5})
+    out = export_metaworld_store(metaworld_store(tmp_path / "store"), tmp_path / "lerobot", ["reach-v3", "push-v3"], {"start": 100000, "count": 5})
     dataset = LeRobotDataset(out, ["observation.images.topview"], horizon=4, image_size=32)
     data_cfg = {"name": "lerobot", "image_size": 32, "horizon": 4, "simulator": dataset.simulator()}
     sim = simulation_config(data_cfg)
@@ -357,7 +336,7 @@ def test_training_on_an_export_records_its_simulator_and_on_a_foreign_dataset_sk
 
     from drifting_vla.training.trainer import Trainer
 
-    export = export_metaworld_store(_metaworld_store(tmp_path / "store"), tmp_path / "lerobot", ["reach-v3", "push-v3"], {"start": 100000, "count": 5})
+    export = export_metaworld_store(metaworld_store(tmp_path / "store"), tmp_path / "lerobot", ["reach-v3", "push-v3"], {"start": 100000, "count": 5})
     common = ["experiment=tiny_cpu", "data=lerobot", "data.image_size=16", "data.horizon=4", "data.val_every=3",
               "data.num_workers=0", "training.wandb.mode=disabled", "training.num_threads=1", "training.max_steps=2"]
     with initialize_config_dir(config_dir=str(Path(__file__).parents[1] / "drifting_vla" / "configs"), version_base=None):

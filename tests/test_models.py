@@ -12,7 +12,7 @@ from drifting_vla.models import build_model, parameter_table
 from drifting_vla.models.language_encoder import clip_tokenizer_from_bpe
 from drifting_vla.rotations import quaternion_to_rotation6d, rotation6d_to_quaternion
 from drifting_vla.specs import METAWORLD_ACTION_SPEC, RLBENCH_ACTION_SPEC
-from tests.conftest import tiny_bpe_file
+from tests.helpers import tiny_bpe_file
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "drifting_vla" / "configs"
 INSTRUCTIONS = ["open the drawer", "close the drawer", "press the button"]

@@ -11,9 +11,9 @@ from torch.utils.data import Dataset
 
 from drifting_vla.data.collate import collate_samples
 from drifting_vla.data.neighbours import NeighbourIndex, NeighbourPositives
-from drifting_vla.training.config import training_config
-from drifting_vla.training.losses import DriftingLoss
-from drifting_vla.training.objectives import build_objective
+from drifting_vla.formats.config import training_config
+from drifting_vla.objectives.losses import DriftingLoss
+from drifting_vla.objectives.methods import build_objective
 
 STEPS = 6
 
@@ -167,10 +167,6 @@ def test_missing_neighbour_chunks_in_a_batch_is_an_error():
         objective(FixedSamples(torch.zeros(1, 4, 2, 2)), {"task": ["a"]}, torch.zeros(1, 2, 2), inputs)
 
 
-def test_legacy_queue_keys_read_as_positives():
-    cfg = training_config(OmegaConf.create({"drifting": {"extra_positives": 2, "queue_size": 64}}))
-    assert (cfg.drifting.positives.source, cfg.drifting.positives.k, cfg.drifting.positives.queue_size) == ("queue", 2, 64)
-    assert training_config(OmegaConf.create({"drifting": {"extra_positives": 0}})).drifting.positives.source == "self"
 
 
 def test_neighbour_table_survives_a_checkpoint_and_refuses_another_shape():

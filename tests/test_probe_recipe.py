@@ -84,7 +84,7 @@ def test_a_checkpoint_is_scored_on_the_chunks_its_policy_executes(tmp_path, obje
     from drifting_vla.inference.policy import DriftingPolicy
     from drifting_vla.lab.one_positive import held_out_batches, score_checkpoint
     from drifting_vla.training.trainer import Trainer
-    from tests.test_training import compose_config, overrides_for
+    from tests.helpers import compose_config, overrides_for
 
     write_rlbench_fixture(tmp_path / "data" / "train", episodes=2, steps=12, seed=0)
     write_rlbench_fixture(tmp_path / "data" / "val", episodes=1, steps=12, seed=1)

@@ -1,6 +1,5 @@
 """Serving: the wire protocol, the policy server, the client and asynchronous chunk execution."""
 
-import asyncio
 import json
 import signal
 import subprocess
@@ -8,7 +7,6 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import msgpack
 import numpy as np
@@ -18,7 +16,8 @@ from omegaconf import OmegaConf
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from drifting_vla.inference.rollout import evaluate, read_episodes
+from drifting_vla.evaluation.rollout import evaluate, read_episodes
+from drifting_vla.formats.checkpoint import seal_checkpoint
 from drifting_vla.serving import (
     AsyncChunkExecutor,
     ChunkedPolicy,
@@ -29,11 +28,9 @@ from drifting_vla.serving import (
     ServerBusy,
 )
 from drifting_vla.serving.protocol import check_observation, pack, unpack
-from drifting_vla.serving.server import PolicyServer, ServerConfig, predict_chunks
-from drifting_vla.training.checkpoint import seal_checkpoint
-from tests.test_inference import CountingGenerator, checkpoint, env_batch, tiny_cfg, tiny_policy  # noqa: F401
+from drifting_vla.serving.server import predict_chunks
+from tests.helpers import ROOT, CountingGenerator, Running, env_batch, tiny_cfg, tiny_policy
 
-ROOT = Path(__file__).resolve().parents[1]
 INSTRUCTION = tiny_cfg().data.instructions[0]
 
 
@@ -55,21 +52,6 @@ def observation(size: int = 32, level: int = 7, channels_last: bool = False) -> 
     }
 
 
-class Running:
-    """A PolicyServer on a free loopback port, in a thread of this process."""
-
-    def __init__(self, policy, **config) -> None:
-        self.server = PolicyServer(policy, ServerConfig(port=0, **config))
-        ready = threading.Event()
-        self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve(lambda s: ready.set())), daemon=True)
-        self.thread.start()
-        assert ready.wait(30), "the server did not start"
-        self.url = f"ws://127.0.0.1:{self.server.port}"
-
-    def stop(self) -> None:
-        self.server.stop()
-        self.thread.join(30)
-        assert not self.thread.is_alive()
 
 
 @pytest.fixture
@@ -437,11 +419,9 @@ def start_serve_script(*overrides) -> tuple[subprocess.Popen, str]:
 def drift_checkpoint(checkpoint):  # noqa: F811
     """The test checkpoint, evaluated on the registered test env `drift` (success depends on actions)."""
     path = checkpoint[0]
-    config = path / "config.yaml"
-    cfg = OmegaConf.load(config)
-    cfg.data.name = "drift"
-    cfg.data.max_episode_steps = 12
-    OmegaConf.save(cfg, config)
+    saved = json.loads((path / "config.json").read_text())
+    saved["config"]["data"].update(name="drift", max_episode_steps=12)
+    (path / "config.json").write_text(json.dumps(saved))
     seal_checkpoint(path)
     return path
 

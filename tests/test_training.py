@@ -17,27 +17,24 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import free_port
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
-from test_files import hold_the_lock
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from drifting_vla.data.fixtures import write_rlbench_fixture
 from drifting_vla.data.neighbours import NeighbourIndex
 from drifting_vla.data.registry import build_dataset, register_dataset
 from drifting_vla.data.rlbench_pickle import CorruptEpisodeError
-from drifting_vla.files import LockHeld
-from drifting_vla.inference.policy import DriftingPolicy
-from drifting_vla.training.config import (
+from drifting_vla.formats.config import (
     validate_eval_config,
     validate_run_config,
     validate_serve_config,
     validate_training_config,
 )
+from drifting_vla.formats.files import LockHeld
+from drifting_vla.inference.policy import DriftingPolicy
 from drifting_vla.training.trainer import Trainer
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT, compose_config, free_port, hold_the_lock, overrides_for
 
 
 @pytest.fixture(scope="module")
@@ -48,18 +45,8 @@ def rlbench_root(tmp_path_factory) -> Path:
     return root
 
 
-def overrides_for(root: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [
-        "experiment=tiny_cpu", "data=rlbench", f"data.root={root}", "data.tasks=[close_jar]",
-        "data.cameras=[front,wrist]", "data.image_size=16", "data.cache_dir=null", "data.horizon=4",
-        "data.keyframes=false", "data.num_workers=0", f"run_dir={run_dir}", "training.wandb.mode=disabled",
-        "training.num_threads=1", *extra,
-    ]
 
 
-def compose_config(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(ROOT / "drifting_vla" / "configs"), version_base=None):
-        return compose("config", overrides=overrides)
 
 
 def test_unknown_config_key_is_an_error_naming_it(tmp_path):
@@ -128,7 +115,7 @@ PLUGIN_DATASET = """
 from dataclasses import dataclass
 
 from drifting_vla.data.registry import register_dataset
-from drifting_vla.training.config import DATA_SCHEMAS, DataConfig, setting
+from drifting_vla.formats.config import DATA_SCHEMAS, DataConfig, setting
 
 
 @dataclass(kw_only=True)
@@ -148,7 +135,7 @@ def build_robot(cfg, split="train"):
 
 def test_a_plugin_dataset_declares_the_schema_of_its_own_keys_and_they_are_checked_at_start(tmp_path, monkeypatch):
     import drifting_vla.data.registry as registry
-    import drifting_vla.training.config as config
+    import drifting_vla.formats.config as config
     from drifting_vla.plugins import load_plugins
 
     monkeypatch.setattr(config, "DATA_SCHEMAS", dict(config.DATA_SCHEMAS))  # the plugin's entries go with the test
@@ -326,7 +313,7 @@ def test_two_gloo_ranks_stay_identical_and_match_one_process_on_the_global_batch
     # The checkpoint holds full state whatever the strategy: a single-process policy loads it.
     policy = DriftingPolicy.from_checkpoint(tmp_path / "ranks")
     loaded = policy.model.state_dict()
-    for name, value in load_file(tmp_path / "ranks" / "checkpoints" / "step_00000006" / "ema.safetensors").items():
+    for name, value in load_file(tmp_path / "ranks" / "checkpoints" / "step_00000006" / "model.safetensors").items():
         torch.testing.assert_close(loaded[name], value, rtol=0, atol=0, msg=name)
 
 
@@ -472,7 +459,7 @@ def test_a_resumed_run_trains_on_the_checkpointed_neighbours_even_if_a_rebuild_d
 def test_checkpoints_hold_every_ranks_random_state(rlbench_root, tmp_path):
     Trainer(compose_config(overrides_for(rlbench_root, tmp_path, "training.max_steps=2", "training.val_every=0"))).fit()
     checkpoint = next((tmp_path / "checkpoints").glob("step_*"))
-    state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
+    state = torch.load(checkpoint / "training_state.pt", weights_only=True)
     assert len(state["extra"]["ranks"]) == 1 and "rng" in state["extra"]["ranks"][0]
 
 

@@ -28,7 +28,8 @@ them go with it. The split is made before leaving any out, so the held-out episo
 
 Datasets written by `drifting_vla.data.lerobot_writer` also hold `meta/drifting_vla.json`: the
 task name of each instruction and the simulator the demos came from, so that a policy trained on
-the export can be evaluated in that simulator (`simulator`).
+the export can be evaluated in that simulator (`simulator`), and the action layout
+(`lerobot_features.py` reads it when data.action_spec is unset).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from drifting_vla.data.lerobot_features import check_size, feature_size, resolve_cameras
 from drifting_vla.data.normalization import STATS, compute_stats
 from drifting_vla.data.rlbench_pickle import CorruptEpisodeError
 from drifting_vla.data.transforms import (
@@ -106,13 +108,19 @@ def read_info(root: pathlib.Path) -> dict:
     return info
 
 
+def read_export_meta(root: pathlib.Path) -> dict:
+    """meta/drifting_vla.json (what our exporter records beside LeRobot's files), {} without it."""
+    path = root / EXPORT_META
+    return _read_json(path) if path.is_file() else {}
+
+
 class LeRobotDataset(Dataset):
     """Items are sample dicts (`drifting_vla.specs`) built from a LeRobot v3.0 dataset folder."""
 
     def __init__(
         self,
         root: str | pathlib.Path,
-        cameras: list[str],
+        cameras: list[str] | None,
         horizon: int,
         image_size: int,
         state_key: str = "observation.state",
@@ -124,7 +132,8 @@ class LeRobotDataset(Dataset):
         n_obs_steps: int = 1,
         skip_corrupt: bool = False,
     ) -> None:
-        """`cameras`: image or video feature keys (any mix), each resized to `image_size` square.
+        """`cameras`: image or video feature keys (any mix), each resized to `image_size` square;
+        None: every image and video feature (lerobot_features.py).
         `split` "train" / "val" holds out every `val_every`-th episode (by episode index order).
         `action_dim` / `proprio_dim`: what the data config expects of the action and state
         features (checked here, so a mismatch names the feature instead of failing in the model).
@@ -133,14 +142,15 @@ class LeRobotDataset(Dataset):
         self.root = pathlib.Path(root)
         self.info = read_info(self.root)
         self.features = self.info["features"]
-        self.cameras, self.horizon, self.image_size = list(cameras), int(horizon), int(image_size)
+        self.cameras = resolve_cameras(cameras, self.features, self.root / "meta" / "info.json")
+        self.horizon, self.image_size = int(horizon), int(image_size)
         self.n_obs_steps = check_n_obs_steps(n_obs_steps)
         self.state_key, self.action_key = state_key, action_key
         self.skip_corrupt = skip_corrupt
         self.skipped: list[str] = []  # with skip_corrupt: why episodes were left out
         self._check_features(action_dim, proprio_dim)
         self.tasks = _read_tasks(self.root / "meta" / "tasks.parquet")
-        export = _read_json(self.root / EXPORT_META) if (self.root / EXPORT_META).is_file() else {}
+        export = read_export_meta(self.root)
         self._task_names = export.get("task_names", {})
         self._export_simulator = export.get("simulator")
 
@@ -239,25 +249,13 @@ class LeRobotDataset(Dataset):
 
     # ------------------------------------------------------------------------------ reading
     def _check_features(self, action_dim: int | None, proprio_dim: int | None) -> None:
-        info, present = self.root / "meta" / "info.json", sorted(self.features)
-        for key in [*self.cameras, self.state_key, self.action_key]:
-            if key not in self.features:
-                raise KeyError(f"feature {key!r} is not in {info}; it has {present}")
-        not_images = [key for key in self.cameras if self.features[key]["dtype"] not in ("video", "image")]
-        if not_images or not self.cameras:
-            images = [k for k in present if self.features[k]["dtype"] in ("video", "image")]
-            raise ValueError(f"data.cameras must name image or video features; got {not_images or self.cameras}, the dataset's are {images}")
+        info = self.root / "meta" / "info.json"
         expected = (
             (self.action_key, action_dim, "data.action_spec", "data.action_key"),
             (self.state_key, proprio_dim, "data.proprio_dim", "data.state_key"),
         )
         for key, dim, config, key_config in expected:
-            shape = list(self.features[key]["shape"])
-            if dim is not None and shape != [dim]:
-                raise ValueError(
-                    f"{config} gives {dim} values but feature {key!r} has shape {shape} in {info}; "
-                    f"make {config} match ({shape[0]} values) or name another feature with {key_config}"
-                )
+            check_size(dim, config, key, feature_size(self.features, key, key_config, info), key_config, info)
 
     def _leave_out(self, error: CorruptEpisodeError, episodes: list[int], left_out: set[int]) -> None:
         """Add `episodes` (indices into meta/episodes), whose file `error` names, to `left_out`

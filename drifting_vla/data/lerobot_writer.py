@@ -27,6 +27,7 @@ import numpy as np
 from drifting_vla.data.lerobot_dataset import CODEBASE_VERSION, EXPORT_META
 from drifting_vla.data.metaworld_dataset import open_task_arrays, read_collection, read_task_meta
 from drifting_vla.data.normalization import compute_stats
+from drifting_vla.specs import METAWORLD_ACTION_SPEC
 
 VIDEO_CODECS = {"libsvtav1": ("av1", {"g": "2", "crf": "30", "preset": "12"}), "libx264": ("h264", {"g": "2", "crf": "30"})}
 """PyAV encoder -> (codec name recorded in info.json, LeRobot's encoder options)."""
@@ -204,8 +205,9 @@ def export_metaworld_store(
 
     Camera `c` becomes `observation.images.c`, proprio `observation.state`, the 39-d state
     `observation.environment_state`, the instruction the task string. meta/drifting_vla.json
-    records the Meta-World task of each instruction and the simulator settings (tasks, cameras,
-    step limit, train and eval seeds), so `data=lerobot data.root=<output>` evaluates in Meta-World.
+    records the Meta-World task of each instruction, the simulator settings (tasks, cameras,
+    step limit, train and eval seeds) and the action layout (`METAWORLD_ACTION_SPEC`), so
+    `data=lerobot data.root=<output>` trains like `data=metaworld` and evaluates in Meta-World.
     """
     store_dir = pathlib.Path(store_dir)
     collection = read_collection(store_dir)
@@ -236,7 +238,9 @@ def export_metaworld_store(
         "max_episode_steps": int(collection["max_episode_steps"]),
         "train_seeds": dict(collection["train_seeds"]), "eval_seeds": {k: int(v) for k, v in eval_seeds.items()},
     }
-    return writer.finalize({"task_names": task_names, "simulator": simulator})
+    # The action layout Meta-World's own data config uses, so data=lerobot trains the same decoder.
+    action_spec = METAWORLD_ACTION_SPEC.to_config()
+    return writer.finalize({"task_names": task_names, "simulator": simulator, "action_spec": action_spec})
 
 
 class _VideoFile:

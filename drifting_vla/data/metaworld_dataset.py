@@ -46,7 +46,7 @@ from drifting_vla.data.transforms import (
     split_episodes,
     stack_history,
 )
-from drifting_vla.files import file_sha256, holds_sha256
+from drifting_vla.formats.files import file_sha256, holds_sha256
 
 ARRAYS = ("images", "proprio", "state", "actions")
 STORED = (*ARRAYS, "episode_ends", "seeds")

@@ -33,7 +33,7 @@ from drifting_vla.data.metaworld_dataset import (
 )
 from drifting_vla.data.rlbench_pickle import CorruptEpisodeError
 from drifting_vla.envs.metaworld_routes import EXPERT_VERSION as ROUTE_EXPERT_VERSION
-from drifting_vla.files import FileLock, write_atomic
+from drifting_vla.formats.files import FileLock, write_atomic
 
 DEFAULT_ROOT = "~/.cache/drifting_vla/metaworld"
 SIMULATOR_PACKAGES = ("metaworld", "mujoco")

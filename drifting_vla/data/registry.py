@@ -1,6 +1,7 @@
 """One registry of dataset builders, keyed by the data config's `name`.
 
     prepare_dataset(cfg.data)                  # collect / fetch what is missing (rank 0 only)
+    cfg.data.update(complete_data_config(cfg.data))   # keys the dataset's own files answer (data=lerobot)
     dataset = build_dataset(cfg.data)          # a torch Dataset of sample dicts (specs.py)
     loader = DataLoader(dataset, collate_fn=collate_samples, ...)
 
@@ -20,18 +21,31 @@ from drifting_vla.data.skip_corrupt import SkipCorruptSamples
 
 DATASETS: dict[str, Callable[..., Dataset]] = {}
 PREPARERS: dict[str, Callable] = {}
+COMPLETERS: dict[str, Callable[..., dict]] = {}
 
 
-def register_dataset(name: str, prepare: Callable | None = None):
-    """Register a builder `fn(cfg, split)`; `prepare(cfg)`, if given, makes the data on first use."""
+def register_dataset(name: str, prepare: Callable | None = None, complete: Callable[..., dict] | None = None):
+    """Register a builder `fn(cfg, split)`; `prepare(cfg)`, if given, makes the data on first use;
+    `complete(cfg)`, if given, returns the data keys the dataset's own files answer (below)."""
 
     def wrap(fn):
         DATASETS[name] = fn
         if prepare is not None:
             PREPARERS[name] = prepare
+        if complete is not None:
+            COMPLETERS[name] = complete
         return fn
 
     return wrap
+
+
+def complete_data_config(cfg) -> dict:
+    """{key: value} for the data config, from the dataset itself: a LeRobot dataset's cameras,
+    state and action sizes and action layout, the keys left null read from meta/info.json and
+    the ones given checked against it. The trainer merges them in before it builds the model, so
+    the run's config.yaml (and every checkpoint) holds them. {} for datasets without a completer."""
+    complete = COMPLETERS.get(str(cfg["name"]))
+    return complete(cfg) if complete is not None else {}
 
 
 def prepare_dataset(cfg) -> None:
@@ -104,26 +118,42 @@ def build_rlbench(cfg, split: str = "train") -> Dataset:
     )
 
 
-@register_dataset("lerobot")
+def _complete_lerobot(cfg) -> dict:
+    """data.cameras, data.proprio_dim, data.action_spec of a LeRobot dataset (lerobot_features.py)."""
+    from drifting_vla.data.lerobot_dataset import (
+        EXPORT_META,
+        read_export_meta,
+        read_info,
+        resolve_root,
+    )
+    from drifting_vla.data.lerobot_features import data_keys
+
+    root = resolve_root(cfg.get("root"), cfg.get("repo_id"), cfg.get("revision"))
+    return data_keys(cfg, read_info(root)["features"], root / "meta" / "info.json", read_export_meta(root), root / EXPORT_META)
+
+
+@register_dataset("lerobot", complete=_complete_lerobot)
 def build_lerobot(cfg, split: str = "train") -> Dataset:
     """A LeRobot v3.0 dataset from `data.root`, or `data.repo_id` (+ `data.revision`) from the
-    hub. The val split is every `data.val_every`-th episode, held out of train."""
+    hub. The val split is every `data.val_every`-th episode, held out of train. Null cameras,
+    proprio_dim or action_spec (a config `complete_data_config` has not filled) are not checked."""
     from drifting_vla.data.lerobot_dataset import LeRobotDataset, resolve_root
     from drifting_vla.specs import ActionSpec
 
     if split not in ("train", "val"):
         raise ValueError(f"LeRobot datasets have a train and a val split here, got {split!r}")
+    cameras, spec, proprio_dim = cfg.get("cameras"), cfg.get("action_spec"), cfg.get("proprio_dim")
     return LeRobotDataset(
         resolve_root(cfg.get("root"), cfg.get("repo_id"), cfg.get("revision")),
-        cameras=[str(c) for c in cfg["cameras"]],
+        cameras=None if cameras is None else [str(c) for c in cameras],
         horizon=int(cfg["horizon"]),
         image_size=int(cfg["image_size"]),
         state_key=str(cfg["state_key"]),
         action_key=str(cfg["action_key"]),
         split=split,
         val_every=int(cfg["val_every"]),
-        action_dim=ActionSpec.from_config(cfg["action_spec"]).dim,
-        proprio_dim=int(cfg["proprio_dim"]),
+        action_dim=None if spec is None else ActionSpec.from_config(spec).dim,
+        proprio_dim=None if proprio_dim is None else int(proprio_dim),
         n_obs_steps=int(cfg.get("n_obs_steps", 1)),
         skip_corrupt=bool(cfg.get("skip_corrupt", False)),
     )

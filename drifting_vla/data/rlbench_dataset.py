@@ -57,7 +57,7 @@ from drifting_vla.data.transforms import (
     resize_image,
     stack_history,
 )
-from drifting_vla.files import file_sha256, holds_sha256, write_atomic
+from drifting_vla.formats.files import file_sha256, holds_sha256, write_atomic
 from drifting_vla.specs import RLBENCH_ACTION_SPEC, ActionSpec
 
 log = logging.getLogger(__name__)

@@ -44,6 +44,18 @@ def unregistered_env_message(name: str, plugins=None) -> str:
     )
 
 
+def check_saved_env_names(cfg: dict, file) -> None:
+    """A saved config's simulator names of the `module:Class` form are refused unless the user
+    registered them under that very name: a name is never imported, and a run of an earlier
+    version that named one says how to register it."""
+    data = cfg["data"]
+    simulator = data.get("simulator")
+    names = [data.get("name"), simulator.get("name") if isinstance(simulator, dict) else None]
+    for name in names:
+        if name is not None and ":" in str(name) and str(name) not in ENVS:
+            raise ValueError(f"{file}: {unregistered_env_message(str(name), cfg.get('plugins'))}")
+
+
 def env_import_path(data_cfg) -> str:
     """The registered import path of the env class for a data config's `name`."""
     name = str(data_cfg["name"])

@@ -2,7 +2,7 @@
 
     policy = DriftingPolicy.from_checkpoint("runs/x/checkpoints")       # newest whole checkpoint, EMA weights
     policy = DriftingPolicy.from_pretrained("me/drifting-drawer")       # an export (a directory or a hub repo)
-    policy.save_pretrained("exports/drawer"); policy.push_to_hub("me/drifting-drawer")   # inference/export.py
+    policy.save_pretrained("exports/drawer"); policy.push_to_hub("me/drifting-drawer")   # formats/export.py
     chunk = policy.predict_action_chunk(obs)    # [B, T, A] raw units, through the checkpoint's objective
     policy = DriftingPolicy.from_checkpoint(path, nfe=10)                # a flow/diffusion run: 10 steps
     action = policy.select_action(obs)          # [B, A]: the action to execute now, per env
@@ -61,26 +61,22 @@ import numpy as np
 import torch
 
 from drifting_vla.data.normalization import Normalizer
-from drifting_vla.inference.export import (
+from drifting_vla.envs import check_saved_env_names
+from drifting_vla.formats.config import EXECUTION_MODES, training_config
+from drifting_vla.formats.export import (
+    EXPORT_CONFIG_FILE,
+    NORMALIZATION_FILE,
     local_policy_dir,
     read_saved_policy,
-    upload_export,
-    write_export,
 )
+from drifting_vla.formats.weights import load_weights, pin_referenced_revisions, read_saved_file
+from drifting_vla.inference.card import save_policy, upload_export
 from drifting_vla.inference.history import ObservationHistory
 from drifting_vla.models.drifting_vla import DriftingVLA, build_model
+from drifting_vla.objectives import Objective, build_objective
+from drifting_vla.precision import autocast_dtype
 from drifting_vla.rotations import quaternion_to_rotation6d, rotation6d_to_quaternion
 from drifting_vla.specs import ActionSpec, default_execute_steps
-from drifting_vla.training.checkpoint import (
-    NORMALIZATION_FILE,
-    load_weights,
-    pin_referenced_revisions,
-    read_saved_file,
-)
-from drifting_vla.training.config import training_config
-from drifting_vla.training.objectives import Objective, build_objective
-
-EXECUTION_MODES = ("chunk", "ensemble")
 
 
 class DriftingPolicy:
@@ -98,9 +94,11 @@ class DriftingPolicy:
         sampler: str | None = None,
         device: str | torch.device | None = None,
         cfg: Mapping | None = None,
+        precision: str = "auto",
     ) -> None:
         """`cfg`: the run's resolved config, which `save_pretrained` needs to rebuild the network
-        (`from_checkpoint` sets it)."""
+        (`from_checkpoint` sets it). `precision`: the run's `training.precision` (drifting_vla/precision.py),
+        so the policy samples as validation did."""
         if execution not in EXECUTION_MODES:
             raise ValueError(f"unknown execution mode {execution!r}; choose one of {EXECUTION_MODES}")
         spec = model.action_spec
@@ -122,6 +120,7 @@ class DriftingPolicy:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device)
         self.normalizer = normalizer.to(self.device)
+        self.autocast_dtype = autocast_dtype(precision, self.device)
         self.action_spec = spec
         self.execution = execution
         self.execute_steps = int(execute_steps)
@@ -136,33 +135,28 @@ class DriftingPolicy:
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str = "cpu", **kwargs) -> DriftingPolicy:
-        """Load a checkpoint (or the newest whole one of a run) with its EMA weights, or an export
-        (`save_pretrained`).
+        """Load a saved policy: an export (`save_pretrained`), a checkpoint step (which holds the
+        export of its EMA policy), or the newest whole step of a run.
 
         Frozen pretrained encoders that the directory references (pretrained_weights.json) are
         loaded from their source at the recorded revision and hash-checked; every other weight is
         built at random (`model.pretrained=false`, architectures from the config's `arch` keys) and
-        loaded strictly from model.safetensors, with a checkpoint's EMA weights laid over it. The
-        objective is the one recorded in the config; `nfe` and `sampler` (kwargs) choose how it
-        samples (default: an export's recorded sampling, else the objective's). Returns a policy
-        whose `cfg` is the run's resolved config.
+        loaded strictly from model.safetensors. The objective is the one recorded in the config;
+        `nfe` and `sampler` (kwargs) choose how it samples (default: the recorded sampling, else
+        the objective's), and it samples at the run's `training.precision`. Returns a policy whose
+        `cfg` is the run's resolved config.
         """
-        from safetensors.torch import load_file
-
         saved = read_saved_policy(path)
         cfg = saved.cfg
+        check_saved_env_names(cfg, saved.path / EXPORT_CONFIG_FILE)
         model = build_model(pin_referenced_revisions(cfg, saved.references))
-        load_weights(model, saved.weights[0], saved.references)
-        for file in saved.weights[1:]:  # EMA: trainable weights only
-            overlay = read_saved_file(file, lambda f: load_file(str(f), device="cpu"))
-            unknown = sorted(set(overlay) - set(model.state_dict()))
-            if unknown:
-                raise KeyError(f"{file} has weights the model lacks: {unknown[:5]}")
-            model.load_state_dict(overlay, strict=False)
+        load_weights(model, saved.weights, saved.references)
         action_spec = ActionSpec.from_config(cfg["data"]["action_spec"])
         normalizer = read_saved_file(saved.path / NORMALIZATION_FILE, lambda _file: Normalizer.from_dict(
             saved.normalization, action_spec, proprio_dim=int(cfg["data"]["proprio_dim"])))
-        objective = build_objective(training_config(cfg.get("training", {})))
+        training = training_config(cfg.get("training", {}))
+        objective = build_objective(training)
+        kwargs.setdefault("precision", training.precision)
         kwargs.setdefault("nfe", saved.nfe)
         kwargs.setdefault("sampler", saved.sampler)
         policy = cls(model, normalizer, objective, device=device, cfg=cfg, **kwargs)
@@ -194,12 +188,12 @@ class DriftingPolicy:
     def save_pretrained(
         self, save_directory: str | os.PathLike, *, evaluation: str | os.PathLike | None = None, repo_id: str | None = None
     ) -> Path:
-        """Write the export (inference/export.py) into `save_directory`: the weights this policy
+        """Write the export (formats/export.py) into `save_directory`: the weights this policy
         runs, its config and objective with this policy's nfe and sampler as the export's default,
         the normalizer, and a model card. Its evaluation table comes from `evaluation` (a
         summary.json of scripts/simulate_eval.py) or else from the run's own final evaluation of
         this checkpoint; `repo_id` names the policy in the card's commands."""
-        return write_export(self, Path(save_directory), repo_id, evaluation)
+        return save_policy(self, Path(save_directory), repo_id, evaluation)
 
     def push_to_hub(
         self,
@@ -255,7 +249,8 @@ class DriftingPolicy:
         training = self.model.training  # the trainer's model goes back to train mode after
         self.model.eval()
         try:
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                                enabled=self.autocast_dtype is not None):
                 condition = self.model.encode_condition(batch)
                 chunks = self.objective.sample(self.model, condition, num_samples, self.nfe, self.sampler, generator)
         finally:

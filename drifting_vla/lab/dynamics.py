@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from drifting_vla.lab.targets import Target
-from drifting_vla.training.losses import DriftingLoss
+from drifting_vla.objectives.losses import DriftingLoss
 
 LAB_AFFINITY_FLOOR = 0.0
 """Algorithm 2 exactly. The release's floor (1e-6 on A_row * A_col) is meant for small problems:

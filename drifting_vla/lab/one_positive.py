@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from drifting_vla.training.losses import DriftingLoss
+from drifting_vla.objectives.losses import DriftingLoss
 
 CONDITION_DIM = 16
 ACTION_DIM = 64  # one chunk, flattened: 16 steps x 4 action dimensions

@@ -28,7 +28,7 @@ from typing import Any
 import imageio.v2 as imageio
 import numpy as np
 
-from drifting_vla.files import JsonLinesAppender
+from drifting_vla.formats.files import JsonLinesAppender
 from drifting_vla.logging.visualizations import MetricHistory
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ and the network above, parameter for parameter.
 `encode_condition` runs the encoders ONCE per observation; `predict` evaluates the DiT for G inputs
 from that one condition. Outputs live in the normalized action space (the normalizer lives with the
 data and is applied outside the network). The objective (drifting, regression, flow matching,
-diffusion; training/objectives.py) owns both the loss and the sampler: it decides what x and t are
+diffusion; objectives/methods.py) owns both the loss and the sampler: it decides what x and t are
 and what the output means. Nothing about it is baked in here.
 """
 

@@ -42,7 +42,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from drifting_vla.data.transforms import resize_image
-from drifting_vla.inference.rollout import batch_observations
+from drifting_vla.evaluation.rollout import batch_observations
 from drifting_vla.serving.protocol import (
     BAD_REQUEST,
     BUSY,

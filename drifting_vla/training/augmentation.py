@@ -26,19 +26,6 @@ from __future__ import annotations
 import torch
 
 
-def random_shift_pixels(setting: int, feature_cache: bool) -> int:
-    """`training.augmentation.random_shift` -> the pad in pixels. A shift with the feature cache is
-    an error: the cached features were computed once from the unaugmented images."""
-    if setting > 0 and feature_cache:
-        raise ValueError(
-            f"training.augmentation.random_shift={setting} with training.feature_cache=true: the cache holds "
-            "backbone features computed once from the unaugmented images, so shifted images would never reach "
-            "the model. Set training.augmentation.random_shift=0 to train on the cache, or "
-            "training.feature_cache=false to augment."
-        )
-    return int(setting)
-
-
 def shift_offsets(batch_size: int, num_cameras: int, pad: int, generator: torch.Generator) -> torch.Tensor:
     """Crop offsets int64 [B, V, 2] (rows, columns), uniform in 0..2*pad; drawn on the CPU."""
     return torch.randint(0, 2 * pad + 1, (batch_size, num_cameras, 2), generator=generator)

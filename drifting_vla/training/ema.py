@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from drifting_vla.training.distributed import full_tensor
+from drifting_vla.distributed import full_tensor
 
 
 def ema_decay(step: int, max_decay: float) -> float:

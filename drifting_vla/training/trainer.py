@@ -22,6 +22,7 @@ import json
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Protocol
 
 import imageio.v2 as imageio
 import numpy as np
@@ -35,42 +36,57 @@ from tqdm import tqdm
 
 from drifting_vla.data.collate import collate_samples
 from drifting_vla.data.normalization import Normalizer, dataset_stats
-from drifting_vla.data.registry import build_dataset, prepare_dataset
+from drifting_vla.data.registry import build_dataset, complete_data_config, prepare_dataset
 from drifting_vla.data.sampler import ResumableBatchSampler
-from drifting_vla.envs import NO_SIMULATOR, checked_env_import_path, simulation_config
-from drifting_vla.files import FileLock, write_atomic
-from drifting_vla.logging.trajectory_video import TRAJECTORY_VIDEO_KEY
-from drifting_vla.logging.visualizations import PANELS, MetricHistory, PanelInputs, due_panels
-from drifting_vla.logging.wandb_logger import create_run_logger
-from drifting_vla.models import build_model, parameter_table
-from drifting_vla.specs import ActionSpec
-from drifting_vla.training.augmentation import random_shift, random_shift_pixels, shift_offsets
-from drifting_vla.training.checkpoint import (
-    FULL_STATE,
-    capture_rng_state,
-    find_latest_valid_checkpoint,
-    gather_training_state,
-    load_checkpoint,
-    prune_checkpoints,
-    resolve_checkpoint,
-    restore_rng_state,
-    save_checkpoint,
-)
-from drifting_vla.training.config import resume_conflicts, training_config, validate_run_config
-from drifting_vla.training.distributed import (
+from drifting_vla.distributed import (
     all_reduce_sum,
     full_tensor,
     init_distributed,
     shard_model,
 )
+from drifting_vla.envs import NO_SIMULATOR, checked_env_import_path, simulation_config
+from drifting_vla.formats.checkpoint import (
+    checkpoint_dir_name,
+    find_latest_valid_checkpoint,
+    prune_checkpoints,
+    resolve_checkpoint,
+)
+from drifting_vla.formats.config import resume_conflicts, training_config, validate_run_config
+from drifting_vla.formats.files import FileLock, write_atomic
+from drifting_vla.inference.card import export_description
+from drifting_vla.inference.policy import DriftingPolicy
+from drifting_vla.logging.trajectory_video import TRAJECTORY_VIDEO_KEY
+from drifting_vla.logging.visualizations import PANELS, MetricHistory, PanelInputs, due_panels
+from drifting_vla.logging.wandb_logger import create_run_logger
+from drifting_vla.models import build_model, parameter_table
+from drifting_vla.objectives.methods import build_objective
+from drifting_vla.precision import autocast_dtype
+from drifting_vla.specs import ActionSpec
+from drifting_vla.training.augmentation import random_shift, shift_offsets
+from drifting_vla.training.checkpoint import (
+    FULL_STATE,
+    capture_rng_state,
+    gather_training_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
 from drifting_vla.training.ema import EMA
 from drifting_vla.training.feature_cache import cache_vision_features
-from drifting_vla.training.objectives import build_objective
 from drifting_vla.training.optimizer import OptimizerConfig, build_optimizer, build_scheduler
 
 
+class Evaluator(Protocol):
+    """Scores a policy in closed loop and writes what it saw under `output_dir`; the training loop
+    is handed one (`drifting_vla.evaluation.SimulationEvaluator`) rather than importing evaluation."""
+
+    def __call__(self, policy: DriftingPolicy, output_dir: Path): ...
+
+
 class Trainer:
-    def __init__(self, cfg: DictConfig) -> None:
+    def __init__(self, cfg: DictConfig, evaluator: Evaluator | None = None) -> None:
+        """`evaluator` scores the EMA policy when `training.eval` asks for it (at the end, every N
+        steps); a config that asks with a simulator but no evaluator is refused before any data is read."""
         validate_run_config(cfg)  # every group, before any data is read
         self.cfg, t = cfg, cfg.training
         self.objective = build_objective(training_config(t))
@@ -86,11 +102,13 @@ class Trainer:
                              "sets it to Hydra's run directory")
         self.run_dir = Path(str(cfg.run_dir))
         self.checkpoints_dir = self.run_dir / "checkpoints"
-        self.action_spec = ActionSpec.from_config(cfg.data.action_spec)
-
         if self.ctx.is_main:  # one process collects or fetches; the others wait, then read
             prepare_dataset(cfg.data)
         self._barrier()
+        with _unlocked(cfg):  # keys the dataset answers itself (data=lerobot: cameras, sizes, action layout)
+            cfg.data.update(complete_data_config(cfg.data))
+        validate_run_config(cfg)  # the keys filled in, too
+        self.action_spec = ActionSpec.from_config(cfg.data.action_spec)
         self.train_set = build_dataset(cfg.data, "train")
         self.val_set = build_dataset(cfg.data, "val") if t.val_every else None
         if cfg.data.get("simulator") == "auto":  # recorded by the dataset (a LeRobot export of sim demos)
@@ -99,6 +117,13 @@ class Trainer:
         simulator = simulation_config(cfg.data)
         if evaluates and simulator is not None:  # an unknown simulator or task fails now, not after training
             checked_env_import_path(simulator, simulator["tasks"])
+            if evaluator is None:
+                raise ValueError(
+                    "training.eval asks for closed-loop evaluation (at_end or every) but the Trainer was given no "
+                    "evaluator: pass Trainer(cfg, evaluator=drifting_vla.evaluation.SimulationEvaluator(cfg)) as "
+                    "drifting-train does, or set training.eval.at_end=false training.eval.every=0"
+                )
+        self.evaluator = evaluator
         self.normalizer = Normalizer(dataset_stats(self.train_set), self.action_spec, int(cfg.data.proprio_dim)).to(self.device)
         if str(cfg.model.language.name) == "task_embedding":
             with _unlocked(cfg):
@@ -106,7 +131,7 @@ class Trainer:
         self.train_set, self.val_set = self.objective.training_datasets(self.train_set, self.val_set)
 
         self.model = build_model(cfg).to(self.device)
-        self.random_shift = random_shift_pixels(int(t.augmentation.random_shift), bool(t.feature_cache))
+        self.random_shift = int(t.augmentation.random_shift)
         if t.feature_cache:  # before sharding: the backbone runs alone, outside the model's forward
             self.train_set = cache_vision_features(self.train_set, self.model.vision_encoder, self.device)
             if self.val_set is not None:
@@ -127,7 +152,7 @@ class Trainer:
             DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
             if self.ctx.world_size > 1 and not self.sharded else self.model
         )
-        self.autocast_dtype = _autocast_dtype(str(t.precision), self.device)
+        self.autocast_dtype = autocast_dtype(str(t.precision), self.device)
 
         self.sampler = ResumableBatchSampler(
             len(self.train_set), int(t.batch_size), seed=int(cfg.seed), rank=self.ctx.rank, world_size=self.ctx.world_size
@@ -416,9 +441,12 @@ class Trainer:
             state = gather_training_state(self.model, self.ema, self.optimizer)
         ranks = self._per_rank_states()
         if self.ctx.is_main:
+            config = OmegaConf.to_container(self.cfg, resolve=True)
+            target = str(self.checkpoints_dir / checkpoint_dir_name(self.step))
             save_checkpoint(
-                self.checkpoints_dir, step=self.step, state=state, scheduler=self.scheduler,
-                config=OmegaConf.to_container(self.cfg, resolve=True), normalization=self.normalizer.to_dict(),
+                self.checkpoints_dir, step=self.step, state=state,
+                **export_description(config, self.objective, target, self.eval_nfe, self.eval_sampler),
+                scheduler=self.scheduler, config=config, normalization=self.normalizer.to_dict(),
                 sampler_state=self.sampler.state_after(self.sampler_start, self.batches_consumed),
                 extra={"skipped_steps": self.skipped_steps, "ranks": ranks},
             )
@@ -470,22 +498,21 @@ class Trainer:
         if conflicts:
             raise ValueError(
                 f"cannot resume from {path}: this run's config differs from the checkpoint's in settings that shape what "
-                f"is trained ({'; '.join(conflicts)}). Resume with the checkpoint's values (its config.yaml), or train "
+                f"is trained ({'; '.join(conflicts)}). Resume with the checkpoint's values (its config.json), or train "
                 "into another directory to start a fresh run."
             )
         self.step = state.step
         self.history = MetricHistory.from_jsonl(self.run_dir / "metrics.jsonl", up_to_step=self.step)
         self.sampler.load_state_dict(state.sampler_state)
         self.skipped_steps = int(state.extra.get("skipped_steps", 0))
-        ranks = state.extra.get("ranks")
-        if ranks is not None:  # checkpoints from before per-rank states resume with rank 0's RNG
-            if len(ranks) != self.ctx.world_size:
-                raise ValueError(
-                    f"{path} was written by {len(ranks)} rank(s) and this run has {self.ctx.world_size}: each rank "
-                    "resumes its own random streams and sample queue, so resume with the same number of ranks"
-                )
-            restore_rng_state(ranks[self.ctx.rank]["rng"])
-            self.objective.load_state_dict(ranks[self.ctx.rank]["objective"])
+        ranks = state.extra["ranks"]
+        if len(ranks) != self.ctx.world_size:
+            raise ValueError(
+                f"{path} was written by {len(ranks)} rank(s) and this run has {self.ctx.world_size}: each rank "
+                "resumes its own random streams and sample queue, so resume with the same number of ranks"
+            )
+        restore_rng_state(ranks[self.ctx.rank]["rng"])
+        self.objective.load_state_dict(ranks[self.ctx.rank]["objective"])
         if self.ctx.is_main:
             print(f"resumed from {path} at step {self.step}", flush=True)
 
@@ -502,17 +529,12 @@ class Trainer:
         return summary
 
     def _run_simulation(self, model, final: bool) -> dict:
-        from drifting_vla.inference.policy import DriftingPolicy
-        from drifting_vla.inference.rollout import evaluate, protocol_label
-
         e = self.cfg.training.eval
         out_dir = self.run_dir / ("eval" if final else f"eval/step_{self.step:08d}")
         policy = DriftingPolicy(model, self.normalizer, self.objective, execution=str(e.execution),
                                 execute_steps=e.execute_steps, ensemble_decay=float(e.ensemble_decay),
-                                nfe=self.eval_nfe, sampler=self.eval_sampler)
-        result = evaluate(policy, self.cfg.data, episodes=int(e.episodes), num_workers=int(e.workers),
-                          output_dir=out_dir, videos_per_task=int(e.videos_per_task),
-                          protocol=protocol_label(self.cfg.data, policy.method, policy.execution_label))
+                                nfe=self.eval_nfe, sampler=self.eval_sampler, precision=str(self.cfg.training.precision))
+        result = self.evaluator(policy, out_dir)
         summary = result.to_dict()
         self._log({"sim/success_rate": summary["success_rate"],
                    **{f"sim/success_rate/{task}": rate for task, rate in summary["per_task"].items()}})
@@ -560,12 +582,6 @@ class _Throughput:
         first = self.samples_per_second == 0.0
         self.samples_per_second = rate if first else self.decay * self.samples_per_second + (1 - self.decay) * rate
         self.data_wait_share = share if first else self.decay * self.data_wait_share + (1 - self.decay) * share
-
-
-def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
 
 
 @contextlib.contextmanager

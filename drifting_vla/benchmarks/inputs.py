@@ -3,21 +3,18 @@ objectives compared on one network."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from drifting_vla.configs import CONFIG_DIR
+from drifting_vla.objectives.methods import Objective, build_objective
 from drifting_vla.specs import ActionSpec
-from drifting_vla.training.objectives import Objective, build_objective
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def compose_config(overrides: list[str]):
     """configs/config.yaml with `overrides`, as `scripts/train.py` would compose it."""
-    with initialize_config_dir(config_dir=str(ROOT / "drifting_vla" / "configs"), version_base=None):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         return compose("config", overrides=["run_dir=/tmp/benchmark", *overrides])
 
 

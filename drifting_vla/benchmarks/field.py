@@ -10,13 +10,13 @@ import math
 
 import torch
 
-from benchmarks.timing import Row, time_call
-from drifting_vla.training.drifting_field import (
+from drifting_vla.benchmarks.timing import Row, time_call
+from drifting_vla.objectives.drifting_field import (
     compute_drift,
     drift_from_distances,
     pairwise_distances,
 )
-from drifting_vla.training.losses import DriftingLoss
+from drifting_vla.objectives.losses import DriftingLoss
 
 SIZES = {"policy B256 N8 P1 D128": (256, 8, 1, 128), "image B64 N64 P64 D256": (64, 64, 64, 256)}
 TEMPERATURES = (0.02, 0.05, 0.2)

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from drifting_vla.data.neighbours import NeighbourIndex, NeighbourPositives
 from drifting_vla.data.sample_queue import SampleQueue
-from drifting_vla.training.losses import DriftingLoss
+from drifting_vla.objectives.losses import DriftingLoss
 
 
 @dataclass

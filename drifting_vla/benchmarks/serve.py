@@ -23,11 +23,14 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from benchmarks.inputs import ROOT, compose_config
-from benchmarks.timing import Row, time_call
+from drifting_vla.benchmarks.inputs import compose_config
+from drifting_vla.benchmarks.timing import Row, time_call
 from drifting_vla.data.normalization import Normalizer, compute_stats
+from drifting_vla.formats.config import training_config
+from drifting_vla.inference.card import export_description
 from drifting_vla.inference.policy import DriftingPolicy
 from drifting_vla.models import build_model
+from drifting_vla.objectives import build_objective
 from drifting_vla.serving import PolicyClient
 from drifting_vla.serving.server import predict_chunks
 from drifting_vla.specs import ActionSpec
@@ -80,6 +83,8 @@ def _random_checkpoint(root: Path, device: str) -> Path:
         root / "checkpoints",
         step=0,
         state=gather_training_state(model, EMA(model), optimizer),
+        **export_description(OmegaConf.to_container(cfg, resolve=True), build_objective(training_config(cfg.training)),
+                             str(root / "checkpoints" / "step_00000000")),
         scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
         config=OmegaConf.to_container(cfg, resolve=True),
         normalization=Normalizer.from_stats(stats, spec, proprio_dim=int(cfg.data.proprio_dim)).to_dict(),
@@ -98,9 +103,9 @@ def _observation(data: dict) -> dict:
 
 def _start_server(checkpoint: Path, device: str) -> tuple[subprocess.Popen, str]:
     process = subprocess.Popen(
-        [sys.executable, str(ROOT / "scripts" / "serve.py"), f"checkpoint={checkpoint}", "port=0",
+        [sys.executable, "-m", "drifting_vla.cli.serve", f"checkpoint={checkpoint}", "port=0",
          "num_threads=1", f"device={device}"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     for line in process.stdout:
         if line.startswith("ready: "):

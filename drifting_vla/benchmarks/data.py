@@ -20,7 +20,8 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, RandomSampler
 
-from benchmarks.timing import Row, time_call
+from drifting_vla.benchmarks.timing import Row, time_call
+from drifting_vla.configs import CONFIG_DIR
 from drifting_vla.data.collate import collate_samples
 from drifting_vla.data.fixtures import write_rlbench_fixture
 from drifting_vla.data.lerobot_writer import export_metaworld_store
@@ -28,7 +29,7 @@ from drifting_vla.data.metaworld_demos import store_dir
 from drifting_vla.data.registry import build_dataset
 from drifting_vla.data.rlbench_dataset import RLBenchDataset
 
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "drifting_vla" / "configs" / "data"
+CONFIGS = CONFIG_DIR / "data"
 CONFIG = CONFIGS / "metaworld.yaml"
 BATCH = 64
 TRAINING_CONSUMES = 170

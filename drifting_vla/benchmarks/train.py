@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.inputs import compose_config, objective_named, synthetic_batch
-from benchmarks.timing import Row, peak_memory, reset_peak_memory, time_call
+from drifting_vla.benchmarks.inputs import compose_config, objective_named, synthetic_batch
+from drifting_vla.benchmarks.timing import Row, peak_memory, reset_peak_memory, time_call
 from drifting_vla.models import build_model
-from drifting_vla.training.objectives import DriftingObjective
+from drifting_vla.objectives.methods import DriftingObjective
 from drifting_vla.training.optimizer import OptimizerConfig, build_optimizer
 
 OBJECTIVES = ("regression", "flow_matching", "diffusion", "drifting")

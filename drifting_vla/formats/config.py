@@ -35,8 +35,6 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from drifting_vla.specs import COMPONENT_KINDS
-from drifting_vla.training.augmentation import random_shift_pixels
-from drifting_vla.training.objectives import OBJECTIVES
 
 # ----------------------------------------------------------------------------------------------
 # How a field carries its rule
@@ -55,11 +53,6 @@ def setting(default: Any = MISSING, *, factory=None, ge=None, gt=None, le=None, 
 
 
 BOUNDS = (("ge", operator.ge, ">="), ("gt", operator.gt, ">"), ("le", operator.le, "<="), ("lt", operator.lt, "<"))
-
-
-def _registered_objectives() -> tuple[str, ...]:
-    """Read when checked, not when defined: a plugin may register one after this module loads."""
-    return tuple(OBJECTIVES)
 
 
 SAMPLERS = (None, "ddim", "ddpm")
@@ -139,7 +132,7 @@ class WandbConfig:
 
 @dataclass(kw_only=True)
 class TrainingConfig:
-    objective: str = setting("drifting", choices=_registered_objectives)
+    objective: str = setting("drifting")  # a name in drifting_vla.objectives.OBJECTIVES (build_objective checks it)
     max_steps: int = setting(3000, ge=1)
     batch_size: int = setting(32, ge=1)
     num_samples: int = setting(8, ge=1)
@@ -246,6 +239,10 @@ class LeRobotDataConfig(DataConfig):
     revision: str | None = None
     state_key: str = "observation.state"
     action_key: str = "action"
+    # null: read from the dataset's meta/info.json when the run starts (drifting_vla/data/lerobot_features.py)
+    cameras: list[str] | None = setting(None, min_items=1)
+    proprio_dim: int | None = setting(None, ge=1)
+    action_spec: ActionSpecConfig | None = None
 
 
 DATA_SCHEMAS = {"metaworld": MetaWorldDataConfig, "rlbench": RLBenchDataConfig, "lerobot": LeRobotDataConfig}
@@ -343,12 +340,22 @@ class RunConfig:
 
 
 @dataclass(kw_only=True)
+class EvalSeedsConfig:
+    """The env seeds scripts/simulate_eval.py evaluates on, start .. start + count - 1: both set,
+    or neither (the checkpoint's data.eval_seeds)."""
+
+    start: int | None = setting(None, ge=0)
+    count: int | None = setting(None, ge=1)
+
+
+@dataclass(kw_only=True)
 class EvalScriptConfig:
     checkpoint: str | None = None
     remote: str | None = None
     remote_token: str | None = None
     seed: int | None = setting(None, ge=0)
     tasks: list[str] | None = None
+    seeds: EvalSeedsConfig = setting(factory=EvalSeedsConfig)
     episodes: int | None = setting(None, ge=1)
     workers: int = setting(2, ge=1)
     output: str = setting()
@@ -409,46 +416,27 @@ def check_section(key: str, schema: type, node, open_keys: bool = False) -> Dict
     return merged
 
 
-LEGACY_DEFAULT_RANDOM_SHIFT = 4
-"""Pixels that `training.augmentation.random_shift: null` meant before the shift was off by default
-(for the CNN trained from pixels, every model that version shifted)."""
-
-
 def training_config(training) -> DictConfig:
-    """`training.*` merged over the schema's defaults (so a checkpoint written before a key existed
-    still builds its objective), with keys of earlier versions read as today's: `drifting.per_timestep`
-    as `drifting.grouping`, `drifting.extra_positives` and `drifting.queue_size` as
-    `drifting.positives`, `augmentation.random_shift: null` (the shift on by default for the CNN
-    trained from pixels) as the 4 pixels it meant. Raises ValueError naming an unknown, mistyped or
-    out-of-range key."""
-    training = OmegaConf.create(_plain(training))
-    legacy = OmegaConf.select(training, "drifting.per_timestep")
-    if legacy is not None:
-        del training.drifting["per_timestep"]
-        training.drifting.grouping = "timestep" if legacy else "chunk"
-    if "random_shift" in training.get("augmentation", {}) and training.augmentation.random_shift is None:
-        training.augmentation.random_shift = LEGACY_DEFAULT_RANDOM_SHIFT
-    _read_legacy_queue_keys(training)
-    return check_section("training", TrainingConfig, training)
-
-
-def _read_legacy_queue_keys(training) -> None:
-    """`drifting.extra_positives: n` (n > 0: n queued chunks per observation) and
-    `drifting.queue_size` -> `drifting.positives` {source: queue, k: n, queue_size}."""
-    drifting = training.get("drifting")
-    if drifting is None or ("extra_positives" not in drifting and "queue_size" not in drifting):
-        return
-    count = int(drifting.pop("extra_positives", 0))
-    queue_size = drifting.pop("queue_size", None)
-    read = {"source": "queue", "k": count} if count > 0 else {}
-    if queue_size is not None:
-        read["queue_size"] = int(queue_size)
-    drifting.positives = OmegaConf.merge(drifting.get("positives", {}), read)
+    """`training.*` merged over the schema's defaults (how a saved policy builds its objective).
+    Raises ValueError naming an unknown, mistyped or out-of-range key."""
+    return check_section("training", TrainingConfig, OmegaConf.create(_plain(training)))
 
 
 def validate_training_config(training) -> None:
     """Raise ValueError naming the `training.<key>` that is unknown, mistyped or out of range."""
     training_config(training)
+
+
+def check_random_shift(setting: int, feature_cache: bool) -> None:
+    """A shift with the feature cache is an error: the cached features were computed once from the
+    unaugmented images, so shifted images would never reach the model."""
+    if setting > 0 and feature_cache:
+        raise ValueError(
+            f"training.augmentation.random_shift={setting} with training.feature_cache=true: the cache holds "
+            "backbone features computed once from the unaugmented images, so shifted images would never reach "
+            "the model. Set training.augmentation.random_shift=0 to train on the cache, or "
+            "training.feature_cache=false to augment."
+        )
 
 
 def validate_run_config(cfg) -> None:
@@ -468,7 +456,7 @@ def validate_run_config(cfg) -> None:
             "on arriving at each keyframe, never at the dense steps a history would hold"
         )
     # A shift with the feature cache is refused here, before any data is read.
-    random_shift_pixels(training.augmentation.random_shift, feature_cache=training.feature_cache)
+    check_random_shift(training.augmentation.random_shift, feature_cache=training.feature_cache)
 
 
 RESUME_MAY_CHANGE = (
@@ -528,7 +516,11 @@ def _checked_groups(cfg) -> tuple[DictConfig, DictConfig]:
 
 def validate_eval_config(cfg) -> None:
     """scripts/simulate_eval.py's keys (configs/eval.yaml)."""
-    check_section("", EvalScriptConfig, cfg)
+    seeds = check_section("", EvalScriptConfig, cfg).seeds
+    if (seeds.start is None) != (seeds.count is None):
+        given, missing = ("seeds.start", "seeds.count") if seeds.count is None else ("seeds.count", "seeds.start")
+        raise ValueError(f"config key {given} is set without {missing}: give both (the seeds seeds.start .. "
+                         "seeds.start + seeds.count - 1), or neither for the checkpoint's data.eval_seeds")
 
 
 def validate_serve_config(cfg) -> None:

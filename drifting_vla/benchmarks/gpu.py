@@ -25,7 +25,7 @@ graphs, dit_l2 training eager and compiled, quickstart, so the aims' figures com
    DDIM 10, DDPM 100, drifting 1, all through `objective.sample`) end to end and for the head
    alone (a fixed condition), eager, with torch.compile of the DiT, and with mode
    "reduce-overhead" (CUDA graphs); `control_hz` is the control rate each latency allows.
-4. `--quickstart`: `scripts/train.py` from an empty demo cache on Meta-World (collection,
+4. `--quickstart`: `drifting-train` from an empty demo cache on Meta-World (collection,
    training on the GPU, rollouts on the CPU cores), sized to fit: 1,000 steps instead of 3,000,
    20 episodes per task instead of 50, no videos, task embeddings instead of MiniLM. Its time is
    kept back from the sections before it.
@@ -36,7 +36,6 @@ The wheels the GPU machine lacks, and the exact command: docs/performance.md.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -50,10 +49,15 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.inputs import ROOT, compose_config, objective_named, synthetic_batch
-from benchmarks.model import chunk_latency_rows, inference, one_cpu_thread
-from benchmarks.timing import Row, peak_memory, reset_peak_memory, time_call
-from benchmarks.train import TrainingStep, frozen_encoders, step_split, with_cached_features
+from drifting_vla.benchmarks.inputs import compose_config, objective_named, synthetic_batch
+from drifting_vla.benchmarks.model import chunk_latency_rows, inference, one_cpu_thread
+from drifting_vla.benchmarks.timing import Row, peak_memory, reset_peak_memory, time_call
+from drifting_vla.benchmarks.train import (
+    TrainingStep,
+    frozen_encoders,
+    step_split,
+    with_cached_features,
+)
 from drifting_vla.models import build_model
 
 TRAINING_OBJECTIVES = ("flow_matching", "drifting")
@@ -262,17 +266,16 @@ def _inference_rows(cfg, device: torch.device, variant: str, compile_kwargs: dic
 
 
 def _quickstart_row(device: torch.device, sizes: Sizes, timeout_s: float) -> Row:
-    """`scripts/train.py` from an empty demo cache: collection, training on `device`, evaluation."""
+    """`drifting-train` from an empty demo cache: collection, training on `device`, evaluation."""
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
-        command = [sys.executable, str(ROOT / "scripts" / "train.py"), f"hydra.run.dir={run_dir}", f"data.root={tmp}/demos",
+        command = [sys.executable, "-m", "drifting_vla.cli.train", f"hydra.run.dir={run_dir}", f"data.root={tmp}/demos",
                    f"device={device.type}", "training.wandb.mode=disabled", *sizes.quickstart]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
         start = time.perf_counter()
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=max(timeout_s, 1.0))
+        done = subprocess.run(command, capture_output=True, text=True, timeout=max(timeout_s, 1.0))
         seconds = time.perf_counter() - start
         if done.returncode != 0:
-            raise RuntimeError(f"scripts/train.py exited with {done.returncode}:\n{done.stderr[-3000:]}")
+            raise RuntimeError(f"drifting-train exited with {done.returncode}:\n{done.stderr[-3000:]}")
         summary = json.loads((run_dir / "summary.json").read_text())
     return Row("gpu", "quickstart end to end (collect, train, evaluate)", seconds,
                extra={"success_rate": summary["success_rate"], "episodes": summary["episodes"], "overrides": " ".join(sizes.quickstart)})

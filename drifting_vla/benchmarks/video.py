@@ -25,11 +25,12 @@ import time
 import numpy as np
 from omegaconf import OmegaConf
 
-from benchmarks.timing import Row
+from drifting_vla.benchmarks.timing import Row
+from drifting_vla.configs import CONFIG_DIR
 from drifting_vla.envs.metaworld_env import MetaWorldEnv
 from drifting_vla.logging.trajectory_video import trajectory_frames, write_trajectory_video
 
-CONFIG = pathlib.Path(__file__).resolve().parents[1] / "drifting_vla" / "configs" / "data" / "metaworld.yaml"
+CONFIG = CONFIG_DIR / "data" / "metaworld.yaml"
 TASKS = ("drawer-open-v3", "window-open-v3")
 SEED = 100000
 CHUNK_STEPS = 8

@@ -24,8 +24,8 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks.inputs import compose_config, objective_named, synthetic_batch
-from benchmarks.timing import Row, time_call
+from drifting_vla.benchmarks.inputs import compose_config, objective_named, synthetic_batch
+from drifting_vla.benchmarks.timing import Row, time_call
 from drifting_vla.models import build_model
 from drifting_vla.models.drifting_vla import Condition
 from drifting_vla.specs import default_execute_steps

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from drifting_vla.training.distributed import all_reduce_sum
-from drifting_vla.training.drifting_field import drift_from_distances, pairwise_distances
+from drifting_vla.distributed import all_reduce_sum
+from drifting_vla.objectives.drifting_field import drift_from_distances, pairwise_distances
 
 GROUPINGS = ("chunk", "timestep", "dimension")
 SCALE_FLOOR = 1e-3

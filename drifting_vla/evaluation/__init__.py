@@ -1,0 +1,26 @@
+"""Closed-loop evaluation in simulation: episodes run in parallel worker processes, success rates
+with Wilson intervals, per-episode records and videos (rollout.py). `SimulationEvaluator` is what
+the training loop is handed to score its EMA policy; `scripts/simulate_eval.py` calls `evaluate`
+on a saved policy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from drifting_vla.evaluation.rollout import EvalSummary, evaluate, protocol_label
+
+
+class SimulationEvaluator:
+    """`training.eval` of a run's config, applied to whatever policy the trainer hands over."""
+
+    def __init__(self, cfg) -> None:
+        self.data, self.settings = cfg.data, cfg.training.eval
+
+    def __call__(self, policy, output_dir: Path) -> EvalSummary:
+        e = self.settings
+        return evaluate(policy, self.data, episodes=int(e.episodes), num_workers=int(e.workers), output_dir=output_dir,
+                        videos_per_task=int(e.videos_per_task),
+                        protocol=protocol_label(self.data, policy.method, policy.execution_label))
+
+
+__all__ = ["EvalSummary", "SimulationEvaluator", "evaluate", "protocol_label"]
