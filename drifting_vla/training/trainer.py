@@ -52,7 +52,12 @@ from drifting_vla.formats.checkpoint import (
     prune_checkpoints,
     resolve_checkpoint,
 )
-from drifting_vla.formats.config import resume_conflicts, training_config, validate_run_config
+from drifting_vla.formats.config import (
+    resume_conflicts,
+    training_config,
+    validate_run_config,
+    with_data_defaults,
+)
 from drifting_vla.formats.files import FileLock, write_atomic
 from drifting_vla.inference.card import export_description
 from drifting_vla.inference.policy import DriftingPolicy
@@ -111,7 +116,7 @@ class Trainer:
         self._barrier()
         self.train_set = build_dataset(cfg.data, "train")
         self.val_set = build_dataset(cfg.data, "val") if t.val_every else None
-        if cfg.data.get("simulator") == "auto":  # recorded by the dataset (a LeRobot export of sim demos)
+        if with_data_defaults(cfg.data).get("simulator") == "auto":  # recorded by the dataset (a LeRobot export of sim demos)
             if not isinstance(self.train_set, RecordsSimulator):
                 raise ValueError(f"data.simulator=auto, but a {cfg.data.name} dataset records no simulator: set "
                                  "data.simulator to null or to a registered simulator's data config")
