@@ -268,18 +268,25 @@ def test_a_batch_without_the_instruction_is_an_error_naming_the_key(meta, raw_ba
 
 
 @pytest.mark.slow
-def test_lerobot_train_trains_and_checkpoints_the_policy(tmp_path, standin_env):
-    """`lerobot-train --policy.type=drifting` as a user runs it, offline (about 30 s)."""
+def test_lerobot_train_trains_a_policy_that_acts_after_loading(tmp_path, standin_env, meta, raw_batch):
+    """`lerobot-train --policy.type=drifting` as a user runs it, offline (a minute or more on a 2-core CPU), then its
+    checkpoint loaded through the factory acts."""
     command = [
         sys.executable, "-m", "lerobot.scripts.lerobot_train",
         "--policy.type=drifting", "--policy.model=tiny", "--policy.chunk_size=4", "--policy.device=cpu",
         "--policy.push_to_hub=false", f"--dataset.repo_id={REPO_ID}", f"--dataset.root={ROOT}",
         "--dataset.video_backend=pyav", "--steps=5", "--batch_size=4", "--num_workers=0", "--save_freq=5",
-        "--wandb.enable=false", f"--output_dir={tmp_path / 'run'}",
+        "--log_freq=1", "--wandb.enable=false", f"--output_dir={tmp_path / 'run'}",
     ]
     result = subprocess.run(command, env=standin_env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     saved = tmp_path / "run" / "checkpoints" / "000005" / "pretrained_model"
     assert json.loads((saved / "config.json").read_text())["type"] == "drifting"
     assert (saved / "model.safetensors").is_file() and (saved / "policy_preprocessor.json").is_file()
-    assert "step:5" in result.stderr + result.stdout
+    assert "step:5 " in result.stderr + result.stdout
+    cfg = PreTrainedConfig.from_pretrained(saved)
+    cfg.pretrained_path = saved
+    policy = make_policy(cfg, ds_meta=meta).eval()
+    preprocessor, postprocessor = make_pre_post_processors(cfg, pretrained_path=str(saved))
+    action = postprocessor(policy.select_action(preprocessor(observation(raw_batch, 3))))
+    assert action.shape == (1, 4) and torch.isfinite(action).all()
