@@ -196,6 +196,30 @@ def test_every_objective_trains_and_samples_through_the_plugin(meta, raw_batch, 
     assert policy.predict_action_chunk(batch).shape == (10, 4, 4)
 
 
+def test_a_history_policy_trains_on_lerobots_frame_stacks_and_acts_on_the_same_stacks(meta, raw_batch):
+    """n_obs_steps=2: LeRobot's dataset stacks frames t-1, t (the first frame repeated at an episode's
+    start); select_action, fed one frame a step, predicts from exactly the stack training saw."""
+    cfg = tiny_config(n_obs_steps=2)
+    policy = make_policy(cfg, ds_meta=meta)
+    preprocessor, _ = make_pre_post_processors(cfg, dataset_stats=meta.stats)
+    dataset = fixture_dataset(cfg, meta)
+    batch = preprocessor(next(iter(torch.utils.data.DataLoader(dataset, batch_size=8, shuffle=True))))
+    assert batch["observation.images.front"].shape[:2] == (8, 2) and batch["observation.state"].shape == (8, 2, 6)
+    loss, _ = policy.forward(batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+
+    policy.eval()
+    stacked = {i: preprocessor(torch.utils.data.default_collate([dataset[i]])) for i in (20, 21)}  # episode 1 starts at 20
+    acted = []
+    for i in (20, 21):
+        torch.manual_seed(i)
+        acted.append(policy.select_action(preprocessor(observation(raw_batch, i))))  # n_action_steps = 1
+    for i, action in zip((20, 21), acted, strict=True):
+        torch.manual_seed(i)
+        torch.testing.assert_close(action, policy.predict_action_chunk(stacked[i])[:, 0])
+
+
 def test_a_saved_policy_loads_through_the_factory_and_predicts_the_same_chunks(meta, raw_batch, tmp_path):
     cfg = tiny_config()
     policy = make_policy(cfg, ds_meta=meta).eval()
@@ -235,7 +259,7 @@ def test_the_default_preset_trains_a_step_with_its_shipped_language_model(meta, 
         ({"model": "huge"}, "policy.model='huge' is not a drifting-vla model preset"),
         ({"model_overrides": ["dit.depthh=3"]}, "policy.model_overrides"),
         ({"objective_overrides": ["drifting.positives.source=neighbours"]}, "needs drifting-vla's dataset index"),
-        ({"n_obs_steps": 2}, "n_obs_steps=1"),
+        ({"n_obs_steps": 0}, "n_obs_steps=0 must be >= 1"),
         ({"n_action_steps": 9, "chunk_size": 8}, "n_action_steps=9 must be in 1..policy.chunk_size=8"),
         ({"normalization_mapping": {"VISUAL": NormalizationMode.MEAN_STD}}, "VISUAL=MEAN_STD"),
     ],

@@ -5,6 +5,7 @@
                     observation.state [S]    data.proprio_dim    S
     output_features action [A]               data.action_spec    one `raw` component of size A
     chunk_size                               data.horizon        T
+    n_obs_steps                              data.n_obs_steps    n: observation history
     model (+ model_overrides)                model               drifting_vla/configs/model/<name>.yaml
     objective, num_samples, temperatures     training.*          drifting_vla/configs/training/baseline.yaml
       (+ objective_overrides)
@@ -41,6 +42,8 @@ positives need drifting-vla's own dataset index)."""
 class DriftingConfig(PreTrainedConfig):
     """A one-step Drifting-VLA policy (images + task + state -> an action chunk in one forward pass).
 
+    n_obs_steps: observations the network sees, the current one and n - 1 before it (LeRobot's
+    datasets repeat an episode's first frame before its start, as drifting-vla's do).
     chunk_size: T, actions predicted per chunk. n_action_steps: actions executed from each chunk
     before the next is predicted (None: drifting-vla's default, a quarter of the chunk).
     model: a drifting-vla model preset (tiny, dit_s, dit_b2, dit_l2); model_overrides: OmegaConf
@@ -87,11 +90,8 @@ class DriftingConfig(PreTrainedConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.n_obs_steps != 1:
-            raise ValueError(
-                f"policy.n_obs_steps={self.n_obs_steps}: the drifting plugin conditions on the current "
-                f"observation only (n_obs_steps=1); drifting-vla's own trainer (data.n_obs_steps) has histories"
-            )
+        if self.n_obs_steps < 1:
+            raise ValueError(f"policy.n_obs_steps={self.n_obs_steps} must be >= 1 (1: the current observation only)")
         if self.n_action_steps is None:
             self.n_action_steps = default_execute_steps(self.chunk_size)
         if not 1 <= self.n_action_steps <= self.chunk_size:
@@ -110,8 +110,9 @@ class DriftingConfig(PreTrainedConfig):
         self.model_preset()
 
     @property
-    def observation_delta_indices(self) -> None:
-        return None
+    def observation_delta_indices(self) -> list[int] | None:
+        """Frames t - n + 1 .. t, oldest first; None for the current frame alone (no history dim)."""
+        return None if self.n_obs_steps == 1 else list(range(1 - self.n_obs_steps, 1))
 
     @property
     def action_delta_indices(self) -> list[int]:
@@ -155,7 +156,7 @@ class DriftingConfig(PreTrainedConfig):
             "cameras": list(self.image_features),
             "proprio_dim": self.robot_state_feature.shape[0],
             "horizon": self.chunk_size,
-            "n_obs_steps": 1,
+            "n_obs_steps": self.n_obs_steps,
         }
         if self.instructions is not None:
             data["instructions"] = list(self.instructions)

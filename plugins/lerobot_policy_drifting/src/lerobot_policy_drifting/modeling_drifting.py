@@ -9,9 +9,14 @@ A LeRobot batch, after the `drifting` preprocessor (normalized state and actions
     action                    float [B, T, A], action_is_pad bool [B, T]
                               --padded steps set to the last real action-->  the objective's expert chunk
 
+With a history (n_obs_steps = n > 1) every camera is [B, n, 3, H, W] and the state [B, n, S],
+oldest first (LeRobot's `observation_delta_indices`), and the network gets images
+[B, n, V, 3, S, S] and proprio [B, n, S].
+
 `forward` is one training step of drifting-vla's objective (drifting: G chunks per observation and
 the drifting loss); `predict_action_chunk` is that objective's sampler (drifting: one network
-call); `select_action` executes `n_action_steps` actions of each chunk before predicting the next:
+call); `select_action` executes `n_action_steps` actions of each chunk before predicting the next,
+and keeps the last n observations it was given (the first one repeated until there are n):
 
     step       0   1   2   3   4   5   6   7   8 ...
     network    *               *               *        (n_action_steps = 4, chunk_size = 16)
@@ -61,8 +66,11 @@ class DriftingPolicy(PreTrainedPolicy):
         return parameter_groups(self.model, self.config.get_optimizer_preset().weight_decay)
 
     def reset(self) -> None:
-        """Forget the queued actions (call at the start of every episode)."""
+        """Forget the queued actions and the observation history (call when an episode starts)."""
         self._action_queue: deque[Tensor] = deque(maxlen=self.config.n_action_steps)
+        self._history: dict[str, deque[Tensor]] = {
+            key: deque(maxlen=self.config.n_obs_steps) for key in (*self.config.image_features, OBS_STATE)
+        }
 
     def forward(self, batch: dict) -> tuple[Tensor, dict]:
         """The objective's training loss on one normalized batch, and its metrics as floats
@@ -76,19 +84,36 @@ class DriftingPolicy(PreTrainedPolicy):
 
     @torch.no_grad()
     def predict_action_chunk(self, batch: dict, **kwargs) -> Tensor:
-        """Normalized actions [B, chunk_size, A] from the objective's sampler (drifting: one call)."""
+        """Normalized actions [B, chunk_size, A] from the objective's sampler (drifting: one call).
+        With a history the batch holds it, as in training ([B, n, ...] per camera and state)."""
         del kwargs
         condition = self.model.encode_condition(self._observation(batch))
         return self.objective.sample(self.model, condition, 1, self.nfe, self.sampler)[:, 0]
 
     @torch.no_grad()
     def select_action(self, batch: dict, **kwargs) -> Tensor:
-        """The next normalized action [B, A]; a new chunk every `n_action_steps` calls."""
+        """The next normalized action [B, A] for one observation (no history dim); a new chunk
+        every `n_action_steps` calls."""
         del kwargs
+        batch = self._remember(batch)
         if not self._action_queue:
             chunk = self.predict_action_chunk(batch)[:, : self.config.n_action_steps]
             self._action_queue.extend(chunk.transpose(0, 1))
         return self._action_queue.popleft()
+
+    def _remember(self, batch: dict) -> dict:
+        """The batch with each camera and the state replaced by its last n observations, stacked
+        on dim 1 (unchanged for n = 1)."""
+        if self.config.n_obs_steps == 1:
+            return batch
+        for key, history in self._history.items():
+            if key not in batch:
+                continue  # _observation names what is missing
+            if history:
+                history.append(batch[key])
+            else:  # the episode's first observation stands in for the steps before it
+                history.extend([batch[key]] * history.maxlen)
+        return {**batch, **{key: torch.stack(list(history), dim=1) for key, history in self._history.items() if history}}
 
     def _observation(self, batch: dict) -> dict:
         """A LeRobot batch -> drifting-vla's observation dict (see the module docstring)."""
@@ -99,7 +124,9 @@ class DriftingPolicy(PreTrainedPolicy):
                 f"the batch lacks {missing} (it has {sorted(batch)}); the drifting policy reads every camera of "
                 f"policy.input_features, {OBS_STATE!r} and the instruction under {TASK!r}"
             )
-        images = torch.stack([to_uint8_frames(batch[key], size) for key in self.config.image_features], dim=1)
+        frames = [to_uint8_frames(batch[key].flatten(0, -4), size).unflatten(0, batch[key].shape[:-3])
+                  for key in self.config.image_features]
+        images = torch.stack(frames, dim=-4)  # [B, V, 3, S, S], or [B, n, V, 3, S, S]
         tasks = [batch[TASK]] if isinstance(batch[TASK], str) else list(batch[TASK])
         return {"images": images, "proprio": batch[OBS_STATE], "instruction": tasks, "task": tasks}
 
