@@ -1,5 +1,5 @@
 """The plugin's tests run in an environment with lerobot 0.4.4 installed (docs/lerobot.md); in
-drifting-vla's own test environment, which has no lerobot, they are skipped.
+drifting-vla's own test environment, which has no lerobot, they skip (importorskip).
 
 Where no real torchvision imports, `torchvision_standin/` goes on the path before LeRobot is
 imported: LeRobot 0.4.4 imports torchvision at module level and decodes video ("pyav" backend)
@@ -32,8 +32,6 @@ USES_STANDIN = not _real_torchvision_imports()
 if USES_STANDIN:
     sys.path.insert(0, str(STANDIN))
     sys.modules.pop("torchvision", None)
-
-collect_ignore_glob = [] if importlib.util.find_spec("lerobot") else ["test_*.py"]
 
 
 @pytest.fixture
