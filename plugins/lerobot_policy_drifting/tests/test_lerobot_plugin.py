@@ -271,16 +271,36 @@ def test_bad_settings_are_errors_naming_the_setting(overrides, message):
         DriftingConfig(**{**TINY, **overrides})
 
 
-def test_inputs_the_network_cannot_read_are_errors_naming_them(meta):
+def test_every_state_input_reaches_the_network_as_one_proprio_vector(meta, raw_batch):
+    """observation.state [6] and a second state input [2] (an ENV feature, as PushT's keypoints):
+    proprio [B, 8], in input_features order."""
     cfg = tiny_config()
     cfg.input_features = {
         "observation.images.front": PolicyFeature(FeatureType.VISUAL, (3, 96, 96)),
-        "observation.environment_state": PolicyFeature(FeatureType.ENV, (10,)),
+        "observation.state": PolicyFeature(FeatureType.STATE, (6,)),
+        "observation.environment_state": PolicyFeature(FeatureType.ENV, (2,)),
     }
-    with pytest.raises(ValueError, match="observation.state"):
+    policy = make_policy(cfg, ds_meta=meta)
+    batch = subset(raw_batch, torch.arange(3))
+    batch["observation.environment_state"] = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    obs = policy._observation(batch)
+    torch.testing.assert_close(obs["proprio"], torch.cat([batch["observation.state"], batch["observation.environment_state"]], -1))
+    assert obs["images"].shape == (3, 1, 3, 32, 32)
+    loss, _ = policy.forward(batch)
+    assert torch.isfinite(loss)
+
+
+def test_inputs_the_network_cannot_read_are_errors_naming_them(meta):
+    cfg = tiny_config()
+    cfg.input_features = {"observation.images.front": PolicyFeature(FeatureType.VISUAL, (3, 96, 96))}
+    with pytest.raises(ValueError, match="needs a state input such as 'observation.state'"):
+        make_policy(cfg, ds_meta=meta)
+    cfg.input_features["observation.state"] = PolicyFeature(FeatureType.STATE, (2, 3))
+    with pytest.raises(ValueError, match=r"not 1-D: \{'observation.state': \(2, 3\)\}"):
         make_policy(cfg, ds_meta=meta)
     cfg.input_features["observation.state"] = PolicyFeature(FeatureType.STATE, (6,))
-    with pytest.raises(ValueError, match="observation.environment_state"):
+    cfg.input_features["observation.language"] = PolicyFeature(FeatureType.LANGUAGE, (1,))
+    with pytest.raises(ValueError, match="no encoder for the inputs \\['observation.language'\\]"):
         make_policy(cfg, ds_meta=meta)
 
 

@@ -2,7 +2,7 @@
 
     LeRobot (this class)                     drifting-vla (what build_model / build_objective read)
     input_features  VISUAL keys (in order)   data.cameras        one camera per image key
-                    observation.state [S]    data.proprio_dim    S
+                    STATE / ENV keys [S_i]   data.proprio_dim    sum of S_i: concatenated, in order
     output_features action [A]               data.action_spec    one `raw` component of size A
     chunk_size                               data.horizon        T
     n_obs_steps                              data.n_obs_steps    n: observation history
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 
 from lerobot.configs.policies import PreTrainedConfig
-from lerobot.configs.types import FeatureType, NormalizationMode
+from lerobot.configs.types import FeatureType, NormalizationMode, PolicyFeature
 from lerobot.optim.optimizers import AdamWConfig
 from lerobot.optim.schedulers import CosineDecayWithWarmupSchedulerConfig
 from lerobot.utils.constants import ACTION, OBS_STATE
@@ -31,6 +31,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from drifting_vla.specs import default_execute_steps
 from drifting_vla.training.objectives import OBJECTIVES
+
+PROPRIO_TYPES = (FeatureType.STATE, FeatureType.ENV)
+"""Input types the network reads as one proprio vector."""
 
 SUPPORTED_POSITIVES = ("self", "queue")
 """`drifting.positives.source` values that need nothing beyond a LeRobot batch (neighbour
@@ -123,15 +126,23 @@ class DriftingConfig(PreTrainedConfig):
     def reward_delta_indices(self) -> None:
         return None
 
+    @property
+    def proprio_features(self) -> dict[str, PolicyFeature]:
+        """The STATE and ENV inputs (observation.state, observation.environment_state, ...), in
+        order: the network sees them concatenated as its proprio vector."""
+        return {k: ft for k, ft in (self.input_features or {}).items() if ft.type in PROPRIO_TYPES}
+
     def validate_features(self) -> None:
-        """The network needs at least one camera, a 1-D `observation.state` and a 1-D `action`."""
+        """The network needs at least one camera, 1-D state inputs (at least one) and a 1-D `action`."""
         present = sorted(self.input_features or {})
         if not self.image_features:
             raise ValueError(f"the drifting policy needs at least one image input; the inputs are {present}")
-        state = self.robot_state_feature
-        if state is None or len(state.shape) != 1:
-            raise ValueError(f"the drifting policy needs a 1-D {OBS_STATE!r} input; the inputs are {present}")
-        unused = [k for k, ft in (self.input_features or {}).items() if ft.type not in (FeatureType.VISUAL, FeatureType.STATE)]
+        if not self.proprio_features:
+            raise ValueError(f"the drifting policy needs a state input such as {OBS_STATE!r}; the inputs are {present}")
+        not_vectors = {k: ft.shape for k, ft in self.proprio_features.items() if len(ft.shape) != 1}
+        if not_vectors:
+            raise ValueError(f"the drifting policy reads state inputs as vectors; these are not 1-D: {not_vectors}")
+        unused = [k for k, ft in (self.input_features or {}).items() if ft.type not in (FeatureType.VISUAL, *PROPRIO_TYPES)]
         if unused:
             raise ValueError(
                 f"the drifting policy has no encoder for the inputs {unused}; leave them out of policy.input_features"
@@ -154,7 +165,7 @@ class DriftingConfig(PreTrainedConfig):
         data = {
             "action_spec": {"components": [{"name": ACTION, "kind": "raw", "dim": self.action_feature.shape[0]}]},
             "cameras": list(self.image_features),
-            "proprio_dim": self.robot_state_feature.shape[0],
+            "proprio_dim": sum(ft.shape[0] for ft in self.proprio_features.values()),
             "horizon": self.chunk_size,
             "n_obs_steps": self.n_obs_steps,
         }

@@ -4,7 +4,8 @@ A LeRobot batch, after the `drifting` preprocessor (normalized state and actions
 
     observation.images.<cam>  float [B, 3, H, W] in [0, 1]   --resize to the encoder's input, uint8-->
                                                                images   uint8 [B, V, 3, S, S]
-    observation.state         float [B, S]                   -->  proprio  [B, S]
+    observation.state         float [B, S]                   -->  proprio  [B, S], every STATE / ENV
+                                                                   input concatenated in order
     task                      list[str] (B)                   -->  instruction (and the queue's task key)
     action                    float [B, T, A], action_is_pad bool [B, T]
                               --padded steps set to the last real action-->  the objective's expert chunk
@@ -30,7 +31,7 @@ from collections import deque
 import torch
 import torch.nn.functional as F
 from lerobot.policies.pretrained import PreTrainedPolicy
-from lerobot.utils.constants import ACTION, OBS_STATE
+from lerobot.utils.constants import ACTION
 from torch import Tensor
 
 from drifting_vla.models import build_model
@@ -69,7 +70,7 @@ class DriftingPolicy(PreTrainedPolicy):
         """Forget the queued actions and the observation history (call when an episode starts)."""
         self._action_queue: deque[Tensor] = deque(maxlen=self.config.n_action_steps)
         self._history: dict[str, deque[Tensor]] = {
-            key: deque(maxlen=self.config.n_obs_steps) for key in (*self.config.image_features, OBS_STATE)
+            key: deque(maxlen=self.config.n_obs_steps) for key in (*self.config.image_features, *self.config.proprio_features)
         }
 
     def forward(self, batch: dict) -> tuple[Tensor, dict]:
@@ -118,17 +119,18 @@ class DriftingPolicy(PreTrainedPolicy):
     def _observation(self, batch: dict) -> dict:
         """A LeRobot batch -> drifting-vla's observation dict (see the module docstring)."""
         size = self.model.vision_encoder.backbone.input_size
-        missing = [key for key in (*self.config.image_features, OBS_STATE, TASK) if key not in batch]
+        missing = [key for key in (*self.config.image_features, *self.config.proprio_features, TASK) if key not in batch]
         if missing:
             raise KeyError(
-                f"the batch lacks {missing} (it has {sorted(batch)}); the drifting policy reads every camera of "
-                f"policy.input_features, {OBS_STATE!r} and the instruction under {TASK!r}"
+                f"the batch lacks {missing} (it has {sorted(batch)}); the drifting policy reads every camera and "
+                f"state of policy.input_features and the instruction under {TASK!r}"
             )
         frames = [to_uint8_frames(batch[key].flatten(0, -4), size).unflatten(0, batch[key].shape[:-3])
                   for key in self.config.image_features]
         images = torch.stack(frames, dim=-4)  # [B, V, 3, S, S], or [B, n, V, 3, S, S]
         tasks = [batch[TASK]] if isinstance(batch[TASK], str) else list(batch[TASK])
-        return {"images": images, "proprio": batch[OBS_STATE], "instruction": tasks, "task": tasks}
+        proprio = torch.cat([batch[key].float() for key in self.config.proprio_features], dim=-1)
+        return {"images": images, "proprio": proprio, "instruction": tasks, "task": tasks}
 
 
 def to_uint8_frames(images: Tensor, size: int) -> Tensor:
