@@ -22,7 +22,11 @@ from lerobot.policies.factory import (  # noqa: E402
     make_pre_post_processors,
 )
 from lerobot.utils.import_utils import register_third_party_plugins  # noqa: E402
-from lerobot_policy_drifting import DriftingConfig, DriftingPolicy  # noqa: E402
+from lerobot_policy_drifting import (  # noqa: E402
+    DriftingConfig,
+    DriftingPolicy,
+    make_drifting_pre_post_processors,
+)
 from lerobot_policy_drifting.modeling_drifting import hold_padded_steps  # noqa: E402
 
 FIXTURE = Path(__file__).resolve().parents[3] / "tests" / "fixtures" / "lerobot_v30"
@@ -64,11 +68,34 @@ def observation(batch: dict, i: int) -> dict:
     return obs
 
 
-def test_lerobot_discovers_the_plugin_by_its_distribution_name():
+DISCOVERY = """
+import sys
+from lerobot.configs.policies import PreTrainedConfig
+from lerobot.utils.import_utils import register_third_party_plugins
+assert "drifting" not in PreTrainedConfig.get_known_choices()
+register_third_party_plugins()
+from lerobot.policies.factory import get_policy_class
+print(sorted(PreTrainedConfig.get_known_choices()), get_policy_class("drifting").__module__)
+"""
+
+
+@pytest.mark.slow
+def test_lerobot_discovers_the_installed_plugin_by_its_distribution_name(standin_env):
+    """In a fresh interpreter nothing of the plugin is imported until LeRobot's start-up hook
+    finds the `lerobot_policy_drifting` distribution (slow: a fresh LeRobot import)."""
+    result = subprocess.run([sys.executable, "-c", DISCOVERY], env=standin_env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "'drifting'" in result.stdout and "lerobot_policy_drifting.modeling_drifting" in result.stdout
+
+
+def test_lerobots_factory_finds_the_policy_and_its_processors_by_module_name():
     register_third_party_plugins()
-    assert "drifting" in PreTrainedConfig.get_known_choices()
     assert get_policy_class("drifting") is DriftingPolicy
-    assert isinstance(make_policy_config("drifting", device="cpu"), DriftingConfig)
+    cfg = make_policy_config("drifting", device="cpu")
+    assert isinstance(cfg, DriftingConfig)
+    found, ours = make_pre_post_processors(cfg), make_drifting_pre_post_processors(cfg)
+    for pipeline, expected in zip(found, ours, strict=True):
+        assert [type(step) for step in pipeline.steps] == [type(step) for step in expected.steps]
 
 
 def test_lerobots_dataset_reads_the_fixture_as_lerobot_did_when_it_wrote_it(raw_batch):
