@@ -30,7 +30,7 @@ from lerobot.utils.constants import ACTION, OBS_STATE
 from omegaconf import DictConfig, OmegaConf
 
 from drifting_vla.specs import default_execute_steps
-from drifting_vla.training.objectives import OBJECTIVES
+from drifting_vla.objectives import OBJECTIVES
 
 PROPRIO_TYPES = (FeatureType.STATE, FeatureType.ENV)
 """Input types the network reads as one proprio vector."""
@@ -178,7 +178,7 @@ class DriftingConfig(PreTrainedConfig):
 
     def training_config(self) -> DictConfig:
         """drifting_vla/configs/training/baseline.yaml with this config's objective settings: what
-        drifting_vla.training.objectives.build_objective reads, and the optimizer defaults."""
+        drifting_vla.objectives.build_objective reads, and the optimizer defaults."""
         cfg = OmegaConf.load(resources.files("drifting_vla.configs") / "training" / "baseline.yaml")
         cfg.objective = self.objective
         if self.num_samples is not None:

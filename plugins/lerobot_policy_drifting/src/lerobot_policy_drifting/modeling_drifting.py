@@ -35,7 +35,7 @@ from lerobot.utils.constants import ACTION
 from torch import Tensor
 
 from drifting_vla.models import build_model
-from drifting_vla.training.objectives import build_objective
+from drifting_vla.objectives import build_objective
 from drifting_vla.training.optimizer import parameter_groups
 from lerobot_policy_drifting.configuration_drifting import DriftingConfig
 
