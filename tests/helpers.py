@@ -127,11 +127,12 @@ def env_batch(env_ids) -> dict:
 
 
 def run_simulate_eval(run_dir, *overrides, env=None):
-    """The CLI as a user runs it; Hydra's own run directory goes to `run_dir`, not the checkout."""
-    script = Path(__file__).resolve().parents[1] / "scripts" / "simulate_eval.py"
+    """The CLI as a user runs it; Hydra's own run directory goes to `run_dir`, not the checkout. The
+    checkout is on PYTHONPATH, as a user's plugin package would be, for `plugins=[tests.fake_envs]`."""
+    script = ROOT / "scripts" / "simulate_eval.py"
     return subprocess.run(
         [sys.executable, str(script), *overrides, f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=300,
-        env=None if env is None else {**__import__("os").environ, **env},
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
     )
 
 

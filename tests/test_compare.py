@@ -16,7 +16,7 @@ def run_compare(output: Path, data_root: Path) -> subprocess.CompletedProcess:
         "--runs", "drifting:0", "drifting@g2:0", "regression:0",
         "--variant", "g2", "training.num_samples=2", "--protocols", "drifting:1", "regression:1", "--episodes", "1", "--workers", "1",
         "--", "experiment=tiny_cpu", "data.tasks=[drawer-close-v3]", f"data.root={data_root}",
-        "data.train_seeds.count=3", "data.val_every=3", "data.collect_workers=1", "training.max_steps=4",
+        "data.train_seeds.count=3", "data.holdout_every=3", "data.collect_workers=1", "training.max_steps=4",
         # A drifting key after --: the drifting run trains with neighbour positives, regression ignores it.
         "training.drifting.positives.source=neighbours", "training.drifting.positives.k=2",
     ]
@@ -127,7 +127,7 @@ def test_train_side_by_side_then_evaluate_exports_elsewhere(tmp_path):
     common = [
         "--runs", "drifting:0", "regression:0", "--protocols", "drifting:1", "regression:1", "--episodes", "1", "--workers", "1",
         "--", "experiment=tiny_cpu", "data.tasks=[drawer-close-v3]", f"data.root={tmp_path / 'demos'}",
-        "data.train_seeds.count=3", "data.val_every=3", "data.collect_workers=1", "training.max_steps=4",
+        "data.train_seeds.count=3", "data.holdout_every=3", "data.collect_workers=1", "training.max_steps=4",
     ]
     trained_dir = tmp_path / "trained"
     compare_script = [sys.executable, str(ROOT / "scripts" / "compare.py")]

@@ -174,7 +174,7 @@ def _damage(file, how):
 
 
 RLBENCH_CONFIG = {"name": "rlbench", "tasks": ["close_jar"], "cameras": ["front"], "horizon": 2, "image_size": None,
-                  "keyframes": False, "action_spec": RLBENCH_ACTION_SPEC.to_config()}
+                  "keyframes": False, "cache_dir": None, "action_spec": RLBENCH_ACTION_SPEC.to_config()}
 
 
 @pytest.mark.parametrize("how", ["truncated", "same size"])
@@ -437,18 +437,18 @@ def test_metaworld_samples_follow_the_contract(metaworld_store):
 
 
 def test_metaworld_val_split_holds_out_whole_episodes(metaworld_store):
-    kwargs = dict(tasks=["reach-v3", "push-v3"], cameras=["corner"], horizon=2, val_every=3)
+    kwargs = dict(tasks=["reach-v3", "push-v3"], cameras=["corner"], horizon=2, holdout_every=3)
     train = MetaWorldDataset(metaworld_store, split="train", **kwargs)
     val = MetaWorldDataset(metaworld_store, split="val", **kwargs)
     assert len(train) == 2 * 2 * 5 and len(val) == 2 * 1 * 5  # episode 2 of each task is val
     actions = np.load(metaworld_store / "reach-v3" / "actions.npy")
     np.testing.assert_array_equal(val[0]["actions"][:1].numpy(), actions[10:11])
-    with pytest.raises(ValueError, match="val_every"):
+    with pytest.raises(ValueError, match="holdout_every"):
         MetaWorldDataset(metaworld_store, split="val", tasks=["reach-v3"], cameras=["corner"], horizon=2)
 
 
 def test_metaworld_and_rlbench_number_the_episode_of_every_sample(metaworld_store, rlbench_root):
-    train = MetaWorldDataset(metaworld_store, ["reach-v3", "push-v3"], ["corner"], horizon=2, split="train", val_every=3)
+    train = MetaWorldDataset(metaworld_store, ["reach-v3", "push-v3"], ["corner"], horizon=2, split="train", holdout_every=3)
     assert train.episode_ids().tolist() == [0] * 5 + [1] * 5 + [2] * 5 + [3] * 5  # 2 training episodes per task
     rlbench = RLBenchDataset(rlbench_root, ["close_jar", "open_drawer"], ["front"], horizon=2)
     ids = rlbench.episode_ids()
@@ -457,7 +457,7 @@ def test_metaworld_and_rlbench_number_the_episode_of_every_sample(metaworld_stor
 
 
 def test_normalization_statistics_see_only_the_training_episodes(metaworld_store):
-    kwargs = dict(tasks=["reach-v3", "push-v3"], cameras=["corner"], horizon=2, val_every=3)
+    kwargs = dict(tasks=["reach-v3", "push-v3"], cameras=["corner"], horizon=2, holdout_every=3)
     train = MetaWorldDataset(metaworld_store, split="train", **kwargs)
     # episodes 0 and 1 of each task (rows 0..9); episode 2 (rows 10..14) is val
     expected = {key: np.concatenate([np.load(metaworld_store / t / f"{key}.npy")[:10] for t in kwargs["tasks"]])

@@ -300,7 +300,7 @@ def test_a_damaged_frame_in_the_window_replaces_the_sample_by_a_whole_readable_w
     root = write_rlbench_fixture(tmp_path / "train", episodes=2, steps=6, seed=0)
     (root / "close_jar" / "all_variations" / "episodes" / "episode1" / "front_rgb" / "3.png").write_bytes(b"not a png")
     cfg = {"name": "rlbench", "root": str(tmp_path), "tasks": ["close_jar"], "cameras": ["front"], "horizon": 2,
-           "image_size": None, "keyframes": False, "action_spec": RLBENCH_ACTION_SPEC.to_config(), "n_obs_steps": 2}
+           "image_size": None, "keyframes": False, "cache_dir": None, "action_spec": RLBENCH_ACTION_SPEC.to_config(), "n_obs_steps": 2}
     strict, skipping = build_dataset(cfg), build_dataset({**cfg, "skip_corrupt": True})
     damaged = (5 + 3, 5 + 4)  # episode 1's steps 3 and 4: both windows hold frame 3 (five samples an episode)
     readable = [strict[j] for j in range(len(strict)) if j not in damaged]

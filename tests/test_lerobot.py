@@ -67,17 +67,17 @@ def test_samples_follow_the_contract_with_video_and_image_cameras_resized():
 
 
 def test_val_split_holds_out_whole_episodes():
-    train, val = fixture_dataset(split="train", val_every=3), fixture_dataset(split="val", val_every=3)
+    train, val = fixture_dataset(split="train", holdout_every=3), fixture_dataset(split="val", holdout_every=3)
     assert (len(train), len(val)) == (20 + 15, 25)  # episode 2 of 0, 1, 2 is held out
     assert {float(val[i]["proprio"][0]) // 1000 for i in range(len(val))} == {2.0}
-    with pytest.raises(ValueError, match="val split .* is empty .*val_every"):
-        fixture_dataset(split="val", val_every=10)
+    with pytest.raises(ValueError, match="val split .* is empty .*holdout_every"):
+        fixture_dataset(split="val", holdout_every=10)
     assert train.episode_ids().tolist() == [0] * 20 + [1] * 15 and set(val.episode_ids().tolist()) == {2}
 
 
 def test_normalization_stats_come_from_meta_stats_json():
     recorded = json.loads((FIXTURE / "dataset" / "meta" / "stats.json").read_text())
-    stats = dataset_stats(fixture_dataset(split="train", val_every=3))
+    stats = dataset_stats(fixture_dataset(split="train", holdout_every=3))
     assert stats["actions"] == {s: recorded["action"][s] for s in STATS}
     assert stats["proprio"] == {s: recorded["observation.state"][s] for s in STATS}
 
@@ -87,7 +87,7 @@ def test_normalization_stats_are_computed_over_the_train_split_without_quantiles
     stats = json.loads(path.read_text())
     del stats["action"]["q01"]
     path.write_text(json.dumps(stats))
-    train = fixture_dataset(root=fixture_copy, split="train", val_every=3)
+    train = fixture_dataset(root=fixture_copy, split="train", holdout_every=3)
     computed = dataset_stats(train)
     assert computed["actions"]["min"] == train.all_actions().min(0).tolist()
     assert computed["proprio"]["max"] == [1140.0 + d for d in range(6)]  # episode 1's last state; episode 2 held out
@@ -201,7 +201,7 @@ def test_a_damaged_data_file_stops_the_run_naming_it_or_under_skip_corrupt_leave
         fixture_dataset(root=fixture_copy)
 
     data_cfg = {"name": "lerobot", "root": str(fixture_copy), "cameras": [*VIDEOS, IMAGE], "horizon": 4, "image_size": 32,
-                "state_key": "observation.state", "action_key": "action", "val_every": 3, "proprio_dim": 6,
+                "state_key": "observation.state", "action_key": "action", "holdout_every": 3, "proprio_dim": 6,
                 "action_spec": {"components": [{"name": "delta", "kind": "raw", "dim": 4}]}, "skip_corrupt": True}
     dataset = fixture_dataset(root=fixture_copy, skip_corrupt=True)
     assert "file-001.parquet" in caplog.text and "1 episode(s) left out" in caplog.text
@@ -337,7 +337,7 @@ def test_training_on_an_export_records_its_simulator_and_on_a_foreign_dataset_sk
     from drifting_vla.training.trainer import Trainer
 
     export = export_metaworld_store(metaworld_store(tmp_path / "store"), tmp_path / "lerobot", ["reach-v3", "push-v3"], {"start": 100000, "count": 5})
-    common = ["experiment=tiny_cpu", "data=lerobot", "data.image_size=16", "data.horizon=4", "data.val_every=3",
+    common = ["experiment=tiny_cpu", "data=lerobot", "data.image_size=16", "data.horizon=4", "data.holdout_every=3",
               "data.num_workers=0", "training.wandb.mode=disabled", "training.num_threads=1", "training.max_steps=2"]
     with initialize_config_dir(config_dir=str(Path(__file__).parents[1] / "drifting_vla" / "configs"), version_base=None):
         exported = compose("config", overrides=[*common, f"data.root={export}", f"run_dir={tmp_path / 'a'}"])

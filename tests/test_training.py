@@ -115,7 +115,7 @@ PLUGIN_DATASET = """
 from dataclasses import dataclass
 
 from drifting_vla.data.registry import register_dataset
-from drifting_vla.formats.config import DATA_SCHEMAS, DataConfig, setting
+from drifting_vla.formats.config import DataConfig, setting
 
 
 @dataclass(kw_only=True)
@@ -124,10 +124,7 @@ class RobotDataConfig(DataConfig):
     episodes_per_file: int = setting(10, ge=1)
 
 
-DATA_SCHEMAS["my_robot"] = RobotDataConfig
-
-
-@register_dataset("my_robot")
+@register_dataset("my_robot", schema=RobotDataConfig)
 def build_robot(cfg, split="train"):
     raise AssertionError("only the schema is checked here: no run gets as far as building the data")
 """
@@ -138,7 +135,7 @@ def test_a_plugin_dataset_declares_the_schema_of_its_own_keys_and_they_are_check
     import drifting_vla.formats.config as config
     from drifting_vla.plugins import load_plugins
 
-    monkeypatch.setattr(config, "DATA_SCHEMAS", dict(config.DATA_SCHEMAS))  # the plugin's entries go with the test
+    monkeypatch.setitem(config.DATA_SCHEMAS, "my_robot", config.DataConfig)  # the plugin's entry goes with the test
     monkeypatch.setattr(registry, "DATASETS", dict(registry.DATASETS))
     (tmp_path / "robot_plugin.py").write_text(PLUGIN_DATASET)
     monkeypatch.syspath_prepend(str(tmp_path))

@@ -28,15 +28,16 @@ table. `wandb_mode=online|offline` also logs the success rates and the trajector
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from drifting_vla.envs import NO_SIMULATOR, simulation_config  # noqa: E402
 from drifting_vla.evaluation.rollout import EvalSummary, evaluate, evaluation_seeds, protocol_label  # noqa: E402
-from drifting_vla.formats.config import validate_eval_config  # noqa: E402
+from drifting_vla.formats.config import EvalScriptConfig, validate_eval_config  # noqa: E402
 from drifting_vla.formats.export import local_policy_dir, read_saved_policy  # noqa: E402
 from drifting_vla.inference.policy import DriftingPolicy  # noqa: E402
 from drifting_vla.logging.trajectory_video import TRAJECTORY_VIDEO_KEY  # noqa: E402
@@ -52,48 +53,48 @@ DEFAULT_EPISODES = 25
 
 @hydra.main(config_path="../configs", config_name="eval", version_base=None)
 def main(cfg: DictConfig) -> float:
-    validate_eval_config(cfg)
-    load_plugins(cfg.plugins)
-    if cfg.num_threads:
-        torch.set_num_threads(int(cfg.num_threads))
-    policy, data_cfg, checkpoint, method = _policy(cfg)
+    config = validate_eval_config(cfg)
+    load_plugins(config.plugins)
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    policy, data_cfg, checkpoint, method = _policy(config)
     data_cfg = simulation_config(data_cfg)
     if data_cfg is None:
         raise SystemExit(f"{checkpoint}: {NO_SIMULATOR} when training (this script reads it from the checkpoint's config)")
     log.info("checkpoint %s; %s; %s", checkpoint, method, policy.describe())
-    seeds = _seeds(cfg, data_cfg)
-    output = Path(cfg.output)
-    settings = OmegaConf.to_container(cfg, resolve=True)
+    seeds = _seeds(config, data_cfg)
+    output = Path(config.output)
+    settings = asdict(config)
     settings.pop("remote_token")  # a secret: never written to disk
     summary = evaluate(
         policy,
         data_cfg,
-        tasks=list(cfg.tasks) if cfg.tasks is not None else None,
+        tasks=config.tasks,
         seeds=seeds,
-        num_workers=int(cfg.workers),
+        num_workers=config.workers,
         output_dir=output,
-        videos_per_task=int(cfg.videos_per_task),
-        max_episode_steps=cfg.max_episode_steps,
-        progress=bool(cfg.progress),
+        videos_per_task=config.videos_per_task,
+        max_episode_steps=config.max_episode_steps,
+        progress=config.progress,
         protocol=protocol_label(data_cfg, method, policy.execution_label),
         record={"checkpoint": checkpoint, "eval": settings},
     )
     print(summary.format_table())
     print(f"wrote {output / 'summary.json'}")
-    if cfg.wandb_mode != "disabled":
-        _log_to_wandb(summary, output, str(cfg.wandb_mode), str(cfg.wandb_project), settings)
+    if config.wandb_mode != "disabled":
+        _log_to_wandb(summary, output, config.wandb_mode, config.wandb_project, settings)
     return summary.success_rate
 
 
-def _seeds(cfg: DictConfig, data_cfg) -> list[int]:
+def _seeds(config: EvalScriptConfig, data_cfg) -> list[int]:
     """The env seeds every task is evaluated on: `seeds.start` .. + `seeds.count` when given, else
     the checkpoint's data.eval_seeds, else (a config without them, RLBench's) 0 .. 24; the first
     `episodes` of them, and never a seed of the checkpoint's data.train_seeds."""
-    if cfg.seeds.start is not None:
-        return evaluation_seeds(data_cfg, cfg.episodes, {"start": int(cfg.seeds.start), "count": int(cfg.seeds.count)})
+    if config.seeds.start is not None:
+        return evaluation_seeds(data_cfg, config.episodes, {"start": config.seeds.start, "count": config.seeds.count})
     if data_cfg.get("eval_seeds"):
-        return evaluation_seeds(data_cfg, cfg.episodes)
-    episodes = int(cfg.episodes or DEFAULT_EPISODES)
+        return evaluation_seeds(data_cfg, config.episodes)
+    episodes = config.episodes or DEFAULT_EPISODES
     log.warning("the checkpoint's data config has no eval_seeds: using seeds 0..%d (choose others with "
                 "seeds.start=S seeds.count=N)", episodes - 1)
     return evaluation_seeds(data_cfg, episodes, {"start": 0, "count": episodes})
@@ -108,38 +109,37 @@ def _log_to_wandb(summary: EvalSummary, output: Path, mode: str, project: str, s
         logger.log_video_files(TRAJECTORY_VIDEO_KEY, summary.trajectory_videos, step=0)
 
 
-def _policy(cfg: DictConfig):
+def _policy(config: EvalScriptConfig):
     """(policy for evaluate, the checkpoint's data config, the checkpoint's path, the sampling
-    method) for `cfg`: a DriftingPolicy in-process; with `seed` or `remote`, a seeded chunk queue
+    method) for `config`: a DriftingPolicy in-process; with `seed` or `remote`, a seeded chunk queue
     over the local policy or over the server (which samples with its own nfe and sampler)."""
-    if cfg.remote is None and cfg.checkpoint is None:
+    if config.remote is None and config.checkpoint is None:
         raise ValueError("give checkpoint=<dir> (in-process) or remote=ws://HOST:PORT (a policy server)")
-    if (cfg.remote is not None or cfg.seed is not None) and cfg.execution != "chunk":
+    if (config.remote is not None or config.seed is not None) and config.execution != "chunk":
         raise ValueError("remote= and seed= evaluate with the chunk queue; set execution=chunk")
-    execute_steps = None if cfg.execute_steps is None else int(cfg.execute_steps)
-    seed = None if cfg.seed is None else int(cfg.seed)
-    if cfg.remote is not None:
-        client = PolicyClient(str(cfg.remote), token=cfg.remote_token)
+    execute_steps, seed = config.execute_steps, config.seed
+    if config.remote is not None:
+        client = PolicyClient(config.remote, token=config.remote_token)
         meta = client.metadata
         policy = ChunkedPolicy(client.predict, meta["horizon"], execute_steps, seed, meta.get("n_obs_steps", 1))
-        if cfg.nfe is not None or cfg.sampler is not None:
+        if config.nfe is not None or config.sampler is not None:
             raise ValueError("nfe= and sampler= are the server's settings with remote=: start scripts/serve.py with them")
         # Either data config only names a simulator: evaluate() builds registered ones alone.
-        data = meta["data"] if cfg.checkpoint is None else _data_config(cfg.checkpoint)
+        data = meta["data"] if config.checkpoint is None else _data_config(config.checkpoint)
         return policy, data, meta["checkpoint"], meta["method"]
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else str(cfg.device)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
     if seed is None:
         policy = DriftingPolicy.from_pretrained(
-            cfg.checkpoint,
+            config.checkpoint,
             device=device,
-            execution=cfg.execution,
+            execution=config.execution,
             execute_steps=execute_steps,
-            ensemble_decay=float(cfg.ensemble_decay),
-            nfe=cfg.nfe,
-            sampler=cfg.sampler,
+            ensemble_decay=config.ensemble_decay,
+            nfe=config.nfe,
+            sampler=config.sampler,
         )
         return policy, policy.cfg["data"], str(policy.checkpoint), policy.method
-    local = DriftingPolicy.from_pretrained(cfg.checkpoint, device=device, nfe=cfg.nfe, sampler=cfg.sampler)
+    local = DriftingPolicy.from_pretrained(config.checkpoint, device=device, nfe=config.nfe, sampler=config.sampler)
     predict = lambda obs, chunk_seed: predict_chunks(local, [obs], chunk_seed)[0]  # noqa: E731
     chunked = ChunkedPolicy(predict, local.horizon, execute_steps, seed, local.n_obs_steps)
     return chunked, local.cfg["data"], str(local.checkpoint), local.method

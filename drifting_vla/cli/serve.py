@@ -20,33 +20,22 @@ from omegaconf import DictConfig
 from drifting_vla.formats.config import validate_serve_config  # noqa: E402
 from drifting_vla.inference.policy import DriftingPolicy  # noqa: E402
 from drifting_vla.plugins import load_plugins  # noqa: E402
-from drifting_vla.serving.server import ServerConfig, serve_forever  # noqa: E402
+from drifting_vla.serving.server import serve_forever  # noqa: E402
 
 log = logging.getLogger("serve")
 
 
 @hydra.main(config_path="../configs", config_name="serve", version_base=None)
 def main(cfg: DictConfig) -> None:
-    validate_serve_config(cfg)
-    load_plugins(cfg.plugins)
-    if cfg.num_threads:
-        torch.set_num_threads(int(cfg.num_threads))
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else str(cfg.device)
-    policy = DriftingPolicy.from_checkpoint(cfg.checkpoint, device=device, nfe=cfg.nfe, sampler=cfg.sampler)
-    token = str(cfg.token) if cfg.token else None
-    if token is None and not _is_loopback(str(cfg.host)):
+    config = validate_serve_config(cfg)  # the server's own settings and what to load
+    load_plugins(config.plugins)
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
+    policy = DriftingPolicy.from_checkpoint(config.checkpoint, device=device, nfe=config.nfe, sampler=config.sampler)
+    if not config.token and not _is_loopback(config.host):
         log.warning("serving on %s without a token: anyone who reaches this port can drive the policy; "
-                    "set DRIFTING_VLA_SERVE_TOKEN", cfg.host)
-    config = ServerConfig(
-        host=str(cfg.host),
-        port=int(cfg.port),
-        token=token,
-        max_batch=int(cfg.max_batch),
-        max_wait_ms=float(cfg.max_wait_ms),
-        max_queue=int(cfg.max_queue),
-        max_message_bytes=int(float(cfg.max_message_mb) * 2**20),
-        control_hz=None if cfg.control_hz is None else float(cfg.control_hz),
-    )
+                    "set DRIFTING_VLA_SERVE_TOKEN", config.host)
     log.info("checkpoint %s on %s", policy.checkpoint, device)
     server = serve_forever(policy, config)
     log.info("drained: %d requests served", server.requests_served)

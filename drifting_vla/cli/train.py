@@ -11,6 +11,7 @@ collected on first use; the dit_s model on the CPU), then closed-loop evaluation
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
@@ -19,12 +20,21 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
 from drifting_vla.evaluation import SimulationEvaluator  # noqa: E402
+from drifting_vla.formats.config import refuse_renamed_overrides  # noqa: E402
 from drifting_vla.plugins import load_plugins  # noqa: E402
 from drifting_vla.training.trainer import Trainer  # noqa: E402
 
 
+def main() -> None:
+    try:
+        refuse_renamed_overrides(sys.argv[1:])
+    except ValueError as err:
+        raise SystemExit(f"drifting-train: {err}") from None
+    train()
+
+
 @hydra.main(version_base=None, config_path="../configs", config_name="config")
-def main(cfg: DictConfig) -> None:
+def train(cfg: DictConfig) -> None:
     load_plugins(cfg.plugins)
     if cfg.run_dir is None:
         with open_dict(cfg):

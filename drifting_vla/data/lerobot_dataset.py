@@ -126,7 +126,7 @@ class LeRobotDataset(Dataset):
         state_key: str = "observation.state",
         action_key: str = "action",
         split: str = "all",
-        val_every: int = 0,
+        holdout_every: int = 0,
         action_dim: int | None = None,
         proprio_dim: int | None = None,
         n_obs_steps: int = 1,
@@ -134,11 +134,11 @@ class LeRobotDataset(Dataset):
     ) -> None:
         """`cameras`: image or video feature keys (any mix), each resized to `image_size` square;
         None: every image and video feature (lerobot_features.py).
-        `split` "train" / "val" holds out every `val_every`-th episode (by episode index order).
+        `split` "train" / "val" holds out every `holdout_every`-th episode (by episode index order).
         `action_dim` / `proprio_dim`: what the data config expects of the action and state
         features (checked here, so a mismatch names the feature instead of failing in the model).
         `skip_corrupt`: leave out the episodes whose files are damaged (above) instead of failing."""
-        split_episodes(0, split, val_every)  # a bad split fails before anything is read
+        split_episodes(0, split, holdout_every)  # a bad split fails before anything is read
         self.root = pathlib.Path(root)
         self.info = read_info(self.root)
         self.features = self.info["features"]
@@ -160,12 +160,12 @@ class LeRobotDataset(Dataset):
         self._video_ref = {  # per video camera: per episode (path, from_timestamp)
             key: self._video_paths(episodes, key, left_out) for key in self.cameras if self.features[key]["dtype"] == "video"
         }
-        keep = [k for k in split_episodes(len(episodes["episode_index"]), split, val_every) if k not in left_out]
+        keep = [k for k in split_episodes(len(episodes["episode_index"]), split, holdout_every) if k not in left_out]
         if not keep:
             damaged = f", {len(left_out)} of them left out as damaged" if left_out else ""
             raise ValueError(
                 f"the {split} split of {self.root} is empty ({len(episodes['episode_index'])} episodes{damaged}, "
-                f"val_every={val_every}); lower data.val_every or add episodes"
+                f"holdout_every={holdout_every}); lower data.holdout_every or add episodes"
             )
         self._episode_start = episodes["row_start"]
         rows, ends, episode_of_row = [], [], []

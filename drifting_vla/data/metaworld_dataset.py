@@ -189,12 +189,12 @@ class MetaWorldDataset(Dataset):
         horizon: int,
         privileged_state: bool = False,
         split: str = "all",
-        val_every: int = 0,
+        holdout_every: int = 0,
         n_obs_steps: int = 1,
     ) -> None:
-        """`split` "train" / "val" holds out every `val_every`-th episode of each task for
+        """`split` "train" / "val" holds out every `holdout_every`-th episode of each task for
         validation (episodes, not steps: steps of one episode are near-duplicates); "all" keeps all."""
-        split_episodes(0, split, val_every)  # a bad split fails before anything is read
+        split_episodes(0, split, holdout_every)  # a bad split fails before anything is read
         self.store_dir = pathlib.Path(store_dir)
         self.tasks = list(tasks)
         self.horizon = int(horizon)
@@ -219,7 +219,7 @@ class MetaWorldDataset(Dataset):
             self.instructions[task] = meta["instruction"]
             self._ends.append(ends)
             starts = np.concatenate([[0], ends[:-1]])
-            for episode in split_episodes(len(ends), split, val_every):
+            for episode in split_episodes(len(ends), split, holdout_every):
                 start, end = starts[episode], ends[episode]
                 self._episodes.append((task_id, int(start), int(end)))
                 rows = np.arange(start, end)

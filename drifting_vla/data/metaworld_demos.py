@@ -33,9 +33,10 @@ from drifting_vla.data.metaworld_dataset import (
 )
 from drifting_vla.data.rlbench_pickle import CorruptEpisodeError
 from drifting_vla.envs.metaworld_routes import EXPERT_VERSION as ROUTE_EXPERT_VERSION
+from drifting_vla.formats.config import MetaWorldDataConfig
 from drifting_vla.formats.files import FileLock, write_atomic
 
-DEFAULT_ROOT = "~/.cache/drifting_vla/metaworld"
+DEFAULT_ROOT = MetaWorldDataConfig.root
 SIMULATOR_PACKAGES = ("metaworld", "mujoco")
 """Packages whose version changes the demos (task definitions and scripted experts; physics and
 rendering): an upgrade collects a new store instead of mixing demos of two simulators."""

@@ -47,6 +47,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from drifting_vla.data.interface import DemoDataset, HasEpisodes
+
 THUMBNAIL_SIZE = 8
 """Side of each camera's pooled thumbnail. On the default Meta-World data (module docstring), 16
 finds neighbours barely closer (0.687 against 0.695) with 4x the numbers; 4 finds 0.705."""
@@ -70,7 +72,7 @@ class Observations:
     chunks: Tensor
 
 
-def read_observations(dataset: Dataset) -> Observations:
+def read_observations(dataset: DemoDataset) -> Observations:
     """Every item of `dataset` once, indexed by plain ints (a dataset's random choices, such as
     RLBench's instruction phrasing, are then fixed and play no part here anyway). Images are
     pooled a block of items at a time: one call per item costs ~30x more."""
@@ -105,7 +107,7 @@ class NeighbourIndex:
     """The training split's observations as descriptors, with their expert chunks (`chunks`,
     [N, T, A] raw units, what neighbour indices point into)."""
 
-    def __init__(self, train_set: Dataset, k: int, exclude_own_episode: bool = True) -> None:
+    def __init__(self, train_set: DemoDataset, k: int, exclude_own_episode: bool = True) -> None:
         observations = read_observations(train_set)
         self.k = int(k)
         self.tasks, self.chunks = observations.tasks, observations.chunks
@@ -122,7 +124,7 @@ class NeighbourIndex:
         """[N, k] indices of each training observation's neighbours, nearest first."""
         return nearest_neighbours(self.embeddings, self.tasks, self.embeddings, self.tasks, self.k, self._groups, self._groups)
 
-    def query(self, dataset: Dataset) -> Tensor:
+    def query(self, dataset: DemoDataset) -> Tensor:
         """[M, k] indices of the training neighbours of another split's observations (validation)."""
         observations = read_observations(dataset)
         return nearest_neighbours(self._embed(observations), observations.tasks, self.embeddings, self.tasks, self.k)
@@ -161,8 +163,8 @@ def nearest_neighbours(
     return found
 
 
-def _episode_ids(dataset: Dataset) -> np.ndarray:
-    if not hasattr(dataset, "episode_ids"):
+def _episode_ids(dataset: DemoDataset) -> np.ndarray:
+    if not isinstance(dataset, HasEpisodes):
         raise ValueError(
             f"{type(dataset).__name__} has no episode_ids(), so neighbour positives cannot leave an observation's "
             "own episode out: add the method, or set training.drifting.positives.exclude_own_episode=false"
@@ -175,7 +177,7 @@ class NeighbourPositives(Dataset):
     units) of item i's neighbours, `chunks[neighbours[i]]`. A `SampleKey` index is passed on
     as it is, so the wrapped dataset's random choices are those of the unwrapped one."""
 
-    def __init__(self, dataset: Dataset, neighbours: Tensor, chunks: Tensor) -> None:
+    def __init__(self, dataset: DemoDataset, neighbours: Tensor, chunks: Tensor) -> None:
         if len(neighbours) != len(dataset):
             raise ValueError(f"{len(neighbours)} rows of neighbours for a dataset of {len(dataset)} samples")
         self.dataset, self.neighbours, self.chunks = dataset, neighbours, chunks

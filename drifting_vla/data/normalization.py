@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from drifting_vla.data.interface import DemoDataset, ShipsNormalizationStats
 from drifting_vla.data.transforms import first_non_finite
 from drifting_vla.rotations import quaternion_to_rotation6d, rotation6d_to_quaternion
 from drifting_vla.specs import ActionSpec
@@ -52,10 +53,10 @@ def compute_stats(arrays: dict[str, np.ndarray]) -> dict[str, dict[str, list[flo
     return stats
 
 
-def dataset_stats(dataset) -> dict[str, dict[str, list[float]]]:
+def dataset_stats(dataset: DemoDataset) -> dict[str, dict[str, list[float]]]:
     """The statistics a dataset ships (`normalization_stats()`: LeRobot's meta/stats.json), else
     those of its `all_actions()` and `all_proprio()`."""
-    if hasattr(dataset, "normalization_stats"):
+    if isinstance(dataset, ShipsNormalizationStats):
         return dataset.normalization_stats()
     return compute_stats({"actions": dataset.all_actions(), "proprio": dataset.all_proprio()})
 

@@ -25,6 +25,7 @@ import logging
 
 from torch.utils.data import Dataset
 
+from drifting_vla.data.interface import DemoDataset
 from drifting_vla.data.rlbench_pickle import CorruptEpisodeError
 from drifting_vla.data.sampler import SampleKey, sample_rng
 
@@ -38,7 +39,7 @@ in 10^32; a failure here means most of the data is damaged, which no skipping sh
 class SkipCorruptSamples(Dataset):
     """The wrapped dataset, with each sample whose files are damaged replaced by a readable one."""
 
-    def __init__(self, dataset: Dataset) -> None:
+    def __init__(self, dataset: DemoDataset) -> None:
         self.dataset = dataset
         self.reported: set[str] = set()  # this process's damaged files, each logged once
 

@@ -47,16 +47,16 @@ def stack_history(frames: list[np.ndarray]) -> np.ndarray:
     return frames[0] if len(frames) == 1 else np.stack(frames)
 
 
-def split_episodes(count: int, split: str, val_every: int) -> list[int]:
-    """The episodes (0 .. count-1) of a split: "val" is every `val_every`-th episode, "train" the
+def split_episodes(count: int, split: str, holdout_every: int) -> list[int]:
+    """The episodes (0 .. count-1) of a split: "val" is every `holdout_every`-th episode, "train" the
     others, "all" every one. Whole episodes, not steps: steps of one episode are near-duplicates.
 
-        val_every = 3:   episode  0 1 2 3 4 5 6
-                         split    t t v t t v t
+        holdout_every = 3:   episode  0 1 2 3 4 5 6
+                             split    t t v t t v t
     """
-    if split not in ("all", "train", "val") or (split != "all" and val_every < 2):
-        raise ValueError(f"split must be all, or train/val with val_every >= 2; got {split!r}, val_every={val_every}")
-    return [k for k in range(count) if split == "all" or (k % val_every == val_every - 1) == (split == "val")]
+    if split not in ("all", "train", "val") or (split != "all" and holdout_every < 2):
+        raise ValueError(f"split must be all, or train/val with holdout_every >= 2; got {split!r}, holdout_every={holdout_every}")
+    return [k for k in range(count) if split == "all" or (k % holdout_every == holdout_every - 1) == (split == "val")]
 
 
 def first_non_finite(values: np.ndarray) -> int | None:

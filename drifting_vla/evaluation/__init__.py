@@ -8,18 +8,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from drifting_vla.evaluation.rollout import EvalSummary, evaluate, protocol_label
+from drifting_vla.formats.config import training_config
 
 
 class SimulationEvaluator:
     """`training.eval` of a run's config, applied to whatever policy the trainer hands over."""
 
     def __init__(self, cfg) -> None:
-        self.data, self.settings = cfg.data, cfg.training.eval
+        self.data, self.settings = cfg.data, training_config(cfg.training).eval
 
     def __call__(self, policy, output_dir: Path) -> EvalSummary:
         e = self.settings
-        return evaluate(policy, self.data, episodes=int(e.episodes), num_workers=int(e.workers), output_dir=output_dir,
-                        videos_per_task=int(e.videos_per_task),
+        return evaluate(policy, self.data, episodes=e.episodes, num_workers=e.workers, output_dir=output_dir,
+                        videos_per_task=e.videos_per_task,
                         protocol=protocol_label(self.data, policy.method, policy.execution_label))
 
 

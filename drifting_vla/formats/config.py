@@ -1,11 +1,16 @@
 """The schema of every config group: a wrong type, an out-of-range number or an unknown key is an
 error naming the key, raised when a run, an evaluation or a server starts, not later.
 
-    validate_run_config(cfg)        # scripts/train.py's config: seed, device, plugins, data.*, model.*, training.*
+    validate_run_config(cfg)        # drifting-train's config: seed, device, plugins, data.*, model.*, training.*
     validate_saved_config(cfg)      # a checkpoint's or an export's: the same groups, without the run-start checks
-    training_config(cfg.training)   # training.* over its defaults (how a checkpoint builds its objective)
-    validate_eval_config(cfg)       # scripts/simulate_eval.py's keys (configs/eval.yaml)
-    validate_serve_config(cfg)      # scripts/serve.py's keys (configs/serve.yaml)
+    training_config(cfg.training)   # -> TrainingConfig: training.* over its defaults, what the trainer reads
+    validate_eval_config(cfg)       # -> EvalScriptConfig: drifting-eval's keys (configs/eval.yaml)
+    validate_serve_config(cfg)      # -> ServeScriptConfig: drifting-serve's keys (configs/serve.yaml)
+
+Each setting is declared once, here, with its default; the base YAML files restate the defaults
+beside their reasons and a test keeps the two equal (tests/test_config_defaults.py). The keys an
+evaluation executes with (`ExecutionConfig`) are shared by `training.eval` and drifting-eval, and
+the server's (`ServerConfig`) by the server and drifting-serve.
 
 Each group is a dataclass. Merging a config into it (OmegaConf structured configs) refuses unknown
 keys and wrong types: `training.max_steps=abc`, and `data.tasks=close_jar`, a string where a list
@@ -18,8 +23,9 @@ refuses unknown keys given on the command line; the schema also catches those mi
 
 `data.*` is checked against its dataset's schema (`DATA_SCHEMAS`, by `data.name`), `model.vision`
 and `model.language` against their encoder's. A dataset or encoder a plugin registers declares its
-own keys the same way, a subclass of `DataConfig` (`EncoderConfig`) with `setting()` fields put in
-`DATA_SCHEMAS` (`VISION_SCHEMAS`, `LANGUAGE_SCHEMAS`) under its name; one that declares none is
+own keys the same way, a subclass of `DataConfig` (`EncoderConfig`) with `setting()` fields: a
+dataset gives it to `register_dataset(name, schema=...)` (drifting_vla/data/registry.py), an encoder
+puts it in `VISION_SCHEMAS` (`LANGUAGE_SCHEMAS`) under its name; one that declares none is
 checked on the keys all of them share, and its other keys are its builder's.
 """
 
@@ -104,12 +110,10 @@ class DistributedConfig:
 
 
 @dataclass(kw_only=True)
-class EvalConfig:
-    every: int = setting(0, ge=0)
-    at_end: bool = True
-    episodes: int = setting(25, ge=1)
-    workers: int = setting(2, ge=1)
-    videos_per_task: int = setting(1, ge=0)
+class ExecutionConfig:
+    """How a policy executes its chunks in closed loop and how it samples them: the keys that
+    `training.eval` and the evaluation script (configs/eval.yaml) share."""
+
     execution: str = setting("chunk", choices=EXECUTION_MODES)
     execute_steps: int | None = setting(None, ge=1)
     ensemble_decay: float = setting(0.01, ge=0)
@@ -118,8 +122,26 @@ class EvalConfig:
 
 
 @dataclass(kw_only=True)
+class EvalConfig(ExecutionConfig):
+    every: int = setting(0, ge=0)
+    at_end: bool = True
+    episodes: int = setting(25, ge=1)
+    workers: int = setting(8, ge=1)
+    videos_per_task: int = setting(2, ge=0)
+
+
+@dataclass(kw_only=True)
 class PanelSchedule:
     frequency: int = setting(0, ge=0)
+
+
+PANEL_FREQUENCIES = {
+    "a1_drifting_field": 1000, "a2_lambda_v_trend": 500, "a3_prediction_vs_ground_truth": 1000, "a4_error_radar": 1000,
+    "a5_loss_and_drift_norms": 500, "b1_action_distributions": 2000, "b2_error_heatmap": 2000,
+    "b4_end_effector_trajectory": 2000, "c1_sample_transport": 2000, "c2_mode_coverage": 5000,
+}
+"""Steps between renders of each training panel (docs/training_panels.md): a panel costs 0.2-0.7 s
+of CPU on rank 0, so the cheap trend panels come most often."""
 
 
 @dataclass(kw_only=True)
@@ -127,23 +149,28 @@ class WandbConfig:
     mode: str = setting("offline", choices=("online", "offline", "disabled"))
     project: str = "drifting-vla"
     name: str | None = None
-    visualizations: dict[str, PanelSchedule] = setting(factory=dict)
+    visualizations: dict[str, PanelSchedule] = setting(
+        factory=lambda: {name: PanelSchedule(frequency=steps) for name, steps in PANEL_FREQUENCIES.items()})
 
 
 @dataclass(kw_only=True)
 class TrainingConfig:
+    """Every default here is the GPU design card's; configs/training/baseline.yaml restates them
+    with their reasons (tests/test_config_defaults.py keeps the two equal) and the presets
+    (configs/training/quickstart.yaml) override some."""
+
     objective: str = setting("drifting")  # a name in drifting_vla.objectives.OBJECTIVES (build_objective checks it)
-    max_steps: int = setting(3000, ge=1)
-    batch_size: int = setting(32, ge=1)
+    max_steps: int = setting(100000, ge=1)
+    batch_size: int = setting(64, ge=1)
     num_samples: int = setting(8, ge=1)
     grad_accum_steps: int = setting(1, ge=1)
-    learning_rate: float = setting(3e-4, gt=0)
+    learning_rate: float = setting(1e-4, gt=0)
     weight_decay: float = setting(0.05, ge=0)
     betas: list[float] = setting(factory=lambda: [0.9, 0.95], ge=0, lt=1, min_items=2, max_items=2)
-    warmup_steps: int = setting(200, ge=0)
+    warmup_steps: int = setting(1000, ge=0)
     min_lr_ratio: float = setting(0.1, ge=0, le=1)
     grad_clip: float = setting(1.0, gt=0)
-    ema_decay: float = setting(0.999, ge=0, lt=1)
+    ema_decay: float = setting(0.9999, ge=0, lt=1)
     precision: str = setting("auto", choices=("auto", "bf16", "fp32"))
     compile: bool = False
     num_threads: int | None = setting(None, ge=1)
@@ -153,9 +180,9 @@ class TrainingConfig:
     flow_matching: FlowMatchingConfig = setting(factory=FlowMatchingConfig)
     diffusion: DiffusionConfig = setting(factory=DiffusionConfig)
     log_every: int = setting(50, ge=1)
-    val_every: int = setting(500, ge=0)
-    val_batches: int = setting(4, ge=1)
-    checkpoint_every: int = setting(1000, ge=1)
+    val_every: int = setting(2000, ge=0)
+    val_batches: int = setting(8, ge=1)
+    checkpoint_every: int = setting(5000, ge=1)
     keep_checkpoints: int = setting(3, ge=1)
     resume: str | None = None
     feature_cache: bool = False
@@ -203,7 +230,7 @@ class DataConfig:
     max_episode_steps: int | None = setting(None, ge=1)
     train_seeds: SeedRange | None = None
     eval_seeds: SeedRange | None = None
-    val_every: int | None = setting(None, ge=2)
+    holdout_every: int | None = setting(None, ge=2)  # every Nth episode is the val split, held out of train
     num_workers: int = setting(0, ge=0)
     skip_corrupt: bool = False
     instructions: list[str] | None = None  # learned task embeddings' vocabulary (the trainer fills it in)
@@ -212,24 +239,35 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class MetaWorldDataConfig(DataConfig):
-    root: str | None = None
+    tasks: list[str] = setting(min_items=1)
+    image_size: int = setting(ge=1)
+    max_episode_steps: int = setting(ge=1)
+    train_seeds: SeedRange = setting()
+    eval_seeds: SeedRange = setting()
+    control_hz: float = setting(80.0, gt=0)  # MuJoCo's 2.5 ms timestep x frame_skip 5
+    root: str | None = "~/.cache/drifting_vla/metaworld"  # null: this default
     privileged_state: bool = False
     observe_goal: bool = False
     expert: str = setting("stock", choices=("stock", "routes"))
-    collect_workers: int = setting(1, ge=1)
+    collect_workers: int = setting(2, ge=1)
+    holdout_every: int = setting(10, ge=2)
 
 
 @dataclass(kw_only=True)
 class RLBenchDataConfig(DataConfig):
     root: str = setting()
-    repo_id: str | None = None
+    tasks: list[str] = setting(min_items=1)
+    cache_dir: str | None = setting()  # null: decode the PNGs at every read
+    repo_id: str | None = "hqfang/RLBench-18-Tasks"
     split: str = setting("train", choices=("train", "val", "test"))
-    keyframes: bool = False
-    cache_dir: str | None = None
+    image_size: int | None = setting(128, ge=1)  # PerAct's frames are 128 px
+    control_hz: float | None = setting(20.0, gt=0)  # CoppeliaSim's 50 ms step
+    keyframes: bool = True
     max_episodes_per_task: int | None = setting(None, ge=1)
     control: str | None = setting(None, choices=(None, "planner", "ik"))
     workspace_bounds: list[list[float]] | None = None
     ignore_collisions: bool = False
+    num_workers: int = setting(8, ge=0)
 
 
 @dataclass(kw_only=True)
@@ -237,12 +275,16 @@ class LeRobotDataConfig(DataConfig):
     root: str | None = None
     repo_id: str | None = None
     revision: str | None = None
+    image_size: int = setting(64, ge=1)
     state_key: str = "observation.state"
     action_key: str = "action"
     # null: read from the dataset's meta/info.json when the run starts (drifting_vla/data/lerobot_features.py)
     cameras: list[str] | None = setting(None, min_items=1)
     proprio_dim: int | None = setting(None, ge=1)
     action_spec: ActionSpecConfig | None = None
+    holdout_every: int = setting(10, ge=2)
+    num_workers: int = setting(2, ge=0)
+    simulator: Any = "auto"
 
 
 DATA_SCHEMAS = {"metaworld": MetaWorldDataConfig, "rlbench": RLBenchDataConfig, "lerobot": LeRobotDataConfig}
@@ -349,7 +391,7 @@ class EvalSeedsConfig:
 
 
 @dataclass(kw_only=True)
-class EvalScriptConfig:
+class EvalScriptConfig(ExecutionConfig):
     checkpoint: str | None = None
     remote: str | None = None
     remote_token: str | None = None
@@ -360,11 +402,6 @@ class EvalScriptConfig:
     workers: int = setting(2, ge=1)
     output: str = setting()
     videos_per_task: int = setting(2, ge=0)
-    execution: str = setting("chunk", choices=EXECUTION_MODES)
-    execute_steps: int | None = setting(None, ge=1)
-    ensemble_decay: float = setting(0.01, ge=0)
-    nfe: int | None = setting(None, ge=1)
-    sampler: str | None = setting(None, choices=SAMPLERS)
     max_episode_steps: int | None = setting(None, ge=1)
     device: str = "cpu"
     num_threads: int | None = setting(None, ge=1)
@@ -375,18 +412,29 @@ class EvalScriptConfig:
 
 
 @dataclass(kw_only=True)
-class ServeScriptConfig:
+class ServerConfig:
+    """How the policy server listens, authenticates and batches (drifting_vla/serving/server.py);
+    the serve script's config (configs/serve.yaml) is this plus what to load."""
+
+    host: str = "127.0.0.1"  # loopback unless told otherwise; anything wider should set a token
+    port: int = setting(8000, ge=0, le=65535)  # 0: any free port (read `PolicyServer.port` once ready)
+    token: str | None = None  # clients send `Authorization: Bearer <token>`; null or empty: none
+    max_batch: int = setting(16, ge=1)  # requests per forward pass
+    max_wait_ms: float = setting(2.0, ge=0)  # how long the first request of a batch waits for company
+    max_queue: int = setting(64, ge=1)  # requests waiting beyond this are answered "busy" at once
+    max_message_mb: float = setting(16.0, gt=0)  # larger frames close that connection (code 1009)
+    control_hz: float | None = setting(None, gt=0)  # None: the checkpoint's data.control_hz
+
+    @property
+    def max_message_bytes(self) -> int:
+        return int(self.max_message_mb * 2**20)
+
+
+@dataclass(kw_only=True)
+class ServeScriptConfig(ServerConfig):
     checkpoint: str = setting()
-    host: str = "127.0.0.1"
-    port: int = setting(8000, ge=0, le=65535)
-    token: str | None = None
-    max_batch: int = setting(16, ge=1)
-    max_wait_ms: float = setting(2.0, ge=0)
-    max_queue: int = setting(64, ge=1)
-    max_message_mb: float = setting(16.0, gt=0)
     nfe: int | None = setting(None, ge=1)
     sampler: str | None = setting(None, choices=SAMPLERS)
-    control_hz: float | None = setting(None, gt=0)
     device: str = "cpu"
     num_threads: int | None = setting(None, ge=1)
     plugins: list[str] = setting(factory=list)
@@ -416,10 +464,30 @@ def check_section(key: str, schema: type, node, open_keys: bool = False) -> Dict
     return merged
 
 
-def training_config(training) -> DictConfig:
-    """`training.*` merged over the schema's defaults (how a saved policy builds its objective).
-    Raises ValueError naming an unknown, mistyped or out-of-range key."""
-    return check_section("training", TrainingConfig, OmegaConf.create(_plain(training)))
+def typed_section(key: str, schema: type, node):
+    """`node` merged over `schema`'s defaults and checked (`check_section`), as an instance of
+    `schema`: what the code reads, every value of its declared type."""
+    return OmegaConf.to_object(check_section(key, schema, node))
+
+
+def with_data_defaults(data):
+    """`data.*` over its dataset's schema defaults, so that a dataset builder reads every key the
+    schema declares without a fallback of its own; a dataset registered without a schema gets its
+    config as it is. Required keys are not checked here (a run checks them when it starts)."""
+    schema = DATA_SCHEMAS.get(str(data["name"]))
+    if schema is None:
+        return data
+    node = _plain(data)
+    try:
+        return OmegaConf.merge(OmegaConf.structured(schema), node)
+    except OmegaConfBaseException as err:
+        raise ValueError(_merge_error("data", node, err)) from None
+
+
+def training_config(training) -> TrainingConfig:
+    """`training.*` merged over the schema's defaults, typed: what the trainer reads and how a saved
+    policy builds its objective. Raises ValueError naming an unknown, mistyped or out-of-range key."""
+    return typed_section("training", TrainingConfig, OmegaConf.create(_plain(training)))
 
 
 def validate_training_config(training) -> None:
@@ -502,6 +570,7 @@ def validate_saved_config(cfg) -> None:
 def _checked_groups(cfg) -> tuple[DictConfig, DictConfig]:
     """(data, training) of a run's config, after checking each group against its schema."""
     run = check_section("", RunConfig, cfg)
+    _refuse_renamed_keys(run)
     data_name = str(OmegaConf.select(run, "data.name", default=""))
     data = check_section("data", DATA_SCHEMAS.get(data_name, DataConfig), run.data, open_keys=data_name not in DATA_SCHEMAS)
     model = check_section("model", ModelConfig, run.model)
@@ -514,18 +583,47 @@ def _checked_groups(cfg) -> tuple[DictConfig, DictConfig]:
     return data, training_config(run.training)
 
 
-def validate_eval_config(cfg) -> None:
-    """scripts/simulate_eval.py's keys (configs/eval.yaml)."""
-    seeds = check_section("", EvalScriptConfig, cfg).seeds
+RENAMED_KEYS = {
+    "data.val_every": ("data.holdout_every", "every Nth episode held out for validation; training.val_every is "
+                                             "the number of steps between validations"),
+}
+"""Keys of earlier configs that now have another name: a config naming one is refused, naming the new one."""
+
+
+def _refuse_renamed_keys(run: DictConfig) -> None:
+    for old in RENAMED_KEYS:
+        if OmegaConf.select(run, old, default=MISSING) is not MISSING:
+            raise ValueError(f"config key {_renamed(old)}: rename it in the config")
+
+
+def refuse_renamed_overrides(overrides: list[str]) -> None:
+    """A command-line override of a renamed key (`data.val_every=3`, `+data.val_every=3`) is refused
+    naming the new key, where Hydra would only say that the config has no such key."""
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key in RENAMED_KEYS:
+            raise ValueError(f"override {override}: {_renamed(key)}")
+
+
+def _renamed(old: str) -> str:
+    new, meaning = RENAMED_KEYS[old]
+    return f"{old} is now {new} ({meaning})"
+
+
+def validate_eval_config(cfg) -> EvalScriptConfig:
+    """The evaluation script's keys (configs/eval.yaml), typed."""
+    config = typed_section("", EvalScriptConfig, cfg)
+    seeds = config.seeds
     if (seeds.start is None) != (seeds.count is None):
         given, missing = ("seeds.start", "seeds.count") if seeds.count is None else ("seeds.count", "seeds.start")
         raise ValueError(f"config key {given} is set without {missing}: give both (the seeds seeds.start .. "
                          "seeds.start + seeds.count - 1), or neither for the checkpoint's data.eval_seeds")
+    return config
 
 
-def validate_serve_config(cfg) -> None:
-    """scripts/serve.py's keys (configs/serve.yaml)."""
-    check_section("", ServeScriptConfig, cfg)
+def validate_serve_config(cfg) -> ServeScriptConfig:
+    """The serve script's keys (configs/serve.yaml), typed: the server reads it as its `ServerConfig`."""
+    return typed_section("", ServeScriptConfig, cfg)
 
 
 def _plain(node):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from drifting_vla.formats.checkpoint import COMPLETE_MARKER, step_of, write_complete_marker
@@ -106,7 +106,7 @@ def reproduce_command(policy: CardSubject, target: str, summary: dict) -> str:
     """`drifting-eval checkpoint=<target> ...` with the evaluation's settings; nfe
     and sampler always spelled out, since the export's default sampling may differ, and so is the
     execution horizon, since a default may change after the card is written."""
-    settings = dict(summary.get("eval") or training_config(policy.cfg.get("training", {})).eval)
+    settings = dict(summary.get("eval") or asdict(training_config(policy.cfg.get("training", {})).eval))
     if settings.get("execute_steps") is None:
         settings["execute_steps"] = default_execute_steps(policy.horizon)
     nfe, sampler = policy.objective.resolve(settings.get("nfe"), settings.get("sampler"))

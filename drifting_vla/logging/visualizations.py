@@ -630,7 +630,8 @@ PANELS: dict[str, Callable[[PanelInputs], np.ndarray]] = {
 def due_panels(step: int, visualizations: Mapping[str, Mapping]) -> list[str]:
     """Panels whose `frequency` divides `step` (frequency 0 turns a panel off).
 
-    `visualizations` is the `training.wandb.visualizations` block; an unknown panel name or a
+    `visualizations` is the `training.wandb.visualizations` block (each panel's settings a mapping
+    or a `PanelSchedule`, or its frequency alone); an unknown panel name or a
     missing/negative frequency is an error that names it.
     """
     unknown = sorted(set(visualizations) - set(PANELS))
@@ -640,7 +641,7 @@ def due_panels(step: int, visualizations: Mapping[str, Mapping]) -> list[str]:
         )
     due = []
     for name, settings in visualizations.items():
-        frequency = settings.get("frequency") if hasattr(settings, "get") else settings
+        frequency = settings.get("frequency") if isinstance(settings, Mapping) else getattr(settings, "frequency", settings)
         if not isinstance(frequency, int) or frequency < 0:
             raise ValueError(
                 f"training.wandb.visualizations.{name}.frequency must be an integer >= 0 "

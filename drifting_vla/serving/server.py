@@ -20,6 +20,9 @@ How requests become forward passes (one model thread; the event loop never runs 
 - `stop()` drains: it stops accepting connections, refuses new requests (`shutting_down`),
   answers every queued one, then closes the connections (code 1001) and returns from `serve()`.
 
+Its settings (`ServerConfig`, drifting_vla/formats/config.py) are the ones configs/serve.yaml
+holds; drifting-serve hands the validated config over as it is.
+
 The policy-facing surface is `predict_action_chunk(obs, generator=None)` and the attributes read
 by `policy_metadata`; nothing else of the policy is used.
 """
@@ -43,6 +46,7 @@ from websockets.exceptions import ConnectionClosed
 
 from drifting_vla.data.transforms import resize_image
 from drifting_vla.evaluation.rollout import batch_observations
+from drifting_vla.formats.config import ServerConfig
 from drifting_vla.serving.protocol import (
     BAD_REQUEST,
     BUSY,
@@ -58,18 +62,6 @@ from drifting_vla.serving.protocol import (
 )
 
 log = logging.getLogger("drifting_vla.serving")
-
-
-@dataclass
-class ServerConfig:
-    host: str = "127.0.0.1"  # loopback unless told otherwise; anything wider should set a token
-    port: int = 8000  # 0: any free port (read `PolicyServer.port` once ready)
-    token: str | None = None  # clients send `Authorization: Bearer <token>`
-    max_batch: int = 16  # requests per forward pass
-    max_wait_ms: float = 2.0  # how long the first request of a batch waits for company
-    max_queue: int = 64  # requests waiting beyond this are answered "busy" at once
-    max_message_bytes: int = 16 * 2**20  # larger frames close that connection (code 1009)
-    control_hz: float | None = None  # None: the checkpoint's data.control_hz
 
 
 def policy_metadata(policy, control_hz: float | None = None) -> dict:
@@ -169,7 +161,7 @@ class PolicyServer:
         }], seed=0)
 
     def _authorize(self, connection: ServerConnection, request):
-        if self.config.token is None:
+        if not self.config.token:
             return None
         expected = f"Bearer {self.config.token}"
         given = request.headers.get("Authorization", "")

@@ -19,13 +19,14 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from drifting_vla.data.collate import collate_samples
+from drifting_vla.data.interface import DemoDataset
 
 
 class CachedFeatures(Dataset):
     """The wrapped dataset's items plus `vision_features` [V, N, D] ([n, V, N, D] with an
     observation history) at the same index."""
 
-    def __init__(self, dataset: Dataset, features: torch.Tensor) -> None:
+    def __init__(self, dataset: DemoDataset, features: torch.Tensor) -> None:
         if len(features) != len(dataset):
             raise ValueError(f"{len(features)} cached feature rows for a dataset of {len(dataset)} samples")
         self.dataset, self.features = dataset, features
@@ -44,7 +45,7 @@ class CachedFeatures(Dataset):
 
 
 @torch.no_grad()
-def cache_vision_features(dataset: Dataset, vision_encoder, device: torch.device, batch_size: int = 64) -> CachedFeatures:
+def cache_vision_features(dataset: DemoDataset, vision_encoder, device: torch.device, batch_size: int = 64) -> CachedFeatures:
     """Run the frozen backbone over every sample once, in order; refuse a trainable backbone.
 
     Kept in bf16 on GPU (half the memory; a bf16 run rounds to about that precision anyway) and

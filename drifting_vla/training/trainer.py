@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from drifting_vla.data.collate import collate_samples
+from drifting_vla.data.interface import RecordsSimulator
 from drifting_vla.data.normalization import Normalizer, dataset_stats
 from drifting_vla.data.registry import build_dataset, complete_data_config, prepare_dataset
 from drifting_vla.data.sampler import ResumableBatchSampler
@@ -51,7 +52,12 @@ from drifting_vla.formats.checkpoint import (
     prune_checkpoints,
     resolve_checkpoint,
 )
-from drifting_vla.formats.config import resume_conflicts, training_config, validate_run_config
+from drifting_vla.formats.config import (
+    resume_conflicts,
+    training_config,
+    validate_run_config,
+    with_data_defaults,
+)
 from drifting_vla.formats.files import FileLock, write_atomic
 from drifting_vla.inference.card import export_description
 from drifting_vla.inference.policy import DriftingPolicy
@@ -88,14 +94,15 @@ class Trainer:
         """`evaluator` scores the EMA policy when `training.eval` asks for it (at the end, every N
         steps); a config that asks with a simulator but no evaluator is refused before any data is read."""
         validate_run_config(cfg)  # every group, before any data is read
-        self.cfg, t = cfg, cfg.training
-        self.objective = build_objective(training_config(t))
+        self.cfg = cfg  # what is saved with each checkpoint; the training loop reads the typed `training`
+        self.training = t = training_config(cfg.training)
+        self.objective = build_objective(t)
         self.eval_nfe, self.eval_sampler = self.objective.resolve(t.eval.nfe, t.eval.sampler)
-        evaluates = bool(t.eval.at_end) or int(t.eval.every) > 0
+        evaluates = t.eval.at_end or t.eval.every > 0
         self.ctx = init_distributed(t.distributed.backend, str(cfg.device))
         self.device = self.ctx.device
         if t.num_threads:
-            torch.set_num_threads(int(t.num_threads))
+            torch.set_num_threads(t.num_threads)
         torch.manual_seed(int(cfg.seed))
         if cfg.get("run_dir") is None:
             raise ValueError("the config has no run_dir: set it (the override run_dir=runs/my_run); scripts/train.py "
@@ -111,7 +118,10 @@ class Trainer:
         self.action_spec = ActionSpec.from_config(cfg.data.action_spec)
         self.train_set = build_dataset(cfg.data, "train")
         self.val_set = build_dataset(cfg.data, "val") if t.val_every else None
-        if cfg.data.get("simulator") == "auto":  # recorded by the dataset (a LeRobot export of sim demos)
+        if with_data_defaults(cfg.data).get("simulator") == "auto":  # recorded by the dataset (a LeRobot export of sim demos)
+            if not isinstance(self.train_set, RecordsSimulator):
+                raise ValueError(f"data.simulator=auto, but a {cfg.data.name} dataset records no simulator: set "
+                                 "data.simulator to null or to a registered simulator's data config")
             with _unlocked(cfg):
                 cfg.data.simulator = self.train_set.simulator()
         simulator = simulation_config(cfg.data)
@@ -131,7 +141,7 @@ class Trainer:
         self.train_set, self.val_set = self.objective.training_datasets(self.train_set, self.val_set)
 
         self.model = build_model(cfg).to(self.device)
-        self.random_shift = int(t.augmentation.random_shift)
+        self.random_shift = t.augmentation.random_shift
         if t.feature_cache:  # before sharding: the backbone runs alone, outside the model's forward
             self.train_set = cache_vision_features(self.train_set, self.model.vision_encoder, self.device)
             if self.val_set is not None:
@@ -141,10 +151,10 @@ class Trainer:
             shard_model(self.model)
         if t.compile:
             self.model.dit.compile()  # in place: parameter names (and checkpoints) stay the same
-        self.ema = EMA(self.model, float(t.ema_decay))
+        self.ema = EMA(self.model, t.ema_decay)
         opt_cfg = OptimizerConfig(
-            learning_rate=float(t.learning_rate), weight_decay=float(t.weight_decay), betas=tuple(t.betas),
-            warmup_steps=int(t.warmup_steps), max_steps=int(t.max_steps), min_lr_ratio=float(t.min_lr_ratio),
+            learning_rate=t.learning_rate, weight_decay=t.weight_decay, betas=tuple(t.betas),
+            warmup_steps=t.warmup_steps, max_steps=t.max_steps, min_lr_ratio=t.min_lr_ratio,
         )
         self.optimizer = build_optimizer(self.model, opt_cfg)
         self.scheduler = build_scheduler(self.optimizer, opt_cfg)
@@ -152,10 +162,10 @@ class Trainer:
             DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
             if self.ctx.world_size > 1 and not self.sharded else self.model
         )
-        self.autocast_dtype = autocast_dtype(str(t.precision), self.device)
+        self.autocast_dtype = autocast_dtype(t.precision, self.device)
 
         self.sampler = ResumableBatchSampler(
-            len(self.train_set), int(t.batch_size), seed=int(cfg.seed), rank=self.ctx.rank, world_size=self.ctx.world_size
+            len(self.train_set), t.batch_size, seed=int(cfg.seed), rank=self.ctx.rank, world_size=self.ctx.world_size
         )
         self.step, self.skipped_steps, self.batches_consumed = 0, 0, 0
         self.history = MetricHistory()
@@ -166,9 +176,9 @@ class Trainer:
             self.run_lock.acquire()
         try:
             if t.resume:
-                self._resume(str(t.resume))
+                self._resume(t.resume)
             self.logger = create_run_logger(
-                self.run_dir, rank=self.ctx.rank, mode=str(t.wandb.mode), project=str(t.wandb.project),
+                self.run_dir, rank=self.ctx.rank, mode=t.wandb.mode, project=t.wandb.project,
                 run_name=t.wandb.name, config=OmegaConf.to_container(cfg, resolve=True),
             )
             if self.ctx.is_main:
@@ -189,16 +199,16 @@ class Trainer:
             self.run_lock.release()
 
     def _fit(self) -> dict | None:
-        t = self.cfg.training
+        t = self.training
         self.sampler_start = self.sampler.state_dict()
         batches = iter(self._loader(self.train_set, self.sampler))
         meter = _Throughput()
-        bar = tqdm(total=int(t.max_steps), initial=self.step, desc="train", dynamic_ncols=True, disable=not self.ctx.is_main)
-        while self.step < int(t.max_steps):
+        bar = tqdm(total=t.max_steps, initial=self.step, desc="train", dynamic_ncols=True, disable=not self.ctx.is_main)
+        while self.step < t.max_steps:
             meter.start()
             step_metrics, last = self._train_step(batches, meter)
             self.step += 1
-            meter.stop(int(t.batch_size) * int(t.grad_accum_steps) * self.ctx.world_size)
+            meter.stop(t.batch_size * t.grad_accum_steps * self.ctx.world_size)
             bar.update(1)
             bar.set_postfix(loss=f"{step_metrics['train/loss']:.3f}", lambda_V=f"{step_metrics['train/lambda_V']:.4f}" if "train/lambda_V" in step_metrics else "-",
                             samples_s=f"{meter.samples_per_second:.0f}", data_wait=f"{meter.data_wait_share:.0%}", refresh=False)
@@ -216,8 +226,8 @@ class Trainer:
         return summary
 
     def _train_step(self, batches, meter: _Throughput) -> tuple[dict[str, float], tuple]:
-        t = self.cfg.training
-        accum = int(t.grad_accum_steps)
+        t = self.training
+        accum = t.grad_accum_steps
         totals: dict[str, torch.Tensor] = defaultdict(float)
         for micro in range(accum):
             with meter.waiting_for_data():
@@ -239,7 +249,7 @@ class Trainer:
                 (out.loss / accum).backward()
             for key, value in out.metrics.items():
                 totals[key] = totals[key] + value.float() / accum
-        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), float(t.grad_clip)))
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), t.grad_clip))
         if not self._is_finite(grad_norm, "gradient norm", batch):
             return self._skip_step(), (obs, actions)
         self.optimizer.step()
@@ -251,17 +261,17 @@ class Trainer:
         return metrics, (obs, actions)
 
     def _after_step(self, metrics: dict[str, float], last: tuple, meter: _Throughput) -> None:
-        t, step = self.cfg.training, self.step
-        if step % int(t.log_every) == 0 or step == int(t.max_steps):
+        t, step = self.training, self.step
+        if step % t.log_every == 0 or step == t.max_steps:
             metrics.update({"perf/samples_per_s": meter.samples_per_second, "perf/data_wait_share": meter.data_wait_share,
                             "train/skipped_steps": self.skipped_steps})
             self._log(self._mean_over_ranks(metrics))
-        if self.val_set is not None and int(t.val_every) and step % int(t.val_every) == 0:
+        if self.val_set is not None and t.val_every and step % t.val_every == 0:
             self._log(self.validate())
         self._render_panels(last)  # every rank samples (collective under FSDP); rank 0 alone logs
-        if step % int(t.checkpoint_every) == 0 and step < int(t.max_steps):
+        if step % t.checkpoint_every == 0 and step < t.max_steps:
             self._save_checkpoint()
-        if int(t.eval.every) and step % int(t.eval.every) == 0 and step < int(t.max_steps):
+        if t.eval.every and step % t.eval.every == 0 and step < t.max_steps:
             self._evaluate_in_sim(final=False)
 
     # ------------------------------------------------------------------------------ pieces
@@ -310,7 +320,7 @@ class Trainer:
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         if finite.item() == 1.0:
             return True
-        if str(self.cfg.training.nan_policy) == "stop":
+        if self.training.nan_policy == "stop":
             raise FloatingPointError(
                 f"non-finite {what} ({value.item()}) at step {self.step} on a batch of tasks {sorted(set(batch['task']))}; "
                 f"the run stops rather than train on it. Lower training.learning_rate, check the data, or set "
@@ -325,8 +335,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.skipped_steps += 1
-        t = self.cfg.training
-        allowed = int(float(t.max_skipped_fraction) * int(t.max_steps))
+        t = self.training
+        allowed = int(t.max_skipped_fraction * t.max_steps)
         if self.skipped_steps > allowed:
             raise FloatingPointError(
                 f"{self.skipped_steps} of the {self.step + 1} steps so far were skipped for non-finite values, more than "
@@ -371,12 +381,12 @@ class Trainer:
 
     def validation_batches(self):
         """(index, batch) of this rank's validation batches: the same `training.val_batches` every time."""
-        t = self.cfg.training
-        size = min(int(t.batch_size), len(self.val_set) // self.ctx.world_size)
+        t = self.training
+        size = min(t.batch_size, len(self.val_set) // self.ctx.world_size)
         if size < 1:
             raise ValueError(f"the val split has {len(self.val_set)} samples, fewer than the {self.ctx.world_size} ranks")
         sampler = ResumableBatchSampler(len(self.val_set), size, seed=int(self.cfg.seed), rank=self.ctx.rank, world_size=self.ctx.world_size)
-        return zip(range(int(t.val_batches)), self._loader(self.val_set, sampler), strict=False)
+        return zip(range(t.val_batches), self._loader(self.val_set, sampler), strict=False)
 
     def _log(self, metrics: dict[str, float]) -> None:
         self.history.record(self.step, metrics)
@@ -413,7 +423,7 @@ class Trainer:
             self.model.reshard()
 
     def _render_panels(self, last: tuple) -> None:
-        names = due_panels(self.step, self.cfg.training.wandb.visualizations)
+        names = due_panels(self.step, self.training.wandb.visualizations)
         if not names:
             return
         obs, actions = last
@@ -450,7 +460,7 @@ class Trainer:
                 sampler_state=self.sampler.state_after(self.sampler_start, self.batches_consumed),
                 extra={"skipped_steps": self.skipped_steps, "ranks": ranks},
             )
-            prune_checkpoints(self.checkpoints_dir, int(self.cfg.training.keep_checkpoints))
+            prune_checkpoints(self.checkpoints_dir, self.training.keep_checkpoints)
         self._barrier()
 
     def _per_rank_states(self) -> list[dict]:
@@ -529,11 +539,11 @@ class Trainer:
         return summary
 
     def _run_simulation(self, model, final: bool) -> dict:
-        e = self.cfg.training.eval
+        e = self.training.eval
         out_dir = self.run_dir / ("eval" if final else f"eval/step_{self.step:08d}")
-        policy = DriftingPolicy(model, self.normalizer, self.objective, execution=str(e.execution),
-                                execute_steps=e.execute_steps, ensemble_decay=float(e.ensemble_decay),
-                                nfe=self.eval_nfe, sampler=self.eval_sampler, precision=str(self.cfg.training.precision))
+        policy = DriftingPolicy(model, self.normalizer, self.objective, execution=e.execution,
+                                execute_steps=e.execute_steps, ensemble_decay=e.ensemble_decay,
+                                nfe=self.eval_nfe, sampler=self.eval_sampler, precision=self.training.precision)
         result = self.evaluator(policy, out_dir)
         summary = result.to_dict()
         self._log({"sim/success_rate": summary["success_rate"],
