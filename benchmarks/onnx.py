@@ -6,13 +6,14 @@ the packaged MiniLM) is exported with `DriftingPolicy.export_onnx`; both rows th
 out), on the CPU with one thread each: `torch.set_num_threads(1)` and ONNX Runtime's
 `intra_op_num_threads=1` (batch-1 ops are too small to split, and threads fight a loaded
 machine; benchmarks/model.py says more). The ONNX row's speed-up is over the PyTorch row of the
-same run; `max_abs_diff` is the two chunks' largest difference given the same noise. PyTorch's
+same run, each row the median of 5 rounds run alternately; `max_abs_diff` is the two chunks' largest difference given the same noise. PyTorch's
 language encoder caches each instruction's features after the first call, so neither row pays for
 text. Runs on the CPU whatever `--device` says: the comparison is between the two runtimes.
 """
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -22,6 +23,8 @@ import torch
 from benchmarks.serve import _observation, _random_checkpoint
 from benchmarks.timing import Row, time_call
 from drifting_vla.inference.policy import DriftingPolicy
+
+ROUNDS = 5
 
 
 def run(args) -> list[Row]:
@@ -36,13 +39,24 @@ def run(args) -> list[Row]:
         noise = torch.randn((1, policy.horizon, policy.model.noise_dim), generator=torch.Generator().manual_seed(0))
         difference = np.abs(onnx_policy.predict_action_chunk(obs, noise=noise.numpy())
                             - policy.predict_action_chunk(obs, generator=torch.Generator().manual_seed(0))).max()
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            base = "dit_s chunk, batch 1, CPU: PyTorch DriftingPolicy"
-            rows = [Row("onnx", base, time_call(lambda: policy.predict_action_chunk(obs)), extra={"threads": 1})]
-        finally:
-            torch.set_num_threads(threads)
-        rows.append(Row("onnx", "dit_s chunk, batch 1, CPU: ONNX Runtime OnnxPolicy", time_call(lambda: onnx_policy.predict_action_chunk(obs)),
-                        base, {"threads": 1, "max_abs_diff": f"{difference:.1e}", "file_MiB": f"{path.stat().st_size / 2**20:.1f}"}))
-    return rows
+        size_mib = path.stat().st_size / 2**20
+        torch_s, onnx_s = alternating(lambda: policy.predict_action_chunk(obs), lambda: onnx_policy.predict_action_chunk(obs))
+    base = "dit_s chunk, batch 1, CPU: PyTorch DriftingPolicy"
+    return [
+        Row("onnx", base, torch_s, extra={"threads": 1, "rounds": ROUNDS}),
+        Row("onnx", "dit_s chunk, batch 1, CPU: ONNX Runtime OnnxPolicy", onnx_s, base,
+            {"threads": 1, "rounds": ROUNDS, "max_abs_diff": f"{difference:.1e}", "file_MiB": f"{size_mib:.1f}"}),
+    ]
+
+
+def alternating(torch_call, onnx_call) -> tuple[float, float]:
+    """Median seconds of each call over ROUNDS alternating rounds (one `time_call` each), with
+    torch on one thread: on a shared machine the load drifts, and alternating spreads that drift
+    over both rows instead of charging it to whichever ran second."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rounds = [(time_call(torch_call), time_call(onnx_call)) for _ in range(ROUNDS)]
+    finally:
+        torch.set_num_threads(threads)
+    return statistics.median(r[0] for r in rounds), statistics.median(r[1] for r in rounds)

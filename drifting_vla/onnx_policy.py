@@ -64,7 +64,6 @@ class OnnxPolicy:
         objective = metadata["objective"]
         self.objective = ExportedObjective(objective["name"], int(objective["nfe"]), objective["sampler"], objective["method"])
         self.nfe, self.sampler, self.method = self.objective.nfe, self.objective.sampler, self.objective.method
-        self.execute_steps = int(metadata["execution"]["execute_steps"])
         self._inputs = {i.name for i in session.get_inputs()}
         self._rng = np.random.default_rng(seed)
 
@@ -150,9 +149,6 @@ class OnnxPolicy:
 
             return torch.randn(shape, generator=generator).numpy()
         return self._rng.standard_normal(shape, dtype=np.float32)
-
-    def describe(self) -> str:
-        return f"OnnxPolicy {self.checkpoint}: {self.method}, {self.session.get_providers()[0]}"
 
 
 def read_metadata(props: Mapping[str, str], path: Path | str) -> dict:
