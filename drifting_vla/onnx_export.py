@@ -19,8 +19,8 @@ With an observation history (n_obs_steps = n > 1) images are [B, n, V, 3, H, W] 
 Why these choices:
 - The noise is an INPUT, not a random op in the graph: the graph is a pure function, so a test can
   feed the noise PyTorch drew and compare chunks, and a caller controls reproducibility.
-  `OnnxPolicy` draws it (numpy, seeded) when none is given. The regression objective feeds zeros
-  and has no noise input.
+  `OnnxPolicy` draws it (numpy, seeded) when none is given. The regression objective ignores it
+  (it feeds the network zeros), so every export has the same four inputs.
 - Strings cannot enter an ONNX graph, and a tokenizer plus a text transformer would make the
   graph depend on a tokenizer runtime. Language features are therefore computed AT EXPORT TIME
   for a fixed list of instructions (the policy's `data.instructions`, plus any given to
@@ -45,6 +45,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,35 +175,46 @@ def export_onnx(policy, path: str | os.PathLike, instructions: list[str] | None 
     """Write `policy`'s observation-to-chunk graph with its metadata to `path` (module docstring).
     `instructions`: phrasings to add to the policy's `data.instructions` (a task-embedding policy
     refuses any it was not trained with). Returns the path."""
-    import onnx
-
     check_exportable(policy)
     known = exported_instructions(policy, instructions)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    graph = ChunkGraph(policy, known).to("cpu").eval()
-    history = policy.n_obs_steps > 1
-    # The exporter logs one warning per torchvision op it cannot register; this project has no torchvision.
-    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     try:
-        batch = torch.export.Dim("batch", min=1, max=4096)
-        shapes = {"images": {0: batch}, "proprio": {0: batch}, "instruction": {0: batch}, "noise": {0: batch}}
-        program = torch.onnx.export(
-            graph, example_inputs(policy), input_names=list(INPUTS), output_names=["actions"],
-            dynamic_shapes=shapes, opset_version=opset, dynamo=True, verbose=False, optimize=False,
-        )
-        program.save(str(path))
+        _trace(ChunkGraph(policy, known).to("cpu").eval(), example_inputs(policy), path, opset)
     finally:
         policy.model.to(policy.device)
         policy.normalizer.to(policy.device)
-    model = onnx.load(str(path))
-    metadata = onnx_metadata(policy, known)
-    onnx.helper.set_model_props(model, {METADATA_KEY: json.dumps(metadata)})
-    model.doc_string = (f"Drifting-VLA policy ({metadata['objective']['method']}): images, proprio, instruction index"
-                        f"{', noise' if 'noise' in {i.name for i in model.graph.input} else ''} -> actions [B, T, A]"
-                        f"{' (observation history)' if history else ''}")
-    onnx.save(model, str(path))
+    _write_metadata(path, onnx_metadata(policy, known))
     return path
+
+
+def _trace(graph: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path, opset: int) -> None:
+    """torch.onnx.export with the batch dim free. The dynamo exporter, because the TorchScript one
+    bakes the batch size into the attention's reshapes (einops reads shapes as Python ints)."""
+    # One warning per torchvision op it cannot register (this project has no torchvision), and two
+    # about the exporter's own internals: none concerns the graph.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=".*axis name: batch will not be used.*", category=UserWarning)
+        program = torch.onnx.export(
+            graph, inputs, input_names=list(INPUTS), output_names=["actions"], dynamic_shapes={name: {0: batch} for name in INPUTS},
+            opset_version=opset, dynamo=True, verbose=False, optimize=False,
+        )
+    program.save(str(path))
+
+
+def _write_metadata(path: Path, metadata: dict) -> None:
+    """The metadata as one JSON string in the file's metadata_props, and a one-line doc string."""
+    import onnx
+
+    model = onnx.load(str(path))
+    onnx.helper.set_model_props(model, {METADATA_KEY: json.dumps(metadata)})
+    history = " (observation history)" if metadata["n_obs_steps"] > 1 else ""
+    model.doc_string = (f"Drifting-VLA policy ({metadata['objective']['method']}): images, proprio, instruction index, "
+                        f"noise -> actions [B, T, A]{history}")
+    onnx.save(model, str(path))
 
 
 def verify_export(policy, path: str | os.PathLike, seed: int = 0) -> float:

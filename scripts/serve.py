@@ -4,7 +4,7 @@
     python scripts/serve.py checkpoint=policy.onnx                               # an ONNX export, in ONNX Runtime
     DRIFTING_VLA_SERVE_TOKEN=secret python scripts/serve.py checkpoint=<dir> host=0.0.0.0 port=8000
 
-Prints "ready: ws://HOST:PORT" once it accepts connections; SIGTERM (or Ctrl-C) answers every
+Prints "ready: ws://HOST:PORT" once it accepts connections (and answers `GET /healthz` with 200); SIGTERM (or Ctrl-C) answers every
 queued request, closes the connections and exits 0. Keys: drifting_vla/configs/serve.yaml; protocol and load
 figures: docs/serving.md. Clients: `from drifting_vla.serving import PolicyClient`.
 """
