@@ -45,6 +45,9 @@ class ExportedObjective:
 
 
 class OnnxPolicy:
+    """An exported graph in ONNX Runtime behind `DriftingPolicy.predict_action_chunk`, with the
+    attributes the policy server reads (cfg, action_spec, horizon, objective, method, ...)."""
+
     def __init__(self, session, metadata: dict, path: Path | None = None, seed: int = 0) -> None:
         """`session`: an onnxruntime.InferenceSession of an exported graph; `metadata`: its
         `drifting_vla` metadata (read_metadata)."""
