@@ -14,8 +14,10 @@ from omegaconf import OmegaConf
 
 from drifting_vla.data.transforms import resize_image
 from drifting_vla.inference.policy import DriftingPolicy
+from drifting_vla.inference.rollout import evaluate
 from drifting_vla.onnx_policy import OnnxPolicy
-from drifting_vla.serving import PolicyClient
+from drifting_vla.serving import ChunkedPolicy, PolicyClient
+from drifting_vla.serving.server import predict_chunks
 from tests.test_inference import observation_batch, tiny_cfg, write_checkpoint
 from tests.test_serving import Running
 
@@ -197,7 +199,24 @@ def test_the_server_serves_an_onnx_export_and_a_seed_gives_the_pytorch_chunk(exp
 
 
 # ----------------------------------------------------------------------------------------------
-# Slow: every objective, a history, the embedded default, the scripts
+# Slow: the closed loop, every objective, a history, the embedded default, the scripts
+
+
+@pytest.mark.slow
+def test_closed_loop_through_the_onnx_policy_reaches_the_pytorch_success_episode_for_episode(exported):
+    """On the test simulator `drift`, whose success depends on the actions: the same seeds and
+    the same per-chunk noise seeds, through each runtime."""
+    policy, path = exported
+    onnx_policy = OnnxPolicy.from_file(path)
+    data = {**policy.cfg["data"], "name": "drift", "max_episode_steps": 12}
+    results = [
+        evaluate(ChunkedPolicy(lambda obs, s, p=p: predict_chunks(p, [obs], s)[0], policy.horizon, 2, seed=3), data,
+                 tasks=["drift"], seeds=list(range(12)), num_workers=1, progress=False)
+        for p in (policy, onnx_policy)
+    ]
+    records = [[(r.seed, r.success, r.steps) for r in sorted(s.records, key=lambda r: r.seed)] for s in results]
+    assert records[0] == records[1]
+    assert 0 < results[0].success_rate < 1, records[0]  # the actions decide: a mix of outcomes
 
 
 @pytest.mark.slow
