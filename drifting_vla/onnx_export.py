@@ -32,8 +32,9 @@ Why these choices:
   is in the graph, sharing the one set of DiT weights. The loop therefore runs inside ONNX
   Runtime, exactly as the objective defines it, and another nfe is another export.
   diffusion/ddpm draws fresh noise at every step and is refused (export with sampler=ddim).
-- Images of another size are resized outside the graph (`OnnxPolicy`, like the policy server),
-  so the graph holds no resize.
+- Images of a size other than `image_size` are resized outside the graph (`OnnxPolicy`, like the
+  policy server); from `image_size` to the encoder's `input_size` the model's own preprocessing
+  resizes inside it, as in training.
 
 The metadata (action spec, cameras, image size, instructions, execution horizon, objective,
 normalization, the run's config) is a JSON string in the model's `metadata_props` under

@@ -230,6 +230,14 @@ def test_every_objective_exports_with_its_sampler_in_the_graph(objective, sample
 
 
 @pytest.mark.slow
+def test_the_models_own_resize_from_image_size_to_its_input_size_is_in_the_graph(tmp_path):
+    cfg = tiny_cfg()
+    cfg.data.image_size = 48  # the CNN's input_size stays 32: preprocess_images resizes (antialiased)
+    policy = DriftingPolicy.from_checkpoint(write_checkpoint(tmp_path / "run", cfg)[0])
+    assert_reproduces(policy, OnnxPolicy.from_file(policy.export_onnx(tmp_path / "p.onnx")), observation_batch(batch=2, size=48))
+
+
+@pytest.mark.slow
 def test_a_policy_with_an_observation_history_exports(tmp_path):
     cfg = tiny_cfg()
     cfg.data.n_obs_steps = 2
