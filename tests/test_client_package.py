@@ -16,7 +16,7 @@ from websockets.exceptions import InvalidStatus
 
 from drifting_vla.serving import PolicyClient, server_health
 from tests import test_serving
-from tests.test_serving import observation, served_policy
+from tests.helpers import observation, served_policy
 
 running = test_serving.running  # the fixture: a PolicyServer in a thread, stopped after the test
 

@@ -10,16 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from drifting_vla.inference.rollout import evaluate
 from omegaconf import OmegaConf
 
 from drifting_vla.data.transforms import resize_image
+from drifting_vla.evaluation.rollout import evaluate
 from drifting_vla.inference.onnx_policy import OnnxPolicy
 from drifting_vla.inference.policy import DriftingPolicy
 from drifting_vla.serving import ChunkedPolicy, PolicyClient
 from drifting_vla.serving.server import predict_chunks
-from tests.test_inference import observation_batch, tiny_cfg, write_checkpoint
-from tests.test_serving import Running
+from tests.helpers import Running, observation_batch, tiny_cfg, write_checkpoint
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -274,7 +273,7 @@ def test_export_script_writes_verifies_and_serve_script_serves_the_file(tmp_path
     assert out.returncode == 0, out.stderr[-3000:]
     difference = float(out.stdout.split("max |onnxruntime - pytorch| = ")[1].split()[0])
     assert difference < ATOL
-    from tests.conftest import free_port
+    from tests.helpers import free_port
 
     port = free_port()
     server = subprocess.Popen([sys.executable, "scripts/serve.py", f"checkpoint={tmp_path / 'p.onnx'}", f"port={port}"],

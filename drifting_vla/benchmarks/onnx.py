@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from benchmarks.serve import _observation, _random_checkpoint
-from benchmarks.timing import Row, time_call
 
+from drifting_vla.benchmarks.serve import _observation, _random_checkpoint
+from drifting_vla.benchmarks.timing import Row, time_call
 from drifting_vla.inference.policy import DriftingPolicy
 
 ROUNDS = 5
