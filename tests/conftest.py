@@ -1,6 +1,7 @@
 """Every test runs offline and headless: no hub, no WandB account, no display."""
 
 import os
+import pathlib
 
 import pytest
 
@@ -8,6 +9,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("MUJOCO_GL", "egl")
+# The scripts that tests start load `plugins=[tests.fake_envs]`: the checkout is on their path, as a
+# user's plugin package would be.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(pathlib.Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))
 
 import tests.fake_envs  # noqa: E402, F401  registers the test simulators `scripted` and `drift`
 from tests.helpers import tiny_bpe_file, tiny_cfg, write_checkpoint  # noqa: E402

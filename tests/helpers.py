@@ -127,12 +127,11 @@ def env_batch(env_ids) -> dict:
 
 
 def run_simulate_eval(run_dir, *overrides, env=None):
-    """The CLI as a user runs it; Hydra's own run directory goes to `run_dir`, not the checkout. The
-    checkout is on PYTHONPATH, as a user's plugin package would be, for `plugins=[tests.fake_envs]`."""
+    """The CLI as a user runs it; Hydra's own run directory goes to `run_dir`, not the checkout."""
     script = ROOT / "scripts" / "simulate_eval.py"
     return subprocess.run(
         [sys.executable, str(script), *overrides, f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=300,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -240,3 +239,24 @@ def metaworld_store(root: Path, size: int = 16) -> Path:
         ]
         write_task_store(root / task, episodes, {"instruction": f"do {task}"})
     return root
+
+
+INSTRUCTION = tiny_cfg().data.instructions[0]
+
+
+def served_policy(**kwargs):
+    """The tiny policy with what the server reads from a checkpoint-loaded one."""
+    policy = tiny_policy(**kwargs)
+    policy.cfg = OmegaConf.to_container(tiny_cfg(), resolve=True)
+    policy.checkpoint = "tiny"
+    return policy
+
+
+def observation(size: int = 32, level: int = 7, channels_last: bool = False) -> dict:
+    rng = np.random.default_rng(level)
+    images = rng.integers(0, 256, size=(2, 3, size, size), dtype=np.uint8)
+    return {
+        "images": images.transpose(0, 2, 3, 1).copy() if channels_last else images,
+        "proprio": np.array([0.1, -0.2, 0.3, 0.0], dtype=np.float32),
+        "instruction": INSTRUCTION,
+    }

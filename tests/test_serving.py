@@ -12,7 +12,6 @@ import msgpack
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
@@ -29,29 +28,16 @@ from drifting_vla.serving import (
 )
 from drifting_vla.serving.protocol import check_observation, pack, unpack
 from drifting_vla.serving.server import predict_chunks
-from tests.helpers import ROOT, CountingGenerator, Running, env_batch, tiny_cfg, tiny_policy
-
-INSTRUCTION = tiny_cfg().data.instructions[0]
-
-
-def served_policy(**kwargs):
-    """The tiny policy with what the server reads from a checkpoint-loaded one."""
-    policy = tiny_policy(**kwargs)
-    policy.cfg = OmegaConf.to_container(tiny_cfg(), resolve=True)
-    policy.checkpoint = "tiny"
-    return policy
-
-
-def observation(size: int = 32, level: int = 7, channels_last: bool = False) -> dict:
-    rng = np.random.default_rng(level)
-    images = rng.integers(0, 256, size=(2, 3, size, size), dtype=np.uint8)
-    return {
-        "images": images.transpose(0, 2, 3, 1).copy() if channels_last else images,
-        "proprio": np.array([0.1, -0.2, 0.3, 0.0], dtype=np.float32),
-        "instruction": INSTRUCTION,
-    }
-
-
+from tests.helpers import (
+    INSTRUCTION,
+    ROOT,
+    CountingGenerator,
+    Running,
+    env_batch,
+    observation,
+    served_policy,
+    tiny_policy,
+)
 
 
 @pytest.fixture

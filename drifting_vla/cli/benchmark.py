@@ -17,7 +17,7 @@ import json
 import pathlib
 import sys
 
-from drifting_vla.benchmarks.timing import format_table  # noqa: E402
+from drifting_vla.benchmarks.timing import format_table
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 CASES = sorted(p.stem for p in BENCHMARKS.glob("*.py") if p.stem not in {"__init__", "timing", "inputs"})

@@ -49,22 +49,22 @@ from pathlib import Path
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import numpy as np
+import torch
+from tqdm import tqdm
 
-from drifting_vla.benchmarks.timing import time_call  # noqa: E402
-from drifting_vla.evaluation.rollout import (  # noqa: E402
+from drifting_vla.benchmarks.timing import time_call
+from drifting_vla.evaluation.rollout import (
     evaluate,
     evaluation_seeds,
     protocol_label,
     wilson_interval,
 )
-from drifting_vla.formats.export import read_saved_policy  # noqa: E402
-from drifting_vla.formats.files import write_atomic  # noqa: E402
-from drifting_vla.inference.policy import DriftingPolicy  # noqa: E402
-from drifting_vla.plugins import load_plugins  # noqa: E402
-from drifting_vla.specs import default_execute_steps  # noqa: E402
+from drifting_vla.formats.export import read_saved_policy
+from drifting_vla.formats.files import write_atomic
+from drifting_vla.inference.policy import DriftingPolicy
+from drifting_vla.plugins import load_plugins
+from drifting_vla.specs import default_execute_steps
 
 PLOT_COLORS = {"drifting": "tab:red", "regression": "tab:gray", "flow_matching": "tab:blue", "diffusion": "tab:green"}
 DEFAULT_RUNS = ["drifting:0,1", "regression:0,1", "flow_matching:0", "diffusion:0"]

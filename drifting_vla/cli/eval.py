@@ -35,16 +35,16 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from drifting_vla.envs import NO_SIMULATOR, simulation_config  # noqa: E402
-from drifting_vla.evaluation.rollout import EvalSummary, evaluate, evaluation_seeds, protocol_label  # noqa: E402
-from drifting_vla.formats.config import EvalScriptConfig, validate_eval_config  # noqa: E402
-from drifting_vla.formats.export import local_policy_dir, read_saved_policy  # noqa: E402
-from drifting_vla.inference.policy import DriftingPolicy  # noqa: E402
-from drifting_vla.logging.trajectory_video import TRAJECTORY_VIDEO_KEY  # noqa: E402
-from drifting_vla.logging.wandb_logger import RunLogger  # noqa: E402
-from drifting_vla.plugins import load_plugins  # noqa: E402
-from drifting_vla.serving import ChunkedPolicy, PolicyClient  # noqa: E402
-from drifting_vla.serving.server import predict_chunks  # noqa: E402
+from drifting_vla.envs import NO_SIMULATOR, simulation_config
+from drifting_vla.evaluation.rollout import EvalSummary, evaluate, evaluation_seeds, protocol_label
+from drifting_vla.formats.config import EvalScriptConfig, validate_eval_config
+from drifting_vla.formats.export import local_policy_dir, read_saved_policy
+from drifting_vla.inference.policy import DriftingPolicy
+from drifting_vla.logging.trajectory_video import TRAJECTORY_VIDEO_KEY
+from drifting_vla.logging.wandb_logger import RunLogger
+from drifting_vla.plugins import load_plugins
+from drifting_vla.serving import ChunkedPolicy, PolicyClient
+from drifting_vla.serving.server import predict_chunks
 
 log = logging.getLogger("simulate_eval")
 DEFAULT_EPISODES = 25

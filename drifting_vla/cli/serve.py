@@ -1,9 +1,10 @@
 """Serve a checkpoint over the network: websocket + msgpack, concurrent clients batched.
 
     python scripts/serve.py checkpoint=runs/2026-01-01_12-00-00                  # ws://127.0.0.1:8000
+    python scripts/serve.py checkpoint=policy.onnx                               # an ONNX export, in ONNX Runtime
     DRIFTING_VLA_SERVE_TOKEN=secret python scripts/serve.py checkpoint=<dir> host=0.0.0.0 port=8000
 
-Prints "ready: ws://HOST:PORT" once it accepts connections; SIGTERM (or Ctrl-C) answers every
+Prints "ready: ws://HOST:PORT" once it accepts connections (and answers `GET /healthz` with 200); SIGTERM (or Ctrl-C) answers every
 queued request, closes the connections and exits 0. Keys: drifting_vla/configs/serve.yaml; protocol and load
 figures: docs/serving.md. Clients: `from drifting_vla.serving import PolicyClient`.
 """
@@ -17,10 +18,11 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from drifting_vla.formats.config import validate_serve_config  # noqa: E402
-from drifting_vla.inference.policy import DriftingPolicy  # noqa: E402
-from drifting_vla.plugins import load_plugins  # noqa: E402
-from drifting_vla.serving.server import serve_forever  # noqa: E402
+from drifting_vla.formats.config import validate_serve_config
+from drifting_vla.inference.onnx_policy import OnnxPolicy
+from drifting_vla.inference.policy import DriftingPolicy
+from drifting_vla.plugins import load_plugins
+from drifting_vla.serving.server import serve_forever
 
 log = logging.getLogger("serve")
 
@@ -32,13 +34,25 @@ def main(cfg: DictConfig) -> None:
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
-    policy = DriftingPolicy.from_checkpoint(config.checkpoint, device=device, nfe=config.nfe, sampler=config.sampler)
+    policy = _load_policy(config, device)
     if not config.token and not _is_loopback(config.host):
         log.warning("serving on %s without a token: anyone who reaches this port can drive the policy; "
                     "set DRIFTING_VLA_SERVE_TOKEN", config.host)
     log.info("checkpoint %s on %s", policy.checkpoint, device)
     server = serve_forever(policy, config)
     log.info("drained: %d requests served", server.requests_served)
+
+
+def _load_policy(config, device: str):
+    """A checkpoint, run or export directory as a DriftingPolicy; a `.onnx` file (scripts/export_onnx.py)
+    as an OnnxPolicy run by ONNX Runtime, whose sampling was fixed at export."""
+    if not config.checkpoint.endswith(".onnx"):
+        return DriftingPolicy.from_checkpoint(config.checkpoint, device=device, nfe=config.nfe, sampler=config.sampler)
+    if config.nfe is not None or config.sampler is not None:
+        raise SystemExit(f"{config.checkpoint}: an ONNX policy samples as it was exported (nfe and sampler are in its graph); "
+                         "drop nfe= and sampler=, or export again with them (scripts/export_onnx.py)")
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else None
+    return OnnxPolicy.from_file(config.checkpoint, threads=config.num_threads, providers=providers)
 
 
 def _is_loopback(host: str) -> bool:

@@ -15,14 +15,14 @@ import sys
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
-import hydra  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import DictConfig, open_dict  # noqa: E402
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
 
-from drifting_vla.evaluation import SimulationEvaluator  # noqa: E402
-from drifting_vla.formats.config import refuse_renamed_overrides  # noqa: E402
-from drifting_vla.plugins import load_plugins  # noqa: E402
-from drifting_vla.training.trainer import Trainer  # noqa: E402
+from drifting_vla.evaluation import SimulationEvaluator
+from drifting_vla.formats.config import refuse_renamed_overrides
+from drifting_vla.plugins import load_plugins
+from drifting_vla.training.trainer import Trainer
 
 
 def main() -> None:

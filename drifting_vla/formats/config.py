@@ -707,3 +707,21 @@ def _dataclass_in(hint) -> type | None:
         if found is not None:
             return found
     return None
+
+
+@dataclass(kw_only=True)
+class ExportOnnxScriptConfig:
+    """scripts/export_onnx.py's keys (configs/export_onnx.yaml)."""
+
+    checkpoint: str = setting()
+    output: str = setting()
+    instructions: list[str] = setting(factory=list)
+    nfe: int | None = setting(None, ge=1)
+    sampler: str | None = setting(None, choices=SAMPLERS)
+    verify: bool = True
+    plugins: list[str] = setting(factory=list)
+
+
+def validate_export_onnx_config(cfg) -> ExportOnnxScriptConfig:
+    """The ONNX export script's keys (configs/export_onnx.yaml), typed."""
+    return typed_section("", ExportOnnxScriptConfig, cfg)

@@ -3,6 +3,7 @@
     policy = DriftingPolicy.from_checkpoint("runs/x/checkpoints")       # newest whole checkpoint, EMA weights
     policy = DriftingPolicy.from_pretrained("me/drifting-drawer")       # an export (a directory or a hub repo)
     policy.save_pretrained("exports/drawer"); policy.push_to_hub("me/drifting-drawer")   # formats/export.py
+    policy.export_onnx("drawer.onnx")           # one ONNX graph, observation to chunk (onnx_export.py)
     chunk = policy.predict_action_chunk(obs)    # [B, T, A] raw units, through the checkpoint's objective
     policy = DriftingPolicy.from_checkpoint(path, nfe=10)                # a flow/diffusion run: 10 steps
     action = policy.select_action(obs)          # [B, A]: the action to execute now, per env
@@ -212,6 +213,15 @@ class DriftingPolicy:
             self, repo_id, token=token, private=private, commit_message=commit_message, branch=branch,
             create_pr=create_pr, evaluation=evaluation,
         )
+
+    def export_onnx(self, path: str | os.PathLike, instructions: list[str] | None = None) -> Path:
+        """Write this policy's observation-to-chunk path (preprocessing, encoders, fusion, DiT,
+        decoder, normalization; the sampler's loop unrolled at this policy's nfe) as one ONNX
+        graph with its metadata (onnx_export.py; run it with onnx_policy.OnnxPolicy, no torch).
+        Language features are stored for `data.instructions` plus `instructions`."""
+        from drifting_vla.inference.onnx_export import export_onnx
+
+        return export_onnx(self, path, instructions)
 
     # ------------------------------------------------------------------------------------------
     # One generator call

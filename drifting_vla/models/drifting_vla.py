@@ -81,8 +81,14 @@ class DriftingVLA(nn.Module):
             vision = self.vision_encoder.embed(obs["vision_features"])
         else:
             vision = self.vision_encoder(obs["images"])
-        language, language_mask, language_pooled = self.language_encoder(instructions)
-        tokens, pooled = self.fusion(vision, language, language_mask, language_pooled, self._proprio(obs["proprio"]))
+        return self.fuse(vision, self.language_encoder(instructions), obs["proprio"])
+
+    def fuse(self, vision: torch.Tensor, language: tuple[torch.Tensor, ...], proprio: torch.Tensor) -> Condition:
+        """The encoders' outputs -> the condition: vision tokens [B, K, Dv], language (tokens
+        [B, L, Dl], mask bool [B, L], pooled [B, Dl]) and proprio [B, S] ([B, n, S]). Apart from
+        `encode_condition` so that the ONNX export (onnx_export.py) can feed language features
+        looked up by instruction index, where strings cannot enter a graph."""
+        tokens, pooled = self.fusion(vision, *language, self._proprio(proprio))
         return Condition(tokens, pooled)
 
     def _proprio(self, proprio: torch.Tensor) -> torch.Tensor:

@@ -3,13 +3,17 @@ robot, `AsyncChunkExecutor` to keep the robot moving while the next chunk is com
 
     from drifting_vla.serving import PolicyClient, AsyncChunkExecutor
 
-The server (`drifting_vla.serving.server`) needs torch; this package's client side does not.
+The server (`drifting_vla.serving.server`) needs torch; this package's client side does not, and
+installs on its own as `drifting-vla-client` (clients/python: the same files, imported as
+`drifting_vla_client`).
 Protocol and load figures: docs/serving.md.
 """
 
-from drifting_vla.serving.client import PolicyClient, PolicyError, ServerBusy
-from drifting_vla.serving.execution import AsyncChunkExecutor, ChunkedPolicy, ChunkQueue
-from drifting_vla.serving.protocol import PROTOCOL, ProtocolError
+# Relative imports: these modules are also the robot-side package `drifting_vla_client`
+# (clients/python links to them), which installs without the rest of drifting_vla.
+from .client import PolicyClient, PolicyError, ServerBusy, server_health
+from .execution import AsyncChunkExecutor, ChunkedPolicy, ChunkQueue
+from .protocol import PROTOCOL, ProtocolError
 
 __all__ = [
     "PROTOCOL",
@@ -20,4 +24,5 @@ __all__ = [
     "PolicyError",
     "ProtocolError",
     "ServerBusy",
+    "server_health",
 ]

@@ -11,12 +11,16 @@ Imports no torch: it runs on a robot computer with numpy, msgpack and websockets
 
 from __future__ import annotations
 
+import json
+import urllib.request
 from collections.abc import Mapping
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 from websockets.sync.client import connect
 
-from drifting_vla.serving.protocol import BUSY, PROTOCOL, check_observation, pack, unpack
+# Relative: this module is also drifting_vla_client.serving.client (clients/python).
+from .protocol import BUSY, PROTOCOL, check_observation, pack, unpack
 
 
 def _arrays(images):
@@ -92,3 +96,13 @@ class PolicyClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def server_health(url: str, timeout_s: float = 5.0) -> dict:
+    """The server's health check: HTTP GET <url>/healthz (ws:// read as http://, wss:// as
+    https://) -> {"ready", "protocol", "model", "method"}. Raises urllib.error.URLError when
+    nothing answers and HTTPError (code 503) while the server drains. Needs no token."""
+    parts = urlsplit(url)
+    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
+    with urllib.request.urlopen(urlunsplit((scheme, parts.netloc, "/healthz", "", "")), timeout=timeout_s) as reply:
+        return json.loads(reply.read())

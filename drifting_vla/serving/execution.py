@@ -35,9 +35,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-from drifting_vla.inference.history import ObservationHistory, stacked
-from drifting_vla.serving.client import ServerBusy
-from drifting_vla.specs import default_execute_steps
+# Relative: shared with the robot-side package drifting_vla_client (clients/python), same layout.
+from ..inference.history import ObservationHistory, stacked
+from ..specs import default_execute_steps
+from .client import ServerBusy
 
 # predict(one observation, seed or None) -> chunk [T, A]: PolicyClient.predict, or a local policy.
 Predict = Callable[[Mapping, "int | None"], np.ndarray]

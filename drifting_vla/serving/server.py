@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import time
 from collections import deque
@@ -38,6 +39,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -62,6 +64,7 @@ from drifting_vla.serving.protocol import (
 )
 
 log = logging.getLogger("drifting_vla.serving")
+HEALTH_PATH = "/healthz"
 
 
 def policy_metadata(policy, control_hz: float | None = None) -> dict:
@@ -70,6 +73,7 @@ def policy_metadata(policy, control_hz: float | None = None) -> dict:
     data = cfg["data"]
     language = cfg["model"].get("language", {})
     instructions = list(data.get("instructions") or []) if language.get("name") == "task_embedding" else None
+    instructions = getattr(policy, "known_instructions", instructions)  # an ONNX export: the ones it was exported with
     return {
         "protocol": PROTOCOL,
         "action_spec": policy.action_spec.to_config(),
@@ -86,6 +90,7 @@ def policy_metadata(policy, control_hz: float | None = None) -> dict:
         "method": policy.method,  # e.g. "drifting nfe=1": what results over this server are labelled with
         "instructions": instructions,  # None: any text; a list: the only ones this model knows
         "checkpoint": str(getattr(policy, "checkpoint", "")),
+        "model": Path(str(getattr(policy, "checkpoint", "") or "")).name,  # the health check's model id
         "data": data,  # the checkpoint's data config: a remote evaluation builds its envs from it
     }
 
@@ -124,7 +129,7 @@ class PolicyServer:
             self._handle,
             self.config.host,
             self.config.port,
-            process_request=self._authorize,
+            process_request=self._process_request,
             compression=None,  # images and chunks do not compress; deflate only costs time
             max_size=self.config.max_message_bytes,
         ) as server:
@@ -159,6 +164,22 @@ class PolicyServer:
             "proprio": np.zeros((*steps, meta["proprio_dim"]), dtype=np.float32),
             "instruction": (meta["instructions"] or ["warm up"])[0],
         }], seed=0)
+
+    def _process_request(self, connection: ServerConnection, request):
+        """Before the websocket upgrade: `GET /healthz` is answered here (no token needed: it
+        tells only whether to route clients here); every other request must carry the token."""
+        if request.path == HEALTH_PATH:
+            return self._health(connection)
+        return self._authorize(connection, request)
+
+    def _health(self, connection: ServerConnection):
+        """200 {"ready": true, ...} while serving; 503 with ready false once draining after SIGTERM."""
+        ready = not self._stopping.is_set()
+        body = {"ready": ready, "protocol": PROTOCOL, "model": self.metadata["model"], "method": self.metadata["method"]}
+        response = connection.respond(HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE, json.dumps(body) + "\n")
+        del response.headers["Content-Type"]
+        response.headers["Content-Type"] = "application/json"
+        return response
 
     def _authorize(self, connection: ServerConnection, request):
         if not self.config.token:

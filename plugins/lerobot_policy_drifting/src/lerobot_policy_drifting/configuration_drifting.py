@@ -29,8 +29,8 @@ from lerobot.optim.schedulers import CosineDecayWithWarmupSchedulerConfig
 from lerobot.utils.constants import ACTION, OBS_STATE
 from omegaconf import DictConfig, OmegaConf
 
-from drifting_vla.specs import default_execute_steps
 from drifting_vla.objectives import OBJECTIVES
+from drifting_vla.specs import default_execute_steps
 
 PROPRIO_TYPES = (FeatureType.STATE, FeatureType.ENV)
 """Input types the network reads as one proprio vector."""

@@ -1,0 +1,1 @@
+"""The observation window a policy with a history needs (drifting_vla/inference/history.py)."""

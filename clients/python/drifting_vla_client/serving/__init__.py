@@ -1,0 +1,1 @@
+../../../../drifting_vla/serving/__init__.py
