@@ -141,13 +141,76 @@ def test_an_export_edited_on_purpose_loads_once_sealed_again(policy, tmp_path):
     np.testing.assert_array_equal(actions(DriftingPolicy.from_pretrained(export)), actions(policy))
 
 
-def test_an_export_from_before_the_hashes_loads_unchecked_with_a_warning(policy, tmp_path, caplog):
+def test_an_export_from_before_the_hashes_is_refused_unless_its_files_are_trusted_by_name(policy, tmp_path, caplog):
     export = policy.save_pretrained(tmp_path / "export")
     (export / "complete").unlink()
     saved = json.loads((export / "config.json").read_text())
     (export / "config.json").write_text(json.dumps({**saved, "format_version": 1}))
+    with pytest.raises(ValueError, match=r"config\.json: key 'format_version' is 1, older .* trust_unverified_files=True"):
+        DriftingPolicy.from_pretrained(export)
+    trusted = DriftingPolicy.from_pretrained(export, trust_unverified_files=True)
+    np.testing.assert_array_equal(actions(trusted), actions(policy))
+    assert "trust_unverified_files=True" in caplog.text
+
+
+@pytest.mark.parametrize("version", [1, None, 0])
+def test_a_downgraded_export_keeps_its_hash_check_even_when_trusted(policy, tmp_path, version):
+    """Issue 27: format_version set to 1 (or removed) switched the hash check off; a tampered
+    model.safetensors then acted. The marker is checked whatever config.json says."""
+    export = policy.save_pretrained(tmp_path / "export")
+    saved = json.loads((export / "config.json").read_text())
+    if version is None:
+        del saved["format_version"]
+    else:
+        saved["format_version"] = version
+    (export / "config.json").write_text(json.dumps(saved))
+    weights = load_file(str(export / "model.safetensors"))
+    first = sorted(weights)[0]
+    weights[first] = weights[first] + 1.0
+    from safetensors.torch import save_file
+
+    save_file(weights, str(export / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="format_version"):
+        DriftingPolicy.from_pretrained(export)
+    if version is not None:
+        with pytest.raises(FileNotFoundError, match="is not whole: 'config.json'"):
+            DriftingPolicy.from_pretrained(export, trust_unverified_files=True)
+
+
+@pytest.mark.parametrize("version", ["abc", "2", 2.0, 3, [2]])
+def test_a_format_version_that_is_not_this_readers_is_refused_naming_file_and_key(policy, tmp_path, version):
+    export = policy.save_pretrained(tmp_path / "export")
+    saved = json.loads((export / "config.json").read_text())
+    (export / "config.json").write_text(json.dumps({**saved, "format_version": version}))
+    seal_checkpoint(export)
+    with pytest.raises(ValueError, match=r"config\.json: key 'format_version' is"):
+        DriftingPolicy.from_pretrained(export, trust_unverified_files=True)
+
+
+def test_a_file_that_steers_loading_added_after_sealing_is_refused(policy, tmp_path):
+    """Issue 27: a pretrained_weights.json added to an export that had none steered loading."""
+    export = policy.save_pretrained(tmp_path / "export")
+    assert not (export / "pretrained_weights.json").exists()
+    (export / "pretrained_weights.json").write_text(json.dumps({}))
+    with pytest.raises(FileNotFoundError, match=r"\['pretrained_weights.json'\] is not recorded in the 'complete' marker"):
+        DriftingPolicy.from_pretrained(export)
+    seal_checkpoint(export)  # put there on purpose: recorded, then read
     np.testing.assert_array_equal(actions(DriftingPolicy.from_pretrained(export)), actions(policy))
-    assert "not checked" in caplog.text and "save_pretrained it again" in caplog.text
+
+
+def test_an_export_with_a_nan_weight_is_refused_naming_the_tensor(policy, tmp_path):
+    """Issue 27: an export with one NaN weight loaded, warmed up, printed `ready` and served."""
+    from safetensors.torch import save_file
+
+    export = policy.save_pretrained(tmp_path / "export")
+    weights = load_file(str(export / "model.safetensors"))
+    name = next(k for k in sorted(weights) if k.startswith("decoder") or k.startswith("dit."))
+    weights[name] = weights[name].clone()
+    weights[name].view(-1)[0] = float("nan")
+    save_file(weights, str(export / "model.safetensors"), metadata={"format": "pt"})
+    seal_checkpoint(export)
+    with pytest.raises(ValueError, match=rf"hold NaN or Inf in 1 tensor\(s\), e.g. \['{name}'\]"):
+        DriftingPolicy.from_pretrained(export)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -25,8 +25,12 @@ already registered (`check_untrusted_config`).
 
 An export is copied, uploaded and downloaded, and a file damaged at the same size on the way (a bad
 sector, a flipped bit) would load as weights nobody trained: like a checkpoint, it carries the
-sha256 of its files and is refused, naming the file, when one differs. Exports of format 1 (before
-the hashes) still load, unchecked, with a warning.
+sha256 of its files and is refused, naming the file, when one differs. Nothing inside the
+directory can switch that check off: a `complete` marker is always checked, whatever config.json
+says; a file that steers loading but is not in the marker (a pretrained_weights.json added
+later) is refused; and a `format_version` other than this reader's (older, newer, missing, not a
+number) is refused, naming the file and the key, unless the caller passes
+`trust_unverified_files=True`, which loads an older export whose files cannot be checked.
 """
 
 from __future__ import annotations
@@ -90,24 +94,22 @@ def is_export(path: Path) -> bool:
     return (path / EXPORT_CONFIG_FILE).is_file() and (path / MODEL_FILE).is_file()
 
 
-def read_saved_policy(path: str | os.PathLike) -> SavedPolicy:
-    """An export directory, a checkpoint directory, or the newest whole checkpoint of a run."""
+def read_saved_policy(path: str | os.PathLike, trust_unverified_files: bool = False) -> SavedPolicy:
+    """An export directory, a checkpoint directory, or the newest whole checkpoint of a run.
+    `trust_unverified_files`: load an export of another format_version, whose files cannot be
+    checked against the hashes they were written with (module docstring)."""
     path = Path(path).expanduser()
     if is_export(path):
         file = path / EXPORT_CONFIG_FILE
         saved = read_saved_file(file, lambda f: json.loads(f.read_text()))
-        if saved.get("format") != EXPORT_FORMAT or not {"config", "objective"} <= saved.keys():
+        if not isinstance(saved, dict) or saved.get("format") != EXPORT_FORMAT or not {"config", "objective"} <= saved.keys():
+            found = f"format {saved.get('format')!r}, keys {sorted(saved)}" if isinstance(saved, dict) else type(saved).__name__
             raise ValueError(
-                f"{file} is not a Drifting-VLA policy (format {saved.get('format')!r}, keys {sorted(saved)}; expected "
+                f"{file} is not a Drifting-VLA policy ({found}; expected "
                 f"format {EXPORT_FORMAT!r} with 'config' and 'objective'): export one with DriftingPolicy.save_pretrained"
             )
-        version = int(saved.get("format_version", 0))
-        if version > EXPORT_FORMAT_VERSION:
-            raise ValueError(
-                f"{file} has format_version {saved['format_version']}; this drifting-vla reads up to "
-                f"{EXPORT_FORMAT_VERSION}: upgrade drifting-vla"
-            )
-        _check_export_files(path, version)
+        _check_format_version(file, saved.get("format_version"), trust_unverified_files)
+        _check_export_files(path, marker_required=saved.get("format_version") == EXPORT_FORMAT_VERSION)
         cfg, objective = saved["config"], saved["objective"]
         check_untrusted_config(cfg, file)
         trained = cfg.get("training", {}).get("objective", "drifting")
@@ -121,11 +123,33 @@ def read_saved_policy(path: str | os.PathLike) -> SavedPolicy:
     return SavedPolicy(path, cfg, _read_normalization(path), read_references(path), [path / MODEL_FILE, path / EMA_FILE])
 
 
-def _check_export_files(path: Path, version: int) -> None:
-    """Every file of the export at `path` holds what was saved (its sha256 in the marker)."""
-    if version < 2:
-        log.warning("%s was exported before exports carried hashes (format_version %d): its files are not checked; "
-                    "save_pretrained it again to add them", path, version)
+def _check_format_version(file: Path, version, trust_unverified_files: bool) -> None:
+    """config.json's `format_version` is this reader's, or the caller accepted unverified files."""
+    if version == EXPORT_FORMAT_VERSION and type(version) is int:
+        return
+    if type(version) is not int:
+        shown = "is missing" if version is None else f"is {version!r}, not a version number"
+        raise ValueError(f"{file}: key 'format_version' {shown}; this drifting-vla writes and reads "
+                         f"{EXPORT_FORMAT_VERSION}. The file was edited or damaged: get the export again")
+    if version > EXPORT_FORMAT_VERSION:
+        raise ValueError(f"{file}: key 'format_version' is {version}; this drifting-vla reads "
+                         f"{EXPORT_FORMAT_VERSION}: upgrade drifting-vla")
+    if not trust_unverified_files:
+        raise ValueError(
+            f"{file}: key 'format_version' is {version}, older than this reader's {EXPORT_FORMAT_VERSION}: its files "
+            "cannot all be checked against the hashes they were written with, so anyone who could edit them could "
+            "change what the policy does. Export it again with this drifting-vla (save_pretrained), or, if you trust "
+            "where it came from, load it with trust_unverified_files=True"
+        )
+    log.warning("%s: format_version %d loaded with trust_unverified_files=True: files without a recorded hash are "
+                "not checked", file, version)
+
+
+def _check_export_files(path: Path, marker_required: bool) -> None:
+    """Every file of the export at `path` holds what was saved (its sha256 in the marker). A
+    marker, when there is one, is always checked; only an older export loaded on trust
+    (`marker_required` False) may lack it."""
+    if not marker_required and not (path / COMPLETE_MARKER).is_file():
         return
     problem = marker_problem(path)
     if problem is not None:

@@ -70,6 +70,13 @@ from drifting_vla.inference.export import (
 from drifting_vla.inference.history import ObservationHistory
 from drifting_vla.models.drifting_vla import DriftingVLA, build_model
 from drifting_vla.rotations import quaternion_to_rotation6d, rotation6d_to_quaternion
+from drifting_vla.safety import (
+    PROPRIO_LIMIT,
+    NonFiniteActions,
+    PolicyRefusal,
+    ProprioOutOfRange,
+    non_finite_rows,
+)
 from drifting_vla.specs import ActionSpec, default_execute_steps
 from drifting_vla.training.checkpoint import (
     NORMALIZATION_FILE,
@@ -135,7 +142,9 @@ class DriftingPolicy:
         self.checkpoint: Path | None = None  # where the weights were loaded from
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, device: str = "cpu", **kwargs) -> DriftingPolicy:
+    def from_checkpoint(
+        cls, path: str | os.PathLike, device: str = "cpu", trust_unverified_files: bool = False, **kwargs
+    ) -> DriftingPolicy:
         """Load a checkpoint (or the newest whole one of a run) with its EMA weights, or an export
         (`save_pretrained`).
 
@@ -145,11 +154,13 @@ class DriftingPolicy:
         loaded strictly from model.safetensors, with a checkpoint's EMA weights laid over it. The
         objective is the one recorded in the config; `nfe` and `sampler` (kwargs) choose how it
         samples (default: an export's recorded sampling, else the objective's). Returns a policy
-        whose `cfg` is the run's resolved config.
+        whose `cfg` is the run's resolved config. Weights holding NaN or Inf are refused.
+        `trust_unverified_files`: load an export of an older format_version, whose files cannot be
+        checked against their hashes (inference/export.py); refused without it.
         """
         from safetensors.torch import load_file
 
-        saved = read_saved_policy(path)
+        saved = read_saved_policy(path, trust_unverified_files)
         cfg = saved.cfg
         model = build_model(pin_referenced_revisions(cfg, saved.references))
         load_weights(model, saved.weights[0], saved.references)
@@ -159,6 +170,7 @@ class DriftingPolicy:
             if unknown:
                 raise KeyError(f"{file} has weights the model lacks: {unknown[:5]}")
             model.load_state_dict(overlay, strict=False)
+        _check_finite_weights(model, saved.weights)
         action_spec = ActionSpec.from_config(cfg["data"]["action_spec"])
         normalizer = read_saved_file(saved.path / NORMALIZATION_FILE, lambda _file: Normalizer.from_dict(
             saved.normalization, action_spec, proprio_dim=int(cfg["data"]["proprio_dim"])))
@@ -180,16 +192,18 @@ class DriftingPolicy:
         token: str | bool | None = None,
         local_files_only: bool = False,
         device: str = "cpu",
+        trust_unverified_files: bool = False,
         **kwargs,
     ) -> DriftingPolicy:
         """`from_checkpoint` on a local directory (an export, a checkpoint or a run), or on a hub
         repo id downloaded into the hub cache (offline: found there, or a clear error). The hub
-        arguments are huggingface_hub's; `kwargs` are the policy's (nfe, sampler, execution, ...)."""
+        arguments are huggingface_hub's; `trust_unverified_files` as in `from_checkpoint`; `kwargs`
+        are the policy's (nfe, sampler, execution, ...)."""
         directory = local_policy_dir(
             pretrained_name_or_path, revision=revision, cache_dir=cache_dir, force_download=force_download,
             token=token, local_files_only=local_files_only,
         )
-        return cls.from_checkpoint(directory, device=device, **kwargs)
+        return cls.from_checkpoint(directory, device=device, trust_unverified_files=trust_unverified_files, **kwargs)
 
     def save_pretrained(
         self, save_directory: str | os.PathLike, *, evaluation: str | os.PathLike | None = None, repo_id: str | None = None
@@ -249,7 +263,7 @@ class DriftingPolicy:
         proprio = torch.as_tensor(obs["proprio"], dtype=torch.float32).to(self.device)
         batch = {
             "images": images,
-            "proprio": self.normalizer.normalize("proprio", proprio),
+            "proprio": self._representable(self.normalizer.normalize("proprio", proprio)),
             "instruction": list(obs["instruction"]),
         }
         training = self.model.training  # the trainer's model goes back to train mode after
@@ -260,7 +274,27 @@ class DriftingPolicy:
                 chunks = self.objective.sample(self.model, condition, num_samples, self.nfe, self.sampler, generator)
         finally:
             self.model.train(training)
-        return self.normalizer.unnormalize("actions", chunks.float()).cpu().numpy()
+        actions = self.normalizer.unnormalize("actions", chunks.float()).cpu().numpy()
+        bad = non_finite_rows(actions)
+        if bad:
+            raise NonFiniteActions(
+                f"the policy ({self.checkpoint or 'in memory'}) drew non-finite actions for batch row(s) {bad}; nothing "
+                "was returned. Its weights or the observation of those rows are not what it was trained on", bad)
+        return actions
+
+    def _representable(self, proprio: torch.Tensor) -> torch.Tensor:
+        """Normalized proprio [B, (n,) S] as given, or ProprioOutOfRange naming the rows and
+        dimensions past `PROPRIO_LIMIT` (drifting_vla/safety.py says why they are refused)."""
+        outside = ~(proprio.abs() <= PROPRIO_LIMIT)  # NaN compares False: outside too
+        if not outside.any():
+            return proprio
+        rows = outside.flatten(1).any(1).nonzero().flatten().tolist()
+        dims = sorted(set(outside.nonzero()[:, -1].tolist()))
+        raise ProprioOutOfRange(
+            f"proprio of batch row(s) {rows} is outside what this policy's normalization represents at dimension(s) "
+            f"{dims}: more than {PROPRIO_LIMIT:g} half-ranges of the training data from its centre (training range "
+            f"min {self.normalizer.stats['proprio']['min']}, max {self.normalizer.stats['proprio']['max']}). Send proprio "
+            "in the units the policy was trained on", rows)
 
     # ------------------------------------------------------------------------------------------
     # Closed loop
@@ -283,16 +317,25 @@ class DriftingPolicy:
         if isinstance(obs["instruction"], str):
             return self.select_action(_as_batch(obs, 1), env_ids)[0]
         env_ids = list(range(len(obs["instruction"]))) if env_ids is None else list(env_ids)
+        before = self._history.saved()
         obs = self._history.push_batch(obs, env_ids)
-        if self.execution == "chunk":
-            return self._select_from_queue(obs, env_ids)
-        return self._select_ensembled(obs, env_ids)
+        try:
+            if self.execution == "chunk":
+                return self._select_from_queue(obs, env_ids)
+            return self._select_ensembled(obs, env_ids)
+        except PolicyRefusal:  # no env took this step: the caller may ask again for the other rows
+            self._history.restore(before)
+            raise
 
     def _select_from_queue(self, obs: Mapping, env_ids: list[int]) -> np.ndarray:
         replan = [b for b, env in enumerate(env_ids) if not self._queues.get(env)]
         self.replanned = [env_ids[b] for b in replan]
         if replan:
-            chunks = self.predict_action_chunk(_rows(obs, replan))
+            try:
+                chunks = self.predict_action_chunk(_rows(obs, replan))
+            except PolicyRefusal as refusal:  # its rows are those of the replanning subset
+                refusal.rows = [replan[r] for r in refusal.rows]
+                raise
             for b, chunk in zip(replan, chunks, strict=True):
                 self._queues[env_ids[b]] = deque(chunk[: self.execute_steps])
         return np.stack([self._queues[env].popleft() for env in env_ids])
@@ -327,6 +370,16 @@ class DriftingPolicy:
         if self.execution == "ensemble":
             mode = f"temporal ensembling (horizon {self.horizon}, decay {self.ensemble_decay:g})"
         return f"DriftingPolicy on {self.device}: {self.method}, {mode}"
+
+
+def _check_finite_weights(model: DriftingVLA, files: list[Path]) -> None:
+    """Refuse weights holding NaN or Inf: such a policy acts with NaN on some or every input."""
+    bad = [key for key, value in model.state_dict().items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:
+        raise ValueError(
+            f"the weights loaded from {[str(f) for f in files]} hold NaN or Inf in {len(bad)} tensor(s), e.g. {bad[:3]}; "
+            "a policy with them would act with non-finite actions. Load another checkpoint, or the one before it"
+        )
 
 
 def ensemble_actions(candidates: np.ndarray, weights: np.ndarray, action_spec: ActionSpec) -> np.ndarray:

@@ -79,6 +79,9 @@ CONFIG_FILE = "config.yaml"
 NORMALIZATION_FILE = "normalization.json"
 REFERENCES_FILE = "pretrained_weights.json"
 COMPLETE_MARKER = "complete"
+STEERING_FILES = (MODEL_FILE, EMA_FILE, TRAINER_STATE_FILE, CONFIG_FILE, NORMALIZATION_FILE, REFERENCES_FILE, "config.json")
+"""The files whose presence or content changes what loads (config.json: an export's config): one
+present but not recorded in the marker was added after the write, and is refused."""
 FORMAT_VERSION = 2
 """Of the `complete` marker (of checkpoints and exports): 1 recorded sizes only, 2 adds each file's
 sha256. A reader refuses versions above its own rather than misread files a newer drifting-vla wrote."""
@@ -211,11 +214,12 @@ def write_complete_marker(directory: Path, names: list[str], **fields) -> None:
 def seal_checkpoint(path: str | os.PathLike) -> None:
     """Record the files of the checkpoint or export at `path` as they are now, as if written so:
     after editing one on purpose (config.yaml or config.json by hand), which loading would
-    otherwise refuse as damaged."""
+    otherwise refuse as damaged, or after adding a file that steers loading (`STEERING_FILES`)."""
     path = Path(path)
     marker = json.loads((path / COMPLETE_MARKER).read_text())
     fields = {k: v for k, v in marker.items() if k not in ("format_version", "files")}
-    write_complete_marker(path, list(marker["files"]), **fields)
+    added = [name for name in STEERING_FILES if name not in marker["files"] and (path / name).is_file()]
+    write_complete_marker(path, [*marker["files"], *added], **fields)
 
 
 def _remove_stale_partials(checkpoints_dir: Path) -> None:
@@ -308,6 +312,13 @@ def _recorded_files(path: Path) -> dict[str, dict]:
             f"{FORMAT_VERSION}): upgrade drifting-vla to read it"
         )
     records = {name: record if isinstance(record, dict) else {"bytes": record} for name, record in files.items()}
+    added = [name for name in STEERING_FILES if name not in records and (path / name).exists()]
+    if added:
+        raise _NotWhole(
+            f"{added} {'is' if len(added) == 1 else 'are'} not recorded in the '{COMPLETE_MARKER}' marker: added after "
+            "the directory was written, and would change what loads. Delete it, or, if you put it there on purpose, "
+            "record it (drifting_vla.training.checkpoint.seal_checkpoint)"
+        )
     for name, record in records.items():
         file = path / name
         if not file.is_file():
