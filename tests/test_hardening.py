@@ -418,3 +418,24 @@ def test_sigterm_while_serve_loads_the_model_ends_it_cleanly(tmp_path):
     output = process.communicate(timeout=30)[0]
     assert process.returncode == 0 and "stopped by SIGTERM during start-up" in output, output
     assert "Traceback" not in output
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Results that never mix two runs
+
+
+def test_an_evaluation_into_a_used_folder_leaves_none_of_the_previous_runs_files(tmp_path):
+    """Issue 27: a reused output folder kept the previous run's videos beside the new summary."""
+    data = OmegaConf.to_container(tiny_cfg().data)
+    data["name"] = "scripted"
+    policy = tiny_policy(execution="chunk", execute_steps=2)
+    evaluate(policy, data, tasks=[TASK], seeds=[0, 4], num_workers=1, output_dir=tmp_path, videos_per_task=2,
+             max_episode_steps=6, progress=False)
+    assert (tmp_path / "videos" / f"{TASK}_seed4.mp4").is_file()
+    (tmp_path / "notes.txt").write_text("a person's file")
+    evaluate(policy, data, tasks=[TASK], seeds=[8], num_workers=1, output_dir=tmp_path, videos_per_task=1,
+             max_episode_steps=6, progress=False)
+    videos = sorted(p.name for p in (tmp_path / "videos").iterdir())
+    assert videos == [f"{TASK}_seed8.mp4", f"{TASK}_seed8_trajectory.mp4"]
+    assert [r["seed"] for r in read_episodes(tmp_path)] == [8]
+    assert (tmp_path / "notes.txt").is_file()  # only what an evaluation writes is cleared
