@@ -439,3 +439,20 @@ def test_an_evaluation_into_a_used_folder_leaves_none_of_the_previous_runs_files
     assert videos == [f"{TASK}_seed8.mp4", f"{TASK}_seed8_trajectory.mp4"]
     assert [r["seed"] for r in read_episodes(tmp_path)] == [8]
     assert (tmp_path / "notes.txt").is_file()  # only what an evaluation writes is cleared
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. data.image_size up to its bound renders in MuJoCo
+
+
+def test_an_image_size_past_metaworlds_framebuffer_renders_instead_of_failing_unnamed():
+    """Issue 27: data.image_size above 480 failed in MuJoCo's framebuffer, naming no key; the
+    schema now bounds it (config.MAX_IMAGE_SIZE) and the env's framebuffer fits any size it allows."""
+    pytest.importorskip("metaworld")
+    from drifting_vla.envs.metaworld_env import MetaWorldEnv
+
+    env = MetaWorldEnv("reach-v3", image_size=512, video_size=64)
+    try:
+        assert env.reset(seed=0)["images"].shape[-2:] == (512, 512)
+    finally:
+        env.close()

@@ -222,9 +222,10 @@ def seal_checkpoint(path: str | os.PathLike) -> None:
     write_complete_marker(path, [*marker["files"], *added], **fields)
 
 
-def _remove_stale_partials(checkpoints_dir: Path) -> None:
-    """Temporary directories left by a run that died while writing a checkpoint."""
-    for stale in checkpoints_dir.glob(".partial-*"):
+def remove_stale_partials(checkpoints_dir: str | os.PathLike) -> None:
+    """Temporary directories left by a run that died while writing a checkpoint (a full disk
+    among the causes: they hold the space). Call it only as the run's one writer."""
+    for stale in Path(checkpoints_dir).glob(".partial-*"):
         log.warning("removing a partial checkpoint left by an interrupted write: %s", stale)
         shutil.rmtree(stale, ignore_errors=True)
 
@@ -250,7 +251,7 @@ def save_checkpoint(
     """
     checkpoints_dir = Path(checkpoints_dir)
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(checkpoints_dir)
+    remove_stale_partials(checkpoints_dir)
     final = checkpoints_dir / checkpoint_dir_name(step)
     partial_dir = checkpoints_dir / f".partial-{final.name}-{os.getpid()}"
     partial_dir.mkdir()
@@ -262,15 +263,24 @@ def save_checkpoint(
         "sampler": dict(sampler_state or {}),
         "extra": dict(extra or {}),
     }
-    _write_files(
-        partial_dir,
-        step=step,
-        state=state,
-        trainer_state=trainer_state,
-        config=config,
-        normalization=normalization,
-    )
-    write_complete_marker(partial_dir, [p.name for p in partial_dir.iterdir()], step=step)
+    try:
+        _write_files(
+            partial_dir,
+            step=step,
+            state=state,
+            trainer_state=trainer_state,
+            config=config,
+            normalization=normalization,
+        )
+        write_complete_marker(partial_dir, [p.name for p in partial_dir.iterdir()], step=step)
+    except OSError as error:  # a full disk: give the space back, so the run can resume here
+        written = sum(f.stat().st_size for f in partial_dir.iterdir() if f.is_file())
+        shutil.rmtree(partial_dir, ignore_errors=True)
+        raise OSError(
+            error.errno, f"cannot write checkpoint step {step} into {checkpoints_dir} ({error.strerror or error}) after "
+            f"{written / 2**20:.0f} MiB; the partial write was deleted. Free space there (training.keep_checkpoints "
+            "keeps fewer) and resume"
+        ) from error
     _replace_directory(partial_dir, final)
     _fsync_path(checkpoints_dir)
     return final
@@ -384,9 +394,10 @@ def find_latest_valid_checkpoint(checkpoints_dir: str | os.PathLike) -> Path | N
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint directory as given, or the newest whole one under a checkpoints or run directory."""
+    """A checkpoint directory as given (refused with the reason when it is not whole), or the newest
+    whole one under a checkpoints or run directory."""
     path = Path(path).expanduser()
-    if (path / MODEL_FILE).is_file():
+    if (path / MODEL_FILE).is_file() or (path / COMPLETE_MARKER).is_file() or (_STEP_DIR.match(path.name) and path.is_dir()):
         problem = marker_problem(path)
         if problem is not None:
             raise FileNotFoundError(

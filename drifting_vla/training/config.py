@@ -43,11 +43,13 @@ from drifting_vla.training.objectives import OBJECTIVES
 
 
 def setting(default: Any = MISSING, *, factory=None, ge=None, gt=None, le=None, lt=None, choices=None,
-            min_items=None, max_items=None):
+            min_items=None, max_items=None, unique=None):
     """A schema field. `ge`, `gt`, `le`, `lt` bound a number (each number of a list); `choices` is
     a tuple of allowed values, or a function returning them (a registry plugins may extend);
-    `min_items`, `max_items` bound the length of a list. Without a default the key is required."""
-    given = (("ge", ge), ("gt", gt), ("le", le), ("lt", lt), ("choices", choices), ("min_items", min_items), ("max_items", max_items))
+    `min_items`, `max_items` bound the length of a list; `unique` refuses a list naming an item
+    twice. Without a default the key is required."""
+    given = (("ge", ge), ("gt", gt), ("le", le), ("lt", lt), ("choices", choices), ("min_items", min_items),
+             ("max_items", max_items), ("unique", unique))
     rules = {k: v for k, v in given if v is not None}
     if factory is not None:
         return field(default_factory=factory, metadata=rules)
@@ -194,14 +196,20 @@ class SeedRange:
     count: int = setting(ge=1)
 
 
+MAX_IMAGE_SIZE = 1024
+"""The largest data.image_size: [B, V, 3, S, S] uint8 batches and the encoders' patch grids grow with
+S^2 (a 1024 px, 2-camera batch of 64 is 400 MB before any network); the models here are trained at
+32..224 px. Past it a typo (image_size=22400) would fail far from the key, in a framebuffer or in memory."""
+
+
 @dataclass(kw_only=True)
 class DataConfig:
     """The keys every dataset shares (and the simulator settings evaluation reads)."""
 
     name: str = setting()
     tasks: list[str] | None = setting(None, min_items=1)
-    cameras: list[str] = setting(min_items=1)
-    image_size: int | None = setting(None, ge=1)
+    cameras: list[str] = setting(min_items=1, unique=True)
+    image_size: int | None = setting(None, ge=1, le=MAX_IMAGE_SIZE)
     proprio_dim: int = setting(ge=1)
     horizon: int = setting(ge=1)
     n_obs_steps: int = setting(1, ge=1)  # observations per sample: the current one and n-1 before it
@@ -590,6 +598,9 @@ def _check_value(name: str, value, rules) -> None:
         choices = choices()
     if isinstance(value, ListConfig):
         _check_length(name, list(value), rules.get("min_items", 0), rules.get("max_items"))
+        twice = sorted({str(item) for item in value if list(value).count(item) > 1})
+        if rules.get("unique") and twice:
+            raise ValueError(f"config key {name}={list(value)} names {twice} more than once; name each once")
     for item in value if isinstance(value, ListConfig) else [value]:
         if isinstance(item, float) and not math.isfinite(item):
             raise ValueError(f"config key {name}={_shown(value)} must be a finite number")
