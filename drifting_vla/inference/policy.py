@@ -45,6 +45,10 @@ How chunk steps and control steps line up (horizon T = 8):
     q and -q are one rotation (their component-wise mean is zero) and a mean of unit quaternions
     is not unit; binary states (gripper kind) are averaged, then thresholded at 0.5 (a vote).
 
+No non-finite action leaves the policy: out-of-range proprio and non-finite chunks raise named
+errors (`predict_action_chunks`, drifting_vla/safety.py); a refused `select_action` leaves every
+env's queue and observation window as it was.
+
 The network is unchanged by either mode: it always predicts a whole chunk from one observation.
 Action sanitization belongs to the env (Meta-World clips to [-1, 1]; RLBench normalizes the
 quaternion, bounds the workspace and binarizes the gripper and ignore_collisions).
@@ -249,7 +253,11 @@ class DriftingPolicy:
         """`num_samples` chunks per observation, [B, G, T, A] raw units ([G, T, A] for one
         unbatched observation), from the same single `objective.sample` call that
         `predict_action_chunk` executes the first of: for measuring what the policy would do
-        (`lab/one_positive.score_checkpoint`), not for acting."""
+        (`lab/one_positive.score_checkpoint`), not for acting.
+
+        The finite-action guarantee lives here, the one method every inference path calls:
+        ProprioOutOfRange for proprio the normalization cannot represent, NonFiniteActions for a
+        chunk holding NaN or Inf, each naming the batch rows (drifting_vla/safety.py)."""
         if isinstance(obs["instruction"], str):
             return self.predict_action_chunks(_as_batch(obs, self.n_obs_steps), num_samples, generator)[0]
         images = torch.as_tensor(obs["images"]).to(self.device)

@@ -7,7 +7,13 @@ The server (`drifting_vla.serving.server`) needs torch; this package's client si
 Protocol and load figures: docs/serving.md.
 """
 
-from drifting_vla.serving.client import PolicyClient, PolicyError, ServerBusy
+from drifting_vla.serving.client import (
+    PolicyClient,
+    PolicyError,
+    ServerBusy,
+    ServerNonFiniteActions,
+    ServerProprioOutOfRange,
+)
 from drifting_vla.serving.execution import AsyncChunkExecutor, ChunkedPolicy, ChunkQueue
 from drifting_vla.serving.protocol import PROTOCOL, ProtocolError
 
@@ -20,4 +26,6 @@ __all__ = [
     "PolicyError",
     "ProtocolError",
     "ServerBusy",
+    "ServerNonFiniteActions",
+    "ServerProprioOutOfRange",
 ]
