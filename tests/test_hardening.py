@@ -90,7 +90,6 @@ def test_every_chunk_is_checked_and_a_non_finite_one_raises_a_named_error():
 @pytest.mark.parametrize("execution", ["chunk", "ensemble"])
 def test_select_action_names_the_env_rows_and_leaves_the_others_as_they_were(execution):
     policy = tiny_policy(execution=execution, execute_steps=2)
-    policy.n_obs_steps = 1
     obs = observation_batch(batch=3)
     policy.select_action(obs, env_ids=[0, 1, 2])  # env 1's queue still holds an action: only 0 and 2 replan
     policy.select_action(obs, env_ids=[0, 1, 2])
@@ -103,20 +102,37 @@ def test_select_action_names_the_env_rows_and_leaves_the_others_as_they_were(exe
     assert np.isfinite(policy.select_action(good, env_ids=[0, 1])).all()
 
 
-def test_a_policy_with_an_observation_history_forgets_a_refused_step():
-    policy = tiny_policy()
-    policy._history = type(policy._history)(2)
-    obs = observation_batch(batch=1)
-    policy._history.push_batch(obs, [0])
-    before = policy._history.saved()
-    bad = {**obs, "proprio": obs["proprio"].clone()}
+def test_a_policy_with_an_observation_history_acts_as_if_a_refused_step_never_came():
+    from drifting_vla.inference.policy import DriftingPolicy
+    from drifting_vla.models import build_model
+    from drifting_vla.training.config import training_config
+    from drifting_vla.training.objectives import build_objective
+    from tests.test_inference import tiny_normalizer
+
+    def history_policy() -> DriftingPolicy:
+        torch.manual_seed(0)
+        cfg = tiny_cfg()
+        cfg.data.n_obs_steps = 2
+        return DriftingPolicy(build_model(cfg), tiny_normalizer(cfg), build_objective(training_config(cfg.training)),
+                              execute_steps=1)
+
+    steps = [observation_batch(batch=1) for _ in range(3)]
+    for k, step in enumerate(steps):
+        step["proprio"][0, 1] = 0.1 * k  # each step its own observation
+    bad = {**steps[1], "proprio": steps[1]["proprio"].clone()}
     bad["proprio"][0, 0] = HUGE
-    policy.n_obs_steps = 2
-    with pytest.raises(ProprioOutOfRange):
-        policy.select_action(bad, env_ids=[0])
-    after = policy._history.saved()
-    assert len(after[0]) == len(before[0]) and all(
-        np.array_equal(a["proprio"], b["proprio"]) for a, b in zip(after[0], before[0], strict=True))
+    refused, clean = history_policy(), history_policy()
+    actions = {}
+    for name, policy, sequence in (("refused", refused, [steps[0], bad, steps[1], steps[2]]),
+                                   ("clean", clean, [steps[0], steps[1], steps[2]])):
+        actions[name] = []
+        for obs in sequence:
+            torch.manual_seed(1 + len(actions[name]))
+            try:
+                actions[name].append(policy.select_action(obs))
+            except ProprioOutOfRange:
+                assert obs is bad
+    np.testing.assert_array_equal(np.stack(actions["refused"]), np.stack(actions["clean"]))
 
 
 # ----------------------------------------------------------------------------------------------
