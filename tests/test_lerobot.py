@@ -412,3 +412,16 @@ def test_a_data_file_wider_than_info_json_says_is_refused_naming_file_and_featur
     with pytest.raises(CorruptEpisodeError, match=r"file-000.parquet: column 'observation.state' has 6 values per frame, "
                                                   r"but .*info.json declares shape \[5\]"):
         fixture_dataset(root=fixture_copy)
+
+
+def test_a_dataset_of_symlinks_as_the_hub_cache_keeps_them_is_read(fixture_copy, tmp_path):
+    """The hub cache's snapshot is symlinks into its blob store: they lead out of the root, and are
+    the downloader's, not info.json's."""
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshot"
+    shutil.copytree(fixture_copy, blobs)
+    for path in blobs.rglob("*"):
+        if path.is_file():
+            link = snapshot / path.relative_to(blobs)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(path)
+    assert len(fixture_dataset(root=snapshot)) == len(fixture_dataset(root=fixture_copy))

@@ -9,11 +9,14 @@ A dataset from the hub is untrusted, and `str.format` on such a template would f
 `{video_key.__class__.__mro__}` into the attributes of its arguments, and a `../../..` in it out
 of the dataset. So a template may only name the fields its key takes, with at most a format spec
 (no attribute or index access, no conversion), the values are plain integers and the feature keys
-the dataset declares, and every resolved path must lie under the dataset root.
+the dataset declares, and every path must lie under the dataset root. That check is on the path as
+written (`..` segments, an absolute path), not on where symlinks lead: a dataset in the hub cache
+is a tree of symlinks into the cache's blob store, made by the downloader, not by info.json.
 """
 
 from __future__ import annotations
 
+import os
 import pathlib
 import string
 
@@ -45,10 +48,10 @@ def dataset_file(root: pathlib.Path, info: dict, key: str, info_file: pathlib.Pa
     template = check_template(info, key, info_file)
     plain = {name: value if isinstance(value, str) else int(value) for name, value in values.items()}
     relative = template.format(**plain)
-    path = root / relative
-    if pathlib.PurePath(relative).is_absolute() or not path.resolve().is_relative_to(root.resolve()):
+    normalized = os.path.normpath(relative)
+    if os.path.isabs(normalized) or normalized == os.pardir or normalized.startswith(os.pardir + os.sep):
         raise ValueError(
             f"{info_file}: key {key!r}={template!r} gives the path {relative!r}, which lies outside the dataset "
             f"{root}; a dataset's files are under its root"
         )
-    return path
+    return root / normalized
