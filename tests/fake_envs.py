@@ -8,6 +8,8 @@
     seed % 4 == 2   the worker process dies at step 2 (like a segfaulting simulator)
     seed % 4 == 3   never succeeds: runs to max_episode_steps
 
+`SensorFaultEnv` reports a proprio of 1e20 on odd seeds and refuses non-finite actions.
+
 `ReplayEnv` replays the episodes of a Meta-World demo store whatever the actions.
 
 `FakeRLBench` stands in for RLBench and CoppeliaSim behind `RLBenchEnv`, recording the commands a
@@ -220,6 +222,26 @@ class ReplayEnv(BaseEnv):
         }
 
 
+class SensorFaultEnv(ScriptedEnv):
+    """ScriptedEnv whose odd seeds report a proprio of 1e20 from step 2 on (a sensor fault), and
+    which raises on any non-finite action, as a robot refusing NaN commands would."""
+
+    def step(self, action: np.ndarray) -> StepResult:
+        if not np.isfinite(action).all():
+            raise RuntimeError(f"a non-finite action reached the simulator: {action}")
+        self.steps += 1
+        return StepResult(self._obs(), 0.0, self.steps >= self.max_episode_steps, False)
+
+    def _obs(self) -> dict:
+        obs = super()._obs()
+        obs["proprio"] = np.full(4, 0.1, dtype=np.float32)
+        if self.seed % 2 and self.steps >= 2:
+            obs["proprio"][0] = 1e20
+        return obs
+
+
 register_env("scripted", "tests.fake_envs:ScriptedEnv")
 register_env("drift", "tests.fake_envs:DriftEnv")
 register_env("replay", "tests.fake_envs:ReplayEnv")
+register_env("sensor_fault", "tests.fake_envs:SensorFaultEnv")
+

@@ -304,3 +304,38 @@ def test_resume_loads_every_stored_weight_strictly_and_references_the_frozen_enc
 
     with pytest.raises(ValueError, match=r"frozen encoder 0 \(model.vision: org/encoder at revision abc123\).*model.vision.revision"):
         Run(encoder=PretrainedEncoder(shift=0.1)).load(path)
+
+
+def test_a_checkpoint_write_that_fills_the_disk_gives_its_space_back_and_says_so(tmp_path, monkeypatch):
+    """Issue 27: the partial write of a failed checkpoint held the disk it had filled."""
+    import errno
+
+    run = Run()
+    good = run.save(tmp_path, step=10)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "write_complete_marker", disk_full)
+    with pytest.raises(OSError, match=rf"cannot write checkpoint step 20 into {tmp_path} \(No space left on device\) "
+                                      r"after \d+ MiB; the partial write was deleted\. .*training.keep_checkpoints"):
+        run.save(tmp_path, step=20)
+    assert not list(tmp_path.glob(".partial-*"))
+    assert find_latest_valid_checkpoint(tmp_path) == good
+
+
+def test_remove_stale_partials_deletes_what_a_killed_write_left(tmp_path):
+    partial = tmp_path / ".partial-step_00000020-999"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"\0" * 1024)
+    ckpt.remove_stale_partials(tmp_path)
+    assert not partial.exists()
+
+
+@pytest.mark.parametrize("missing", ["model.safetensors", "ema.safetensors"])
+def test_an_explicit_step_missing_a_file_is_refused_with_the_reason(tmp_path, missing):
+    """Issue 27: an explicit path to a step without its weights said "no whole checkpoint" and not why."""
+    path = Run().save(tmp_path, step=10)
+    (path / missing).unlink()
+    with pytest.raises(FileNotFoundError, match=rf"checkpoint {path} is not whole: '{missing}' is missing"):
+        ckpt.resolve_checkpoint(path)

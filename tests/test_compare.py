@@ -153,3 +153,37 @@ def test_train_side_by_side_then_evaluate_exports_elsewhere(tmp_path):
     assert result["meta"]["max_steps"] == 4 and result["meta"]["trained_on"].endswith("CPU cores")
     assert f"on {result['meta']['trained_on']}, evaluation" in (carried / "comparison.md").read_text()
     assert not list((carried / "runs" / "drifting_seed0").glob("checkpoints"))  # evaluated as carried, not retrained
+
+
+def test_a_finished_run_trained_with_other_overrides_is_refused_naming_the_keys_or_retrained(tmp_path, monkeypatch):
+    """Issue 27: rerun into the same output with another shared budget, compare.py retrained
+    nothing while comparison.json recorded the new override."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import compare
+
+    run = compare.Run("drifting", 0)
+    run_dir = tmp_path / "runs" / run.name
+    run_dir.mkdir(parents=True)
+    old = ["python", "scripts/train.py", "hydra.run.dir=/elsewhere/runs/drifting_seed0", "seed=0",
+           "training.objective=drifting", "training.eval.at_end=false", "training.resume=auto", "training.max_steps=5"]
+    (run_dir / "trained.json").write_text(json.dumps({"command": old, "seconds": 1.0}))
+    evals = tmp_path / "evals" / run.name / "drifting_nfe1"
+    evals.mkdir(parents=True)
+    (evals / "summary.json").write_text("{}")
+
+    assert compare.train(run, tmp_path, ["training.max_steps=5"]) == run_dir  # the same settings (moved): reused
+    with pytest.raises(SystemExit, match=r"trained with other settings .*training\.batch_size: \(not set\) -> 8; "
+                                         r"training\.max_steps: 5 -> 9\. .*--retrain"):
+        compare.train(run, tmp_path, ["training.max_steps=9", "training.batch_size=8"])
+
+    commands = []
+
+    def fake_train(command, **kwargs):  # records what would train; writes nothing a real run would
+        commands.append(command)
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(compare.subprocess, "run", fake_train)
+    compare.train(run, tmp_path, ["training.max_steps=9"], retrain=True)
+    assert commands and "training.max_steps=9" in commands[0]
+    assert not evals.parent.exists()  # the old run's evaluations went with it
+    assert "training.max_steps=9" in json.loads((run_dir / "trained.json").read_text())["command"]

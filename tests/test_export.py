@@ -153,6 +153,63 @@ def test_an_export_of_another_format_version_is_refused_naming_file_and_key(poli
         DriftingPolicy.from_pretrained(export)
 
 
+@pytest.mark.parametrize("version", [None, 0, 1])
+def test_a_downgraded_export_is_refused_before_any_file_is_read(policy, tmp_path, version):
+    """format_version set to 1 (or removed) used to switch the hash check off, and a tampered
+    model.safetensors then acted: whatever config.json says, no other version loads."""
+    export = policy.save_pretrained(tmp_path / "export")
+    saved = json.loads((export / "config.json").read_text())
+    if version is None:
+        del saved["format_version"]
+    else:
+        saved["format_version"] = version
+    (export / "config.json").write_text(json.dumps(saved))
+    weights = load_file(str(export / "model.safetensors"))
+    first = sorted(weights)[0]
+    weights[first] = weights[first] + 1.0
+    from safetensors.torch import save_file
+
+    save_file(weights, str(export / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=re.escape(f"{export / 'config.json'}: format_version={version!r}")):
+        DriftingPolicy.from_pretrained(export)
+
+
+@pytest.mark.parametrize("version", ["abc", "3", 3.0, 4, [3]])
+def test_a_format_version_that_is_not_this_readers_is_refused_naming_file_and_key(policy, tmp_path, version):
+    export = policy.save_pretrained(tmp_path / "export")
+    saved = json.loads((export / "config.json").read_text())
+    (export / "config.json").write_text(json.dumps({**saved, "format_version": version}))
+    seal_checkpoint(export)
+    with pytest.raises(ValueError, match=re.escape(f"{export / 'config.json'}: format_version={version!r}")):
+        DriftingPolicy.from_pretrained(export)
+
+
+def test_a_file_that_steers_loading_added_after_sealing_is_refused(policy, tmp_path):
+    """Issue 27: a pretrained_weights.json added to an export that had none steered loading."""
+    export = policy.save_pretrained(tmp_path / "export")
+    assert not (export / "pretrained_weights.json").exists()
+    (export / "pretrained_weights.json").write_text(json.dumps({}))
+    with pytest.raises(FileNotFoundError, match=r"\['pretrained_weights.json'\] is not recorded in the 'complete' marker"):
+        DriftingPolicy.from_pretrained(export)
+    seal_checkpoint(export)  # put there on purpose: recorded, then read
+    np.testing.assert_array_equal(actions(DriftingPolicy.from_pretrained(export)), actions(policy))
+
+
+def test_an_export_with_a_nan_weight_is_refused_naming_the_tensor(policy, tmp_path):
+    """Issue 27: an export with one NaN weight loaded, warmed up, printed `ready` and served."""
+    from safetensors.torch import save_file
+
+    export = policy.save_pretrained(tmp_path / "export")
+    weights = load_file(str(export / "model.safetensors"))
+    name = next(k for k in sorted(weights) if k.startswith("decoder") or k.startswith("dit."))
+    weights[name] = weights[name].clone()
+    weights[name].view(-1)[0] = float("nan")
+    save_file(weights, str(export / "model.safetensors"), metadata={"format": "pt"})
+    seal_checkpoint(export)
+    with pytest.raises(ValueError, match=rf"hold NaN or Inf in 1 tensor\(s\), e.g. \['{name}'\]"):
+        DriftingPolicy.from_pretrained(export)
+
+
 # ----------------------------------------------------------------------------------------------
 # The hub, without the network
 

@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "drifting_vla"
 
 LAYERS = {
     # what lies on disk and what a config may say; small helpers every layer shares
-    "formats": 0, "specs": 0, "rotations": 0, "distributed": 0, "precision": 0, "plugins": 0, "configs": 0,
+    "formats": 0, "specs": 0, "rotations": 0, "distributed": 0, "precision": 0, "plugins": 0, "configs": 0, "safety": 0,
     # the network, the data, the simulators, the objectives and the policy
     "models": 1, "data": 1, "envs": 1, "objectives": 1, "inference": 1, "logging": 1,
     # what runs them: training, evaluation, serving, probes, benchmarks and the command line

@@ -5,6 +5,7 @@ and a LeRobot export of Meta-World demos evaluating in Meta-World."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -347,3 +348,59 @@ def test_training_on_an_export_records_its_simulator_and_on_a_foreign_dataset_sk
     assert "simulator:\n    name: metaworld" in (tmp_path / "a" / "config.yaml").read_text()  # what checkpoints hold
     assert Trainer(foreign).fit() is None
     assert "no closed-loop evaluation: the dataset records no simulator" in capsys.readouterr().out
+
+
+# --- a dataset's paths stay inside it (issue 27) ----------------------------------------------------
+
+
+def edit_info(root: Path, **changes) -> None:
+    info_file = root / "meta" / "info.json"
+    info = json.loads(info_file.read_text())
+    info.update(changes)
+    info_file.write_text(json.dumps(info))
+
+
+def test_a_data_path_leading_out_of_the_dataset_is_refused_naming_the_key(fixture_copy, tmp_path):
+    outside = tmp_path / "outside" / "data" / "chunk-000"
+    outside.mkdir(parents=True)
+    shutil.copy(fixture_copy / "data" / "chunk-000" / "file-000.parquet", outside / "file-000.parquet")
+    edit_info(fixture_copy, data_path="../outside/data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet")
+    with pytest.raises(ValueError, match=r"info.json: key 'data_path'=.* lies outside the dataset"):
+        fixture_dataset(root=fixture_copy)
+    edit_info(fixture_copy, data_path=str(outside / "file-{file_index:03d}.parquet"))
+    with pytest.raises(ValueError, match=r"info.json: key 'data_path'=.* lies outside the dataset"):
+        fixture_dataset(root=fixture_copy)
+
+
+@pytest.mark.parametrize("template, field", [
+    ("videos/{video_key.__class__.__mro__}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4", "video_key.__class__.__mro__"),
+    ("videos/{video_key[0]}/file-{file_index:03d}.mp4", "video_key[0]"),
+    ("videos/{video_key!r}/file-{file_index:03d}.mp4", "video_key!r"),
+    ("videos/{episode_index}/file-{file_index:03d}.mp4", "episode_index"),
+])
+def test_a_video_path_may_name_only_its_own_fields(fixture_copy, template, field):
+    edit_info(fixture_copy, video_path=template)
+    with pytest.raises(ValueError, match=rf"info.json: key 'video_path'=.* has the field \{{{re.escape(field)}\}}"):
+        fixture_dataset(root=fixture_copy)
+
+
+def test_a_data_file_wider_than_info_json_says_is_refused_naming_file_and_feature(fixture_copy):
+    """Issue 27: it failed at the first normalization, naming neither."""
+    edit_info(fixture_copy, features={**json.loads((fixture_copy / "meta" / "info.json").read_text())["features"],
+                                      "observation.state": {"dtype": "float32", "shape": [5], "names": None}})
+    with pytest.raises(CorruptEpisodeError, match=r"file-000.parquet: column 'observation.state' has 6 values per frame, "
+                                                  r"but .*info.json declares shape \[5\]"):
+        fixture_dataset(root=fixture_copy)
+
+
+def test_a_dataset_of_symlinks_as_the_hub_cache_keeps_them_is_read(fixture_copy, tmp_path):
+    """The hub cache's snapshot is symlinks into its blob store: they lead out of the root, and are
+    the downloader's, not info.json's."""
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshot"
+    shutil.copytree(fixture_copy, blobs)
+    for path in blobs.rglob("*"):
+        if path.is_file():
+            link = snapshot / path.relative_to(blobs)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(path)
+    assert len(fixture_dataset(root=snapshot)) == len(fixture_dataset(root=fixture_copy))

@@ -83,6 +83,8 @@ def test_wrong_type_in_training_config_is_an_error_naming_the_key():
     ("training.betas=[0.9]", "training.betas=[0.9] must hold exactly 2 item(s)"),
     ("training.drifting.temperatures=[]", "training.drifting.temperatures=[] must hold at least 1 item(s)"),
     ("data.cameras=[]", "data.cameras=[] must hold at least 1 item(s)"),
+    ("data.cameras=[front,wrist,front]", "data.cameras=['front', 'wrist', 'front'] names ['front'] more than once"),
+    ("data.image_size=4096", "data.image_size=4096 must be <= 1024"),
     ("data.tasks=[]", "data.tasks=[] must hold at least 1 item(s)"),
     ("model.dit.num_heads=3", "model.dit.num_heads=3 must divide model.dit.hidden_size=32"),
 ])
@@ -165,6 +167,9 @@ def test_a_plugin_dataset_declares_the_schema_of_its_own_keys_and_they_are_check
     ("serve", "port=70000", "port=70000 must be <= 65535"),
     ("serve", "max_batch=0", "max_batch=0 must be >= 1"),
     ("serve", "max_wait_ms=inf", "max_wait_ms=inf must be a finite number"),
+    ("serve", "max_instruction_chars=0", "max_instruction_chars=0 must be >= 1"),
+    ("serve", "max_image_pixels=0", "max_image_pixels=0 must be >= 1"),
+    ("serve", "instruction_cache=0", "instruction_cache=0 must be >= 1"),
 ])
 def test_evaluation_and_server_settings_are_range_checked_naming_the_key(config, override, message):
     with initialize_config_dir(config_dir=str(ROOT / "drifting_vla" / "configs"), version_base=None):
@@ -537,3 +542,44 @@ def test_a_frame_damaged_mid_episode_stops_training_naming_it_or_is_skipped_with
     assert "wrist_rgb/6.png" in caplog.text, "the resumed steps must meet the damaged frame again"
     for name, value in _weights(straight, 6).items():
         torch.testing.assert_close(_weights(resumed, 6)[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_a_resume_first_gives_back_the_space_a_failed_checkpoint_write_holds(rlbench_root, tmp_path):
+    """Issue 27: a checkpoint write cut short (a full disk) left its partial directory holding the
+    space, and the resumed run failed writing before its first save could clean it."""
+    partial = tmp_path / "checkpoints" / ".partial-step_00000020-12345"
+    partial.mkdir(parents=True)
+    (partial / "model.safetensors").write_bytes(b"\0" * 4096)
+    trainer = Trainer(compose_config(overrides_for(rlbench_root, tmp_path, "training.resume=auto")))
+    trainer.run_lock.release()
+    assert not partial.exists()
+
+
+def test_skip_corrupt_with_an_unreadable_val_split_fails_at_start_naming_the_file_and_the_key(rlbench_root, tmp_path, monkeypatch):
+    """Issue 27: with data.skip_corrupt=true a damaged val split still stopped the run, at its first validation."""
+    import drifting_vla.training.trainer as trainer_module
+    from drifting_vla.data.skip_corrupt import SkipCorruptSamples
+
+    class DamagedFrames(torch.utils.data.Dataset):
+        """The val split as opened (its episodes pass the checks made on opening), every frame damaged."""
+
+        def __init__(self, dataset) -> None:
+            self.dataset = dataset
+
+        def __len__(self) -> int:
+            return len(self.dataset)
+
+        def __getitem__(self, key):
+            raise CorruptEpisodeError(f"{rlbench_root}/val/close_jar/episode0/front_rgb/{int(key)}.png is damaged")
+
+    build = trainer_module.build_dataset
+
+    def damaged_val(cfg, split="train"):
+        dataset = build(cfg, split)
+        return SkipCorruptSamples(DamagedFrames(dataset.dataset)) if split == "val" else dataset
+
+    monkeypatch.setattr(trainer_module, "build_dataset", damaged_val)
+    cfg = compose_config(overrides_for(rlbench_root, tmp_path, "data.skip_corrupt=true", "training.val_every=2"))
+    with pytest.raises(CorruptEpisodeError, match=r"val split cannot be read, even with data.skip_corrupt=true: .*front_rgb/"
+                                                  r".*stop the run at step 2: .*training.val_every=0"):
+        Trainer(cfg)

@@ -101,10 +101,10 @@ def _observation(data: dict) -> dict:
     }
 
 
-def _start_server(checkpoint: Path, device: str) -> tuple[subprocess.Popen, str]:
+def _start_server(checkpoint: Path, device: str, *overrides: str) -> tuple[subprocess.Popen, str]:
     process = subprocess.Popen(
         [sys.executable, "-m", "drifting_vla.cli.serve", f"checkpoint={checkpoint}", "port=0",
-         "num_threads=1", f"device={device}"],
+         "num_threads=1", f"device={device}", *overrides],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     for line in process.stdout:

@@ -24,10 +24,14 @@ every requested NFE, and each policy's chunk timed at batch 1 on this machine in
     --train-only                              train the matrix and stop: evaluate later, or on a machine with
                                               the simulator (copy runs/ there; a run directory may hold a
                                               checkpoint or a save_pretrained export of its final policy)
+    --retrain                                 a finished run trained with other overrides than asked now is
+                                              trained again (its evaluations deleted); without it, refused
     after --       Hydra overrides given to EVERY training run (the shared budget)
 
 Layout under --output (a killed comparison resumes: finished runs and evaluations are kept,
-an interrupted training run continues from its newest checkpoint):
+an interrupted training run continues from its newest checkpoint). A finished run is reused only
+when it was trained with the overrides asked now (trained.json records them); else compare.py
+names the keys that differ and stops, or with --retrain trains it again:
 
     runs/<objective>[@variant]_seed<s>/          scripts/train.py run directories (logs in train.log)
     evals/<objective>[@variant]_seed<s>/<protocol>/summary.json, episodes.jsonl, videos/
@@ -40,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -139,17 +144,28 @@ def parse_protocols(specs: list[str], execute_steps: list[int | None]) -> list[P
 # The matrix
 
 
-def train(run: Run, output: Path, overrides: list[str]) -> Path:
+def train(run: Run, output: Path, overrides: list[str], retrain: bool = False) -> Path:
     """Train (or finish training) one run; returns its run directory. Resumable: the trainer
-    continues from the newest checkpoint, and a finished run is not touched."""
+    continues from the newest checkpoint, and a finished run trained with these overrides is not
+    touched; one trained with others is refused naming them, or with `retrain` trained again."""
     run_dir = output / "runs" / run.name
-    if (run_dir / "trained.json").exists():
-        return run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
     command = [
         sys.executable, "-m", "drifting_vla.cli.train", f"hydra.run.dir={run_dir}", f"seed={run.seed}",
         f"training.objective={run.objective}", "training.eval.at_end=false", "training.resume=auto", *overrides,
     ]
+    if (run_dir / "trained.json").exists():
+        differ = differing_overrides(json.loads((run_dir / "trained.json").read_text())["command"], command)
+        if not differ:
+            return run_dir
+        if not retrain:
+            raise SystemExit(
+                f"{run_dir} was trained with other settings than asked now: {'; '.join(differ)}. Its results would be "
+                "reported under the new ones: pass --retrain to train it again (its evaluations are deleted), or give "
+                "another --output"
+            )
+        shutil.rmtree(run_dir)
+        shutil.rmtree(output / "evals" / run.name, ignore_errors=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     with open(run_dir / "train.log", "a") as log:
         result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
@@ -160,6 +176,18 @@ def train(run: Run, output: Path, overrides: list[str]) -> Path:
     return run_dir
 
 
+def differing_overrides(trained: list[str], asked: list[str]) -> list[str]:
+    """'key: trained -> asked' for each Hydra override (key=value) in which two train.py commands
+    differ; hydra.* keys (where the run directory was) are left out, a run may have been moved."""
+    def settings(command: list[str]) -> dict[str, str]:
+        pairs = (arg.split("=", 1) for arg in command[2:] if "=" in arg)
+        return {key: value for key, value in pairs if not key.startswith("hydra.")}
+
+    before, now = settings(trained), settings(asked)
+    return [f"{key}: {before.get(key, '(not set)')} -> {now.get(key, '(not set)')}"
+            for key in sorted(before.keys() | now.keys()) if before.get(key) != now.get(key)]
+
+
 def machine_description() -> str:
     """Where a run trains (scripts/train.py's `device: auto` takes the GPU when there is one)."""
     if torch.cuda.is_available():
@@ -167,11 +195,12 @@ def machine_description() -> str:
     return f"{os.cpu_count()} CPU cores"
 
 
-def train_all(runs: list[Run], output: Path, overrides: list[str], variants: dict[str, list[str]], parallel: int) -> dict[Run, Path]:
+def train_all(runs: list[Run], output: Path, overrides: list[str], variants: dict[str, list[str]], parallel: int,
+              retrain: bool = False) -> dict[Run, Path]:
     """Every run trained, `parallel` training processes at a time; the first failure stops the matrix
     after the runs in flight finish (their checkpoints resume on the next call)."""
     with ThreadPoolExecutor(max_workers=parallel) as pool:
-        futures = {run: pool.submit(train, run, output, [*overrides, *variants.get(run.variant, [])]) for run in runs}
+        futures = {run: pool.submit(train, run, output, [*overrides, *variants.get(run.variant, [])], retrain) for run in runs}
         bar = tqdm(as_completed(futures.values()), total=len(runs), desc=f"training ({parallel} at a time)", unit="run", dynamic_ncols=True)
         for future in bar:
             if future.exception() is not None:
@@ -470,6 +499,8 @@ def main() -> None:
     parser.add_argument("--plugins", nargs="+", default=[], help="modules of yours to import (drifting_vla/plugins.py)")
     parser.add_argument("--parallel", type=int, default=1, help="training runs at once (default 1)")
     parser.add_argument("--train-only", action="store_true", help="train the matrix and stop (evaluate later, or elsewhere)")
+    parser.add_argument("--retrain", action="store_true",
+                        help="train again the finished runs whose recorded overrides differ from those asked now")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every training run (after --)")
     args = parser.parse_args()
     load_plugins(args.plugins)
@@ -487,7 +518,8 @@ def main() -> None:
 
     if args.parallel < 1:
         raise SystemExit(f"--parallel {args.parallel}: expected at least 1 training run at a time")
-    run_dirs = train_all(runs, args.output, args.overrides, variants, args.parallel) if args.parallel > 1 or args.train_only else {}
+    run_dirs = (train_all(runs, args.output, args.overrides, variants, args.parallel, args.retrain)
+                if args.parallel > 1 or args.train_only else {})
     if args.train_only:
         print(f"trained {len(runs)} runs under {args.output / 'runs'}; evaluate them with the same command without --train-only")
         return
@@ -499,7 +531,7 @@ def main() -> None:
     for run, protocol in bar:
         bar.set_postfix_str(run.name if protocol is None else f"{run.name} @ {protocol.name}")
         if protocol is None:
-            run_dirs[run] = train(run, args.output, [*args.overrides, *variants.get(run.variant, [])])
+            run_dirs[run] = train(run, args.output, [*args.overrides, *variants.get(run.variant, [])], args.retrain)
             continue
         summary = evaluate_run(run, run_dirs[run], protocol, args.output, args.episodes, args.workers)
         results.append({**summary, "protocol_name": run.cell(protocol), "objective": protocol.objective,

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import signal
+import sys
 
 import hydra
 import torch
@@ -23,18 +25,42 @@ from drifting_vla.inference.onnx_policy import OnnxPolicy
 from drifting_vla.inference.policy import DriftingPolicy
 from drifting_vla.plugins import load_plugins
 from drifting_vla.serving.server import serve_forever
+from drifting_vla.serving.startup import StartupError, check_listen_address, resolve_device
 
 log = logging.getLogger("serve")
 
 
 @hydra.main(config_path="../configs", config_name="serve", version_base=None)
 def main(cfg: DictConfig) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):  # until the server's own handlers take over
+        signal.signal(sig, _stop_starting)
+    try:
+        serve(cfg)
+    except _StoppedStarting as stopped:
+        log.info("stopped by %s during start-up, before serving", stopped)
+    except StartupError as error:  # a key to change, not a bug: no traceback
+        print(f"drifting-serve: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+class _StoppedStarting(Exception):
+    """SIGTERM or SIGINT while the model loads: end without a traceback, exit 0."""
+
+
+def _stop_starting(signum, _frame) -> None:
+    raise _StoppedStarting(signal.Signals(signum).name)
+
+
+def serve(cfg: DictConfig) -> None:
     config = validate_serve_config(cfg)  # the server's own settings and what to load
+    device = resolve_device(config.device)  # what can fail on this machine, before the model loads
+    check_listen_address(config.host, config.port)
     load_plugins(config.plugins)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
-    policy = _load_policy(config, device)
+    policy = _load_policy(config, str(device))
+    if hasattr(getattr(policy, "model", None), "language_encoder") and hasattr(policy.model.language_encoder, "cache_size"):
+        policy.model.language_encoder.cache_size = config.instruction_cache  # a frozen text encoder, not task embeddings
     if not config.token and not _is_loopback(config.host):
         log.warning("serving on %s without a token: anyone who reaches this port can drive the policy; "
                     "set DRIFTING_VLA_SERVE_TOKEN", config.host)
@@ -51,7 +77,7 @@ def _load_policy(config, device: str):
     if config.nfe is not None or config.sampler is not None:
         raise SystemExit(f"{config.checkpoint}: an ONNX policy samples as it was exported (nfe and sampler are in its graph); "
                          "drop nfe= and sampler=, or export again with them (scripts/export_onnx.py)")
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else None
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else None
     return OnnxPolicy.from_file(config.checkpoint, threads=config.num_threads, providers=providers)
 
 

@@ -46,6 +46,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from drifting_vla.data.lerobot_features import check_size, feature_size, resolve_cameras
+from drifting_vla.data.lerobot_paths import dataset_file
 from drifting_vla.data.normalization import STATS, compute_stats
 from drifting_vla.data.rlbench_pickle import CorruptEpisodeError
 from drifting_vla.data.transforms import (
@@ -276,10 +277,12 @@ class LeRobotDataset(Dataset):
                    "task_index": "task_index", "index": "index"}
         parts, file_of_row, row_in_file = [], [], []
         for n, (chunk, file) in enumerate(files):
-            path = self.root / self.info["data_path"].format(chunk_index=chunk, file_index=file)
+            path = self._file("data_path", chunk_index=chunk, file_index=file)
             try:
                 table = _read_parquet(path, list(columns.values()))
-                parts.append({name: _column(table, key, path) for name, key in columns.items()})
+                part = {name: _column(table, key, path) for name, key in columns.items()}
+                self._check_widths(part, path)
+                parts.append(part)
             except CorruptEpisodeError as error:
                 self._leave_out(error, [k for k, f in enumerate(file_of_episode) if f == (chunk, file)], left_out)
                 continue
@@ -291,7 +294,7 @@ class LeRobotDataset(Dataset):
         frames["proprio"] = frames["proprio"].astype(np.float32)
         frames["actions"] = frames["actions"].astype(np.float32)
         frames["file"], frames["row_in_file"] = np.concatenate(file_of_row), np.concatenate(row_in_file)
-        self._data_files = [self.info["data_path"].format(chunk_index=c, file_index=f) for c, f in files]
+        self._data_files = [self._file("data_path", chunk_index=c, file_index=f).relative_to(self.root) for c, f in files]
         order = np.argsort(frames["index"], kind="stable")
         frames = {k: v[order] for k, v in frames.items()}
         episodes["row_start"] = np.searchsorted(frames["index"], episodes["dataset_from_index"])
@@ -318,6 +321,18 @@ class LeRobotDataset(Dataset):
                     break
         return frames
 
+    def _check_widths(self, part: dict[str, np.ndarray], path: pathlib.Path) -> None:
+        """The action and state columns of a data file have the width info.json declares (else the
+        first normalization fails, naming neither); CorruptEpisodeError naming both otherwise."""
+        for name, feature in (("actions", self.action_key), ("proprio", self.state_key)):
+            width = part[name].shape[1] if part[name].ndim == 2 else 1
+            declared = list(self.features[feature]["shape"])
+            if len(part[name]) and [width] != declared:
+                raise CorruptEpisodeError(
+                    f"{path}: column {feature!r} has {width} values per frame, but {self.root / 'meta' / 'info.json'} "
+                    f"declares shape {declared}; the file and info.json disagree: export or download the dataset again"
+                )
+
     def _video_paths(self, episodes: dict, key: str, left_out: set[int]) -> list[tuple[pathlib.Path, float]]:
         """(video file, from_timestamp) of each episode for the video feature `key`; the episodes
         of a missing file join `left_out` (`_leave_out`)."""
@@ -326,7 +341,7 @@ class LeRobotDataset(Dataset):
         if missing:
             raise CorruptEpisodeError(f"{self.root / 'meta' / 'episodes'} lacks the columns {[prefix + c for c in missing]} of video feature {key!r}")
         paths = [
-            self.root / self.info["video_path"].format(video_key=key, chunk_index=int(chunk), file_index=int(file))
+            self._file("video_path", video_key=key, chunk_index=chunk, file_index=file)
             for chunk, file in zip(episodes[prefix + "chunk_index"], episodes[prefix + "file_index"], strict=True)
         ]
         for path in sorted(set(paths)):
@@ -335,6 +350,10 @@ class LeRobotDataset(Dataset):
                 indices = [int(episodes["episode_index"][k]) for k in ks]
                 self._leave_out(CorruptEpisodeError(f"video file {path} (feature {key!r}, episodes {indices}) is missing"), ks, left_out)
         return [(path, float(start)) for path, start in zip(paths, episodes[prefix + "from_timestamp"], strict=True)]
+
+    def _file(self, template: str, **values) -> pathlib.Path:
+        """A file of the dataset from info.json's `template` key, kept under the root (lerobot_paths)."""
+        return dataset_file(self.root, self.info, template, self.root / "meta" / "info.json", **values)
 
     def _image(self, key: str, row: int, episode: int) -> np.ndarray:
         """uint8 [3, S, S] of camera `key` at frame `row`."""

@@ -58,9 +58,10 @@ class SkipCorruptSamples(Dataset):
                 return self.dataset[replacement]
             except CorruptEpisodeError as error:
                 self._report(replacement, error)
+                last = error
         raise CorruptEpisodeError(
-            f"sample {int(key)} and {MAX_REPLACEMENTS} replacements drawn for it all have damaged files (the last "
-            f"named above): most of the data is damaged. Download or export it again."
+            f"sample {int(key)} and {MAX_REPLACEMENTS} replacements drawn for it all have damaged files (the last: "
+            f"{last}): most of the data is damaged. Download or export it again."
         )
 
     def _report(self, key: int, error: CorruptEpisodeError) -> None:

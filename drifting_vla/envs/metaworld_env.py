@@ -183,6 +183,10 @@ class MetaWorldEnv(BaseEnv):
         model.light_castshadow[:] = 0
         model.mat_reflectance[:] = 0
         self._mujoco = mujoco
+        # MuJoCo's offscreen framebuffer is the model's (Meta-World: 640 x 480); any image_size the
+        # config allows (config.MAX_IMAGE_SIZE) and the video size must fit in it.
+        model.vis.global_.offwidth = max(model.vis.global_.offwidth, self.image_size, self.video_size)
+        model.vis.global_.offheight = max(model.vis.global_.offheight, self.image_size, self.video_size)
         self._renderer = mujoco.Renderer(model, self.image_size, self.image_size)
         self._video_renderer = None
         self.state = np.zeros(STATE_DIM)

@@ -17,8 +17,10 @@ path and the data config), so nothing unpicklable crosses the process boundary; 
 when the next episode is of another task (one env alive per process: several MuJoCo GL contexts
 in one process have corrupted frames). A simulator exception, an env's own `info["error"]` (RLBench: an unreachable
 pose) or a dead or hung worker ends THAT episode as a failure with the error in its record; the worker is restarted and the evaluation goes on.
+So does a policy's refusal (`PolicyRefusal`, drifting_vla/safety.py: proprio out of range, non-finite actions): no
+non-finite action reaches a simulator; the refused envs' episodes end with the error in their record, the others go on.
 
-Outputs under `output_dir`:
+Outputs under `output_dir` (an earlier evaluation's outputs there are deleted first, never mixed in):
 
     episodes.jsonl         one JSON object per finished episode: task, seed, success, steps, seconds, error,
                            video, trajectory_video; appended whole and flushed to disk as each episode
@@ -63,6 +65,7 @@ import numpy as np
 
 from drifting_vla.envs import NO_SIMULATOR, checked_env_import_path, env_class, simulation_config
 from drifting_vla.formats.files import FileLock, JsonLinesAppender, read_jsonl, write_atomic
+from drifting_vla.safety import PolicyRefusal
 
 VIDEO_FPS = 30
 
@@ -498,7 +501,7 @@ def evaluate(
     with _output_lock(output_dir):
         jsonl = None
         if output_dir is not None:
-            (output_dir / EPISODES_FILE).unlink(missing_ok=True)  # an earlier evaluation's
+            _clear_previous_outputs(output_dir, None if video_dir is None else Path(video_dir))
             jsonl = JsonLinesAppender(output_dir / EPISODES_FILE)
         os.environ.setdefault("MUJOCO_GL", "egl")  # inherited by the spawned workers
         context = mp.get_context("spawn")
@@ -572,7 +575,16 @@ def evaluate(
                     break
                 obs = batch_observations([slots[i].obs for i in live])
                 t0 = time.perf_counter()
-                actions = policy.select_action(obs, env_ids=live)
+                try:
+                    actions = policy.select_action(obs, env_ids=live)
+                except PolicyRefusal as refusal:  # those envs' episodes end in an error; the others ask again
+                    refused = [live[r] for r in refusal.rows if 0 <= r < len(live)]
+                    if not refused:
+                        raise
+                    for i in refused:
+                        finish(i, False, f"{type(refusal).__name__}: {refusal}")
+                        start(i)
+                    continue
                 summary.policy_seconds += time.perf_counter() - t0
                 summary.policy_calls += 1
                 for i in getattr(policy, "replanned", ()):
@@ -609,6 +621,17 @@ def evaluate(
             write_atomic(output_dir / "summary.json", json.dumps({**summary.to_dict(), **(record or {})}, indent=2))
         check_evaluated(summary, total, output_dir)
         return summary
+
+
+def _clear_previous_outputs(output_dir: Path, video_dir: Path | None) -> None:
+    """Delete what an earlier evaluation into the same folder wrote (its episodes, summary and
+    videos), so the folder never shows its videos beside this evaluation's summary. Only those
+    files: a trainer's eval/ folder holds the step_* evaluations beside its final one."""
+    for name in (EPISODES_FILE, "summary.json"):
+        (output_dir / name).unlink(missing_ok=True)
+    if video_dir is not None and video_dir.is_dir():
+        for video in video_dir.glob("*_seed*.mp4"):
+            video.unlink()
 
 
 def _output_lock(output_dir: Path | None):

@@ -32,6 +32,13 @@ FORMAT_VERSION = 3
 """3: a checkpoint step directory holds the export of its EMA policy beside the training state, and
 one reader serves both. Directories of earlier (pre-release) versions are refused, naming the version."""
 
+STEERING_FILES = ("config.json", "model.safetensors", "normalization.json", "pretrained_weights.json",
+                  "training_model.safetensors", "training_state.pt")
+"""The files of a saved policy (formats/export.py) and of a step's training state
+(training/checkpoint.py) whose presence or content changes what loads: one present but not
+recorded in the marker was added after the write, and is refused (tests/test_checkpoint.py checks
+the names against the modules that write them)."""
+
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 
 
@@ -79,11 +86,20 @@ def write_complete_marker(directory: Path, names: list[str], **fields) -> None:
 def seal_checkpoint(path: str | os.PathLike) -> None:
     """Record the files of the checkpoint or export at `path` as they are now, as if written so:
     after editing one on purpose (config.json by hand), which loading would otherwise refuse as
-    damaged."""
+    damaged, or after adding a file that steers loading (`STEERING_FILES`)."""
     path = Path(path)
     marker = json.loads((path / COMPLETE_MARKER).read_text())
     fields = {k: v for k, v in marker.items() if k not in ("format_version", "files")}
-    write_complete_marker(path, list(marker["files"]), **fields)
+    added = [name for name in STEERING_FILES if name not in marker["files"] and (path / name).is_file()]
+    write_complete_marker(path, [*marker["files"], *added], **fields)
+
+
+def remove_stale_partials(checkpoints_dir: str | os.PathLike) -> None:
+    """Temporary directories left by a run that died while writing a checkpoint (a full disk among
+    the causes: they hold the space). Call it only as the run's one writer."""
+    for stale in Path(checkpoints_dir).glob(".partial-*"):
+        log.warning("removing a partial checkpoint left by an interrupted write: %s", stale)
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def write_step_directory(checkpoints_dir: Path, step: int, write_files: Callable[[Path], None]) -> Path:
@@ -91,17 +107,23 @@ def write_step_directory(checkpoints_dir: Path, step: int, write_files: Callable
     temporary directory, the marker seals every file in it, and one rename puts it in place (the
     same step saved again is swapped out whole)."""
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
-    for stale in checkpoints_dir.glob(".partial-*"):
-        log.warning("removing a partial checkpoint left by an interrupted write: %s", stale)
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_stale_partials(checkpoints_dir)
     final = checkpoints_dir / checkpoint_dir_name(step)
     partial = checkpoints_dir / f".partial-{final.name}-{os.getpid()}"
     partial.mkdir()
     try:
         write_files(partial)
         write_complete_marker(partial, [p.name for p in partial.iterdir()], step=step)
+    except OSError as error:  # a full disk: give the space back, so the run can resume here
+        written = sum(f.stat().st_size for f in partial.iterdir() if f.is_file())
+        shutil.rmtree(partial, ignore_errors=True)
+        raise OSError(
+            error.errno, f"cannot write checkpoint step {step} into {checkpoints_dir} ({error.strerror or error}) after "
+            f"{written / 2**20:.0f} MiB; the partial write was deleted. Free space there (training.keep_checkpoints "
+            "keeps fewer) and resume"
+        ) from error
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)  # a failed write (a full disk) leaves no partial behind
+        shutil.rmtree(partial, ignore_errors=True)
         raise
     if final.exists():
         retired = final.with_name(f".partial-retired-{final.name}-{os.getpid()}")
@@ -141,6 +163,13 @@ def _recorded_files(path: Path) -> dict[str, dict]:
         records = {name: {"bytes": int(r["bytes"]), "sha256": str(r["sha256"])} for name, r in content["files"].items()}
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise _NotWhole(f"unreadable '{COMPLETE_MARKER}' marker ({type(error).__name__}: {error})") from None
+    added = [name for name in STEERING_FILES if name not in records and (path / name).exists()]
+    if added:
+        raise _NotWhole(
+            f"{added} {'is' if len(added) == 1 else 'are'} not recorded in the '{COMPLETE_MARKER}' marker: added after "
+            "the directory was written, and would change what loads. Delete it, or, if you put it there on purpose, "
+            "record it (drifting_vla.formats.checkpoint.seal_checkpoint)"
+        )
     for name, record in records.items():
         file = path / name
         if not file.is_file():

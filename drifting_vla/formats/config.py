@@ -47,11 +47,13 @@ from drifting_vla.specs import COMPONENT_KINDS
 
 
 def setting(default: Any = MISSING, *, factory=None, ge=None, gt=None, le=None, lt=None, choices=None,
-            min_items=None, max_items=None):
+            min_items=None, max_items=None, unique=None):
     """A schema field. `ge`, `gt`, `le`, `lt` bound a number (each number of a list); `choices` is
     a tuple of allowed values, or a function returning them (a registry plugins may extend);
-    `min_items`, `max_items` bound the length of a list. Without a default the key is required."""
-    given = (("ge", ge), ("gt", gt), ("le", le), ("lt", lt), ("choices", choices), ("min_items", min_items), ("max_items", max_items))
+    `min_items`, `max_items` bound the length of a list; `unique` refuses a list naming an item
+    twice. Without a default the key is required."""
+    given = (("ge", ge), ("gt", gt), ("le", le), ("lt", lt), ("choices", choices), ("min_items", min_items),
+             ("max_items", max_items), ("unique", unique))
     rules = {k: v for k, v in given if v is not None}
     if factory is not None:
         return field(default_factory=factory, metadata=rules)
@@ -214,14 +216,20 @@ class SeedRange:
     count: int = setting(ge=1)
 
 
+MAX_IMAGE_SIZE = 1024
+"""The largest data.image_size: [B, V, 3, S, S] uint8 batches and the encoders' patch grids grow with
+S^2 (a 1024 px, 2-camera batch of 64 is 400 MB before any network); the models here are trained at
+32..224 px. Past it a typo (image_size=22400) would fail far from the key, in a framebuffer or in memory."""
+
+
 @dataclass(kw_only=True)
 class DataConfig:
     """The keys every dataset shares (and the simulator settings evaluation reads)."""
 
     name: str = setting()
     tasks: list[str] | None = setting(None, min_items=1)
-    cameras: list[str] = setting(min_items=1)
-    image_size: int | None = setting(None, ge=1)
+    cameras: list[str] = setting(min_items=1, unique=True)
+    image_size: int | None = setting(None, ge=1, le=MAX_IMAGE_SIZE)
     proprio_dim: int = setting(ge=1)
     horizon: int = setting(ge=1)
     n_obs_steps: int = setting(1, ge=1)  # observations per sample: the current one and n-1 before it
@@ -423,6 +431,9 @@ class ServerConfig:
     max_wait_ms: float = setting(2.0, ge=0)  # how long the first request of a batch waits for company
     max_queue: int = setting(64, ge=1)  # requests waiting beyond this are answered "busy" at once
     max_message_mb: float = setting(16.0, gt=0)  # larger frames close that connection (code 1009)
+    max_instruction_chars: int = setting(1000, ge=1)  # longer: "too_large" (tokenizing megabytes stalls the model thread)
+    max_image_pixels: int = setting(2048 * 2048, ge=1)  # per image (H x W); larger: "too_large"
+    decode_threads: int = setting(2, ge=1)  # frames unpacked, checked and resized off the event loop
     control_hz: float | None = setting(None, gt=0)  # None: the checkpoint's data.control_hz
 
     @property
@@ -433,6 +444,7 @@ class ServerConfig:
 @dataclass(kw_only=True)
 class ServeScriptConfig(ServerConfig):
     checkpoint: str = setting()
+    instruction_cache: int = setting(1024, ge=1)  # instructions kept encoded, least recently used dropped first
     nfe: int | None = setting(None, ge=1)
     sampler: str | None = setting(None, choices=SAMPLERS)
     device: str = "cpu"
@@ -677,6 +689,9 @@ def _check_value(name: str, value, rules) -> None:
         choices = choices()
     if isinstance(value, ListConfig):
         _check_length(name, list(value), rules.get("min_items", 0), rules.get("max_items"))
+        twice = sorted({str(item) for item in value if list(value).count(item) > 1})
+        if rules.get("unique") and twice:
+            raise ValueError(f"config key {name}={list(value)} names {twice} more than once; name each once")
     for item in value if isinstance(value, ListConfig) else [value]:
         if isinstance(item, float) and not math.isfinite(item):
             raise ValueError(f"config key {name}={_shown(value)} must be a finite number")

@@ -41,6 +41,15 @@ class ObservationHistory:
         else:
             self._windows.pop(env, None)
 
+    def saved(self) -> dict[int, list]:
+        """Every env's window as it stands, for `restore`."""
+        return {env: list(window) for env, window in self._windows.items()}
+
+    def restore(self, saved: dict[int, list]) -> None:
+        """The windows as `saved` took them: a control step the policy refused to act on is
+        not one the envs took, so it leaves no observation behind."""
+        self._windows = {env: deque(window, maxlen=self.n_obs_steps) for env, window in saved.items()}
+
     def push(self, env: int, obs: Mapping) -> list[Mapping]:
         """Record env's observation of this control step (its arrays copied: a robot may reuse its
         buffers); returns the env's window, oldest first, `n_obs_steps` long."""

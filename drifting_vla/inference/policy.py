@@ -46,6 +46,10 @@ How chunk steps and control steps line up (horizon T = 8):
     q and -q are one rotation (their component-wise mean is zero) and a mean of unit quaternions
     is not unit; binary states (gripper kind) are averaged, then thresholded at 0.5 (a vote).
 
+No non-finite action leaves the policy: out-of-range proprio and non-finite chunks raise named
+errors (`predict_action_chunks`, drifting_vla/safety.py); a refused `select_action` leaves every
+env's queue and observation window as it was.
+
 The network is unchanged by either mode: it always predicts a whole chunk from one observation.
 Action sanitization belongs to the env (Meta-World clips to [-1, 1]; RLBench normalizes the
 quaternion, bounds the workspace and binarizes the gripper and ignore_collisions).
@@ -77,6 +81,13 @@ from drifting_vla.models.drifting_vla import DriftingVLA, build_model
 from drifting_vla.objectives import Objective, build_objective
 from drifting_vla.precision import autocast_dtype
 from drifting_vla.rotations import quaternion_to_rotation6d, rotation6d_to_quaternion
+from drifting_vla.safety import (
+    PROPRIO_LIMIT,
+    NonFiniteActions,
+    PolicyRefusal,
+    ProprioOutOfRange,
+    non_finite_rows,
+)
 from drifting_vla.specs import ActionSpec, default_execute_steps
 
 
@@ -145,13 +156,14 @@ class DriftingPolicy:
         loaded strictly from model.safetensors. The objective is the one recorded in the config;
         `nfe` and `sampler` (kwargs) choose how it samples (default: the recorded sampling, else
         the objective's), and it samples at the run's `training.precision`. Returns a policy whose
-        `cfg` is the run's resolved config.
+        `cfg` is the run's resolved config. Weights holding NaN or Inf are refused.
         """
         saved = read_saved_policy(path)
         cfg = saved.cfg
         check_saved_env_names(cfg, saved.path / EXPORT_CONFIG_FILE)
         model = build_model(pin_referenced_revisions(cfg, saved.references))
         load_weights(model, saved.weights, saved.references)
+        _check_finite_weights(model, saved.weights)
         action_spec = ActionSpec.from_config(cfg["data"]["action_spec"])
         normalizer = read_saved_file(saved.path / NORMALIZATION_FILE, lambda _file: Normalizer.from_dict(
             saved.normalization, action_spec, proprio_dim=int(cfg["data"]["proprio_dim"])))
@@ -179,7 +191,8 @@ class DriftingPolicy:
     ) -> DriftingPolicy:
         """`from_checkpoint` on a local directory (an export, a checkpoint or a run), or on a hub
         repo id downloaded into the hub cache (offline: found there, or a clear error). The hub
-        arguments are huggingface_hub's; `kwargs` are the policy's (nfe, sampler, execution, ...)."""
+        arguments are huggingface_hub's; `kwargs`
+        are the policy's (nfe, sampler, execution, ...)."""
         directory = local_policy_dir(
             pretrained_name_or_path, revision=revision, cache_dir=cache_dir, force_download=force_download,
             token=token, local_files_only=local_files_only,
@@ -239,7 +252,11 @@ class DriftingPolicy:
         """`num_samples` chunks per observation, [B, G, T, A] raw units ([G, T, A] for one
         unbatched observation), from the same single `objective.sample` call that
         `predict_action_chunk` executes the first of: for measuring what the policy would do
-        (`lab/one_positive.score_checkpoint`), not for acting."""
+        (`lab/one_positive.score_checkpoint`), not for acting.
+
+        The finite-action guarantee lives here, the one method every inference path calls:
+        ProprioOutOfRange for proprio the normalization cannot represent, NonFiniteActions for a
+        chunk holding NaN or Inf, each naming the batch rows (drifting_vla/safety.py)."""
         if isinstance(obs["instruction"], str):
             return self.predict_action_chunks(_as_batch(obs, self.n_obs_steps), num_samples, generator)[0]
         images = torch.as_tensor(obs["images"]).to(self.device)
@@ -253,7 +270,7 @@ class DriftingPolicy:
         proprio = torch.as_tensor(obs["proprio"], dtype=torch.float32).to(self.device)
         batch = {
             "images": images,
-            "proprio": self.normalizer.normalize("proprio", proprio),
+            "proprio": self._representable(self.normalizer.normalize("proprio", proprio)),
             "instruction": list(obs["instruction"]),
         }
         training = self.model.training  # the trainer's model goes back to train mode after
@@ -265,7 +282,27 @@ class DriftingPolicy:
                 chunks = self.objective.sample(self.model, condition, num_samples, self.nfe, self.sampler, generator)
         finally:
             self.model.train(training)
-        return self.normalizer.unnormalize("actions", chunks.float()).cpu().numpy()
+        actions = self.normalizer.unnormalize("actions", chunks.float()).cpu().numpy()
+        bad = non_finite_rows(actions)
+        if bad:
+            raise NonFiniteActions(
+                f"the policy ({self.checkpoint or 'in memory'}) drew non-finite actions for batch row(s) {bad}; nothing "
+                "was returned. Its weights or the observation of those rows are not what it was trained on", bad)
+        return actions
+
+    def _representable(self, proprio: torch.Tensor) -> torch.Tensor:
+        """Normalized proprio [B, (n,) S] as given, or ProprioOutOfRange naming the rows and
+        dimensions past `PROPRIO_LIMIT` (drifting_vla/safety.py says why they are refused)."""
+        outside = ~(proprio.abs() <= PROPRIO_LIMIT)  # NaN compares False: outside too
+        if not outside.any():
+            return proprio
+        rows = outside.flatten(1).any(1).nonzero().flatten().tolist()
+        dims = sorted(set(outside.nonzero()[:, -1].tolist()))
+        raise ProprioOutOfRange(
+            f"proprio of batch row(s) {rows} is outside what this policy's normalization represents at dimension(s) "
+            f"{dims}: more than {PROPRIO_LIMIT:g} half-ranges of the training data from its centre (training range "
+            f"min {self.normalizer.stats['proprio']['min']}, max {self.normalizer.stats['proprio']['max']}). Send proprio "
+            "in the units the policy was trained on", rows)
 
     # ------------------------------------------------------------------------------------------
     # Closed loop
@@ -288,16 +325,25 @@ class DriftingPolicy:
         if isinstance(obs["instruction"], str):
             return self.select_action(_as_batch(obs, 1), env_ids)[0]
         env_ids = list(range(len(obs["instruction"]))) if env_ids is None else list(env_ids)
+        before = self._history.saved()
         obs = self._history.push_batch(obs, env_ids)
-        if self.execution == "chunk":
-            return self._select_from_queue(obs, env_ids)
-        return self._select_ensembled(obs, env_ids)
+        try:
+            if self.execution == "chunk":
+                return self._select_from_queue(obs, env_ids)
+            return self._select_ensembled(obs, env_ids)
+        except PolicyRefusal:  # no env took this step: the caller may ask again for the other rows
+            self._history.restore(before)
+            raise
 
     def _select_from_queue(self, obs: Mapping, env_ids: list[int]) -> np.ndarray:
         replan = [b for b, env in enumerate(env_ids) if not self._queues.get(env)]
         self.replanned = [env_ids[b] for b in replan]
         if replan:
-            chunks = self.predict_action_chunk(_rows(obs, replan))
+            try:
+                chunks = self.predict_action_chunk(_rows(obs, replan))
+            except PolicyRefusal as refusal:  # its rows are those of the replanning subset
+                refusal.rows = [replan[r] for r in refusal.rows]
+                raise
             for b, chunk in zip(replan, chunks, strict=True):
                 self._queues[env_ids[b]] = deque(chunk[: self.execute_steps])
         return np.stack([self._queues[env].popleft() for env in env_ids])
@@ -332,6 +378,16 @@ class DriftingPolicy:
         if self.execution == "ensemble":
             mode = f"temporal ensembling (horizon {self.horizon}, decay {self.ensemble_decay:g})"
         return f"DriftingPolicy on {self.device}: {self.method}, {mode}"
+
+
+def _check_finite_weights(model: DriftingVLA, file: Path) -> None:
+    """Refuse weights holding NaN or Inf: such a policy acts with NaN on some or every input."""
+    bad = [key for key, value in model.state_dict().items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:
+        raise ValueError(
+            f"the weights loaded from {file} hold NaN or Inf in {len(bad)} tensor(s), e.g. {bad[:3]}; "
+            "a policy with them would act with non-finite actions. Load another checkpoint, or the one before it"
+        )
 
 
 def ensemble_actions(candidates: np.ndarray, weights: np.ndarray, action_spec: ActionSpec) -> np.ndarray:

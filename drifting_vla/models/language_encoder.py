@@ -13,7 +13,9 @@ Behind one interface (the `LANGUAGE_ENCODERS` registry, picked by `model.languag
 - `task_embedding`: one learned vector per known instruction, trained with the policy.
 
 Frozen encoders encode each distinct instruction once and cache the result by string: a dataset
-has a few dozen instructions, so after the first steps language costs nothing.
+has a few dozen instructions, so after the first steps language costs nothing. The cache keeps the
+`cache_size` most recently used instructions (an LRU): a policy server meets instructions from
+anyone, and an unbounded cache would grow by one entry (L x D floats) per distinct string.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import gzip
 import importlib.metadata
 import importlib.util
 import pathlib
+from collections import OrderedDict
 
 import torch
 import torch.nn as nn
@@ -36,9 +39,13 @@ class CachedTextEncoder(FrozenModule):
     `encode_texts(texts) -> (tokens [N, L, D], mask [N, L], pooled [N, D])`.
     """
 
+    cache_size = 1024
+    """Instructions kept encoded (least recently used dropped first): ~1024 x L x D floats, e.g.
+    150 MiB for CLIP-L (77 x 768 tokens), far more instructions than a dataset holds."""
+
     def __init__(self) -> None:
         super().__init__()
-        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = OrderedDict()
 
     def encode_texts(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -52,14 +59,19 @@ class CachedTextEncoder(FrozenModule):
 
     def forward(self, instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         device = next(self.parameters()).device
-        missing = sorted(set(instructions) - self._cache.keys())
+        found = {text: self._cache[text] for text in dict.fromkeys(instructions) if text in self._cache}
+        for text in found:
+            self._cache.move_to_end(text)
+        missing = [text for text in dict.fromkeys(instructions) if text not in found]
         if missing:
             with frozen_forward(device):
                 tokens, mask, pooled = self.encode_texts(missing)
             # Clone outside inference mode so trainable layers can save them for backward.
             for i, text in enumerate(missing):
-                self._cache[text] = (tokens[i].float().clone(), mask[i].clone(), pooled[i].float().clone())
-        entries = [self._cache[text] for text in instructions]
+                found[text] = self._cache[text] = (tokens[i].float().clone(), mask[i].clone(), pooled[i].float().clone())
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        entries = [found[text] for text in instructions]
         return tuple(torch.stack(parts).to(device) for parts in zip(*entries, strict=True))
 
     def _apply(self, fn, recurse: bool = True):

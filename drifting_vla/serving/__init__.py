@@ -11,7 +11,14 @@ Protocol and load figures: docs/serving.md.
 
 # Relative imports: these modules are also the robot-side package `drifting_vla_client`
 # (clients/python links to them), which installs without the rest of drifting_vla.
-from .client import PolicyClient, PolicyError, ServerBusy, server_health
+from .client import (
+    PolicyClient,
+    PolicyError,
+    ServerBusy,
+    ServerNonFiniteActions,
+    ServerProprioOutOfRange,
+    server_health,
+)
 from .execution import AsyncChunkExecutor, ChunkedPolicy, ChunkQueue
 from .protocol import PROTOCOL, ProtocolError
 
@@ -25,4 +32,6 @@ __all__ = [
     "ProtocolError",
     "ServerBusy",
     "server_health",
+    "ServerNonFiniteActions",
+    "ServerProprioOutOfRange",
 ]

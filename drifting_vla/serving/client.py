@@ -20,7 +20,16 @@ import numpy as np
 from websockets.sync.client import connect
 
 # Relative: this module is also drifting_vla_client.serving.client (clients/python).
-from .protocol import BUSY, PROTOCOL, check_observation, pack, unpack
+from ..safety import NonFiniteActions, ProprioOutOfRange, check_finite_chunk
+from .protocol import (
+    BUSY,
+    NON_FINITE,
+    OUT_OF_RANGE,
+    PROTOCOL,
+    check_observation,
+    pack,
+    unpack,
+)
 
 
 def _arrays(images):
@@ -42,6 +51,17 @@ class PolicyError(RuntimeError):
 
 class ServerBusy(PolicyError):
     """The server's queue is full; nothing was queued. Retry shortly."""
+
+
+class ServerProprioOutOfRange(PolicyError, ProprioOutOfRange):
+    """The server refused the proprio as outside what the policy represents (drifting_vla/safety.py)."""
+
+
+class ServerNonFiniteActions(PolicyError, NonFiniteActions):
+    """The policy behind the server drew non-finite actions; the server sent none."""
+
+
+_ERRORS = {BUSY: ServerBusy, OUT_OF_RANGE: ServerProprioOutOfRange, NON_FINITE: ServerNonFiniteActions}
 
 
 class PolicyClient:
@@ -74,7 +94,9 @@ class PolicyClient:
         instruction (str). With `metadata["n_obs_steps"]` = n > 1, the last n control steps, oldest
         first: images a list of n such entries, proprio [n, S] (`AsyncChunkExecutor` keeps them).
         `seed` makes the chunk reproducible (the server runs it unbatched).
-        Raises ServerBusy when the server's queue is full, PolicyError for any other error reply.
+        Raises ServerBusy when the server's queue is full, ServerProprioOutOfRange /
+        ServerNonFiniteActions (PolicyRefusal, drifting_vla/safety.py) when the policy refused,
+        NonFiniteActions for a reply with non-finite actions, PolicyError for any other error reply.
         """
         request = {"images": _arrays(obs["images"]), "proprio": np.asarray(obs["proprio"], dtype=np.float32),
                    "instruction": obs["instruction"]}
@@ -83,10 +105,10 @@ class PolicyClient:
         self._connection.send(pack(request))
         reply = unpack(self._connection.recv(timeout=self.timeout_s))
         if "error" in reply:
-            error = ServerBusy if reply["error"] == BUSY else PolicyError
-            raise error(reply["error"], reply.get("message", ""))
+            raise _ERRORS.get(reply["error"], PolicyError)(reply["error"], reply.get("message", ""))
         self.last_timing = reply["timing"]
-        return np.array(reply["actions"], dtype=np.float32)  # a writable copy of the read-only view
+        actions = np.array(reply["actions"], dtype=np.float32)  # a writable copy of the read-only view
+        return check_finite_chunk(actions, f"the server at {self.url}")
 
     def close(self) -> None:
         self._connection.close()

@@ -37,6 +37,12 @@ import numpy as np
 
 # Relative: shared with the robot-side package drifting_vla_client (clients/python), same layout.
 from ..inference.history import ObservationHistory, stacked
+from ..safety import (
+    NonFiniteActions,
+    PolicyRefusal,
+    ProprioOutOfRange,
+    check_finite_chunk,
+)
 from ..specs import default_execute_steps
 from .client import ServerBusy
 
@@ -70,7 +76,7 @@ class ChunkQueue:
         step `obs_step`; returns how many of its actions are already stale (dropped)."""
         if obs_step > self.step:
             raise ValueError(f"a chunk from step {obs_step} cannot be installed at step {self.step}")
-        self._chunk, self._start = np.asarray(chunk), obs_step
+        self._chunk, self._start = check_finite_chunk(chunk, "the chunk's predict"), obs_step
         return min(len(chunk), self.step - obs_step)
 
     def pop(self) -> np.ndarray:
@@ -161,6 +167,11 @@ def request_observation(history: ObservationHistory, env: int, obs: Mapping) -> 
             "instruction": obs["instruction"]}
 
 
+def _refusal_kind(refusal: PolicyRefusal) -> type[PolicyRefusal]:
+    """The safety class of a refusal (a client's error class may be a subclass of it)."""
+    return next(kind for kind in (ProprioOutOfRange, NonFiniteActions, PolicyRefusal) if isinstance(refusal, kind))
+
+
 def _snapshot(obs: Mapping) -> dict:
     """A copy of the observation's arrays: the robot may refill its buffers while the request
     is still being encoded in the background."""
@@ -204,17 +215,32 @@ class ChunkedPolicy:
         self.history.reset(env_index)
 
     def select_action(self, obs: Mapping, env_ids: Sequence[int] | None = None) -> np.ndarray:
-        """obs: a batch (images [B, V, 3, H, W], proprio [B, S], instruction list) -> [B, A]."""
+        """obs: a batch (images [B, V, 3, H, W], proprio [B, S], instruction list) -> [B, A].
+        A chunk refused for some rows (`PolicyRefusal`: proprio out of range, non-finite actions)
+        raises one PolicyRefusal naming them all before any env takes the step, so the caller can
+        end those episodes and ask again for the others."""
         env_ids = list(range(len(obs["instruction"]))) if env_ids is None else list(env_ids)
-        actions, self.replanned = [], []
+        before = self.history.saved()
+        chunks, refusals = {}, []
         for b, env in enumerate(env_ids):
-            queue = self._queues.setdefault(env, ChunkQueue(self.horizon - self.execute_steps))
             row = {"images": np.asarray(obs["images"][b]), "proprio": np.asarray(obs["proprio"][b]),
                    "instruction": obs["instruction"][b]}
             row = request_observation(self.history, env, row)
-            if queue.needs_chunk():
+            if self._queues.setdefault(env, ChunkQueue(self.horizon - self.execute_steps)).needs_chunk():
+                try:
+                    chunks[b] = check_finite_chunk(self.predict(row, self._next_seed(env)), "the chunk's predict", b)
+                except PolicyRefusal as refusal:
+                    refusals.append((b, refusal))
+        if refusals:
+            self.history.restore(before)
+            message = "; ".join(f"row {b}: {refusal}" for b, refusal in refusals)
+            raise _refusal_kind(refusals[0][1])(message, [b for b, _ in refusals])
+        actions, self.replanned = [], []
+        for b, env in enumerate(env_ids):
+            queue = self._queues[env]
+            if b in chunks:
                 self.replanned.append(env)
-                queue.install(self.predict(row, self._next_seed(env)), queue.step)
+                queue.install(chunks[b], queue.step)
             actions.append(queue.pop())
         return np.stack(actions).astype(np.float32)
 

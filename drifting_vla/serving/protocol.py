@@ -32,12 +32,20 @@ BAD_REQUEST = "bad_request"  # the request cannot be served as sent (garbage, mi
 BUSY = "busy"  # the queue is full: try again later (nothing was queued)
 INTERNAL = "internal"  # the model failed on a valid request; the server goes on serving
 SHUTTING_DOWN = "shutting_down"  # the server is draining after SIGTERM
+OUT_OF_RANGE = "out_of_range"  # proprio outside what the policy's normalization represents (nothing was run)
+NON_FINITE = "non_finite"  # the policy drew NaN or Inf actions for this observation; none are sent
+TOO_LARGE = "too_large"  # an instruction or an image past the server's limits (serve.yaml)
 
 _NDARRAY = "__ndarray__"
 
 
 class ProtocolError(ValueError):
     """A message that breaks the protocol; the text names the problem and what to send instead."""
+
+
+class RequestTooLarge(ProtocolError):
+    """An instruction or an image past the server's limits (`max_instruction_chars`,
+    `max_image_pixels` in its metadata); answered with the error kind `too_large`."""
 
 
 def encode_array(value: np.ndarray) -> dict:
@@ -105,6 +113,8 @@ def check_observation(request: Mapping, metadata: Mapping) -> dict:
 
     images: uint8 [V, 3, H, W] or [V, H, W, 3] in the order of `metadata["cameras"]`, or a map
     {camera name: [3, H, W] or [H, W, 3]}. H, W may differ from `image_size` (the server resizes).
+    When the metadata holds the server's limits, an instruction longer than `max_instruction_chars`
+    or an image of more than `max_image_pixels` (H x W) raises RequestTooLarge.
     Returns {"images": uint8 [V, 3, H, W], "proprio": float32 [S], "instruction": str,
     "seed": int | None}.
 
@@ -115,9 +125,11 @@ def check_observation(request: Mapping, metadata: Mapping) -> dict:
     for key in ("images", "proprio", "instruction"):
         if key not in request:
             raise ProtocolError(f"the request has no {key!r}; a request carries images, proprio and instruction")
+    _check_instruction_length(request["instruction"], metadata.get("max_instruction_chars"))
     steps = int(metadata.get("n_obs_steps", 1))
     cameras = list(metadata["cameras"])
     images = _camera_stack(request["images"], cameras) if steps == 1 else _history_stack(request["images"], steps, cameras)
+    _check_image_pixels(images, metadata.get("max_image_pixels"))
     shape = [steps, int(metadata["proprio_dim"])] if steps > 1 else [int(metadata["proprio_dim"])]
     proprio = request["proprio"]
     if not isinstance(proprio, np.ndarray):
@@ -139,6 +151,25 @@ def check_observation(request: Mapping, metadata: Mapping) -> dict:
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
         raise ProtocolError(f"seed must be an integer in [0, 2**63), got {seed!r}")
     return {"images": images, "proprio": proprio, "instruction": instruction, "seed": seed}
+
+
+def _check_instruction_length(instruction: Any, limit: int | None) -> None:
+    if limit is not None and isinstance(instruction, str) and len(instruction) > limit:
+        raise RequestTooLarge(
+            f"the instruction has {len(instruction):,} characters; this server takes at most {limit:,} "
+            "(max_instruction_chars in its serve.yaml)"
+        )
+
+
+def _check_image_pixels(images: np.ndarray, limit: int | None) -> None:
+    """images [..., 3, H, W]: each H x W within `limit`, checked before anything resizes them."""
+    height, width = images.shape[-2:]
+    if limit is not None and height * width > limit:
+        raise RequestTooLarge(
+            f"the images are {height} x {width} = {height * width:,} pixels each; this server takes at most "
+            f"{limit:,} per image (max_image_pixels in its serve.yaml): send them smaller, the policy sees them "
+            "resized to its image_size anyway"
+        )
 
 
 def _history_stack(history: Any, steps: int, cameras: list[str]) -> np.ndarray:

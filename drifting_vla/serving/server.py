@@ -17,8 +17,17 @@ How requests become forward passes (one model thread; the event loop never runs 
   for exactly its row, so the same seed gives the same chunk whoever else is connected.
 - A bad request is answered with an error naming the problem; a model failure is answered with
   an `internal` error for the requests of that batch. Neither closes a connection or the server.
+- The finite-action guarantee (drifting_vla/safety.py): a request whose proprio the policy
+  refuses is answered `out_of_range`, one whose chunk is not finite `non_finite`; the other
+  requests of its batch go back to the queue's front and are served.
+- What one client can cost is bounded: an instruction longer than `max_instruction_chars` or an
+  image of more than `max_image_pixels` is answered `too_large` (the limits travel in the
+  metadata), and frames are decoded, checked and resized in a thread pool, never on the event
+  loop, so a client sending large frames does not delay the others' replies.
 - `stop()` drains: it stops accepting connections, refuses new requests (`shutting_down`),
   answers every queued one, then closes the connections (code 1001) and returns from `serve()`.
+  Called during start-up (the warm-up pass), `serve()` returns once the warm-up ends, without
+  opening the port.
 
 Its settings (`ServerConfig`, drifting_vla/formats/config.py) are the ones configs/serve.yaml
 holds; drifting-serve hands the validated config over as it is.
@@ -49,13 +58,18 @@ from websockets.exceptions import ConnectionClosed
 from drifting_vla.data.transforms import resize_image
 from drifting_vla.evaluation.rollout import batch_observations
 from drifting_vla.formats.config import ServerConfig
+from drifting_vla.safety import NonFiniteActions, PolicyRefusal, ProprioOutOfRange, non_finite_rows
 from drifting_vla.serving.protocol import (
     BAD_REQUEST,
     BUSY,
     INTERNAL,
+    NON_FINITE,
+    OUT_OF_RANGE,
     PROTOCOL,
     SHUTTING_DOWN,
+    TOO_LARGE,
     ProtocolError,
+    RequestTooLarge,
     check_observation,
     encode_array,
     error_message,
@@ -67,8 +81,9 @@ log = logging.getLogger("drifting_vla.serving")
 HEALTH_PATH = "/healthz"
 
 
-def policy_metadata(policy, control_hz: float | None = None) -> dict:
-    """What a client needs to validate its robot before the first request."""
+def policy_metadata(policy, control_hz: float | None = None, limits: dict | None = None) -> dict:
+    """What a client needs to validate its robot before the first request. `limits`: the
+    server's `max_instruction_chars` and `max_image_pixels` (check_observation enforces them)."""
     cfg = policy.cfg
     data = cfg["data"]
     language = cfg["model"].get("language", {})
@@ -92,6 +107,7 @@ def policy_metadata(policy, control_hz: float | None = None) -> dict:
         "checkpoint": str(getattr(policy, "checkpoint", "")),
         "model": Path(str(getattr(policy, "checkpoint", "") or "")).name,  # the health check's model id
         "data": data,  # the checkpoint's data config: a remote evaluation builds its envs from it
+        **(limits or {}),
     }
 
 
@@ -106,7 +122,8 @@ class PolicyServer:
     def __init__(self, policy, config: ServerConfig | None = None) -> None:
         self.policy = policy
         self.config = config or ServerConfig()
-        self.metadata = policy_metadata(policy, self.config.control_hz)
+        limits = {"max_instruction_chars": self.config.max_instruction_chars, "max_image_pixels": self.config.max_image_pixels}
+        self.metadata = policy_metadata(policy, self.config.control_hz, limits)
         self.port: int | None = None
         self.requests_served = 0
         self._pending: deque[_Request] = deque()
@@ -115,24 +132,45 @@ class PolicyServer:
         self._in_flight = 0  # requests accepted and not yet answered
         self._connections = 0  # open connections: at most one request in flight each
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy")
+        self._decode_threads = ThreadPoolExecutor(max_workers=self.config.decode_threads, thread_name_prefix="decode")
+        self._stop_requested = False  # stop() before serve() made its events
 
     # ------------------------------------------------------------------------------------------
     # Lifecycle
 
     async def serve(self, ready: Callable[[PolicyServer], None] | None = None) -> None:
-        """Serve until `stop()`; `ready(self)` is called once the port is bound."""
+        """Serve until `stop()`; `ready(self)` is called once the port is bound. OSError naming
+        the host and port when they cannot be listened on."""
         loop = asyncio.get_running_loop()
-        self._loop = loop
-        await loop.run_in_executor(self._model_thread, self._warm_up)
         self._arrived, self._stopping = asyncio.Event(), asyncio.Event()
-        async with serve(
-            self._handle,
-            self.config.host,
-            self.config.port,
-            process_request=self._process_request,
-            compression=None,  # images and chunks do not compress; deflate only costs time
-            max_size=self.config.max_message_bytes,
-        ) as server:
+        self._loop = loop
+        if self._stop_requested:
+            self._stopping.set()
+        try:
+            await loop.run_in_executor(self._model_thread, self._warm_up)
+            if self._stopping.is_set():
+                log.info("stopped during start-up, before the port opened")
+                return
+            await self._serve_bound(ready)
+        finally:
+            self._model_thread.shutdown(wait=True)
+            self._decode_threads.shutdown(wait=True)
+
+    async def _serve_bound(self, ready: Callable[[PolicyServer], None] | None) -> None:
+        try:
+            server = await serve(
+                self._handle,
+                self.config.host,
+                self.config.port,
+                process_request=self._process_request,
+                compression=None,  # images and chunks do not compress; deflate only costs time
+                max_size=self.config.max_message_bytes,
+            )
+        except OSError as error:
+            raise OSError(error.errno, f"cannot listen on host={self.config.host!r} port={self.config.port}: "
+                          f"{error.strerror or error}") from error
+        batcher = None
+        try:
             self.port = server.sockets[0].getsockname()[1]
             log.info("serving %s on ws://%s:%d", self.metadata["checkpoint"], self.config.host, self.port)
             if ready is not None:
@@ -142,14 +180,17 @@ class PolicyServer:
             server.server.close()  # the listening socket: no new connections; the open ones drain
             while self._in_flight:
                 await asyncio.sleep(0.005)
-            batcher.cancel()
+        finally:
+            if batcher is not None:
+                batcher.cancel()
             server.close(close_connections=True)
             await server.wait_closed()
-        self._model_thread.shutdown(wait=True)
         log.info("stopped after %d requests", self.requests_served)
 
     def stop(self) -> None:
-        """Drain and stop; safe to call from a signal handler or another thread, and twice."""
+        """Drain and stop; safe to call from a signal handler or another thread, twice, and at
+        any point of start-up (before `serve()`, during the warm-up)."""
+        self._stop_requested = True
         loop = getattr(self, "_loop", None)
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(self._stopping.set)
@@ -209,15 +250,11 @@ class PolicyServer:
     async def _answer(self, frame) -> bytes:
         """One request frame -> one reply frame (a chunk or an error; never an exception)."""
         started = time.perf_counter()
-        request_id = None
         try:
-            message = unpack(frame)
-            request_id = _plain_id(message.get("id"))
-            obs = check_observation(message, self.metadata)
-            self._check_instruction(obs["instruction"])
-            obs["images"] = _resized(obs["images"], self.metadata["image_size"])
-        except ProtocolError as error:
-            return pack(error_message(BAD_REQUEST, str(error), request_id))
+            request_id, obs = await self._loop.run_in_executor(self._decode_threads, self._decode, frame)
+        except _Refused as refused:
+            kind = TOO_LARGE if isinstance(refused.error, RequestTooLarge) else BAD_REQUEST
+            return pack(error_message(kind, str(refused.error), refused.request_id))
         if self._stopping.is_set():
             return pack(error_message(SHUTTING_DOWN, "the server is shutting down; connect to another", request_id))
         if len(self._pending) >= self.config.max_queue:
@@ -230,6 +267,9 @@ class PolicyServer:
             self._arrived.set()
             try:
                 actions, batch_size, forward_started, model_s = await request.future
+            except PolicyRefusal as refusal:  # this observation, not the server: say which rule
+                kind = OUT_OF_RANGE if isinstance(refusal, ProprioOutOfRange) else NON_FINITE
+                return pack(error_message(kind, str(refusal), request_id))
             except Exception as error:  # the model failed: say so, keep serving
                 log.exception("forward pass failed")
                 return pack(error_message(INTERNAL, f"{type(error).__name__}: {error}", request_id))
@@ -253,6 +293,20 @@ class PolicyServer:
         finally:
             self._in_flight -= 1
 
+    def _decode(self, frame) -> tuple:
+        """One request frame -> (its id, the checked observation with images resized); runs in
+        a decode thread. Raises _Refused holding the ProtocolError and the id."""
+        request_id = None
+        try:
+            message = unpack(frame)
+            request_id = _plain_id(message.get("id"))
+            obs = check_observation(message, self.metadata)
+            self._check_instruction(obs["instruction"])
+            obs["images"] = _resized(obs["images"], self.metadata["image_size"])
+        except ProtocolError as error:
+            raise _Refused(error, request_id) from None
+        return request_id, obs
+
     def _check_instruction(self, instruction: str) -> None:
         known = self.metadata["instructions"]
         if known is not None and instruction not in known:
@@ -269,12 +323,28 @@ class PolicyServer:
             forward_started = time.perf_counter()
             try:
                 chunks, model_s = await loop.run_in_executor(self._model_thread, self._forward, [r.obs for r in batch])
+            except PolicyRefusal as refusal:
+                self._refuse_rows(batch, refusal)
+                continue
             except Exception as error:
                 for request in batch:
                     request.future.set_exception(error)
                 continue
             for request, chunk in zip(batch, chunks, strict=True):
                 request.future.set_result((chunk, len(batch), forward_started, model_s))
+
+    def _refuse_rows(self, batch: list[_Request], refusal: PolicyRefusal) -> None:
+        """Answer the refused rows of `batch` with the refusal; the others go back to the front
+        of the queue, to be served in the next forward pass."""
+        refused = set(refusal.rows) & set(range(len(batch)))
+        if not refused:
+            refused = set(range(len(batch)))
+        for index, request in enumerate(batch):  # each reply says only its kind and the message
+            if index in refused:
+                request.future.set_exception(refusal)
+        self._pending.extendleft(reversed([r for i, r in enumerate(batch) if i not in refused]))
+        if len(refused) < len(batch):
+            self._arrived.set()
 
     async def _wait_for_request(self) -> None:
         while not self._pending:
@@ -317,7 +387,19 @@ def predict_chunks(policy, observations: list[dict], seed: int | None = None) ->
     instruction} (with a history: [n, V, 3, H, W] and [n, S]): float32 [B, T, A] raw units.
     `seed`: noise from torch.Generator().manual_seed(seed)."""
     generator = None if seed is None else torch.Generator().manual_seed(seed)
-    return policy.predict_action_chunk(batch_observations(observations), generator=generator).astype(np.float32)
+    chunks = policy.predict_action_chunk(batch_observations(observations), generator=generator).astype(np.float32)
+    bad = non_finite_rows(chunks)
+    if bad:  # whatever the policy object: no non-finite action leaves the server
+        raise NonFiniteActions(f"the policy drew non-finite actions for batch row(s) {bad}; none were sent", bad)
+    return chunks
+
+
+class _Refused(Exception):
+    """A request refused while decoding: the ProtocolError and the request's id (for the reply)."""
+
+    def __init__(self, error: ProtocolError, request_id) -> None:
+        super().__init__(str(error))
+        self.error, self.request_id = error, request_id
 
 
 def _resized(images: np.ndarray, size: int) -> np.ndarray:

@@ -38,6 +38,7 @@ from drifting_vla.data.collate import collate_samples
 from drifting_vla.data.interface import RecordsSimulator
 from drifting_vla.data.normalization import Normalizer, dataset_stats
 from drifting_vla.data.registry import build_dataset, complete_data_config, prepare_dataset
+from drifting_vla.data.rlbench_pickle import CorruptEpisodeError
 from drifting_vla.data.sampler import ResumableBatchSampler
 from drifting_vla.distributed import (
     all_reduce_sum,
@@ -50,6 +51,7 @@ from drifting_vla.formats.checkpoint import (
     checkpoint_dir_name,
     find_latest_valid_checkpoint,
     prune_checkpoints,
+    remove_stale_partials,
     resolve_checkpoint,
 )
 from drifting_vla.formats.config import (
@@ -169,12 +171,16 @@ class Trainer:
         )
         self.step, self.skipped_steps, self.batches_consumed = 0, 0, 0
         self.history = MetricHistory()
+        if self.val_set is not None and bool(cfg.data.get("skip_corrupt", False)):
+            self._check_validation_readable()
         # The run directory is taken (one run at a time), read (resume), and only then written: a
         # refused resume leaves it as it was. fit() gives it back.
         self.run_lock = FileLock(self.run_dir / RUN_LOCK_FILE, f"the run directory {self.run_dir}", RUN_DIR_TAKEN)
         if self.ctx.is_main:
             self.run_lock.acquire()
         try:
+            if self.ctx.is_main:  # the space a write cut short (a full disk) holds, before anything is written
+                remove_stale_partials(self.checkpoints_dir)
             if t.resume:
                 self._resume(t.resume)
             self.logger = create_run_logger(
@@ -378,6 +384,20 @@ class Trainer:
             if self.sharded:  # FSDP keeps the root unsharded after forward: drop the EMA copy it holds
                 self.model.reshard()
         return self._mean_over_ranks({key: value / batches for key, value in totals.items()})
+
+    def _check_validation_readable(self) -> None:
+        """Under data.skip_corrupt a damaged val sample is replaced by another val sample; a val
+        split whose draws are all damaged would stop the run at its first validation, after
+        training up to it. Its batches (training.val_batches, always the same) are read once now."""
+        try:
+            for _ in self.validation_batches():
+                pass
+        except CorruptEpisodeError as error:
+            raise CorruptEpisodeError(
+                f"the val split cannot be read, even with data.skip_corrupt=true: {error} Validation would stop the run at "
+                f"step {int(self.cfg.training.val_every)}: train without it (training.val_every=0), or get the damaged "
+                "files again"
+            ) from error
 
     def validation_batches(self):
         """(index, batch) of this rank's validation batches: the same `training.val_batches` every time."""

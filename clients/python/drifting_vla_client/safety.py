@@ -1,0 +1,1 @@
+../../../drifting_vla/safety.py
