@@ -33,6 +33,7 @@ from tests.helpers import (
     ROOT,
     CountingGenerator,
     Running,
+    SlowPolicy,
     env_batch,
     observation,
     served_policy,
@@ -53,21 +54,6 @@ def running():
         server.stop()
 
 
-class SlowPolicy:
-    """Wraps a policy: each forward pass sleeps, records its batch size, and fails on proprio[0] == 99."""
-
-    def __init__(self, policy, seconds: float = 0.0) -> None:
-        self.policy, self.seconds, self.batch_sizes = policy, seconds, []
-        self.cfg, self.checkpoint, self.action_spec, self.horizon = policy.cfg, "slow", policy.action_spec, policy.horizon
-        self.n_obs_steps = policy.n_obs_steps
-        self.objective, self.nfe, self.sampler, self.method = policy.objective, policy.nfe, policy.sampler, policy.method
-
-    def predict_action_chunk(self, obs, generator=None):
-        self.batch_sizes.append(len(obs["instruction"]))
-        if (torch.as_tensor(obs["proprio"])[:, 0] == 99).any():
-            raise RuntimeError("the model broke")
-        time.sleep(self.seconds)
-        return self.policy.predict_action_chunk(obs, generator=generator)
 
 
 # ----------------------------------------------------------------------------------------------
