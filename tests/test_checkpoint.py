@@ -307,7 +307,7 @@ def test_resume_loads_every_stored_weight_strictly_and_references_the_frozen_enc
 
 
 def test_a_checkpoint_write_that_fills_the_disk_gives_its_space_back_and_says_so(tmp_path, monkeypatch):
-    """Issue 27: the partial write of a failed checkpoint held the disk it had filled."""
+    """Found by a hostile probe: the partial write of a failed checkpoint held the disk it had filled."""
     import errno
 
     run = Run()
@@ -334,7 +334,7 @@ def test_remove_stale_partials_deletes_what_a_killed_write_left(tmp_path):
 
 @pytest.mark.parametrize("missing", ["model.safetensors", "ema.safetensors"])
 def test_an_explicit_step_missing_a_file_is_refused_with_the_reason(tmp_path, missing):
-    """Issue 27: an explicit path to a step without its weights said "no whole checkpoint" and not why."""
+    """Found by a hostile probe: an explicit path to a step without its weights said "no whole checkpoint" and not why."""
     path = Run().save(tmp_path, step=10)
     (path / missing).unlink()
     with pytest.raises(FileNotFoundError, match=rf"checkpoint {path} is not whole: '{missing}' is missing"):

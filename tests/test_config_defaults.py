@@ -115,7 +115,7 @@ def test_each_model_yaml_names_only_keys_of_the_model_and_encoder_schemas(group)
 
 
 def test_the_design_card_model_is_the_model_schema_defaults():
-    """dit_b2 is the GPU design card: the fusion and DiT settings it names are the schema's."""
+    """dit_b2 is the full GPU model: the fusion and DiT settings it names are the schema's."""
     model = OmegaConf.to_container(composed("config", "model=dit_b2").model, resolve=True)
     shared = {key: model[key] for key in ("pretrained", "fusion", "dit", "noise_dim")}
     assert disagreements("model", shared, schema_defaults(schemas.ModelConfig), must_name_all=False) == []
@@ -123,7 +123,7 @@ def test_the_design_card_model_is_the_model_schema_defaults():
 
 @pytest.mark.parametrize("group", ["dit_b2", "dit_s"])
 def test_the_design_cards_encoders_are_their_schema_defaults(group):
-    """Each encoder's defaults are those of the design card that uses it (dit_b2 on a GPU, dit_s
+    """Each encoder's defaults are those of the model config that uses it (dit_b2 on a GPU, dit_s
     on a CPU). `arch` is left out: it describes the checkpoint `name_or_path` names (the network
     built when model.pretrained=false), not a setting of the encoder."""
     model = OmegaConf.to_container(composed("config", f"model={group}").model, resolve=True)

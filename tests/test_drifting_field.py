@@ -1,4 +1,4 @@
-"""The drifting field and loss against the paper (DRIFTING.md): each test names the mistake it catches."""
+"""The drifting field and loss against the paper (docs/drifting.md): each test names the mistake it catches."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def test_field_matches_a_plain_algorithm2_when_the_floor_is_off(temperature, sel
 
 
 def test_field_is_mean_shift_difference_scaled_by_affinity_mass():
-    """V_i = s+_i s-_i (mean-shift+_i - mean-shift-_i): the identity in DRIFTING.md section 2."""
+    """V_i = s+_i s-_i (mean-shift+_i - mean-shift-_i): the identity in docs/drifting.md."""
     g = torch.Generator().manual_seed(1)
     x, y_pos, y_neg = torch.randn(1, 5, 3, generator=g), torch.randn(1, 4, 3, generator=g), torch.randn(1, 6, 3, generator=g)
     t = 0.7

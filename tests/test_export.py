@@ -185,7 +185,7 @@ def test_a_format_version_that_is_not_this_readers_is_refused_naming_file_and_ke
 
 
 def test_a_file_that_steers_loading_added_after_sealing_is_refused(policy, tmp_path):
-    """Issue 27: a pretrained_weights.json added to an export that had none steered loading."""
+    """Found by a hostile probe: a pretrained_weights.json added to an export that had none steered loading."""
     export = policy.save_pretrained(tmp_path / "export")
     assert not (export / "pretrained_weights.json").exists()
     (export / "pretrained_weights.json").write_text(json.dumps({}))
@@ -196,7 +196,7 @@ def test_a_file_that_steers_loading_added_after_sealing_is_refused(policy, tmp_p
 
 
 def test_an_export_with_a_nan_weight_is_refused_naming_the_tensor(policy, tmp_path):
-    """Issue 27: an export with one NaN weight loaded, warmed up, printed `ready` and served."""
+    """Found by a hostile probe: an export with one NaN weight loaded, warmed up, printed `ready` and served."""
     from safetensors.torch import save_file
 
     export = policy.save_pretrained(tmp_path / "export")

@@ -1,4 +1,4 @@
-"""Issue 27, a hostile probe's findings, one test (or more) each: nothing non-finite reaches a robot,
+"""A hostile probe's findings, one test (or more) each: nothing non-finite reaches a robot,
 the server bounds what one client can cost, and results never mix two runs.
 
 Export checks are in test_export.py, dataset paths in test_lerobot.py, compare.py in test_compare.py.
@@ -450,7 +450,7 @@ def test_sigterm_while_serve_loads_the_model_ends_it_cleanly(tmp_path):
 
 
 def test_an_evaluation_into_a_used_folder_leaves_none_of_the_previous_runs_files(tmp_path):
-    """Issue 27: a reused output folder kept the previous run's videos beside the new summary."""
+    """Found by a hostile probe: a reused output folder kept the previous run's videos beside the new summary."""
     data = OmegaConf.to_container(tiny_cfg().data)
     data["name"] = "scripted"
     policy = tiny_policy(execution="chunk", execute_steps=2)
@@ -471,7 +471,7 @@ def test_an_evaluation_into_a_used_folder_leaves_none_of_the_previous_runs_files
 
 
 def test_an_image_size_past_metaworlds_framebuffer_renders_instead_of_failing_unnamed():
-    """Issue 27: data.image_size above 480 failed in MuJoCo's framebuffer, naming no key; the
+    """Found by a hostile probe: data.image_size above 480 failed in MuJoCo's framebuffer, naming no key; the
     schema now bounds it (config.MAX_IMAGE_SIZE) and the env's framebuffer fits any size it allows."""
     pytest.importorskip("metaworld")
     from drifting_vla.envs.metaworld_env import MetaWorldEnv

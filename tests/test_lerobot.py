@@ -350,7 +350,7 @@ def test_training_on_an_export_records_its_simulator_and_on_a_foreign_dataset_sk
     assert "no closed-loop evaluation: the dataset records no simulator" in capsys.readouterr().out
 
 
-# --- a dataset's paths stay inside it (issue 27) ----------------------------------------------------
+# --- a dataset's paths stay inside it -------------------------------------------------------------
 
 
 def edit_info(root: Path, **changes) -> None:
@@ -385,7 +385,7 @@ def test_a_video_path_may_name_only_its_own_fields(fixture_copy, template, field
 
 
 def test_a_data_file_wider_than_info_json_says_is_refused_naming_file_and_feature(fixture_copy):
-    """Issue 27: it failed at the first normalization, naming neither."""
+    """Found by a hostile probe: it failed at the first normalization, naming neither."""
     edit_info(fixture_copy, features={**json.loads((fixture_copy / "meta" / "info.json").read_text())["features"],
                                       "observation.state": {"dtype": "float32", "shape": [5], "names": None}})
     with pytest.raises(CorruptEpisodeError, match=r"file-000.parquet: column 'observation.state' has 6 values per frame, "

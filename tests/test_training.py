@@ -545,7 +545,7 @@ def test_a_frame_damaged_mid_episode_stops_training_naming_it_or_is_skipped_with
 
 
 def test_a_resume_first_gives_back_the_space_a_failed_checkpoint_write_holds(rlbench_root, tmp_path):
-    """Issue 27: a checkpoint write cut short (a full disk) left its partial directory holding the
+    """Found by a hostile probe: a checkpoint write cut short (a full disk) left its partial directory holding the
     space, and the resumed run failed writing before its first save could clean it."""
     partial = tmp_path / "checkpoints" / ".partial-step_00000020-12345"
     partial.mkdir(parents=True)
@@ -556,7 +556,7 @@ def test_a_resume_first_gives_back_the_space_a_failed_checkpoint_write_holds(rlb
 
 
 def test_skip_corrupt_with_an_unreadable_val_split_fails_at_start_naming_the_file_and_the_key(rlbench_root, tmp_path, monkeypatch):
-    """Issue 27: with data.skip_corrupt=true a damaged val split still stopped the run, at its first validation."""
+    """Found by a hostile probe: with data.skip_corrupt=true a damaged val split still stopped the run, at its first validation."""
     import drifting_vla.training.trainer as trainer_module
     from drifting_vla.data.skip_corrupt import SkipCorruptSamples
 

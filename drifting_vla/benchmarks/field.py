@@ -1,6 +1,6 @@
 """The drifting field and loss, batched, against a naive per-problem Python loop in the same run.
 
-Cases (DRIFTING.md section 6): a policy-sized batch (B=256 observations, N=8 generated chunks,
+Cases (docs/drifting.md#cost): a policy-sized batch (B=256 observations, N=8 generated chunks,
 P=1 expert chunk, D=128) and an image-sized one (B=64, N=64, P=64, D=256).
 """
 

@@ -1,4 +1,4 @@
-"""Serve bounds case: what one client can cost the server and the others (issue 27's probe), on
+"""Serve bounds case: what one client can cost the server and the others (the hostile probe's two heavy clients), on
 loopback, `scripts/serve.py` in a subprocess with the serve case's random dit_s checkpoint.
 
 Each figure is measured against its baseline in the same run:

@@ -1,4 +1,4 @@
-"""RLBench 18 tasks in PerAct's on-disk format (see the shared DATA.md), read without RLBench.
+"""RLBench 18 tasks in PerAct's on-disk format (docs/data.md), read without RLBench.
 
     <root>/<task>/all_variations/episodes/episode<N>/
         low_dim_obs.pkl              rlbench.demo.Demo (read through `rlbench_pickle`)

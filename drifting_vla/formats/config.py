@@ -157,7 +157,7 @@ class WandbConfig:
 
 @dataclass(kw_only=True)
 class TrainingConfig:
-    """Every default here is the GPU design card's; configs/training/baseline.yaml restates them
+    """Every default here is that of GPU training of the full model (dit_b2); configs/training/baseline.yaml restates them
     with their reasons (tests/test_config_defaults.py keeps the two equal) and the presets
     (configs/training/quickstart.yaml) override some."""
 

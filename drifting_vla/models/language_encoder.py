@@ -254,7 +254,7 @@ def open_clip_bpe_path() -> pathlib.Path:
     """Where an installed `open_clip_torch` keeps its BPE vocabulary, found without importing it.
 
     Importing open_clip imports torchvision, which this project keeps out of its installs (see
-    ARCHITECTURE.md), so the file is located through the package's import spec only.
+    docs/architecture.md), so the file is located through the package's import spec only.
     """
     spec = importlib.util.find_spec("open_clip")
     if spec is None or not spec.submodule_search_locations:

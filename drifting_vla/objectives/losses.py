@@ -1,4 +1,4 @@
-"""DriftingLoss: the multi-temperature, normalized drifting objective (DRIFTING.md, section 3).
+"""DriftingLoss: the multi-temperature, normalized drifting objective (docs/drifting.md, the normalized multi-temperature loss).
 
     x [B, G, T, A] generated  --group-->  problems of G samples, D features each:
         chunk:      B problems,   D = T*A  (the whole chunk of one observation)

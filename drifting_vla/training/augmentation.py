@@ -10,7 +10,7 @@ so the image moves by up to `pad` pixels in each direction and the border repeat
 
 Off by default, on evidence: at the embedded budget (3000 steps, 64 px, fixed Meta-World cameras)
 a 4-pixel shift cost drifting about 28 points on the quickstart suite and 12 on the multimodal one
-(docs/benchmarks.md, "The recipe study"). With fixed cameras the absolute pixel position of a
+(docs/benchmarks.md, "Image shift, positives, history, G and grouping"). With fixed cameras the absolute pixel position of a
 handle or button is what the policy must read, and a shift makes it learn that invariance slowly;
 longer runs, moving cameras or real robots are where DrQ and Diffusion Policy found it pays.
 
