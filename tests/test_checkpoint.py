@@ -332,7 +332,7 @@ def test_remove_stale_partials_deletes_what_a_killed_write_left(tmp_path):
     assert not partial.exists()
 
 
-@pytest.mark.parametrize("missing", ["model.safetensors", "ema.safetensors"])
+@pytest.mark.parametrize("missing", ["model.safetensors", "training_model.safetensors", "training_state.pt"])
 def test_an_explicit_step_missing_a_file_is_refused_with_the_reason(tmp_path, missing):
     """Found by a hostile probe: an explicit path to a step without its weights said "no whole checkpoint" and not why."""
     path = Run().save(tmp_path, step=10)

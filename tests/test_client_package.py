@@ -51,6 +51,7 @@ def test_client_package_modules_are_the_frameworks_files_not_copies():
     targets = {p.relative_to(PACKAGE / "drifting_vla_client").as_posix(): p.resolve().relative_to(ROOT).as_posix() for p in linked}
     assert targets == {
         "inference/history.py": "drifting_vla/inference/history.py",
+        "safety.py": "drifting_vla/safety.py",
         "serving/__init__.py": "drifting_vla/serving/__init__.py",
         "serving/client.py": "drifting_vla/serving/client.py",
         "serving/execution.py": "drifting_vla/serving/execution.py",

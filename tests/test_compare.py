@@ -158,8 +158,7 @@ def test_train_side_by_side_then_evaluate_exports_elsewhere(tmp_path):
 def test_a_finished_run_trained_with_other_overrides_is_refused_naming_the_keys_or_retrained(tmp_path, monkeypatch):
     """Found by a hostile probe: rerun into the same output with another shared budget, compare.py retrained
     nothing while comparison.json recorded the new override."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import compare
+    from drifting_vla.cli import compare
 
     run = compare.Run("drifting", 0)
     run_dir = tmp_path / "runs" / run.name

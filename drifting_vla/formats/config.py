@@ -248,7 +248,7 @@ class DataConfig:
 @dataclass(kw_only=True)
 class MetaWorldDataConfig(DataConfig):
     tasks: list[str] = setting(min_items=1)
-    image_size: int = setting(ge=1)
+    image_size: int = setting(ge=1, le=MAX_IMAGE_SIZE)
     max_episode_steps: int = setting(ge=1)
     train_seeds: SeedRange = setting()
     eval_seeds: SeedRange = setting()
@@ -268,7 +268,7 @@ class RLBenchDataConfig(DataConfig):
     cache_dir: str | None = setting()  # null: decode the PNGs at every read
     repo_id: str | None = "hqfang/RLBench-18-Tasks"
     split: str = setting("train", choices=("train", "val", "test"))
-    image_size: int | None = setting(128, ge=1)  # PerAct's frames are 128 px
+    image_size: int | None = setting(128, ge=1, le=MAX_IMAGE_SIZE)  # PerAct's frames are 128 px
     control_hz: float | None = setting(20.0, gt=0)  # CoppeliaSim's 50 ms step
     keyframes: bool = True
     max_episodes_per_task: int | None = setting(None, ge=1)
@@ -283,11 +283,11 @@ class LeRobotDataConfig(DataConfig):
     root: str | None = None
     repo_id: str | None = None
     revision: str | None = None
-    image_size: int = setting(64, ge=1)
+    image_size: int = setting(64, ge=1, le=MAX_IMAGE_SIZE)
     state_key: str = "observation.state"
     action_key: str = "action"
     # null: read from the dataset's meta/info.json when the run starts (drifting_vla/data/lerobot_features.py)
-    cameras: list[str] | None = setting(None, min_items=1)
+    cameras: list[str] | None = setting(None, min_items=1, unique=True)
     proprio_dim: int | None = setting(None, ge=1)
     action_spec: ActionSpecConfig | None = None
     holdout_every: int = setting(10, ge=2)

@@ -112,7 +112,7 @@ def read_export_config(path: Path) -> dict:
             f"{file} is not a Drifting-VLA policy (keys {keys}; expected format {EXPORT_FORMAT!r} with 'config' and "
             "'objective'): export one with DriftingPolicy.save_pretrained"
         )
-    if saved.get("format_version") != FORMAT_VERSION:
+    if type(saved.get("format_version")) is not int or saved["format_version"] != FORMAT_VERSION:
         raise ValueError(
             f"{file}: format_version={saved.get('format_version')!r}, but this drifting-vla reads format_version "
             f"{FORMAT_VERSION} only: load it with the version that wrote it and save_pretrained it again"
