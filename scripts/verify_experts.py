@@ -28,7 +28,7 @@ from tqdm import tqdm  # noqa: E402
 
 from drifting_vla.configs import data_config  # noqa: E402
 from drifting_vla.envs.metaworld_routes import ROUTES, RouteExpert  # noqa: E402
-from drifting_vla.evaluation.rollout import wilson_interval  # noqa: E402
+from drifting_vla.evaluation.results import wilson_interval
 
 AVERAGE = "average"
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import drifting_vla.formats.files as files
-from drifting_vla.evaluation.rollout import read_episodes
+from drifting_vla.evaluation.results import read_episodes
 from drifting_vla.formats.files import (
     FileLock,
     JsonLinesAppender,

@@ -22,7 +22,8 @@ import torch
 from omegaconf import OmegaConf
 from websockets.sync.server import serve as sync_serve
 
-from drifting_vla.evaluation.rollout import evaluate, read_episodes
+from drifting_vla.evaluation.results import read_episodes
+from drifting_vla.evaluation.rollout import evaluate
 from drifting_vla.safety import PROPRIO_LIMIT, NonFiniteActions, PolicyRefusal, ProprioOutOfRange
 from drifting_vla.serving import (
     AsyncChunkExecutor,

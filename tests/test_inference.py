@@ -17,16 +17,16 @@ from drifting_vla.data.normalization import Normalizer, compute_stats
 from drifting_vla.data.rlbench_dataset import POSE_ACTION_SPEC
 from drifting_vla.data.transforms import canonical_quaternion
 from drifting_vla.envs import env_import_path, make_env, rlbench_env
-from drifting_vla.evaluation.rollout import (
+from drifting_vla.evaluation.results import (
     EpisodeRecord,
     EvalSummary,
     EvaluationError,
     check_evaluated,
-    evaluate,
-    evaluation_seeds,
     read_episodes,
     wilson_interval,
 )
+from drifting_vla.evaluation.rollout import evaluate
+from drifting_vla.evaluation.seeds import evaluation_seeds
 from drifting_vla.formats.checkpoint import seal_checkpoint
 from drifting_vla.formats.config import training_config
 from drifting_vla.formats.weights import DamagedCheckpointError
@@ -316,7 +316,7 @@ def no_workers(monkeypatch):
     """Fail the test if an evaluation starts a simulator worker."""
     from drifting_vla.evaluation import rollout
 
-    monkeypatch.setattr(rollout, "_Worker", lambda *a, **k: pytest.fail("a simulator worker was started"))
+    monkeypatch.setattr(rollout, "Worker", lambda *a, **k: pytest.fail("a simulator worker was started"))
 
 
 def test_an_evaluation_without_workers_is_refused_not_reported_as_zero(monkeypatch):

@@ -15,7 +15,7 @@ from drifting_vla.envs.metaworld_routes import (
     RouteTracker,
     route_for_seed,
 )
-from drifting_vla.evaluation.rollout import EpisodeRecord, EvalSummary
+from drifting_vla.evaluation.results import EpisodeRecord, EvalSummary
 
 
 def _state(hand=(0.0, 0.6, 0.2), puck=(0.0, 0.62, 0.02), goal=(0.0, 0.87, 0.15), gripper=1.0):

@@ -15,7 +15,8 @@ import torch
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from drifting_vla.evaluation.rollout import evaluate, read_episodes
+from drifting_vla.evaluation.results import read_episodes
+from drifting_vla.evaluation.rollout import evaluate
 from drifting_vla.formats.checkpoint import seal_checkpoint
 from drifting_vla.serving import (
     AsyncChunkExecutor,

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from drifting_vla.evaluation.rollout import EvalSummary, evaluate, protocol_label
+from drifting_vla.evaluation.results import EvalSummary
+from drifting_vla.evaluation.rollout import evaluate, protocol_label
 from drifting_vla.formats.config import training_config
 
 

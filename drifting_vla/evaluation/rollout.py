@@ -51,377 +51,26 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import multiprocessing as mp
 import os
 import time
-import traceback
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from drifting_vla.envs import NO_SIMULATOR, checked_env_import_path, env_class, simulation_config
-from drifting_vla.formats.files import FileLock, JsonLinesAppender, read_jsonl, write_atomic
+from drifting_vla.envs import NO_SIMULATOR, checked_env_import_path, simulation_config
+from drifting_vla.evaluation.results import (
+    EPISODES_FILE,
+    EpisodeRecord,
+    EvalSummary,
+    check_evaluated,
+)
+from drifting_vla.evaluation.seeds import evaluation_seeds
+from drifting_vla.evaluation.workers import EpisodeSlot, Worker, WorkerError, send_step
+from drifting_vla.formats.files import FileLock, JsonLinesAppender, write_atomic
 from drifting_vla.safety import PolicyRefusal
-
-VIDEO_FPS = 30
-
-
-# ----------------------------------------------------------------------------------------------
-# Records and the summary
-
-
-EPISODES_FILE = "episodes.jsonl"
-
-
-def read_episodes(output_dir: str | os.PathLike) -> list[dict]:
-    """The records of `<output_dir>/episodes.jsonl` (`EpisodeRecord.to_dict()`), of a finished
-    evaluation or of one killed mid-write (its last line, cut short, is left out with a warning)."""
-    return read_jsonl(Path(output_dir) / EPISODES_FILE, "Run the evaluation again to write it anew.")
-
-
-@dataclass
-class EpisodeRecord:
-    task: str
-    seed: int
-    success: bool
-    steps: int
-    seconds: float
-    error: str | None = None
-    video: str | None = None
-    mode: str | None = None  # the way the episode took, from envs that label it (the wall tasks)
-    trajectory_video: str | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% (z = 1.96) Wilson score interval of a success rate; (0, 1) when n = 0."""
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-@dataclass
-class EvalSummary:
-    """Every episode's record plus timings; rates are computed from the records."""
-
-    records: list[EpisodeRecord]
-    seconds: float = 0.0
-    policy_seconds: float = 0.0  # time inside policy.select_action
-    policy_calls: int = 0  # batched select_action calls
-    protocol: str = ""
-    videos: list[str] = field(default_factory=list)
-    trajectory_videos: list[str] = field(default_factory=list)
-
-    @property
-    def episodes(self) -> int:
-        return len(self.records)
-
-    @property
-    def success_rate(self) -> float:
-        return sum(r.success for r in self.records) / max(1, len(self.records))
-
-    def per_task(self) -> dict[str, list[EpisodeRecord]]:
-        tasks: dict[str, list[EpisodeRecord]] = {}
-        for record in self.records:
-            tasks.setdefault(record.task, []).append(record)
-        return tasks
-
-    def to_dict(self) -> dict:
-        per_task = self.per_task()
-        steps = sum(r.steps for r in self.records)
-        return {
-            "success_rate": self.success_rate,
-            "ci95": list(wilson_interval(sum(r.success for r in self.records), self.episodes)),
-            "episodes": self.episodes,
-            "per_task": {t: sum(r.success for r in rs) / len(rs) for t, rs in per_task.items()},
-            "per_task_ci95": {t: list(wilson_interval(sum(r.success for r in rs), len(rs))) for t, rs in per_task.items()},
-            "per_task_episodes": {t: len(rs) for t, rs in per_task.items()},
-            "errors": sum(r.error is not None for r in self.records),
-            "per_task_errors": {t: sum(r.error is not None for r in rs) for t, rs in per_task.items()},
-            "protocol": self.protocol,
-            "seconds": self.seconds,
-            "episodes_per_second": self.episodes / self.seconds if self.seconds else 0.0,
-            "env_steps": steps,
-            "env_steps_per_second": steps / self.seconds if self.seconds else 0.0,
-            "policy_ms_per_call": 1000 * self.policy_seconds / max(1, self.policy_calls),
-            "videos": list(self.videos),
-            **self._modes(),
-            "trajectory_videos": list(self.trajectory_videos),
-        }
-
-    def _modes(self) -> dict:
-        """Share and success of each mode (route), overall and per task: whether a policy commits
-        to one mode per episode or averages them (then the share of `none` grows). Empty when no
-        env labelled its episodes."""
-        if all(r.mode is None for r in self.records):
-            return {}
-
-        def table(records: list[EpisodeRecord]) -> dict:
-            by_mode: dict[str, list[bool]] = {}
-            for r in records:
-                by_mode.setdefault(str(r.mode), []).append(r.success)
-            return {
-                m: {"share": len(wins) / len(records), "episodes": len(wins), "success": sum(wins) / len(wins)}
-                for m, wins in sorted(by_mode.items())
-            }
-
-        return {"modes": table(self.records), "per_task_modes": {t: table(rs) for t, rs in self.per_task().items()}}
-
-    def format_table(self) -> str:
-        """Per-task success with its 95% interval, then the mean over all episodes."""
-        summary = self.to_dict()
-        lines = [f"{'task':<32} {'success':>8} {'95% CI':>15} {'episodes':>9} {'errors':>7}"]
-        for task, records in self.per_task().items():
-            lo, hi = summary["per_task_ci95"][task]
-            errors = sum(r.error is not None for r in records)
-            rate = summary["per_task"][task]
-            lines.append(f"{task:<32} {rate:>8.3f} {f'[{lo:.2f}, {hi:.2f}]':>15} {len(records):>9} {errors:>7}")
-        lo, hi = summary["ci95"]
-        lines.append(
-            f"{'overall':<32} {self.success_rate:>8.3f} {f'[{lo:.2f}, {hi:.2f}]':>15} "
-            f"{self.episodes:>9} {summary['errors']:>7}"
-        )
-        modes = summary.get("modes")
-        if modes:
-            lines.append(
-                "modes: "
-                + ", ".join(f"{m} {row['share']:.0%} (success {row['success']:.2f})" for m, row in modes.items())
-            )
-        if self.protocol:
-            lines.append(f"protocol: {self.protocol}")
-        return "\n".join(lines)
-
-    def failed_tasks(self) -> list[str]:
-        """Tasks whose every episode ended in an error (a rate of 0 there would measure nothing)."""
-        return [t for t, rs in self.per_task().items() if all(r.error is not None for r in rs)]
-
-
-class EvaluationError(RuntimeError):
-    """Every episode of some task ended in an error; `.summary` holds the records all the same."""
-
-    def __init__(self, message: str, summary: EvalSummary) -> None:
-        super().__init__(message)
-        self.summary = summary
-
-
-def check_evaluated(summary: EvalSummary, expected: int, output_dir: Path | None = None) -> None:
-    """Raise `EvaluationError` when fewer than the `expected` episodes ran, or every episode of a
-    task errored, naming the likeliest cause: a success rate over nothing is not a 0."""
-    if summary.episodes < expected:
-        raise EvaluationError(
-            f"{summary.episodes} of the {expected} queued episodes ran, so there is no success rate to report", summary
-        )
-    failed = summary.failed_tasks()
-    if not failed:
-        return
-    first = next(r.error for r in summary.records if r.task == failed[0])
-    where = f"; every episode's error is in {output_dir / EPISODES_FILE}" if output_dir is not None else ""
-    raise EvaluationError(
-        f"every episode of task(s) {failed} ended in an error, so there is no success rate to report "
-        f"(first error: {first}){where}. If the workers died at start-up: evaluate() runs each simulator in "
-        f"a spawned process, which re-imports the calling script; a script that calls evaluate() must do so "
-        f"under `if __name__ == \"__main__\":`.",
-        summary,
-    )
-
-
-# ----------------------------------------------------------------------------------------------
-# Seeds
-
-
-def evaluation_seeds(data_cfg: Mapping, episodes: int | None = None, seeds: Mapping | None = None) -> list[int]:
-    """The first `episodes` (default: all) of the seed range `seeds` ({start, count}: seeds start ..
-    start + count - 1; default `data.eval_seeds`), refusing any seed of `data.train_seeds`: a policy
-    is never scored on the episodes it was trained on. Errors name the keys that set the range:
-    `seeds.start` / `seeds.count` (scripts/simulate_eval.py) when `seeds` is given, else `data.eval_seeds`."""
-    if seeds is None and not data_cfg.get("eval_seeds"):
-        raise KeyError("the data config has no eval_seeds: set data.eval_seeds={start: S, count: N} (the seeds S .. S+N-1, "
-                       "apart from data.train_seeds), or evaluate a checkpoint on seeds of your choice with "
-                       "scripts/simulate_eval.py seeds.start=S seeds.count=N")
-    key = "seeds" if seeds is not None else "data.eval_seeds"
-    chosen = seeds if seeds is not None else data_cfg["eval_seeds"]
-    start, count = int(chosen["start"]), int(chosen["count"])
-    episodes = count if episodes is None else int(episodes)
-    if not 1 <= episodes <= count:
-        more = "raise seeds.count" if seeds is not None else (
-            "raise data.eval_seeds.count, or give scripts/simulate_eval.py a range of its own with seeds.start=S seeds.count=N")
-        raise ValueError(f"episodes={episodes} per task, but {key}.count={count} gives {count} seeds; lower episodes or {more}")
-    chosen_seeds = list(range(start, start + episodes))
-    overlap = training_seeds_among(chosen_seeds, data_cfg)
-    if overlap:
-        train = data_cfg["train_seeds"]
-        first, last = int(train["start"]), int(train["start"]) + int(train["count"]) - 1
-        shown = ", ".join(map(str, overlap[:5])) + (f", ... ({len(overlap)} in all)" if len(overlap) > 5 else "")
-        raise ValueError(
-            f"evaluation seeds {shown} are training seeds (data.train_seeds: {first} .. {last}), and a policy is never "
-            f"evaluated on the episodes it was trained on: move {key}.start to {last + 1} or above"
-            + (f", or end the range below {first}" if first > 0 else "")
-        )
-    return chosen_seeds
-
-
-def training_seeds_among(seeds: Sequence[int], data_cfg: Mapping) -> list[int]:
-    """The seeds of `seeds` that `data.train_seeds` ({start, count}) holds; [] without it."""
-    train = data_cfg.get("train_seeds")
-    if not train:
-        return []
-    first, count = int(train["start"]), int(train["count"])
-    return [s for s in seeds if first <= s < first + count]
-
-
-# ----------------------------------------------------------------------------------------------
-# Worker processes
-
-
-class WorkerError(RuntimeError):
-    """A worker died, hung or could not be reached; the episode it ran is a failure."""
-
-
-class _Recording:
-    """One episode's camera frames and end-effector positions, kept by its worker until the next reset."""
-
-    def __init__(self, video: str, end_effector: slice | None) -> None:
-        self.video, self.end_effector = video, end_effector
-        self.frames: list[np.ndarray] = []
-        self.positions: list[np.ndarray] = []
-
-    def add(self, env, obs: dict) -> None:
-        self.frames.append(env.render())
-        if self.end_effector is not None:
-            self.positions.append(np.asarray(obs["proprio"], dtype=np.float64)[self.end_effector])
-
-    def write_trajectory_video(self, path: str, record: dict, replan_steps: list[int]) -> str | None:
-        """The trajectory video at `path`; None when the env's proprio has no end-effector position."""
-        if self.end_effector is None:
-            return None
-        # imported here: matplotlib loads only in workers that draw a video
-        from drifting_vla.logging.trajectory_video import write_trajectory_video
-
-        write_trajectory_video(path, self.frames, np.stack(self.positions), replan_steps, record, labels=("mode",))
-        return path
-
-
-def _worker_main(conn, import_path: str, data_cfg: dict) -> None:
-    """Serve reset/step/trajectory requests for one env at a time until told to close."""
-    env, task, recording = None, None, None
-    while True:
-        message = conn.recv()
-        if message[0] == "close":
-            break
-        try:
-            if message[0] == "reset":
-                _, next_task, seed, video = message
-                recording = None
-                if next_task != task:
-                    if env is not None:
-                        env.close()
-                    env, task = None, None  # a failed build must not leave the old env in use
-                    env, task = env_class(import_path).from_config(data_cfg, next_task), next_task
-                obs = env.reset(int(seed))
-                if video:
-                    recording = _Recording(video, env.end_effector)
-                    recording.add(env, obs)
-                conn.send(("obs", obs, False, False, None, None))
-            elif message[0] == "step":
-                result = env.step(message[1])
-                if recording is not None:
-                    recording.add(env, result.observation)
-                    if result.done:
-                        write_video(recording.video, recording.frames)
-                conn.send(
-                    ("obs", result.observation, result.done, result.success, result.info.get("error"), result.info.get("mode"))
-                )
-            else:
-                _, path, record, replan_steps = message
-                if recording is None:
-                    raise RuntimeError("this worker holds no recorded episode (it was restarted or never recorded one)")
-                conn.send(("written", recording.write_trajectory_video(path, record, replan_steps)))
-        except Exception as error:  # the simulator's failure ends the episode, not the worker loop
-            last = traceback.extract_tb(error.__traceback__)[-1]
-            conn.send(("error", f"{type(error).__name__}: {error} ({last.filename}:{last.lineno})"))
-    if env is not None:
-        env.close()
-
-
-def write_video(path: str | Path, frames: Sequence[np.ndarray], fps: int = VIDEO_FPS) -> None:
-    """Frames uint8 [H, W, 3] -> an H.264 MP4 (imageio-ffmpeg)."""
-    import imageio.v2 as imageio
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    imageio.mimwrite(path, list(frames), fps=fps, codec="libx264", macro_block_size=2)
-
-
-class _Worker:
-    """One simulator process and its pipe; `restart` replaces a dead or broken one."""
-
-    def __init__(self, context, import_path: str, data_cfg: dict, timeout_s: float) -> None:
-        self._context, self._args, self.timeout_s = context, (import_path, data_cfg), timeout_s
-        self._start()
-
-    def _start(self) -> None:
-        self.conn, child = self._context.Pipe()
-        self.process = self._context.Process(target=_worker_main, args=(child, *self._args), daemon=True)
-        self.process.start()
-        child.close()
-
-    def send(self, message: tuple) -> None:
-        try:
-            self.conn.send(message)
-        except (BrokenPipeError, ConnectionResetError, EOFError) as error:
-            raise WorkerError(f"worker pid {self.process.pid} is gone ({type(error).__name__})") from error
-
-    def recv(self) -> tuple:
-        try:
-            if not self.conn.poll(self.timeout_s):
-                raise WorkerError(f"worker pid {self.process.pid} sent nothing for {self.timeout_s:.0f} s")
-            return self.conn.recv()
-        except (EOFError, ConnectionResetError, BrokenPipeError) as error:
-            self.process.join(timeout=1)
-            raise WorkerError(
-                f"worker pid {self.process.pid} died (exit code {self.process.exitcode})"
-            ) from error
-
-    def restart(self) -> None:
-        self.stop(graceful=False)
-        self._start()
-
-    def stop(self, graceful: bool = True) -> None:
-        if graceful and self.process.is_alive():
-            try:
-                self.conn.send(("close",))
-            except (BrokenPipeError, ConnectionResetError, EOFError):
-                pass
-            self.process.join(timeout=10)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join()
-        self.conn.close()
-
-
-@dataclass
-class _Slot:
-    """What one worker is doing: its episode, the latest observation, the step count."""
-
-    worker: _Worker
-    task: str = ""
-    seed: int = 0
-    video: str | None = None
-    obs: dict | None = None
-    steps: int = 0
-    started: float = 0.0
-    mode: str | None = None
-    replans: list[int] = field(default_factory=list)  # control steps at which the policy drew a new chunk
-
 
 # ----------------------------------------------------------------------------------------------
 # The evaluation loop
@@ -507,7 +156,7 @@ def evaluate(
         context = mp.get_context("spawn")
         summary = EvalSummary(records=[], protocol=protocol)
         started = time.perf_counter()
-        slots = [_Slot(_Worker(context, import_path, data, step_timeout_s)) for _ in range(min(num_workers, total))]
+        slots = [EpisodeSlot(Worker(context, import_path, data, step_timeout_s)) for _ in range(min(num_workers, total))]
         bar = tqdm(total=total, unit="ep", desc="evaluate", disable=not progress, dynamic_ncols=True)
 
         def trajectory_video(index: int, record: EpisodeRecord) -> str | None:
@@ -590,7 +239,7 @@ def evaluate(
                 for i in getattr(policy, "replanned", ()):
                     slots[i].replans.append(slots[i].steps)
                 for i, action in zip(live, actions, strict=True):
-                    _send_step(slots[i], action)
+                    send_step(slots[i], action)
                 for i in live:
                     slot = slots[i]
                     try:
@@ -643,12 +292,6 @@ def _output_lock(output_dir: Path | None):
                     "Wait for that evaluation to end, or evaluate into another folder (output=... with scripts/simulate_eval.py).")
 
 
-def _send_step(slot: _Slot, action: np.ndarray) -> None:
-    """Send the action; a dead worker is noticed at the following `recv`."""
-    try:
-        slot.worker.send(("step", np.asarray(action, dtype=np.float32)))
-    except WorkerError:
-        pass
 
 
 def batch_observations(observations: list[dict]) -> dict:
