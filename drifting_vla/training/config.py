@@ -227,6 +227,14 @@ class MetaWorldDataConfig(DataConfig):
 
 
 @dataclass(kw_only=True)
+class AlohaDataConfig(DataConfig):
+    root: str | None = None
+    render_mode: str = setting("fast", choices=("fast", "faithful"))
+    expert: str = setting("scripted", choices=("scripted", "routes"))
+    collect_workers: int = setting(1, ge=1)
+
+
+@dataclass(kw_only=True)
 class RLBenchDataConfig(DataConfig):
     root: str = setting()
     repo_id: str | None = None
@@ -248,7 +256,8 @@ class LeRobotDataConfig(DataConfig):
     action_key: str = "action"
 
 
-DATA_SCHEMAS = {"metaworld": MetaWorldDataConfig, "rlbench": RLBenchDataConfig, "lerobot": LeRobotDataConfig}
+DATA_SCHEMAS = {"metaworld": MetaWorldDataConfig, "aloha": AlohaDataConfig, "rlbench": RLBenchDataConfig,
+                "lerobot": LeRobotDataConfig}
 
 # ----------------------------------------------------------------------------------------------
 # model.*
