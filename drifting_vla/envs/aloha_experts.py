@@ -21,8 +21,9 @@ waypoints and exact kinematics in place of the weld:
    dropped from the demonstrations (`data/aloha_demos.py`).
 
 Transfer cube: the right gripper comes down on the cube pointing down (fingers on its front and
-back faces), closes, carries it to the hand-over point while turning level (pointing left), and
-opens once the left gripper, pointing right with its fingers above and below the cube, has closed.
+back faces), closes, lifts it to the hand-over point and opens once the left gripper, pointing
+right with its fingers above and below the cube (the upper one between the right's fingers), has
+closed on it.
 Insertion: each gripper takes its object pointing down, the grippers turn level and bring the peg
 into the socket along the table's x axis.
 
@@ -53,13 +54,15 @@ CUBE_REST_Z = 0.02
 at 5 cm and lets it fall."""
 GRASP_OFFSET = 0.105
 """Distance (m) from the gripper link's origin along its pointing axis to the grasp point."""
-EXPERT_VERSION = 1
+HELD_BELOW = 0.03
+"""How far (m) below the right gripper's grasp point the cube it lifted hangs: its fingertips
+stop on the table 3 cm short of the cube's centre, so they hold the cube's upper part."""
+EXPERT_VERSION = 2
 """Bumped whenever a plan changes, so cached demonstrations of an older plan are collected again."""
 
 # Gripper orientations: columns are the gripper link's axes in the world (x: pointing, y: the
 # fingers' opening direction).
 DOWN_RIGHT = np.array([[0, 0, -1], [0, -1, 0], [-1, 0, 0]], dtype=np.float64).T
-LEVEL_RIGHT = np.array([[-1, 0, 0], [0, -1, 0], [0, 0, 1]], dtype=np.float64).T
 DOWN_LEFT = np.array([[0, 0, -1], [0, 1, 0], [1, 0, 0]], dtype=np.float64).T
 LEVEL_LEFT = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=np.float64).T
 LEVEL_LEFT_ROLLED = np.array([[1, 0, 0], [0, 0, 1], [0, -1, 0]], dtype=np.float64).T
@@ -125,21 +128,22 @@ def transfer_cube_plan(cube_xyz: np.ndarray, start: dict, meet: np.ndarray = STA
         w(160, cube, DOWN_RIGHT, 0.0),                   # close
         w(175, cube, DOWN_RIGHT, 0.0),                   # let the fingers close
         w(200, cube + [0, 0, 0.08], DOWN_RIGHT, 0.0),    # lift
-        w(250, meet, LEVEL_RIGHT, 0.0),                  # to the hand-over point, turning level
-        w(310, meet, LEVEL_RIGHT, 0.0),
-        w(330, meet, LEVEL_RIGHT, 1.0),                  # open once the left gripper holds it
-        w(370, meet + [0.12, 0, 0], LEVEL_RIGHT, 1.0),   # move away
-        w(HORIZON, meet + [0.12, 0, 0], LEVEL_RIGHT, 1.0),
+        w(250, meet, DOWN_RIGHT, 0.0),                   # to the hand-over point
+        w(310, meet, DOWN_RIGHT, 0.0),
+        w(330, meet, DOWN_RIGHT, 1.0),                   # open once the left gripper holds it
+        w(370, meet + [0.12, 0, 0.04], DOWN_RIGHT, 1.0),  # move away
+        w(HORIZON, meet + [0.12, 0, 0.04], DOWN_RIGHT, 1.0),
     ]
+    take = meet + [-0.02, 0, -HELD_BELOW]  # the cube hangs at the right fingertips, below the grasp point
     left = [
         w(0, start["left"][0], start["left"][1], 0.0),
-        w(120, meet + [-0.14, 0, 0], LEVEL_LEFT_ROLLED, 1.0),   # wait beside the hand-over point
-        w(250, meet + [-0.14, 0, 0], LEVEL_LEFT_ROLLED, 1.0),
-        w(280, meet + [-0.02, 0, 0], LEVEL_LEFT_ROLLED, 1.0),   # move in around the cube
-        w(300, meet + [-0.02, 0, 0], LEVEL_LEFT_ROLLED, 0.0),   # close
-        w(330, meet + [-0.02, 0, 0], LEVEL_LEFT_ROLLED, 0.0),
-        w(370, meet + [-0.12, 0, 0.02], LEVEL_LEFT_ROLLED, 0.0),  # pull the cube away
-        w(HORIZON, meet + [-0.12, 0, 0.02], LEVEL_LEFT_ROLLED, 0.0),
+        w(120, take + [-0.12, 0, 0], LEVEL_LEFT_ROLLED, 1.0),   # wait beside the hand-over point
+        w(250, take + [-0.12, 0, 0], LEVEL_LEFT_ROLLED, 1.0),
+        w(280, take, LEVEL_LEFT_ROLLED, 1.0),                   # move in around the cube
+        w(300, take, LEVEL_LEFT_ROLLED, 0.0),                   # close
+        w(330, take, LEVEL_LEFT_ROLLED, 0.0),
+        w(370, take + [-0.10, 0, 0.02], LEVEL_LEFT_ROLLED, 0.0),  # pull the cube away
+        w(HORIZON, take + [-0.10, 0, 0.02], LEVEL_LEFT_ROLLED, 0.0),
     ]
     return WaypointPlan(left, right)
 
