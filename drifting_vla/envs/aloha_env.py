@@ -36,6 +36,7 @@ import numpy as np
 
 from drifting_vla.data.transforms import resize_image
 from drifting_vla.envs.aloha_experts import (
+    HELD_BELOW,
     HORIZON,
     ROUTE_MEETS,
     ROUTES,
@@ -59,9 +60,10 @@ RENDER_MODES = ("fast", "faithful")
 EXPERTS = ("scripted", "routes")
 PROPRIO_DIM = ACTION_DIM = 14
 MAX_REWARD = 4
-HANDOVER_RADIUS = 0.08
-"""How close (m) to a route's hand-over point the cube must be when the left gripper takes it for
-the episode to count as that route; farther away it is `other`, never touched by the left gripper `none`."""
+HANDOVER_RADIUS = 0.045
+"""How close (m) to where a route hands the cube over the cube must be when the left gripper first
+touches it for the episode to count as that route (the two are 11 cm apart); farther away it is
+`other`, never touched by the left gripper `none`."""
 
 
 def check_task(task: str) -> None:
@@ -153,7 +155,8 @@ class HandoverTracker:
 
     def update(self, reward: float, cube_xyz: np.ndarray) -> str:
         if self.mode == "none" and reward >= 3:
-            distances = {route: float(np.linalg.norm(cube_xyz - ROUTE_MEETS[route])) for route in ROUTES}
+            held = {route: ROUTE_MEETS[route] - [0.0, 0.0, HELD_BELOW] for route in ROUTES}
+            distances = {route: float(np.linalg.norm(cube_xyz - held[route])) for route in ROUTES}
             nearest = min(distances, key=distances.get)
             self.mode = nearest if distances[nearest] <= HANDOVER_RADIUS else "other"
         return self.mode
@@ -203,7 +206,11 @@ class AlohaEnv(BaseEnv):
         return self.observation()
 
     def step(self, action: np.ndarray) -> StepResult:
-        action = np.asarray(action, dtype=np.float64).reshape(ACTION_DIM)
+        action = np.asarray(action, dtype=np.float64)
+        if action.size != ACTION_DIM:
+            raise ValueError(f"an ALOHA action has {ACTION_DIM} values (per arm, left first: 6 joint targets in rad and "
+                             f"the gripper opening in [0, 1]), got shape {action.shape}")
+        action = action.reshape(ACTION_DIM)
         if not np.all(np.isfinite(action)):
             raise ValueError(f"ALOHA action has non-finite values: {action.tolist()}")
         step = self._env.step(action)

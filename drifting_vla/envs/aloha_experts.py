@@ -28,9 +28,11 @@ Insertion: each gripper takes its object pointing down, the grippers turn level 
 into the socket along the table's x axis.
 
 Two-route variant (`ROUTES`): the hand-over happens either early and high in front, or late and
-low behind (hand-over points 18 cm apart, 80 steps apart in time), a fair coin per seed
-(`route_for_seed`). Each succeeds alone; averaging them step by step closes the left gripper
-where the cube is not (`scripts/verify_aloha_experts.py` measures it). `aloha_env.HandoverTracker` labels the route an episode took from where the
+low behind (hand-over points 11 cm apart, 90 steps apart in time), a fair coin per seed
+(`route_for_seed`). Each succeeds alone. Averaged step by step, the right gripper's opening is
+half open (which releases the 4 cm cube) from the moment the early route lets go, while the
+averaged left gripper is still half way from where the late route waits
+(`scripts/verify_aloha_experts.py` measures it). `aloha_env.HandoverTracker` labels the route an episode took from where the
 cube is when the left gripper takes it.
 """
 
@@ -45,8 +47,8 @@ TASKS = ("transfer_cube", "insertion")
 ROUTES = ("early_high", "late_low")
 """The two hand-over routes of the two-route transfer-cube variant."""
 STANDARD_MEET = np.array([0.0, 0.5, 0.25])
-ROUTE_MEETS = {"early_high": np.array([0.0, 0.44, 0.27]), "late_low": np.array([0.0, 0.56, 0.19])}
-ROUTE_DELAYS = {"early_high": -20, "late_low": 50}
+ROUTE_MEETS = {"early_high": np.array([0.0, 0.46, 0.29]), "late_low": np.array([0.0, 0.54, 0.21])}
+ROUTE_DELAYS = {"early_high": -30, "late_low": 60}
 """Steps by which each route's hand-over comes before / after the single-route expert's."""
 INSERTION_MEET = np.array([0.0, 0.5, 0.2])
 CUBE_REST_Z = 0.02
@@ -115,11 +117,11 @@ class WaypointPlan:
 def transfer_cube_plan(cube_xyz: np.ndarray, start: dict, meet: np.ndarray = STANDARD_MEET,
                        delay: int = 0) -> WaypointPlan:
     """cube_xyz (3,): the cube at reset; start: {arm: (grasp point, rotation)} at reset; the
-    hand-over (every waypoint from step 280 on) happens at `meet`, `delay` steps later."""
+    hand-over (every waypoint from step 250 on) happens at `meet`, `delay` steps later."""
     cube = np.array([cube_xyz[0], cube_xyz[1], CUBE_REST_Z])
 
     def w(t, point, rotation, gripper):
-        return Waypoint(min(t + delay, HORIZON) if t >= 280 else t, point, rotation, gripper)
+        return Waypoint(min(t + delay, HORIZON) if t >= 250 else t, point, rotation, gripper)
 
     right = [
         w(0, start["right"][0], start["right"][1], 0.0),
