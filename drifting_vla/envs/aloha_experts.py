@@ -24,8 +24,8 @@ Transfer cube: the right gripper comes down on the cube pointing down (fingers o
 back faces), closes, lifts it to the hand-over point and opens once the left gripper, pointing
 right with its fingers above and below the cube (the upper one between the right's fingers), has
 closed on it.
-Insertion: each gripper takes its object pointing down, the grippers turn level and bring the peg
-into the socket along the table's x axis.
+Insertion: each gripper takes its object pointing down and lifts it; the socket waits above the
+table's middle while the peg, levelled with it, slides in along the table's x axis onto the pin.
 
 Two-route variant (`ROUTES`): the hand-over happens either early and high in front, or late and
 low behind (hand-over points 11 cm apart, 90 steps apart in time), a fair coin per seed
@@ -59,6 +59,10 @@ GRASP_OFFSET = 0.105
 HELD_BELOW = 0.03
 """How far (m) below the right gripper's grasp point the cube it lifted hangs: its fingertips
 stop on the table 3 cm short of the cube's centre, so they hold the cube's upper part."""
+PEG_GRASP_Z = 0.058
+SOCKET_GRASP_Z = 0.055
+"""Grasp-point heights for the peg (2 cm tall) and the socket (4 cm tall): the fingertips end
+about 1 cm above the table."""
 EXPERT_VERSION = 2
 """Bumped whenever a plan changes, so cached demonstrations of an older plan are collected again."""
 
@@ -151,11 +155,14 @@ def transfer_cube_plan(cube_xyz: np.ndarray, start: dict, meet: np.ndarray = STA
 
 
 def insertion_plan(peg_xyz: np.ndarray, socket_xyz: np.ndarray, start: dict) -> WaypointPlan:
-    """The right gripper takes the peg, the left the socket, both from above; level, they meet
-    above the table's middle and the peg slides into the socket along x."""
-    peg = np.array([peg_xyz[0], peg_xyz[1], CUBE_REST_Z])
-    socket = np.array([socket_xyz[0], socket_xyz[1], CUBE_REST_Z])
-    m = INSERTION_MEET
+    """The right gripper takes the peg, the left the socket, both from above with the fingertips
+    just clear of the table (fingers pressed on the table do not close); they meet above the
+    table's middle and the peg slides 3 cm into the socket along x, onto the pin inside it."""
+    peg = np.array([peg_xyz[0], peg_xyz[1], PEG_GRASP_Z])
+    socket = np.array([socket_xyz[0], socket_xyz[1], SOCKET_GRASP_Z])
+    # Level the peg's centre (1 cm high, PEG_GRASP_Z - 0.01 below the grasp point) with the
+    # socket's (2 cm high, SOCKET_GRASP_Z - 0.02 below).
+    right_meet = INSERTION_MEET + [0, 0, (PEG_GRASP_Z - 0.01) - (SOCKET_GRASP_Z - 0.02)]
     w = Waypoint
     right = [
         w(0, start["right"][0], start["right"][1], 0.0),
@@ -164,9 +171,10 @@ def insertion_plan(peg_xyz: np.ndarray, socket_xyz: np.ndarray, start: dict) -> 
         w(170, peg, DOWN_RIGHT, 0.0),
         w(185, peg, DOWN_RIGHT, 0.0),
         w(215, peg + [0, 0, 0.10], DOWN_RIGHT, 0.0),
-        w(270, m + [0.14, 0, 0], DOWN_RIGHT, 0.0),
-        w(340, m + [0.06, 0, 0], DOWN_RIGHT, 0.0),
-        w(HORIZON, m + [0.06, 0, 0], DOWN_RIGHT, 0.0),
+        w(270, right_meet + [0.15, 0, 0], DOWN_RIGHT, 0.0),
+        w(290, right_meet + [0.15, 0, 0], DOWN_RIGHT, 0.0),
+        w(350, right_meet + [0.03, 0, 0], DOWN_RIGHT, 0.0),
+        w(HORIZON, right_meet + [0.03, 0, 0], DOWN_RIGHT, 0.0),
     ]
     left = [
         w(0, start["left"][0], start["left"][1], 0.0),
@@ -175,9 +183,8 @@ def insertion_plan(peg_xyz: np.ndarray, socket_xyz: np.ndarray, start: dict) -> 
         w(170, socket, DOWN_LEFT, 0.0),
         w(185, socket, DOWN_LEFT, 0.0),
         w(215, socket + [0, 0, 0.10], DOWN_LEFT, 0.0),
-        w(270, m + [-0.14, 0, 0], DOWN_LEFT, 0.0),
-        w(340, m + [-0.06, 0, 0], DOWN_LEFT, 0.0),
-        w(HORIZON, m + [-0.06, 0, 0], DOWN_LEFT, 0.0),
+        w(270, INSERTION_MEET + [-0.06, 0, 0], DOWN_LEFT, 0.0),
+        w(HORIZON, INSERTION_MEET + [-0.06, 0, 0], DOWN_LEFT, 0.0),
     ]
     return WaypointPlan(left, right)
 
