@@ -24,17 +24,34 @@ SIZE = 64
 BASELINE = "faithful (dm_control 480x640, scene settings) + resize"
 
 
+ROUNDS = 3
+"""Every render option is timed once per round, the rounds interleaved, and its fastest round kept:
+on a shared machine the other jobs' load then weighs on every option alike."""
+
+
 def run(args) -> list[Row]:
-    rows = [Row("aloha_render", "physics only (one 50 Hz control step)", _physics_seconds(), BASELINE),
-            Row("aloha_render", BASELINE, _render_seconds(mode="faithful"))]
     options = {
+        BASELINE: {"mode": "faithful"},
         "fast (64x85, no shadows / reflections / MSAA) + resize": {},
         "fast + shadows": {"shadows": True},
         "fast + reflections": {"reflections": True},
         "fast + 4x multisampling": {"multisampling": True},
         "fast settings at 480x640 + resize": {"render_size": (480, 640)},
     }
-    rows += [Row("aloha_render", name, _render_seconds(mode="fast", **kwargs), BASELINE) for name, kwargs in options.items()]
+    envs = {name: _env() for name in options}  # one env each: the fast options change its model
+    renderers = {name: TopCameraRenderer(envs[name].physics, SIZE, **{"mode": "fast", **kwargs})
+                 for name, kwargs in options.items()}
+    best = dict.fromkeys(options, float("inf"))
+    try:
+        for _ in range(ROUNDS):
+            for name, renderer in renderers.items():
+                best[name] = min(best[name], time_call(renderer.render, warmup=2, repeats=10, min_seconds=0.5))
+    finally:
+        for name in options:
+            renderers[name].close()
+            envs[name].close()
+    rows = [Row("aloha_render", "physics only (one 50 Hz control step)", _physics_seconds(), BASELINE)]
+    rows += [Row("aloha_render", name, seconds, None if name == BASELINE else BASELINE) for name, seconds in best.items()]
     rows.append(Row("aloha_render", "gym-aloha env.step (physics + three 480x640 renders)", _gym_aloha_step_seconds(), BASELINE))
     return rows
 
@@ -43,16 +60,6 @@ def _env() -> AlohaEnv:
     env = AlohaEnv("transfer_cube", image_size=SIZE)
     env.reset(100000)
     return env
-
-
-def _render_seconds(mode: str, **options) -> float:
-    env = _env()
-    renderer = TopCameraRenderer(env.physics, SIZE, mode, **options)
-    try:
-        return time_call(renderer.render, warmup=2, repeats=10, min_seconds=0.5)
-    finally:
-        renderer.close()
-        env.close()
 
 
 def _physics_seconds() -> float:
