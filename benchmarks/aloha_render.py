@@ -5,8 +5,8 @@ scene's settings (4096 shadow map, 4x multisampling); the policy sees one camera
 (wall time of one call, this process, one env per row since the fast options change the model):
 
     physics                 one control step without any render (10 MuJoCo steps)
-    faithful                the top camera as gym-aloha renders it (dm_control, 480x640, scene
-                            settings), resized to 64x64: the baseline
+    faithful                the top camera as gym-aloha renders it (480x640, scene settings, the
+                            same pixels as dm_control's render), resized to 64x64: the baseline
     fast, + <option>        a mujoco.Renderer at 64x85 with shadows, reflections and multisampling
                             off, then with one of them back on
     fast at 480x640         the fast settings at gym-aloha's size
@@ -21,7 +21,7 @@ from benchmarks.timing import Row, time_call
 from drifting_vla.envs.aloha_env import AlohaEnv, TopCameraRenderer
 
 SIZE = 64
-BASELINE = "faithful (dm_control 480x640, scene settings) + resize"
+BASELINE = "faithful (480x640, scene settings) + resize"
 
 
 ROUNDS = 3

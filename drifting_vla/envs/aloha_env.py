@@ -21,9 +21,10 @@ the rate counts episodes that ever reached 4 and a later drop (the cube put down
 Rendering (`render_mode`):
     fast      one `mujoco.Renderer` per env at the size the policy sees (S x 4S/3, the camera's
               4:3 frame) with shadows, reflections and multisampling off, then resized to S x S.
-    faithful  what gym-aloha renders (dm_control's `physics.render(480, 640)`, the scene's own
-              settings: 4096 shadow map, 4x multisampling), then resized to S x S: a policy
-              trained on LeRobot's hub `aloha_sim_*` datasets is evaluated on the images it learned from.
+    faithful  what gym-aloha renders (480x640 with the scene's own settings: 4096 shadow map, 4x
+              multisampling; the same pixels as its dm_control `physics.render`), then resized to
+              S x S: a policy trained on LeRobot's hub `aloha_sim_*` datasets is evaluated on the
+              images it learned from.
 `benchmarks/aloha_render.py` measures both and the options in between (docs/benchmarks.md).
 Use one env per process (one GL context); set `MUJOCO_GL=egl` on a headless machine.
 """
@@ -107,21 +108,23 @@ def _joint_task(task: str):
 
 
 class TopCameraRenderer:
-    """The top camera as uint8 [S, S, 3]. `fast`: a `mujoco.Renderer` at S x 4S/3 with shadows,
-    reflections and multisampling off (`shadows`, `reflections`, `multisampling` turn each back
-    on, for the renderer benchmark). `faithful`: dm_control's 480x640 render with the scene's own
-    settings, gym-aloha's pixels. Either way the frame is then resized to S x S."""
+    """The top camera as uint8 [S, S, 3], drawn by one `mujoco.Renderer` and resized to S x S.
+
+    `fast`: drawn at S x 4S/3 with shadows, reflections and multisampling off (`shadows`,
+    `reflections`, `multisampling` turn each back on, `render_size` sets the drawn size: for the
+    renderer benchmark). `faithful`: drawn at 480x640 with the scene's own settings, pixel for pixel
+    what gym-aloha's dm_control `physics.render` draws (checked). dm_control's renderer itself is not
+    used: its GL context and a `mujoco.Renderer` made after it in one process draw noise."""
 
     def __init__(self, physics, size: int, mode: str = "fast", shadows: bool = False,
                  reflections: bool = False, multisampling: bool = False, render_size: tuple[int, int] | None = None) -> None:
+        import mujoco
+
         if mode not in RENDER_MODES:
             raise ValueError(f"unknown ALOHA render_mode {mode!r}; valid: {list(RENDER_MODES)}")
         self.physics, self.size, self.mode = physics, int(size), mode
-        self._renderer = None
+        model = physics.model
         if mode == "fast":
-            import mujoco
-
-            model = physics.model
             if not multisampling:
                 model.vis.quality.offsamples = 0
             if not shadows:
@@ -129,15 +132,13 @@ class TopCameraRenderer:
             if not reflections:
                 model.mat_reflectance[:] = 0
             height, width = render_size or (self.size, round(self.size * 4 / 3))
-            self._renderer = mujoco.Renderer(model.ptr, height, width)
+        else:
+            height, width = FAITHFUL_SIZE
+        self._renderer = mujoco.Renderer(model.ptr, height, width)
 
     def render(self) -> np.ndarray:
-        if self._renderer is None:
-            frame = self.physics.render(*FAITHFUL_SIZE, camera_id=CAMERA)
-        else:
-            self._renderer.update_scene(self.physics.data.ptr, camera=CAMERA)
-            frame = self._renderer.render()
-        return resize_image(np.ascontiguousarray(frame), self.size)
+        self._renderer.update_scene(self.physics.data.ptr, camera=CAMERA)
+        return resize_image(np.ascontiguousarray(self._renderer.render()), self.size)
 
     def close(self) -> None:
         if self._renderer is not None:
