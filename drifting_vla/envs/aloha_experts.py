@@ -5,7 +5,7 @@ gym-aloha ships the tasks but no scripted policy. The published scripted demonst
 move mocap bodies welded to the grippers through time-indexed waypoints in the end-effector
 version of the task and replay the joint trajectory that results. Under the MuJoCo this project
 pins (3.3) those welds hold the gripper 13.5 cm behind the mocap body and lag it by centimetres,
-so the published waypoints miss the cube (measured: no grasp in 8 seeds). The experts here keep
+so the published waypoints miss the cube (measured: no lift in 6 seeds, one touch). The experts here keep
 the method, end-effector waypoints made into a joint trajectory that is replayed, with their own
 waypoints and exact kinematics in place of the weld:
 
