@@ -1,12 +1,14 @@
-"""Collect (and cache) Meta-World scripted-expert demonstrations for the embedded benchmark.
+"""Collect (and cache) scripted-expert demonstrations: Meta-World (the embedded benchmark) or ALOHA.
 
     python scripts/collect_demos.py                                   # the tasks of drifting_vla/configs/data/metaworld.yaml
     python scripts/collect_demos.py --data metaworld_multimodal       # another data config (here the two-route wall suite)
     python scripts/collect_demos.py --tasks reach-v3 push-v3 --episodes 20 --workers 2
     python scripts/collect_demos.py --cameras corner gripperPOV --image-size 96 --root ./data/metaworld
     python scripts/collect_demos.py --format lerobot --output ./data/metaworld_lerobot   # + a LeRobot v3.0 copy
+    python scripts/collect_demos.py --data aloha_transfer_cube --format lerobot --output ./data/aloha_lerobot
+                                      # ALOHA demos in LeRobot's ALOHA layout (train: data=aloha_lerobot data.root=...)
 
-Needs the `sim` extra (metaworld, mujoco) and `MUJOCO_GL=egl` (or osmesa) on a headless machine.
+Needs the `sim` extra (metaworld, gym-aloha, mujoco) and `MUJOCO_GL=egl` (or osmesa) on a headless machine.
 Collection is deterministic for the settings and skipped for tasks already complete in the cache;
 the training config must use the same settings to find the demos. `--format lerobot` also writes
 the demos as a LeRobotDataset v3.0 (AV1 video by default) for `data=lerobot data.root=<output>`.
@@ -24,8 +26,12 @@ from drifting_vla.configs import data_config
 
 def main() -> None:
     os.environ.setdefault("MUJOCO_GL", "egl")
+    from drifting_vla.data.aloha_demos import ensure_aloha_demos, export_aloha_store
     from drifting_vla.data.lerobot_writer import VIDEO_CODECS, export_metaworld_store
     from drifting_vla.data.metaworld_demos import ensure_metaworld_demos
+
+    suites = {"metaworld": (ensure_metaworld_demos, export_metaworld_store, "data=lerobot"),
+              "aloha": (ensure_aloha_demos, export_aloha_store, "data=aloha_lerobot")}
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="metaworld", help="data config to start from (drifting_vla/configs/data/<name>.yaml)")
@@ -47,6 +53,9 @@ def main() -> None:
         parser.error("--format lerobot needs --output DIR")
 
     cfg = data_config(args.data)
+    if cfg.get("name") not in suites:
+        parser.error(f"--data {args.data}: collects demos of {sorted(suites)} only (its name is {cfg.get('name')!r})")
+    ensure, export, train_with = suites[cfg["name"]]
     overrides = {
         "tasks": args.tasks,
         "cameras": args.cameras,
@@ -60,13 +69,13 @@ def main() -> None:
         cfg["train_seeds"]["count"] = args.episodes
     if args.seed_start is not None:
         cfg["train_seeds"]["start"] = args.seed_start
-    store = ensure_metaworld_demos(cfg)
+    store = ensure(cfg)
     if args.format == "lerobot":
         start = time.perf_counter()
-        out = export_metaworld_store(store, args.output, cfg["tasks"], cfg["eval_seeds"], vcodec=args.vcodec)
+        out = export(store, args.output, cfg["tasks"], cfg["eval_seeds"], vcodec=args.vcodec)
         size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
         print(f"wrote LeRobot v3.0 dataset {out} ({size / 1e6:.1f} MB, {args.vcodec}) in {time.perf_counter() - start:.0f} s; "
-              f"train with: python scripts/train.py data=lerobot data.root={out}")
+              f"train with: python scripts/train.py {train_with} data.root={out}")
 
 
 if __name__ == "__main__":

@@ -104,6 +104,32 @@ def build_metaworld(cfg, split: str = "train") -> DemoDataset:
     )
 
 
+def _collect_aloha_demos(cfg) -> None:
+    from drifting_vla.data.aloha_demos import ensure_aloha_demos
+
+    ensure_aloha_demos(cfg)
+
+
+@register_dataset("aloha", prepare=_collect_aloha_demos)
+def build_aloha(cfg, split: str = "train") -> DemoDataset:
+    """The scripted ALOHA demos (collected on first use; `aloha_demos.py`), read from a store in
+    the Meta-World layout: the top camera, 14 joint positions, 14 joint targets."""
+    from drifting_vla.data.aloha_demos import ensure_aloha_demos
+    from drifting_vla.data.metaworld_dataset import MetaWorldDataset
+
+    if split not in ("train", "val"):
+        raise ValueError(f"ALOHA demos have a train and a val split, got {split!r}")
+    return MetaWorldDataset(
+        ensure_aloha_demos(cfg),
+        tasks=list(cfg["tasks"]),
+        cameras=list(cfg["cameras"]),
+        horizon=int(cfg["horizon"]),
+        split=split,
+        holdout_every=int(cfg["holdout_every"]),
+        n_obs_steps=int(cfg["n_obs_steps"]),
+    )
+
+
 @register_dataset("rlbench")
 def build_rlbench(cfg, split: str = "train") -> DemoDataset:
     from drifting_vla.data.rlbench_dataset import RLBenchDataset

@@ -20,6 +20,7 @@ import importlib
 
 ENVS: dict[str, str] = {
     "metaworld": "drifting_vla.envs.metaworld_env:MetaWorldEnv",
+    "aloha": "drifting_vla.envs.aloha_env:AlohaEnv",
     "rlbench": "drifting_vla.envs.rlbench_env:RLBenchEnv",
 }
 

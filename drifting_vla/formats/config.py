@@ -262,6 +262,15 @@ class MetaWorldDataConfig(DataConfig):
 
 
 @dataclass(kw_only=True)
+class AlohaDataConfig(DataConfig):
+    root: str | None = None
+    render_mode: str = setting("fast", choices=("fast", "faithful"))
+    expert: str = setting("scripted", choices=("scripted", "routes"))
+    collect_workers: int = setting(2, ge=1)
+    holdout_every: int = setting(10, ge=2)
+
+
+@dataclass(kw_only=True)
 class RLBenchDataConfig(DataConfig):
     root: str = setting()
     tasks: list[str] = setting(min_items=1)
@@ -295,7 +304,8 @@ class LeRobotDataConfig(DataConfig):
     simulator: Any = "auto"
 
 
-DATA_SCHEMAS = {"metaworld": MetaWorldDataConfig, "rlbench": RLBenchDataConfig, "lerobot": LeRobotDataConfig}
+DATA_SCHEMAS = {"metaworld": MetaWorldDataConfig, "aloha": AlohaDataConfig, "rlbench": RLBenchDataConfig,
+                "lerobot": LeRobotDataConfig}
 
 # ----------------------------------------------------------------------------------------------
 # model.*
