@@ -26,11 +26,11 @@ import time
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 import numpy as np
-from drifting_vla.inference.rollout import wilson_interval
 from tqdm import tqdm
 
 from drifting_vla.configs import data_config
 from drifting_vla.envs.aloha_experts import ROUTES
+from drifting_vla.evaluation.results import wilson_interval
 
 AVERAGE = "average"
 _ENV = None

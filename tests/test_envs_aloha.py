@@ -16,8 +16,6 @@ import pytest
 
 pytest.importorskip("gym_aloha")
 
-from drifting_vla.inference.rollout import evaluation_seeds  # noqa: E402
-
 from drifting_vla.configs import data_config  # noqa: E402
 from drifting_vla.data.aloha_demos import JOINT_NAMES, export_aloha_store  # noqa: E402
 from drifting_vla.data.metaworld_dataset import MetaWorldDataset, write_task_store  # noqa: E402
@@ -32,6 +30,7 @@ from drifting_vla.envs.aloha_experts import (  # noqa: E402
     route_for_seed,
     start_poses,
 )
+from drifting_vla.evaluation.seeds import evaluation_seeds  # noqa: E402
 
 CONFIGS = ("aloha_transfer_cube", "aloha_insertion", "aloha_transfer_cube_bimodal")
 
@@ -152,7 +151,7 @@ def test_lerobot_export_has_lerobots_aloha_layout_and_loads_with_its_simulator(t
     assert info["features"]["observation.state"]["names"] == JOINT_NAMES
     cfg = {**data_config("aloha_lerobot"), "root": str(out), "horizon": 4, "image_size": 16, "holdout_every": 2}
     dataset = build_dataset(cfg, "train")
-    native = MetaWorldDataset(store, ["transfer_cube"], ["top"], horizon=4, split="train", val_every=2)
+    native = MetaWorldDataset(store, ["transfer_cube"], ["top"], horizon=4, split="train", holdout_every=2)
     assert len(dataset) == len(native) == 12
     for i in (0, 11):
         a, b = native[i], dataset[i]

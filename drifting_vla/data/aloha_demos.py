@@ -38,7 +38,7 @@ from drifting_vla.data.metaworld_dataset import (
     write_task_store,
 )
 from drifting_vla.data.rlbench_pickle import CorruptEpisodeError
-from drifting_vla.files import FileLock, write_atomic
+from drifting_vla.formats.files import FileLock, write_atomic
 
 DEFAULT_ROOT = "~/.cache/drifting_vla/aloha"
 SIMULATOR_PACKAGES = ("gym-aloha", "dm-control", "mujoco")
