@@ -263,7 +263,13 @@ class MetaWorldDataConfig(DataConfig):
 
 @dataclass(kw_only=True)
 class AlohaDataConfig(DataConfig):
-    root: str | None = None
+    tasks: list[str] = setting(min_items=1)
+    image_size: int = setting(64, ge=1, le=MAX_IMAGE_SIZE)
+    max_episode_steps: int = setting(400, ge=1)  # ACT's and LeRobot's evaluation length (8 s)
+    train_seeds: SeedRange = setting()
+    eval_seeds: SeedRange = setting()
+    control_hz: float = setting(50.0, gt=0)  # gym-aloha's DT of 0.02 s
+    root: str | None = "~/.cache/drifting_vla/aloha"
     render_mode: str = setting("fast", choices=("fast", "faithful"))
     expert: str = setting("scripted", choices=("scripted", "routes"))
     collect_workers: int = setting(2, ge=1)
