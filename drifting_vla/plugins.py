@@ -6,9 +6,10 @@
 Importing `my_package.robot` runs its registrations (`drifting_vla.envs.register_env`,
 `drifting_vla.data.registry.register_dataset`, entries in `OBJECTIVES`, `VISION_BACKBONES`,
 `LANGUAGE_ENCODERS`), and the schemas of their config keys, checked when a run starts (entries in
-`DATA_SCHEMAS`, `VISION_SCHEMAS`, `LANGUAGE_SCHEMAS` of `drifting_vla.formats.config`). This is the one way a script imports code it was not written with, and it
-is an act of the user: the scripts take `plugins` from their own command line and config files,
-never from a checkpoint, an export or a server. A run's config.yaml records the plugins it was
+`DATA_SCHEMAS`, `VISION_SCHEMAS`, `LANGUAGE_SCHEMAS` of `drifting_vla.formats.config`). This is
+the one way a script imports code it was not written with, and it is an act of the user: the
+scripts take `plugins` from their own command line and config files, never from a checkpoint, an
+export or a server. A run's config.yaml records the plugins it was
 trained with, for a person to read; loading the run imports none of them.
 
 Spawned simulator workers need no plugins: the parent resolves a registered name to its

@@ -232,7 +232,8 @@ def metaworld_store(root: Path, size: int = 16) -> Path:
     for task in ("reach-v3", "push-v3"):
         episodes = [
             {
-                "images": np.broadcast_to((20 + 10 * np.arange(7) + 50 * k).astype(np.uint8)[:, None, None, None, None], (7, 2, 3, size, size)).copy(),
+                "images": np.broadcast_to((20 + 10 * np.arange(7) + 50 * k).astype(np.uint8)[:, None, None, None, None],
+                                          (7, 2, 3, size, size)).copy(),
                 "proprio": rng.normal(size=(7, 4)).astype(np.float32), "state": rng.normal(size=(7, 39)).astype(np.float32),
                 "actions": rng.uniform(-1, 1, (7, 4)).astype(np.float32), "seed": k,
             }

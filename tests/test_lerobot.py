@@ -343,7 +343,8 @@ def test_training_on_an_export_records_its_simulator_and_on_a_foreign_dataset_sk
     with initialize_config_dir(config_dir=str(Path(__file__).parents[1] / "drifting_vla" / "configs"), version_base=None):
         exported = compose("config", overrides=[*common, f"data.root={export}", f"run_dir={tmp_path / 'a'}"])
         foreign = compose("config", overrides=[*common, f"data.root={FIXTURE / 'dataset'}", f"data.cameras=[{VIDEOS[0]},{IMAGE}]",
-                                               "data.proprio_dim=6", "training.eval.at_end=true", "training.eval.execute_steps=2", f"run_dir={tmp_path / 'b'}"])
+                                               "data.proprio_dim=6", "training.eval.at_end=true", "training.eval.execute_steps=2",
+                                               f"run_dir={tmp_path / 'b'}"])
     assert Trainer(exported).cfg.data.simulator.name == "metaworld"
     assert "simulator:\n    name: metaworld" in (tmp_path / "a" / "config.yaml").read_text()  # what checkpoints hold
     assert Trainer(foreign).fit() is None

@@ -173,7 +173,8 @@ def test_a_plugin_dataset_declares_the_schema_of_its_own_keys_and_they_are_check
 ])
 def test_evaluation_and_server_settings_are_range_checked_naming_the_key(config, override, message):
     with initialize_config_dir(config_dir=str(ROOT / "drifting_vla" / "configs"), version_base=None):
-        cfg = compose(config, overrides=["checkpoint=runs/x", "output=/tmp/unused", override] if config == "eval" else ["checkpoint=runs/x", override])
+        overrides = ["checkpoint=runs/x", "output=/tmp/unused", override] if config == "eval" else ["checkpoint=runs/x", override]
+        cfg = compose(config, overrides=overrides)
     validate = validate_eval_config if config == "eval" else validate_serve_config
     with pytest.raises(ValueError, match=re.escape(f"config key {message}")):
         validate(cfg)
@@ -304,7 +305,8 @@ def test_two_gloo_ranks_stay_identical_and_match_one_process_on_the_global_batch
         torch.testing.assert_close(ranks[0][name], ranks[1][name], rtol=0, atol=0, msg=f"replicas differ at {name}")
         # Reductions sum in another order (~1e-7 relative), and Adam divides a gradient by its own
         # size: on a near-zero gradient that can move a weight by up to the learning rate (3e-4).
-        torch.testing.assert_close(ranks[0][name], value, rtol=1e-4, atol=3e-4, msg=lambda m, name=name: f"{strategy} differs from one process at {name}: {m}")
+        torch.testing.assert_close(ranks[0][name], value, rtol=1e-4, atol=3e-4,
+                                   msg=lambda m, name=name: f"{strategy} differs from one process at {name}: {m}")
     logged = [json.loads(line) for line in (tmp_path / "ranks" / "metrics.jsonl").read_text().splitlines()]
     single_logged = [json.loads(line) for line in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
     for ours, theirs in zip(logged, single_logged, strict=True):

@@ -336,7 +336,8 @@ def write_markdown(rows: list[dict], meta: dict, path: Path) -> None:
         f"never used in training, chunk execution ({meta['execution']}: executed/horizon). Latency: one chunk at batch 1, one CPU "
         f"thread, median, measured in this run on {meta['machine']}.",
         "",
-        "| objective | sampler | NFE | execution | success | 95% CI | seeds | spread over seeds (std) | latency ms | of which encoders | x drifting |",
+        "| objective | sampler | NFE | execution | success | 95% CI | seeds | spread over seeds (std) | latency ms "
+        "| of which encoders | x drifting |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -398,7 +399,8 @@ def plot(rows: list[dict], output: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     timed = sorted((r for r in rows if r["latency_ms"] is not None), key=lambda r: -r["success"])
     for i, r in enumerate(timed):
-        ax.errorbar(r["latency_ms"], r["success"], yerr=_intervals([r]), marker=markers.get(r["sampler"], "o"), color=PLOT_COLORS.get(r["objective"]), capsize=3)
+        ax.errorbar(r["latency_ms"], r["success"], yerr=_intervals([r]), marker=markers.get(r["sampler"], "o"),
+                    color=PLOT_COLORS.get(r["objective"]), capsize=3)
         # Points at one latency crowd together: labels step down the right-hand side instead.
         ax.annotate(f"{r['protocol']} ({r['success']:.2f})",
                     (r["latency_ms"], r["success"]), textcoords="offset points", xytext=(10, 12 - 12 * (i % 4)),
@@ -406,7 +408,8 @@ def plot(rows: list[dict], output: Path) -> None:
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_xticks([t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500) if 0.5 * min(r["latency_ms"] for r in timed) <= t <= 2 * max(r["latency_ms"] for r in timed)])
+    fastest, slowest = min(r["latency_ms"] for r in timed), max(r["latency_ms"] for r in timed)
+    ax.set_xticks([t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500) if 0.5 * fastest <= t <= 2 * slowest])
     ax.set_xlabel("chunk latency at batch 1, ms (log scale, 1 CPU thread)")
     _save_success_plot(fig, ax, output / "success_vs_latency.png", "Success vs latency")
 

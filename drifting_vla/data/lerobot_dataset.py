@@ -232,7 +232,8 @@ class LeRobotDataset(Dataset):
                         f"has shape {self.features[feature]['shape']}; delete the file to compute the stats instead"
                     )
                 if first_non_finite(np.asarray(recorded[feature][s], dtype=np.float64)) is not None:
-                    raise ValueError(f"{path}: {feature}.{s} holds non-finite values {recorded[feature][s]}; delete the file to compute the stats instead")
+                    raise ValueError(f"{path}: {feature}.{s} holds non-finite values {recorded[feature][s]}; "
+                                     "delete the file to compute the stats instead")
             stats[name] = {s: [float(v) for v in recorded[feature][s]] for s in STATS}
         return stats
 

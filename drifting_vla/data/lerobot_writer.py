@@ -147,7 +147,8 @@ class LeRobotWriter:
         hf_features = {  # the Hugging Face `datasets` schema LeRobot stores beside the arrow one
             key: {"feature": {"dtype": "float32", "_type": "Value"}, "length": len(names), "_type": "List"}
             for key, names in self.vectors.items()
-        } | {key: {"dtype": str(columns[key].dtype), "_type": "Value"} for key in ("timestamp", "frame_index", "episode_index", "index", "task_index")}
+        } | {key: {"dtype": str(columns[key].dtype), "_type": "Value"}
+             for key in ("timestamp", "frame_index", "episode_index", "index", "task_index")}
         table = pa.table(arrays).replace_schema_metadata({"huggingface": json.dumps({"info": {"features": hf_features}})})
         _write_parquet(table, self.tmp / DATA_PATH.format(chunk_index=0, file_index=0))
 
@@ -160,7 +161,8 @@ class LeRobotWriter:
         # LeRobot reads tasks.parquet with pandas, the task strings being the pandas index.
         pandas_meta = {
             "index_columns": ["__index_level_0__"],
-            "column_indexes": [{"name": None, "field_name": None, "pandas_type": "unicode", "numpy_type": "object", "metadata": {"encoding": "UTF-8"}}],
+            "column_indexes": [{"name": None, "field_name": None, "pandas_type": "unicode", "numpy_type": "object",
+                                "metadata": {"encoding": "UTF-8"}}],
             "columns": [
                 {"name": "task_index", "field_name": "task_index", "pandas_type": "int64", "numpy_type": "int64", "metadata": None},
                 {"name": None, "field_name": "__index_level_0__", "pandas_type": "unicode", "numpy_type": "object", "metadata": None},
@@ -281,7 +283,8 @@ class _VideoFile:
         self.close()
         os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1 logs its whole configuration per file; errors only
         self.file_number += 1
-        path = self.root / VIDEO_PATH.format(video_key=self.key, chunk_index=self.file_number // CHUNKS_SIZE, file_index=self.file_number % CHUNKS_SIZE)
+        chunk_index, file_index = divmod(self.file_number, CHUNKS_SIZE)
+        path = self.root / VIDEO_PATH.format(video_key=self.key, chunk_index=chunk_index, file_index=file_index)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.container = av.open(str(path), "w")
         self.stream = self.container.add_stream(self.vcodec, rate=self.fps)

@@ -6,8 +6,9 @@ Deterministic for a config: episode k of a task starts from `reset(seed=train_se
 failed expert episodes are dropped (and counted in `meta.json`), and kept episodes are written in
 seed order whatever the number of workers. The store folder is named by a hash of everything that
 changes its content, the installed metaworld and mujoco versions included, so a changed config or
-simulator never reads stale demos and an unchanged one is not collected twice. A task whose demos were cut short (a killed collection) or damaged is collected
-again; two processes never collect one store at the same time.
+simulator never reads stale demos and an unchanged one is not collected twice. A task whose demos
+were cut short (a killed collection) or damaged is collected again; two processes never collect
+one store at the same time.
 
 Collection runs the simulator through `drifting_vla.envs.metaworld_env.MetaWorldEnv`, the same
 wrapper the closed-loop evaluation uses (imported lazily: reading demos needs no simulator).

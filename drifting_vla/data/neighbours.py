@@ -64,7 +64,8 @@ task) doubles, whatever the dataset's size."""
 @dataclass
 class Observations:
     """One pass over a dataset, in index order: proprio [N, S] and thumbnails [N, V*3*8*8]
-    ([N, n*S] and [N, n*V*3*8*8] with an observation history; float64, unscaled), the task of every sample, and the expert chunks [N, T, A] (raw units)."""
+    ([N, n*S] and [N, n*V*3*8*8] with an observation history; float64, unscaled), the task of
+    every sample, and the expert chunks [N, T, A] (raw units)."""
 
     proprio: Tensor
     thumbnails: Tensor

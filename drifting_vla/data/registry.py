@@ -72,8 +72,9 @@ def _collect_metaworld_demos(cfg) -> None:
 
 
 def build_dataset(cfg, split: str = "train") -> DemoDataset:
-    """The builder reads `cfg` over the dataset's schema defaults (`with_data_defaults`). With `data.skip_corrupt=true` a sample whose files turn out damaged while training is
-    replaced by a readable one, the same in every run (`skip_corrupt.SkipCorruptSamples`)."""
+    """The builder reads `cfg` over the dataset's schema defaults (`with_data_defaults`). With
+    `data.skip_corrupt=true` a sample whose files turn out damaged while training is replaced by a
+    readable one, the same in every run (`skip_corrupt.SkipCorruptSamples`)."""
     name = str(cfg["name"])
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; registered: {sorted(DATASETS)}")

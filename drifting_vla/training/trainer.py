@@ -216,7 +216,8 @@ class Trainer:
             self.step += 1
             meter.stop(t.batch_size * t.grad_accum_steps * self.ctx.world_size)
             bar.update(1)
-            bar.set_postfix(loss=f"{step_metrics['train/loss']:.3f}", lambda_V=f"{step_metrics['train/lambda_V']:.4f}" if "train/lambda_V" in step_metrics else "-",
+            lambda_v = f"{step_metrics['train/lambda_V']:.4f}" if "train/lambda_V" in step_metrics else "-"
+            bar.set_postfix(loss=f"{step_metrics['train/loss']:.3f}", lambda_V=lambda_v,
                             samples_s=f"{meter.samples_per_second:.0f}", data_wait=f"{meter.data_wait_share:.0%}", refresh=False)
             self._after_step(step_metrics, last, meter)
         bar.close()
