@@ -60,7 +60,9 @@ class ScriptedEnv(BaseEnv):
         if fate == 2 and self.steps == 2:
             os._exit(3)
         success = fate == 0 and self.steps == 3
-        return StepResult(self._obs(), 0.0, success or self.steps >= self.max_episode_steps, success)
+        stage = 3 if success else min(self.steps, 2)  # a staged reward, like ALOHA's: the worker passes it on
+        info = {"stage": stage, "stage_names": ("moved", "moved twice", "succeeded")}
+        return StepResult(self._obs(), 0.0, success or self.steps >= self.max_episode_steps, success, info)
 
     def render(self) -> np.ndarray:
         return np.full((32, 32, 3), 10 * self.steps % 255, dtype=np.uint8)

@@ -84,6 +84,15 @@ def test_modes_pool_over_seeds():
     assert pooled_modes([{"success_rate": 1.0}]) is None
 
 
+def test_stages_pool_over_seeds_weighted_by_episodes():
+    from drifting_vla.cli.compare import pooled_stages
+
+    seed0 = {"per_task_episodes": {"insertion": 10}, "stages": {"insertion": {"both touched": 0.5, "inserted": 0.0}}}
+    seed1 = {"per_task_episodes": {"insertion": 30}, "stages": {"insertion": {"both touched": 1.0, "inserted": 0.2}}}
+    assert pooled_stages([seed0, seed1]) == {"insertion": {"both touched": pytest.approx(0.875), "inserted": pytest.approx(0.15)}}
+    assert pooled_stages([{"success_rate": 1.0}]) is None
+
+
 def test_execution_steps_make_their_own_cells_and_plot(tmp_path):
     from drifting_vla.cli.compare import Run, parse_protocols, plot_execution
 

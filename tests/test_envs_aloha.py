@@ -55,6 +55,7 @@ def test_observation_and_action_layout(env):
     hold = np.concatenate([obs["proprio"][:6], [1.0], obs["proprio"][7:13], [1.0]])
     result = env.step(hold)
     assert result.observation["images"].shape == (1, 3, 16, 16) and not result.done and not result.success
+    assert result.info["stage"] == 0 and result.info["stage_names"][-1] == "transferred"
     with pytest.raises(ValueError, match="non-finite"):
         env.step(np.full(14, np.nan))
     with pytest.raises(ValueError, match="14 values"):
@@ -169,6 +170,7 @@ def test_expert_succeeds_on_training_seeds(task, seeds):
     with AlohaEnv(task, image_size=16) as env:
         for seed in seeds:
             assert run_expert_episode(env, seed)["success"], (task, seed)
+            assert env.step(env.observation()["proprio"]).info["stage"] == 4  # the stage is the furthest reached
 
 
 @pytest.mark.slow

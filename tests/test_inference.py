@@ -289,6 +289,16 @@ def test_summary_dict_and_table_report_rates_per_task():
     assert d["success_rate"] == pytest.approx(2 / 3) and d["episodes"] == 3
     assert d["per_task"] == {"a": 0.5, "b": 1.0} and d["errors"] == 1
     assert "overall" in summary.format_table() and "b" in summary.format_table()
+    assert "stages" not in d
+
+
+def test_summary_reports_how_far_a_staged_reward_got():
+    names = ["touched", "lifted", "transfer attempted", "transferred"]
+    records = [EpisodeRecord("transfer_cube", seed, stage == 4, 400, 1.0, stage=stage, stage_names=names)
+               for seed, stage in enumerate([0, 1, 2, 2, 4])]
+    summary = EvalSummary(records)
+    assert summary.to_dict()["stages"] == {"transfer_cube": {"touched": 0.8, "lifted": 0.6, "transfer attempted": 0.2, "transferred": 0.2}}
+    assert "stages reached (transfer_cube): touched 80%, lifted 60%, transfer attempted 20%, transferred 20%" in summary.format_table()
 
 
 def test_rollout_reports_simulator_errors_and_dead_workers_as_failed_episodes(tmp_path):
@@ -309,6 +319,9 @@ def test_rollout_reports_simulator_errors_and_dead_workers_as_failed_episodes(tm
     records = read_episodes(tmp_path)
     assert len(records) == 5 and {r["seed"] for r in records} == {0, 1, 2, 3, 4}
     assert summary.to_dict()["success_rate"] == pytest.approx(0.4)
+    assert (by_seed[0].stage, by_seed[3].stage, list(by_seed[3].stage_names)) == (3, 2, ["moved", "moved twice", "succeeded"])
+    assert by_seed[1].stage == 1  # the furthest stage before the simulator raised
+    assert summary.to_dict()["stages"][TASK] == {"moved": 1.0, "moved twice": 0.6, "succeeded": 0.4}
     assert by_seed[0].video and (tmp_path / "videos" / f"{TASK}_seed0.mp4").stat().st_size > 0
 
 

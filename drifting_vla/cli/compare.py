@@ -289,6 +289,7 @@ def aggregate(results: list[dict], latencies: dict[str, dict], runs: list[Run]) 
             "per_task": {task: float(np.mean([r["per_task"][task] for r in mine])) for task in mine[0]["per_task"]},
             "errors": sum(r["errors"] for r in mine),
             "modes": pooled_modes(mine),
+            "stages": pooled_stages(mine),
             "latency_ms": latency.get("ms"),
             "encoder_ms": latency.get("encoder_ms"),
             "slowdown_vs_drifting": latency["ms"] / drifting_ms if latency and drifting_ms else None,
@@ -309,6 +310,21 @@ def pooled_modes(summaries: list[dict]) -> dict | None:
             wins[m] = wins.get(m, 0) + round(row["success"] * row["episodes"])
     total = sum(episodes.values())
     return {m: {"share": episodes[m] / total, "episodes": episodes[m], "success": wins[m] / episodes[m]} for m in sorted(episodes)}
+
+
+def pooled_stages(summaries: list[dict]) -> dict | None:
+    """Per task, the share of episodes reaching at least each stage of the staged reward, pooled
+    over seeds (None when the env labels no stages)."""
+    if not all(s.get("stages") for s in summaries):
+        return None
+    pooled = {}
+    for task, names in summaries[0]["stages"].items():
+        episodes = [s["per_task_episodes"][task] for s in summaries]
+        pooled[task] = {
+            name: sum(s["stages"][task][name] * n for s, n in zip(summaries, episodes, strict=True)) / sum(episodes)
+            for name in names
+        }
+    return pooled
 
 
 def executed_per_chunk(label: str) -> str:
@@ -364,6 +380,12 @@ def write_markdown(rows: list[dict], meta: dict, path: Path) -> None:
             + " |"
             for r in rows if r["modes"]
         ]
+    for task in dict.fromkeys(t for r in rows for t in (r["stages"] or {})):
+        names = next(r["stages"][task] for r in rows if r["stages"] and task in r["stages"])
+        lines += ["", f"How far the episodes got on {task} (share reaching at least each stage of the task's reward), "
+                  "pooled over seeds:", "", "| protocol | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        lines += [f"| {r['protocol']} | " + " | ".join(f"{r['stages'][task][n]:.0%}" for n in names) + " |"
+                  for r in rows if r["stages"] and task in r["stages"]]
     if meta.get("variants"):
         lines += ["", "Variants (overrides added to the shared ones): "
                   + "; ".join(f"`{name}`: {' '.join(o)}" for name, o in meta["variants"].items())]

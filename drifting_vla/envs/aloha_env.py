@@ -17,6 +17,8 @@ physics (under a millisecond) and one small render instead of gym-aloha's three 
 Success: the task's staged reward (0-4, from contacts) reaches its maximum 4 during the episode,
 the definition ACT and LeRobot report (gym-aloha's `is_success`); the episode then ends, since
 the rate counts episodes that ever reached 4 and a later drop (the cube put down) does not undo it.
+Every step's `info["stage"]` is the highest reward reached so far and `info["stage_names"]` what
+each value means (`STAGES`): evaluations report how far the failed episodes got.
 
 Rendering (`render_mode`):
     fast      one `mujoco.Renderer` per env at the size the policy sees (S x 4S/3, the camera's
@@ -61,6 +63,13 @@ RENDER_MODES = ("fast", "faithful")
 EXPERTS = ("scripted", "routes")
 PROPRIO_DIM = ACTION_DIM = 14
 MAX_REWARD = 4
+STAGES = {
+    "transfer_cube": ("touched", "lifted", "transfer attempted", "transferred"),
+    "insertion": ("both touched", "both lifted", "peg meets socket", "inserted"),
+}
+"""What each value 1-4 of gym-aloha's staged reward means (its contact tests): an episode's stage
+is the highest reached. ACT's paper reports the same stages; below full success they say how far a
+policy got (the right gripper on the cube, the cube off the table, ...)."""
 HANDOVER_RADIUS = 0.045
 """How close (m) to where a route hands the cube over the cube must be when the left gripper first
 touches it for the episode to count as that route (the two are 11 cm apart); farther away it is
@@ -220,7 +229,7 @@ class AlohaEnv(BaseEnv):
         reward = float(step.reward)
         self.max_reward = max(self.max_reward, reward)
         success = self.max_reward >= MAX_REWARD
-        info = {"reward": reward}
+        info = {"reward": reward, "stage": int(self.max_reward), "stage_names": STAGES[self.task]}
         if self._tracker is not None:
             info["mode"] = self._tracker.update(reward, self.physics.data.qpos[16:19].copy())
         return StepResult(self.observation(), reward, success or self.steps >= self.max_episode_steps, success, info)

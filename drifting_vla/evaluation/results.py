@@ -31,6 +31,8 @@ class EpisodeRecord:
     video: str | None = None
     mode: str | None = None  # the way the episode took, from envs that label it (the wall tasks)
     trajectory_video: str | None = None
+    stage: int | None = None  # the furthest stage of a staged reward reached (ALOHA: 0-4)
+    stage_names: list[str] | None = None  # what stages 1, 2, ... mean
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -44,6 +46,13 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def stages_reached(records: list[EpisodeRecord]) -> dict[str, float]:
+    """{stage name: share of `records` whose episode reached at least that stage}, in stage order
+    (an episode that ended before its first step counts as stage 0)."""
+    names = next(r.stage_names for r in records if r.stage_names)
+    return {name: sum((r.stage or 0) >= k for r in records) / len(records) for k, name in enumerate(names, start=1)}
 
 
 @dataclass
@@ -92,6 +101,7 @@ class EvalSummary:
             "policy_ms_per_call": 1000 * self.policy_seconds / max(1, self.policy_calls),
             "videos": list(self.videos),
             **self._modes(),
+            **self._stages(),
             "trajectory_videos": list(self.trajectory_videos),
         }
 
@@ -113,6 +123,14 @@ class EvalSummary:
 
         return {"modes": table(self.records), "per_task_modes": {t: table(rs) for t, rs in self.per_task().items()}}
 
+    def _stages(self) -> dict:
+        """Per task, the share of episodes that reached at least each stage of the task's staged
+        reward: where a policy that rarely succeeds gets stuck. Empty when no env labelled stages."""
+        staged = {t: rs for t, rs in self.per_task().items() if any(r.stage_names for r in rs)}
+        if not staged:
+            return {}
+        return {"stages": {t: stages_reached(rs) for t, rs in staged.items()}}
+
     def format_table(self) -> str:
         """Per-task success with its 95% interval, then the mean over all episodes."""
         summary = self.to_dict()
@@ -133,6 +151,8 @@ class EvalSummary:
                 "modes: "
                 + ", ".join(f"{m} {row['share']:.0%} (success {row['success']:.2f})" for m, row in modes.items())
             )
+        for task, reached in summary.get("stages", {}).items():
+            lines.append(f"stages reached ({task}): " + ", ".join(f"{name} {share:.0%}" for name, share in reached.items()))
         if self.protocol:
             lines.append(f"protocol: {self.protocol}")
         return "\n".join(lines)

@@ -23,7 +23,8 @@ non-finite action reaches a simulator; the refused envs' episodes end with the e
 Outputs under `output_dir` (an earlier evaluation's outputs there are deleted first, never mixed in):
 
     episodes.jsonl         one JSON object per finished episode: task, seed, success, steps, seconds, error,
-                           video, trajectory_video; appended whole and flushed to disk as each episode
+                           video, trajectory_video, and the env's labels (mode: the way taken; stage,
+                           stage_names: how far a staged reward got, ALOHA); appended whole and flushed to disk as each episode
                            ends, so a killed evaluation leaves what it ran (`read_episodes` reads it)
     summary.json           `EvalSummary.to_dict()`: rates, intervals, errors per task, timings
     videos/<task>_seed<seed>.mp4              the first `videos_per_task` episodes of each task (H.264)
@@ -179,7 +180,7 @@ def evaluate(
             slot = slots[index]
             video = slot.video if slot.video and Path(slot.video).is_file() else None
             elapsed = time.perf_counter() - slot.started
-            record = EpisodeRecord(slot.task, slot.seed, success, slot.steps, elapsed, error, video, slot.mode)
+            record = EpisodeRecord(slot.task, slot.seed, success, slot.steps, elapsed, error, video, **slot.labels)
             if video:
                 record.trajectory_video = trajectory_video(index, record)
             summary.records.append(record)
@@ -200,7 +201,7 @@ def evaluate(
             slot = slots[index]
             while queue and slot.obs is None:
                 slot.task, slot.seed, slot.video = queue.popleft()
-                slot.steps, slot.started, slot.mode, slot.replans = 0, time.perf_counter(), None, []
+                slot.steps, slot.started, slot.labels, slot.replans = 0, time.perf_counter(), {}, []
                 policy.reset(index)
                 try:
                     slot.worker.send(("reset", slot.task, slot.seed, slot.video))
@@ -255,7 +256,7 @@ def evaluate(
                         start(i)
                         continue
                     slot.steps += 1
-                    _, slot.obs, done, success, error, slot.mode = reply
+                    _, slot.obs, done, success, error, slot.labels = reply
                     if done or slot.steps >= int(data["max_episode_steps"]):
                         finish(i, bool(success), error)
                         start(i)

@@ -14,6 +14,9 @@ import numpy as np
 from drifting_vla.envs import env_class
 
 VIDEO_FPS = 30
+EPISODE_LABELS = ("mode", "stage", "stage_names")
+"""Keys of an env step's `info` that describe the episode so far and go into its record: the way
+it took (the wall tasks, the two-route ALOHA variant) and the furthest stage of a staged reward (ALOHA)."""
 
 
 class WorkerError(RuntimeError):
@@ -64,16 +67,15 @@ def _worker_main(conn, import_path: str, data_cfg: dict) -> None:
                 if video:
                     recording = _Recording(video, env.end_effector)
                     recording.add(env, obs)
-                conn.send(("obs", obs, False, False, None, None))
+                conn.send(("obs", obs, False, False, None, {}))
             elif message[0] == "step":
                 result = env.step(message[1])
                 if recording is not None:
                     recording.add(env, result.observation)
                     if result.done:
                         write_video(recording.video, recording.frames)
-                conn.send(
-                    ("obs", result.observation, result.done, result.success, result.info.get("error"), result.info.get("mode"))
-                )
+                labels = {key: result.info[key] for key in EPISODE_LABELS if key in result.info}
+                conn.send(("obs", result.observation, result.done, result.success, result.info.get("error"), labels))
             else:
                 _, path, record, replan_steps = message
                 if recording is None:
@@ -153,7 +155,7 @@ class EpisodeSlot:
     obs: dict | None = None
     steps: int = 0
     started: float = 0.0
-    mode: str | None = None
+    labels: dict = field(default_factory=dict)  # the env's latest EPISODE_LABELS
     replans: list[int] = field(default_factory=list)  # control steps at which the policy drew a new chunk
 
 def send_step(slot: EpisodeSlot, action: np.ndarray) -> None:
