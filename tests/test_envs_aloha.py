@@ -30,7 +30,7 @@ from drifting_vla.envs.aloha_experts import (  # noqa: E402
     route_for_seed,
     start_poses,
 )
-from drifting_vla.evaluation.seeds import evaluation_seeds  # noqa: E402
+from drifting_vla.envs.seeds import evaluation_seeds  # noqa: E402
 
 CONFIGS = ("aloha_transfer_cube", "aloha_insertion", "aloha_transfer_cube_bimodal")
 

@@ -12,8 +12,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from drifting_vla.envs.seeds import evaluation_seeds
 from drifting_vla.evaluation.results import read_episodes
-from drifting_vla.evaluation.seeds import evaluation_seeds
 from drifting_vla.formats.config import validate_eval_config
 from tests.helpers import run_simulate_eval, tiny_cfg, write_checkpoint
 

@@ -17,6 +17,7 @@ from drifting_vla.data.normalization import Normalizer, compute_stats
 from drifting_vla.data.rlbench_dataset import POSE_ACTION_SPEC
 from drifting_vla.data.transforms import canonical_quaternion
 from drifting_vla.envs import env_import_path, make_env, rlbench_env
+from drifting_vla.envs.seeds import evaluation_seeds
 from drifting_vla.evaluation.results import (
     EpisodeRecord,
     EvalSummary,
@@ -26,7 +27,6 @@ from drifting_vla.evaluation.results import (
     wilson_interval,
 )
 from drifting_vla.evaluation.rollout import evaluate
-from drifting_vla.evaluation.seeds import evaluation_seeds
 from drifting_vla.formats.checkpoint import seal_checkpoint
 from drifting_vla.formats.config import training_config
 from drifting_vla.formats.weights import DamagedCheckpointError

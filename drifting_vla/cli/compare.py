@@ -59,9 +59,9 @@ import torch
 from tqdm import tqdm
 
 from drifting_vla.benchmarks.timing import time_call
+from drifting_vla.envs.seeds import evaluation_seeds
 from drifting_vla.evaluation.results import wilson_interval
 from drifting_vla.evaluation.rollout import evaluate, protocol_label
-from drifting_vla.evaluation.seeds import evaluation_seeds
 from drifting_vla.formats.export import read_saved_policy
 from drifting_vla.formats.files import write_atomic
 from drifting_vla.inference.policy import DriftingPolicy

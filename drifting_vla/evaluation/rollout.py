@@ -62,13 +62,13 @@ from pathlib import Path
 import numpy as np
 
 from drifting_vla.envs import NO_SIMULATOR, checked_env_import_path, simulation_config
+from drifting_vla.envs.seeds import evaluation_seeds
 from drifting_vla.evaluation.results import (
     EPISODES_FILE,
     EpisodeRecord,
     EvalSummary,
     check_evaluated,
 )
-from drifting_vla.evaluation.seeds import evaluation_seeds
 from drifting_vla.evaluation.workers import EpisodeSlot, Worker, WorkerError, send_step
 from drifting_vla.formats.files import FileLock, JsonLinesAppender, write_atomic
 from drifting_vla.safety import PolicyRefusal

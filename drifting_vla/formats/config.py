@@ -291,6 +291,7 @@ class RLBenchDataConfig(DataConfig):
     workspace_bounds: list[list[float]] | None = None
     ignore_collisions: bool = False
     num_workers: int = setting(8, ge=0)
+    eval_seeds: SeedRange | None = setting(factory=lambda: SeedRange(start=0, count=25))  # PerAct's 25 per task
 
 
 @dataclass(kw_only=True)

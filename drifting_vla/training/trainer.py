@@ -47,6 +47,7 @@ from drifting_vla.distributed import (
     shard_model,
 )
 from drifting_vla.envs import NO_SIMULATOR, checked_env_import_path, simulation_config
+from drifting_vla.envs.seeds import evaluation_seeds
 from drifting_vla.formats.checkpoint import (
     checkpoint_dir_name,
     find_latest_valid_checkpoint,
@@ -127,8 +128,9 @@ class Trainer:
             with _unlocked(cfg):
                 cfg.data.simulator = self.train_set.simulator()
         simulator = simulation_config(cfg.data)
-        if evaluates and simulator is not None:  # an unknown simulator or task fails now, not after training
+        if evaluates and simulator is not None:  # an unknown simulator or task, or no seeds to run, fail now, not after training
             checked_env_import_path(simulator, simulator["tasks"])
+            evaluation_seeds(simulator, t.eval.episodes)
             if evaluator is None:
                 raise ValueError(
                     "training.eval asks for closed-loop evaluation (at_end or every) but the Trainer was given no "
