@@ -93,6 +93,27 @@ def test_stages_pool_over_seeds_weighted_by_episodes():
     assert pooled_stages([{"success_rate": 1.0}]) is None
 
 
+def test_stages_make_a_table_and_a_plot(tmp_path):
+    from drifting_vla.cli.compare import plot_stages, write_markdown
+
+    def row(objective, shares):
+        stages = {"transfer_cube": dict(zip(["touched", "lifted", "transfer attempted", "transferred"], shares, strict=True))}
+        return {"protocol": f"{objective}_nfe1", "objective": objective, "variant": None, "sampler": None, "nfe": 1,
+                "label": "aloha | x | chunk 4/16", "success": shares[-1], "ci95": [0.0, 0.1], "seeds": [0], "success_per_seed": [0.0],
+                "seed_std": None, "per_task": {"transfer_cube": shares[-1]}, "modes": None, "stages": stages,
+                "latency_ms": None, "encoder_ms": None, "slowdown_vs_drifting": None}
+
+    rows = [row("drifting", [0.9, 0.5, 0.1, 0.04]), row("regression", [0.7, 0.2, 0.0, 0.0])]
+    meta = {"data": "aloha", "max_steps": 1, "batch_size": 1, "learning_rate": 1, "ema_decay": 1, "episodes_per_task": 50,
+            "execution": "4/16", "machine": "x", "wall_minutes": 1, "train_minutes": 1, "trained_on": "x", "eval_minutes": 1}
+    write_markdown(rows, meta, tmp_path / "comparison.md")
+    text = (tmp_path / "comparison.md").read_text()
+    assert "| protocol | touched | lifted | transfer attempted | transferred |" in text
+    assert "| drifting_nfe1 | 90% | 50% | 10% | 4% |" in text and "| regression_nfe1 | 70% | 20% | 0% | 0% |" in text
+    plot_stages(rows, tmp_path)
+    assert (tmp_path / "stages_reached.png").stat().st_size > 10_000
+
+
 def test_execution_steps_make_their_own_cells_and_plot(tmp_path):
     from drifting_vla.cli.compare import Run, parse_protocols, plot_execution
 

@@ -36,7 +36,8 @@ names the keys that differ and stops, or with --retrain trains it again:
     runs/<objective>[@variant]_seed<s>/          scripts/train.py run directories (logs in train.log)
     evals/<objective>[@variant]_seed<s>/<protocol>/summary.json, episodes.jsonl, videos/
     comparison.json, comparison.md, success_vs_nfe.png, success_vs_latency.png, success_by_row.png
-    (and success_vs_execute_steps.png with more than one --execute-steps)
+    (and success_vs_execute_steps.png with more than one --execute-steps, stages_reached.png where the
+    env reports how far a staged reward got: ALOHA)
 """
 
 from __future__ import annotations
@@ -480,6 +481,35 @@ def plot_rows(rows: list[dict], output: Path) -> None:
     plt.close(fig)
 
 
+def plot_stages(rows: list[dict], output: Path) -> None:
+    """Per task, the share of episodes reaching at least each stage of the staged reward, one line
+    per row: where each method's episodes stop when few succeed (ALOHA: touched, lifted, ...)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(t for r in rows for t in (r["stages"] or {})))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.4 * len(tasks), 4.4), dpi=120, squeeze=False)
+    styles = ["-", "--", ":", "-."]
+    for ax, task in zip(axes[0], tasks, strict=True):
+        staged = [r for r in rows if r["stages"] and task in r["stages"]]
+        names = list(staged[0]["stages"][task])
+        for i, r in enumerate(staged):
+            ax.plot(range(len(names)), [r["stages"][task][n] for n in names], marker="o", label=r["protocol"],
+                    color=PLOT_COLORS.get(r["objective"]), linestyle=styles[i % len(styles)])
+        ax.set_xticks(range(len(names)), names)
+        ax.set_xlabel(f"stage of the task's reward ({task})")
+        ax.set_ylabel("share of episodes reaching at least this stage")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_title(f"How far the episodes got: {task}")
+    fig.tight_layout()
+    fig.savefig(output / "stages_reached.png")
+    plt.close(fig)
+
+
 def plot_execution(rows: list[dict], output: Path) -> None:
     """Success against actions executed per chunk, one line per method and NFE: drawn when the
     comparison evaluated more than one --execute-steps."""
@@ -586,6 +616,8 @@ def main() -> None:
     write_markdown(rows, meta, args.output / "comparison.md")
     plot(rows, args.output)
     plot_rows(rows, args.output)
+    if any(r["stages"] for r in rows):
+        plot_stages(rows, args.output)
     if len(args.execute_steps) > 1:
         plot_execution(rows, args.output)
     print((args.output / "comparison.md").read_text())
