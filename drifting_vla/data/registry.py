@@ -18,7 +18,8 @@ from collections.abc import Callable
 
 from drifting_vla.data.interface import DemoDataset
 from drifting_vla.data.skip_corrupt import SkipCorruptSamples
-from drifting_vla.formats.config import DATA_SCHEMAS, DataConfig, with_data_defaults
+from drifting_vla.formats.config import DATA_SCHEMAS, DataConfig
+from drifting_vla.formats.validation import with_data_defaults
 
 DATASETS: dict[str, Callable[..., DemoDataset]] = {}
 PREPARERS: dict[str, Callable] = {}
