@@ -21,8 +21,8 @@ A dataset or an encoder a plugin registers declares its own keys the same way, a
 `register_vision_encoder(name, schema=...)` (`register_language_encoder`, drifting_vla/models/),
 which writes it into the registry here: validation reads it without importing the builders. One
 that declares none is checked on the keys all of them share, and its other keys are its
-builder's. The built-in ones are declared here, so that a config is checked in full whichever
-packages the program has imported.
+builder's. The built-in datasets' and encoders' schemas are declared here, so that a config is
+checked in full whichever packages the program has imported.
 """
 
 from __future__ import annotations

@@ -76,6 +76,13 @@ def over_defaults(key: str, schema: type, node: dict) -> DictConfig:
         raise ValueError(_merge_error(key, node, err)) from None
 
 
+def check_schema(schema, base: type, call: str) -> None:
+    """A registered schema (None: none) must extend `base`, whose keys every thing of its kind
+    shares and is checked on (`DataConfig`, `EncoderConfig`); TypeError naming the `call` otherwise."""
+    if schema is not None and not (isinstance(schema, type) and issubclass(schema, base)):
+        raise TypeError(f"{call}: the schema must be a subclass of {base.__name__}")
+
+
 def plain(node):
     """A config (OmegaConf or plain) as plain dicts and lists, interpolations resolved."""
     if OmegaConf.is_config(node):

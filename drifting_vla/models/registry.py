@@ -20,6 +20,7 @@ from collections.abc import Callable
 from torch import nn
 
 from drifting_vla.formats.config import LANGUAGE_SCHEMAS, VISION_SCHEMAS, EncoderConfig
+from drifting_vla.formats.settings import check_schema
 
 VISION_BACKBONES: dict[str, Callable[..., nn.Module]] = {}
 """model.vision.name -> backbone class. A backbone maps uint8 [N, 3, H, W] to [N, num_tokens, out_dim]."""
@@ -44,8 +45,7 @@ def register_language_encoder(name: str, schema: type[EncoderConfig] | None = No
 
 
 def _registration(part: str, builders: dict, schemas: dict, name: str, schema: type | None):
-    if schema is not None and not (isinstance(schema, type) and issubclass(schema, EncoderConfig)):
-        raise TypeError(f"register_{part}_encoder({name!r}, schema={schema!r}): the schema must be a subclass of EncoderConfig")
+    check_schema(schema, EncoderConfig, f"register_{part}_encoder({name!r}, schema={schema!r})")
 
     def wrap(builder):
         builders[name] = builder
