@@ -3,10 +3,12 @@
     python scripts/simulate_eval.py checkpoint=runs/x plugins=[my_package.robot]
     python scripts/train.py plugins=[my_package.robot] data=my_robot
 
-Importing `my_package.robot` runs its registrations (`drifting_vla.envs.register_env`,
-`drifting_vla.data.registry.register_dataset`, entries in `OBJECTIVES`, `VISION_BACKBONES`,
-`LANGUAGE_ENCODERS`), and the schemas of their config keys, checked when a run starts (entries in
-`DATA_SCHEMAS`, `VISION_SCHEMAS`, `LANGUAGE_SCHEMAS` of `drifting_vla.formats.config`). This is
+Importing `my_package.robot` runs its registrations, one call per thing it adds:
+`drifting_vla.envs.register_env`, `drifting_vla.data.registry.register_dataset(name, schema=...)`,
+`drifting_vla.models.register_vision_encoder(name, schema=...)` and `register_language_encoder`,
+an entry in `drifting_vla.objectives.OBJECTIVES`. A `schema` (a dataclass of `setting()`s, like
+those of drifting_vla/formats/config.py) declares the thing's own config keys, checked when a run
+starts or a saved policy loads, naming a wrong one. This is
 the one way a script imports code it was not written with, and it is an act of the user: the
 scripts take `plugins` from their own command line and config files, never from a checkpoint, an
 export or a server. A run's config.yaml records the plugins it was

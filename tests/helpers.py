@@ -26,9 +26,7 @@ from drifting_vla.data.lerobot_dataset import LeRobotDataset
 from drifting_vla.data.metaworld_dataset import write_task_store
 from drifting_vla.data.normalization import Normalizer, compute_stats
 from drifting_vla.envs.metaworld_env import instruction_for
-from drifting_vla.formats.config import (
-    training_config,
-)
+from drifting_vla.formats.validation import training_config
 from drifting_vla.inference.card import export_description
 from drifting_vla.inference.policy import DriftingPolicy
 from drifting_vla.models.drifting_vla import build_model

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from drifting_vla.formats.config import check_random_shift, training_config
+from drifting_vla.formats.validation import check_random_shift, training_config
 from drifting_vla.training.augmentation import random_shift, shift_offsets
 
 

@@ -23,6 +23,8 @@ from drifting_vla.formats.config import (
     ServerConfig,
     ServeScriptConfig,
     TrainingConfig,
+)
+from drifting_vla.formats.validation import (
     refuse_renamed_overrides,
     training_config,
     validate_eval_config,

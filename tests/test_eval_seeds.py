@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from drifting_vla.envs.seeds import evaluation_seeds
 from drifting_vla.evaluation.results import read_episodes
-from drifting_vla.formats.config import validate_eval_config
+from drifting_vla.formats.validation import validate_eval_config
 from tests.helpers import run_simulate_eval, tiny_cfg, write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

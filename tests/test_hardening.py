@@ -113,7 +113,7 @@ def test_select_action_names_the_env_rows_and_leaves_the_others_as_they_were(exe
 
 
 def test_a_policy_with_an_observation_history_acts_as_if_a_refused_step_never_came():
-    from drifting_vla.formats.config import training_config
+    from drifting_vla.formats.validation import training_config
     from drifting_vla.inference.policy import DriftingPolicy
     from drifting_vla.models import build_model
     from drifting_vla.objectives.methods import build_objective

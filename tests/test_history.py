@@ -19,7 +19,7 @@ from drifting_vla.data.rlbench_pickle import CorruptEpisodeError
 from drifting_vla.data.sampler import SampleKey
 from drifting_vla.data.transforms import history_rows
 from drifting_vla.evaluation.rollout import evaluate
-from drifting_vla.formats.config import training_config, validate_run_config
+from drifting_vla.formats.validation import training_config, validate_run_config
 from drifting_vla.inference.policy import DriftingPolicy
 from drifting_vla.models.drifting_vla import build_model
 from drifting_vla.objectives.methods import build_objective

@@ -28,7 +28,7 @@ from drifting_vla.evaluation.results import (
 )
 from drifting_vla.evaluation.rollout import evaluate
 from drifting_vla.formats.checkpoint import seal_checkpoint
-from drifting_vla.formats.config import training_config
+from drifting_vla.formats.validation import training_config
 from drifting_vla.formats.weights import DamagedCheckpointError
 from drifting_vla.inference.policy import DriftingPolicy, ensemble_actions
 from drifting_vla.logging.trajectory_video import PLOT_HEIGHT_PX, TITLE_HEIGHT_PX
@@ -671,7 +671,7 @@ def test_checkpoint_missing_other_weights_is_an_error_naming_them(checkpoint):
 def test_every_path_that_executes_chunks_defaults_to_the_same_horizon():
     # Training's evaluation passes its null setting to DriftingPolicy; simulate_eval and the served
     # client build ChunkedPolicy: one default, so a run is evaluated the way it will be executed.
-    from drifting_vla.formats.config import training_config
+    from drifting_vla.formats.validation import training_config
 
     assert training_config({}).eval.execute_steps is None
     assert [default_execute_steps(h) for h in (1, 4, 8, 16)] == [1, 1, 2, 4]

@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 
 from drifting_vla.data.collate import collate_samples
 from drifting_vla.data.neighbours import NeighbourIndex, NeighbourPositives
-from drifting_vla.formats.config import training_config
+from drifting_vla.formats.validation import training_config
 from drifting_vla.objectives.losses import DriftingLoss
 from drifting_vla.objectives.methods import build_objective
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from drifting_vla.formats.config import training_config
+from drifting_vla.formats.validation import training_config
 from drifting_vla.models.drifting_vla import DriftingVLA, build_model
 from drifting_vla.objectives.methods import OBJECTIVES, build_objective
 from tests.helpers import observation_batch, tiny_cfg

@@ -25,13 +25,13 @@ from drifting_vla.data.fixtures import write_rlbench_fixture
 from drifting_vla.data.neighbours import NeighbourIndex
 from drifting_vla.data.registry import build_dataset, register_dataset
 from drifting_vla.data.rlbench_pickle import CorruptEpisodeError
-from drifting_vla.formats.config import (
+from drifting_vla.formats.files import LockHeld
+from drifting_vla.formats.validation import (
     validate_eval_config,
     validate_run_config,
     validate_serve_config,
     validate_training_config,
 )
-from drifting_vla.formats.files import LockHeld
 from drifting_vla.inference.policy import DriftingPolicy
 from drifting_vla.training.trainer import Trainer
 from tests.helpers import ROOT, compose_config, free_port, hold_the_lock, overrides_for
@@ -117,7 +117,8 @@ PLUGIN_DATASET = """
 from dataclasses import dataclass
 
 from drifting_vla.data.registry import register_dataset
-from drifting_vla.formats.config import DataConfig, setting
+from drifting_vla.formats.config import DataConfig
+from drifting_vla.formats.settings import setting
 
 
 @dataclass(kw_only=True)

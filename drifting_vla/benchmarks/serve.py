@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 from drifting_vla.benchmarks.inputs import compose_config
 from drifting_vla.benchmarks.timing import Row, time_call
 from drifting_vla.data.normalization import Normalizer, compute_stats
-from drifting_vla.formats.config import training_config
+from drifting_vla.formats.validation import training_config
 from drifting_vla.inference.card import export_description
 from drifting_vla.inference.policy import DriftingPolicy
 from drifting_vla.models import build_model

@@ -39,8 +39,9 @@ from drifting_vla.envs import NO_SIMULATOR, simulation_config
 from drifting_vla.envs.seeds import evaluation_seeds
 from drifting_vla.evaluation.results import EvalSummary
 from drifting_vla.evaluation.rollout import evaluate, protocol_label
-from drifting_vla.formats.config import EvalScriptConfig, validate_eval_config
+from drifting_vla.formats.config import EvalScriptConfig
 from drifting_vla.formats.export import local_policy_dir, read_saved_policy
+from drifting_vla.formats.validation import validate_eval_config
 from drifting_vla.inference.policy import DriftingPolicy
 from drifting_vla.logging.trajectory_video import TRAJECTORY_VIDEO_KEY
 from drifting_vla.logging.wandb_logger import RunLogger

@@ -18,7 +18,7 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from drifting_vla.formats.config import validate_export_onnx_config
+from drifting_vla.formats.validation import validate_export_onnx_config
 from drifting_vla.inference.onnx_export import verify_export
 from drifting_vla.inference.policy import DriftingPolicy
 from drifting_vla.plugins import load_plugins

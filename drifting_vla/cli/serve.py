@@ -20,7 +20,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from drifting_vla.formats.config import validate_serve_config
+from drifting_vla.formats.validation import validate_serve_config
 from drifting_vla.inference.onnx_policy import OnnxPolicy
 from drifting_vla.inference.policy import DriftingPolicy
 from drifting_vla.plugins import load_plugins

@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from drifting_vla.evaluation import SimulationEvaluator
-from drifting_vla.formats.config import refuse_renamed_overrides
+from drifting_vla.formats.validation import refuse_renamed_overrides
 from drifting_vla.plugins import load_plugins
 from drifting_vla.training.trainer import Trainer
 

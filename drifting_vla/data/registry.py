@@ -18,7 +18,9 @@ from collections.abc import Callable
 
 from drifting_vla.data.interface import DemoDataset
 from drifting_vla.data.skip_corrupt import SkipCorruptSamples
-from drifting_vla.formats.config import DATA_SCHEMAS, DataConfig, with_data_defaults
+from drifting_vla.formats.config import DATA_SCHEMAS, DataConfig
+from drifting_vla.formats.settings import check_schema
+from drifting_vla.formats.validation import with_data_defaults
 
 DATASETS: dict[str, Callable[..., DemoDataset]] = {}
 PREPARERS: dict[str, Callable] = {}
@@ -32,8 +34,7 @@ def register_dataset(name: str, prepare: Callable | None = None, complete: Calla
     answer (below); `schema`, a subclass of `DataConfig` declaring the dataset's own keys, checks
     `data.*` when a run starts (without one only the shared keys are checked). The built-in
     datasets' schemas are declared with the others in drifting_vla/formats/config.py."""
-    if schema is not None and not (isinstance(schema, type) and issubclass(schema, DataConfig)):
-        raise TypeError(f"register_dataset({name!r}, schema={schema!r}): the schema must be a subclass of DataConfig")
+    check_schema(schema, DataConfig, f"register_dataset({name!r}, schema={schema!r})")
 
     def wrap(fn):
         DATASETS[name] = fn

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from drifting_vla.evaluation.results import EvalSummary
 from drifting_vla.evaluation.rollout import evaluate, protocol_label
-from drifting_vla.formats.config import training_config
+from drifting_vla.formats.validation import training_config
 
 
 class SimulationEvaluator:

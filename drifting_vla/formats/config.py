@@ -1,67 +1,37 @@
-"""The schema of every config group: a wrong type, an out-of-range number or an unknown key is an
-error naming the key, raised when a run, an evaluation or a server starts, not later.
+"""The schema of every config group: the keys a run, an evaluation, a server and an ONNX export
+take, their defaults and their ranges, each declared once, here.
 
-    validate_run_config(cfg)        # drifting-train's config: seed, device, plugins, data.*, model.*, training.*
-    validate_saved_config(cfg)      # a checkpoint's or an export's: the same groups, without the run-start checks
-    training_config(cfg.training)   # -> TrainingConfig: training.* over its defaults, what the trainer reads
-    validate_eval_config(cfg)       # -> EvalScriptConfig: drifting-eval's keys (configs/eval.yaml)
-    validate_serve_config(cfg)      # -> ServeScriptConfig: drifting-serve's keys (configs/serve.yaml)
+    RunConfig                drifting-train: seed, device, plugins, data.* (DATA_SCHEMAS[data.name]),
+                             model.* (ModelConfig; its encoders by name, VISION_SCHEMAS and LANGUAGE_SCHEMAS),
+                             training.* (TrainingConfig)
+    EvalScriptConfig         drifting-eval (configs/eval.yaml)
+    ServeScriptConfig        drifting-serve (configs/serve.yaml)
+    ExportOnnxScriptConfig   drifting-export-onnx (configs/export_onnx.yaml)
 
-Each setting is declared once, here, with its default; the base YAML files restate the defaults
-beside their reasons and a test keeps the two equal (tests/test_config_defaults.py). The keys an
-evaluation executes with (`ExecutionConfig`) are shared by `training.eval` and drifting-eval, and
-the server's (`ServerConfig`) by the server and drifting-serve.
+The base YAML files restate these defaults beside their reasons and a test keeps the two equal
+(tests/test_config_defaults.py). The keys an evaluation executes with (`ExecutionConfig`) are
+shared by `training.eval` and drifting-eval, and the server's (`ServerConfig`) by the server and
+drifting-serve. A field's range or choices ride with its declaration (`setting(ge=1)`,
+formats/settings.py); checking a whole config, and the settings that must agree across groups, is
+formats/validation.py's.
 
-Each group is a dataclass. Merging a config into it (OmegaConf structured configs) refuses unknown
-keys and wrong types: `training.max_steps=abc`, and `data.tasks=close_jar`, a string where a list
-belongs that would otherwise be read as the list of its characters. A field's range or choices
-ride in its metadata (`setting(ge=1)`, `setting(min_items=1)` for a list), and one walk checks
-them all (`_check_rules`), so a new key gets its check where it is declared: `training.grad_clip=-1`,
-which would turn descent into ascent, fails as `config key training.grad_clip=-1.0 must be > 0`.
-A number is also always finite: `inf` and `nan` pass no setting. Hydra's struct mode already
-refuses unknown keys given on the command line; the schema also catches those mistyped in YAML.
-
-`data.*` is checked against its dataset's schema (`DATA_SCHEMAS`, by `data.name`), `model.vision`
-and `model.language` against their encoder's. A dataset or encoder a plugin registers declares its
-own keys the same way, a subclass of `DataConfig` (`EncoderConfig`) with `setting()` fields: a
-dataset gives it to `register_dataset(name, schema=...)` (drifting_vla/data/registry.py), an encoder
-puts it in `VISION_SCHEMAS` (`LANGUAGE_SCHEMAS`) under its name; one that declares none is
-checked on the keys all of them share, and its other keys are its builder's.
+A dataset or an encoder a plugin registers declares its own keys the same way, a subclass of
+`DataConfig` (`EncoderConfig`) with `setting()` fields, and hands it to its one registration call,
+`register_dataset(name, schema=...)` (drifting_vla/data/registry.py) or
+`register_vision_encoder(name, schema=...)` (`register_language_encoder`, drifting_vla/models/),
+which writes it into the registry here: validation reads it without importing the builders. One
+that declares none is checked on the keys all of them share, and its other keys are its
+builder's. The built-in datasets' and encoders' schemas are declared here, so that a config is
+checked in full whichever packages the program has imported.
 """
 
 from __future__ import annotations
 
-import math
-import operator
-import typing
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from dataclasses import dataclass
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
+from drifting_vla.formats.settings import setting
 from drifting_vla.specs import COMPONENT_KINDS
-
-# ----------------------------------------------------------------------------------------------
-# How a field carries its rule
-
-
-def setting(default: Any = MISSING, *, factory=None, ge=None, gt=None, le=None, lt=None, choices=None,
-            min_items=None, max_items=None, unique=None):
-    """A schema field. `ge`, `gt`, `le`, `lt` bound a number (each number of a list); `choices` is
-    a tuple of allowed values, or a function returning them (a registry plugins may extend);
-    `min_items`, `max_items` bound the length of a list; `unique` refuses a list naming an item
-    twice. Without a default the key is required."""
-    given = (("ge", ge), ("gt", gt), ("le", le), ("lt", lt), ("choices", choices), ("min_items", min_items),
-             ("max_items", max_items), ("unique", unique))
-    rules = {k: v for k, v in given if v is not None}
-    if factory is not None:
-        return field(default_factory=factory, metadata=rules)
-    return field(default=default, metadata=rules)
-
-
-BOUNDS = (("ge", operator.ge, ">="), ("gt", operator.gt, ">"), ("le", operator.le, "<="), ("lt", operator.lt, "<"))
-
 
 SAMPLERS = (None, "ddim", "ddpm")
 EXECUTION_MODES = ("chunk", "ensemble")
@@ -313,6 +283,7 @@ class LeRobotDataConfig(DataConfig):
 
 DATA_SCHEMAS = {"metaworld": MetaWorldDataConfig, "aloha": AlohaDataConfig, "rlbench": RLBenchDataConfig,
                 "lerobot": LeRobotDataConfig}
+"""data.name -> the dataset's schema; `register_dataset(name, schema=...)` adds a plugin's."""
 
 # ----------------------------------------------------------------------------------------------
 # model.*
@@ -362,7 +333,10 @@ class TaskEmbeddingLanguageConfig(EncoderConfig):
 
 
 VISION_SCHEMAS = {"cnn": CNNVisionConfig, "dinov2": Dinov2VisionConfig}
+"""model.vision.name -> the encoder's schema; `register_vision_encoder(name, schema=...)` adds a plugin's."""
+
 LANGUAGE_SCHEMAS = {"clip": ClipLanguageConfig, "minilm": MiniLMLanguageConfig, "task_embedding": TaskEmbeddingLanguageConfig}
+"""model.language.name -> the encoder's schema; `register_language_encoder(name, schema=...)` adds a plugin's."""
 
 
 @dataclass(kw_only=True)
@@ -469,278 +443,6 @@ class ServeScriptConfig(ServerConfig):
     plugins: list[str] = setting(factory=list)
 
 
-# ----------------------------------------------------------------------------------------------
-# Checking
-
-
-def check_section(key: str, schema: type, node, open_keys: bool = False) -> DictConfig:
-    """`node` (a mapping) merged over `schema`'s defaults and checked, or ValueError naming the key
-    (`<key>.<field>`). With `open_keys`, keys the schema does not declare are left unchecked."""
-    node = _plain(node)
-    if not isinstance(node, dict):
-        raise ValueError(f"config key {key or '<root>'} must be a mapping of keys, got {node!r}")
-    if open_keys:
-        declared = {f.name for f in fields(schema)}
-        node = {k: v for k, v in node.items() if k in declared}
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), node)
-    except OmegaConfBaseException as err:
-        raise ValueError(_merge_error(key, node, err)) from None
-    missing = sorted(OmegaConf.missing_keys(merged))
-    if missing:
-        raise ValueError(f"config key {_join(key, missing[0])} is missing: set it in the config or on the command line")
-    _check_rules(key, schema, merged)
-    return merged
-
-
-def typed_section(key: str, schema: type, node):
-    """`node` merged over `schema`'s defaults and checked (`check_section`), as an instance of
-    `schema`: what the code reads, every value of its declared type."""
-    return OmegaConf.to_object(check_section(key, schema, node))
-
-
-def with_data_defaults(data):
-    """`data.*` over its dataset's schema defaults, so that a dataset builder reads every key the
-    schema declares without a fallback of its own; a dataset registered without a schema gets its
-    config as it is. Required keys are not checked here (a run checks them when it starts)."""
-    schema = DATA_SCHEMAS.get(str(data["name"]))
-    if schema is None:
-        return data
-    node = _plain(data)
-    try:
-        return OmegaConf.merge(OmegaConf.structured(schema), node)
-    except OmegaConfBaseException as err:
-        raise ValueError(_merge_error("data", node, err)) from None
-
-
-def training_config(training) -> TrainingConfig:
-    """`training.*` merged over the schema's defaults, typed: what the trainer reads and how a saved
-    policy builds its objective. Raises ValueError naming an unknown, mistyped or out-of-range key."""
-    return typed_section("training", TrainingConfig, OmegaConf.create(_plain(training)))
-
-
-def validate_training_config(training) -> None:
-    """Raise ValueError naming the `training.<key>` that is unknown, mistyped or out of range."""
-    training_config(training)
-
-
-def check_random_shift(setting: int, feature_cache: bool) -> None:
-    """A shift with the feature cache is an error: the cached features were computed once from the
-    unaugmented images, so shifted images would never reach the model."""
-    if setting > 0 and feature_cache:
-        raise ValueError(
-            f"training.augmentation.random_shift={setting} with training.feature_cache=true: the cache holds "
-            "backbone features computed once from the unaugmented images, so shifted images would never reach "
-            "the model. Set training.augmentation.random_shift=0 to train on the cache, or "
-            "training.feature_cache=false to augment."
-        )
-
-
-def validate_run_config(cfg) -> None:
-    """Every group of a training run's config (scripts/train.py, `Trainer`), checked before the
-    run reads any data: types, ranges, choices, and the settings that must agree across groups."""
-    data, training = _checked_groups(cfg)
-    data_name = data.name
-    evaluates = training.eval.at_end or training.eval.every > 0
-    if evaluates and training.eval.execute_steps is not None and training.eval.execute_steps > data.horizon:
-        raise ValueError(
-            f"config key training.eval.execute_steps={training.eval.execute_steps} must be in [1, data.horizon={data.horizon}] "
-            "(the actions of one chunk)"
-        )
-    if data_name == "rlbench" and data.keyframes and data.n_obs_steps > 1:
-        raise ValueError(
-            f"config key data.n_obs_steps={data.n_obs_steps} needs data.keyframes=false: a keyframe policy observes only "
-            "on arriving at each keyframe, never at the dense steps a history would hold"
-        )
-    # A shift with the feature cache is refused here, before any data is read.
-    check_random_shift(training.augmentation.random_shift, feature_cache=training.feature_cache)
-
-
-RESUME_MAY_CHANGE = (
-    "run_dir", "device", "plugins",
-    "data.root", "data.repo_id", "data.revision", "data.cache_dir", "data.num_workers", "data.collect_workers",
-    "data.skip_corrupt", "data.eval_seeds", "data.simulator",
-    "training.resume", "training.max_steps", "training.log_every", "training.val_every", "training.val_batches",
-    "training.checkpoint_every", "training.keep_checkpoints", "training.num_threads", "training.compile",
-    "training.nan_policy", "training.max_skipped_fraction", "training.distributed", "training.eval", "training.wandb",
-)
-"""What a resumed run may set otherwise than its checkpoint: where the data comes from and how fast
-it is read, how long to train, what is logged, saved and evaluated. Every other key shapes what is
-trained, and a resume that changed it would train a mix of two runs under the second one's config,
-or not even that: the learning rate, betas and weight decay come back with the optimizer's state,
-so a new value would be recorded in config.yaml and never used."""
-
-
-def resume_conflicts(saved, current) -> list[str]:
-    """`key: saved -> current` for each setting both configs hold whose values differ, outside
-    `RESUME_MAY_CHANGE` (a key one of them lacks, from another drifting-vla version, is not compared)."""
-    saved, current = _leaves(_plain(saved)), _leaves(_plain(current))
-    return [
-        f"{key}: {saved[key]!r} -> {current[key]!r}"
-        for key in sorted(saved.keys() & current.keys())
-        if saved[key] != current[key] and not any(key == k or key.startswith(k + ".") for k in RESUME_MAY_CHANGE)
-    ]
-
-
-def _leaves(node, prefix: str = "") -> dict:
-    """{dotted key: value} of the mappings in `node`; lists are values."""
-    if not isinstance(node, dict):
-        return {prefix: node}
-    return {key: value for k, v in node.items() for key, value in _leaves(v, _join(prefix, str(k))).items()}
-
-
-def validate_saved_config(cfg) -> None:
-    """The config a checkpoint or an export holds, group by group: types, ranges, choices. The
-    checks between groups are the training run's (its evaluation's settings against the horizon,
-    say), not the policy's."""
-    _checked_groups(cfg)
-
-
-def _checked_groups(cfg) -> tuple[DictConfig, DictConfig]:
-    """(data, training) of a run's config, after checking each group against its schema."""
-    run = check_section("", RunConfig, cfg)
-    _refuse_renamed_keys(run)
-    data_name = str(OmegaConf.select(run, "data.name", default=""))
-    data = check_section("data", DATA_SCHEMAS.get(data_name, DataConfig), run.data, open_keys=data_name not in DATA_SCHEMAS)
-    model = check_section("model", ModelConfig, run.model)
-    if model.dit.hidden_size % model.dit.num_heads:  # each attention head takes an equal share of the width
-        raise ValueError(f"config key model.dit.num_heads={model.dit.num_heads} must divide "
-                         f"model.dit.hidden_size={model.dit.hidden_size}")
-    for part, schemas in (("vision", VISION_SCHEMAS), ("language", LANGUAGE_SCHEMAS)):
-        name = str(OmegaConf.select(model, f"{part}.name", default=""))
-        check_section(f"model.{part}", schemas.get(name, EncoderConfig), model[part], open_keys=name not in schemas)
-    return data, training_config(run.training)
-
-
-RENAMED_KEYS = {
-    "data.val_every": ("data.holdout_every", "every Nth episode held out for validation; training.val_every is "
-                                             "the number of steps between validations"),
-}
-"""Keys of earlier configs that now have another name: a config naming one is refused, naming the new one."""
-
-
-def _refuse_renamed_keys(run: DictConfig) -> None:
-    for old in RENAMED_KEYS:
-        if OmegaConf.select(run, old, default=MISSING) is not MISSING:
-            raise ValueError(f"config key {_renamed(old)}: rename it in the config")
-
-
-def refuse_renamed_overrides(overrides: list[str]) -> None:
-    """A command-line override of a renamed key (`data.val_every=3`, `+data.val_every=3`) is refused
-    naming the new key, where Hydra would only say that the config has no such key."""
-    for override in overrides:
-        key = override.split("=", 1)[0].lstrip("+~")
-        if key in RENAMED_KEYS:
-            raise ValueError(f"override {override}: {_renamed(key)}")
-
-
-def _renamed(old: str) -> str:
-    new, meaning = RENAMED_KEYS[old]
-    return f"{old} is now {new} ({meaning})"
-
-
-def validate_eval_config(cfg) -> EvalScriptConfig:
-    """The evaluation script's keys (configs/eval.yaml), typed."""
-    config = typed_section("", EvalScriptConfig, cfg)
-    seeds = config.seeds
-    if (seeds.start is None) != (seeds.count is None):
-        given, missing = ("seeds.start", "seeds.count") if seeds.count is None else ("seeds.count", "seeds.start")
-        raise ValueError(f"config key {given} is set without {missing}: give both (the seeds seeds.start .. "
-                         "seeds.start + seeds.count - 1), or neither for the checkpoint's data.eval_seeds")
-    return config
-
-
-def validate_serve_config(cfg) -> ServeScriptConfig:
-    """The serve script's keys (configs/serve.yaml), typed: the server reads it as its `ServerConfig`."""
-    return typed_section("", ServeScriptConfig, cfg)
-
-
-def _plain(node):
-    """A config (OmegaConf or plain) as plain dicts and lists, interpolations resolved."""
-    if OmegaConf.is_config(node):
-        return OmegaConf.to_container(node, resolve=True)
-    if isinstance(node, (dict, list)):
-        return OmegaConf.to_container(OmegaConf.create(node), resolve=True)
-    return node
-
-
-def _join(key: str, name: str) -> str:
-    return f"{key}.{name}" if key else name
-
-
-def _merge_error(key: str, node: dict, err: OmegaConfBaseException) -> str:
-    full_key = getattr(err, "full_key", None) or "?"
-    name = _join(key, full_key)
-    message = (getattr(err, "msg", None) or str(err)).splitlines()[0]
-    value = OmegaConf.select(OmegaConf.create(node), full_key, default=None) if full_key != "?" else None
-    if "is not a ListConfig" in message:
-        return f"config key {name}={value!r} must be a list, e.g. {name}=[{value}]"
-    if "not in" in message and "Key" in message:
-        return f"config key {name} is unknown ({message})"
-    return f"config key {name}: {message}"
-
-
-def _check_rules(key: str, schema: type, node) -> None:
-    hints = typing.get_type_hints(schema)
-    for f in fields(schema):
-        name, value = _join(key, f.name), node[f.name]
-        if value is None:
-            continue
-        nested = _dataclass_in(hints[f.name])
-        if nested is not None:
-            if isinstance(value, ListConfig):
-                for i, item in enumerate(value):
-                    _check_rules(f"{name}[{i}]", nested, item)
-            elif isinstance(value, DictConfig) and not is_dataclass(OmegaConf.get_type(value)):
-                for item_key, item in value.items():
-                    _check_rules(f"{name}.{item_key}", nested, item)
-            else:
-                _check_rules(name, nested, value)
-            continue
-        _check_value(name, value, f.metadata)
-
-
-def _check_value(name: str, value, rules) -> None:
-    choices = rules.get("choices")
-    if callable(choices):
-        choices = choices()
-    if isinstance(value, ListConfig):
-        _check_length(name, list(value), rules.get("min_items", 0), rules.get("max_items"))
-        twice = sorted({str(item) for item in value if list(value).count(item) > 1})
-        if rules.get("unique") and twice:
-            raise ValueError(f"config key {name}={list(value)} names {twice} more than once; name each once")
-    for item in value if isinstance(value, ListConfig) else [value]:
-        if isinstance(item, float) and not math.isfinite(item):
-            raise ValueError(f"config key {name}={_shown(value)} must be a finite number")
-        if choices is not None and item not in choices:
-            raise ValueError(f"config key {name}={item!r}; choose from {tuple(choices)}")
-        for rule, holds, words in BOUNDS:
-            if rule in rules and not holds(item, rules[rule]):
-                raise ValueError(f"config key {name}={_shown(value)} must be {words} {rules[rule]}")
-
-
-def _check_length(name: str, items: list, least: int, most: int | None) -> None:
-    if least <= len(items) and (most is None or len(items) <= most):
-        return
-    wanted = f"exactly {least}" if least == most else f"at least {least}" if most is None else f"{least} to {most}"
-    raise ValueError(f"config key {name}={items} must hold {wanted} item(s)")
-
-
-def _shown(value):
-    return list(value) if isinstance(value, ListConfig) else value
-
-
-def _dataclass_in(hint) -> type | None:
-    """The dataclass a field holds: itself, or inside `X | None`, `list[X]`, `dict[str, X]`."""
-    if is_dataclass(hint):
-        return hint
-    for arg in typing.get_args(hint):
-        found = _dataclass_in(arg)
-        if found is not None:
-            return found
-    return None
-
-
 @dataclass(kw_only=True)
 class ExportOnnxScriptConfig:
     """scripts/export_onnx.py's keys (configs/export_onnx.yaml)."""
@@ -752,8 +454,3 @@ class ExportOnnxScriptConfig:
     sampler: str | None = setting(None, choices=SAMPLERS)
     verify: bool = True
     plugins: list[str] = setting(factory=list)
-
-
-def validate_export_onnx_config(cfg) -> ExportOnnxScriptConfig:
-    """The ONNX export script's keys (configs/export_onnx.yaml), typed."""
-    return typed_section("", ExportOnnxScriptConfig, cfg)

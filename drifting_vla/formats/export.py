@@ -50,7 +50,7 @@ from drifting_vla.formats.checkpoint import (
     marker_problem,
     resolve_checkpoint,
 )
-from drifting_vla.formats.config import validate_saved_config
+from drifting_vla.formats.validation import validate_saved_config
 from drifting_vla.formats.weights import (
     MODEL_FILE,
     REFERENCES_FILE,

@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from drifting_vla.formats.checkpoint import COMPLETE_MARKER, step_of, write_complete_marker
-from drifting_vla.formats.config import training_config
 from drifting_vla.formats.export import write_policy_files
+from drifting_vla.formats.validation import training_config
 from drifting_vla.formats.weights import pretrained_sources, split_referenced
 from drifting_vla.objectives import Objective
 from drifting_vla.specs import ActionSpec, default_execute_steps

@@ -67,13 +67,14 @@ import torch
 
 from drifting_vla.data.normalization import Normalizer
 from drifting_vla.envs import check_saved_env_names
-from drifting_vla.formats.config import EXECUTION_MODES, training_config
+from drifting_vla.formats.config import EXECUTION_MODES
 from drifting_vla.formats.export import (
     EXPORT_CONFIG_FILE,
     NORMALIZATION_FILE,
     local_policy_dir,
     read_saved_policy,
 )
+from drifting_vla.formats.validation import training_config
 from drifting_vla.formats.weights import load_weights, pin_referenced_revisions, read_saved_file
 from drifting_vla.inference.card import save_policy, upload_export
 from drifting_vla.inference.history import ObservationHistory

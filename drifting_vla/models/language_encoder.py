@@ -3,7 +3,8 @@
     instructions list[str] (length B)
         -> tokens [B, L, D], mask bool [B, L] (True = real token), pooled [B, D]
 
-Behind one interface (the `LANGUAGE_ENCODERS` registry, picked by `model.language.name`):
+Behind one interface (registered with `register_language_encoder`, models/registry.py; picked by
+`model.language.name`):
 
 - `clip`: Hugging Face `CLIPTextModel` + `CLIPTokenizer` (hub id such as
   `openai/clip-vit-large-patch14`, or a local directory), frozen. The tokenizer can also be built
@@ -30,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from drifting_vla.models.frozen import FrozenModule, frozen_forward, load_pretrained
+from drifting_vla.models.registry import LANGUAGE_ENCODERS, register_language_encoder
 
 
 class CachedTextEncoder(FrozenModule):
@@ -80,6 +82,7 @@ class CachedTextEncoder(FrozenModule):
         return super()._apply(fn, recurse)
 
 
+@register_language_encoder("clip")
 class ClipTextEncoder(CachedTextEncoder):
     """Frozen CLIP text transformer: all token features plus the pooled (end-of-text) feature.
 
@@ -131,6 +134,7 @@ class ClipTextEncoder(CachedTextEncoder):
         return out.last_hidden_state, batch["attention_mask"].bool(), out.pooler_output
 
 
+@register_language_encoder("minilm")
 class MiniLMEncoder(CachedTextEncoder):
     """Frozen MiniLM sentence encoder; pooled feature = masked mean of token features.
 
@@ -162,6 +166,7 @@ class MiniLMEncoder(CachedTextEncoder):
         return tokens, mask, pooled
 
 
+@register_language_encoder("task_embedding")
 class TaskEmbedding(nn.Module):
     """One learned vector per instruction string, for datasets with a fixed set of instructions.
 
@@ -200,10 +205,6 @@ class TaskEmbedding(nn.Module):
         pooled = self.embedding(index)  # [B, D]
         mask = torch.ones(len(instructions), 1, dtype=torch.bool, device=index.device)
         return pooled.unsqueeze(1), mask, pooled
-
-
-LANGUAGE_ENCODERS = {"clip": ClipTextEncoder, "minilm": MiniLMEncoder, "task_embedding": TaskEmbedding}
-"""model.language.name -> encoder class; each maps list[str] to (tokens, mask, pooled)."""
 
 
 def build_language_encoder(cfg: dict, pretrained: bool, instructions: list[str] | None) -> nn.Module:

@@ -3,8 +3,8 @@
     images uint8 [B, V, 3, H, W]  --preprocess (torch, on device)-->  float [B*V, 3, S, S]
         --backbone-->  [B*V, N, D]  --+ camera embedding-->  tokens [B, V*N, D]
 
-Two backbones sit behind one interface (the `VISION_BACKBONES` registry, picked by
-`model.vision.name`):
+Two backbones sit behind one interface (registered with `register_vision_encoder`, models/registry.py;
+picked by `model.vision.name`):
 
 - `dinov2`: Hugging Face `Dinov2Model` (hub id such as `facebook/dinov2-large`, or a local
   directory), frozen. It runs once per observation under `torch.inference_mode()`, in bf16 on GPU.
@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from drifting_vla.models.frozen import FrozenModule, frozen_forward
+from drifting_vla.models.registry import VISION_BACKBONES, register_vision_encoder
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -47,6 +48,7 @@ def preprocess_images(images: torch.Tensor, size: int) -> torch.Tensor:
     return (x - mean) / std
 
 
+@register_vision_encoder("dinov2")
 class Dinov2Backbone(FrozenModule):
     """Frozen DINOv2 (HF transformers). Returns all output tokens (CLS, registers, patches)."""
 
@@ -103,6 +105,7 @@ class ResidualBlock(nn.Module):
         return F.silu(h + self.shortcut(x))
 
 
+@register_vision_encoder("cnn")
 class CNNBackbone(nn.Module):
     """A small ResNet-like CNN trained from scratch; feature-map cells become tokens.
 
@@ -148,10 +151,6 @@ class CNNBackbone(nn.Module):
         """uint8 [N, 3, H, W] -> [N, num_tokens, out_dim]."""
         x = self.stages(self.stem(preprocess_images(images, self.input_size)))
         return x.flatten(2).transpose(1, 2) + self.pos_embed
-
-
-VISION_BACKBONES = {"dinov2": Dinov2Backbone, "cnn": CNNBackbone}
-"""model.vision.name -> backbone class. A backbone maps uint8 [N, 3, H, W] to [N, num_tokens, out_dim]."""
 
 
 class VisionEncoder(nn.Module):

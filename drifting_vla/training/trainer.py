@@ -55,13 +55,13 @@ from drifting_vla.formats.checkpoint import (
     remove_stale_partials,
     resolve_checkpoint,
 )
-from drifting_vla.formats.config import (
+from drifting_vla.formats.files import FileLock, write_atomic
+from drifting_vla.formats.validation import (
     resume_conflicts,
     training_config,
     validate_run_config,
     with_data_defaults,
 )
-from drifting_vla.formats.files import FileLock, write_atomic
 from drifting_vla.inference.card import export_description
 from drifting_vla.inference.policy import DriftingPolicy
 from drifting_vla.logging.trajectory_video import TRAJECTORY_VIDEO_KEY
