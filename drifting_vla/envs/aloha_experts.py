@@ -18,7 +18,7 @@ waypoints and exact kinematics in place of the weld:
    with the commanded openings it gives the 14-d joint-space actions.
 3. `aloha_env.run_expert_episode` replays them in the joint-space task (the one evaluated) from the
    same object pose, rendering what the policy sees; a replay that never reaches reward 4 is
-   dropped from the demonstrations (`data/aloha_demos.py`).
+   dropped from the demonstrations (`data/demo_store.py`).
 
 Transfer cube: the right gripper comes down on the cube pointing down (fingers on its front and
 back faces), closes, lifts it to the hand-over point and opens once the left gripper, pointing

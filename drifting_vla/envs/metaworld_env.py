@@ -279,11 +279,6 @@ class MetaWorldEnv(BaseEnv):
         return frame[::-1, ::-1].copy() if camera in UPSIDE_DOWN_CAMERAS else frame
 
 
-def seed_range(seeds) -> range:
-    """`{start, count}` from the data config (`train_seeds`, `eval_seeds`) as a range of seeds."""
-    return range(int(seeds["start"]), int(seeds["start"]) + int(seeds["count"]))
-
-
 def run_expert_episode(env: MetaWorldEnv, seed: int) -> dict:
     """One scripted-expert episode from `reset(seed)` until success or the step limit.
 
