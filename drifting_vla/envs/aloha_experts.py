@@ -32,7 +32,7 @@ low behind (hand-over points 11 cm apart, 90 steps apart in time), a fair coin p
 (`route_for_seed`). Each succeeds alone. Averaged step by step, the right gripper's opening is
 half open (which releases the 4 cm cube) from the moment the early route lets go, while the
 averaged left gripper is still half way from where the late route waits
-(`scripts/verify_aloha_experts.py` measures it). `aloha_env.HandoverTracker` labels the route an episode took from where the
+(`scripts/verify_experts.py` measures it). `aloha_env.HandoverTracker` labels the route an episode took from where the
 cube is when the left gripper takes it.
 """
 
