@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("metaworld")
 
 from drifting_vla.data.metaworld_dataset import MetaWorldDataset  # noqa: E402
-from drifting_vla.data.metaworld_demos import ensure_metaworld_demos, store_dir  # noqa: E402
+from drifting_vla.data.metaworld_demos import collection_config, ensure_metaworld_demos, store_dir  # noqa: E402
 from drifting_vla.data.rlbench_pickle import CorruptEpisodeError  # noqa: E402
 from drifting_vla.envs.metaworld_env import (  # noqa: E402
     MT10_TASKS,
@@ -102,10 +102,10 @@ def test_store_folder_changes_with_the_collection_settings(tmp_path):
 
 
 def test_store_folder_changes_with_the_installed_simulator_versions(tmp_path, monkeypatch):
-    import drifting_vla.data.metaworld_demos as demos
+    import drifting_vla.data.demo_store as demos
 
     installed = store_dir(_cfg(tmp_path))
-    assert demos.collection_config(_cfg(tmp_path))["simulator"] == {
+    assert collection_config(_cfg(tmp_path))["simulator"] == {
         "metaworld": importlib.metadata.version("metaworld"), "mujoco": importlib.metadata.version("mujoco")}
     real = importlib.metadata.version
     monkeypatch.setattr(demos.importlib.metadata, "version", lambda package: "99.0" if package == "mujoco" else real(package))
@@ -113,7 +113,7 @@ def test_store_folder_changes_with_the_installed_simulator_versions(tmp_path, mo
 
 
 def test_a_store_key_without_the_simulator_installed_says_what_to_install(tmp_path, monkeypatch):
-    import drifting_vla.data.metaworld_demos as demos
+    import drifting_vla.data.demo_store as demos
 
     def absent(package):
         raise importlib.metadata.PackageNotFoundError(package)
@@ -178,7 +178,7 @@ lock.release()
 
 
 def test_a_second_process_waits_for_the_collection_in_progress_and_reads_it(tmp_path, monkeypatch, capsys):
-    import drifting_vla.data.metaworld_demos as demos
+    import drifting_vla.data.demo_store as demos
 
     cfg = _cfg(tmp_path)
     other = subprocess.Popen([sys.executable, "-c", COLLECT_ELSEWHERE, json.dumps(cfg)], stdout=subprocess.PIPE, text=True,

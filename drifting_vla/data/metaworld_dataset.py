@@ -62,7 +62,7 @@ def write_task_store(task_dir: pathlib.Path, episodes: list[dict], meta: dict) -
     """Write the kept episodes of one task atomically: into a folder of this process, renamed into
     place (replacing a damaged store of the task), so a killed writer leaves only a hidden
     `.<task>.partial-<pid>` folder that no reader opens. Two processes must not collect one store
-    at once: `metaworld_demos.ensure_metaworld_demos` holds its lock."""
+    at once: `demo_store.ensure_demos` holds its lock."""
     task_dir = pathlib.Path(task_dir)
     if not episodes:
         raise ValueError(f"no successful episodes to write for {task_dir.name}: {meta}")

@@ -16,6 +16,7 @@ module named on the command line of the scripts (`plugins=[my_package.envs]`, se
 
 from __future__ import annotations
 
+import copy
 import importlib
 
 ENVS: dict[str, str] = {
@@ -111,3 +112,26 @@ def env_class(import_path: str) -> type:
 def make_env(data_cfg, task: str, **kwargs):
     """Build the env of `data_cfg.name` for `task` with the data config's observation settings."""
     return env_class(env_import_path(data_cfg)).from_config(data_cfg, task, **kwargs)
+
+
+_REUSED: tuple[type, dict, str, object] | None = None
+
+
+def reused_env(env_cls: type, data_cfg: dict, task: str):
+    """This process's env of `env_cls` for `task` with `data_cfg`'s settings, built by `from_config`
+    on first use and kept while later calls ask for the same: a worker of a pool runs the episodes
+    of one task in a row, and building an env (a MuJoCo model, a GL context) can cost more than an
+    episode. Any other request closes it and builds the new one."""
+    global _REUSED
+    if _REUSED is None or _REUSED[:3] != (env_cls, data_cfg, task):
+        close_reused_env()
+        _REUSED = (env_cls, copy.deepcopy(data_cfg), task, env_cls.from_config(data_cfg, task))
+    return _REUSED[3]
+
+
+def close_reused_env() -> None:
+    """Close the env `reused_env` keeps (when this process is done with it)."""
+    global _REUSED
+    if _REUSED is not None:
+        _REUSED[3].close()
+        _REUSED = None

@@ -49,7 +49,7 @@ from drifting_vla.envs.aloha_experts import (
     route_for_seed,
     start_poses,
 )
-from drifting_vla.envs.base_env import BaseEnv, StepResult
+from drifting_vla.envs.base_env import MujocoEnv, StepResult
 
 INSTRUCTIONS = {
     "transfer_cube": "pick up the cube with the right arm and hand it to the left arm",
@@ -172,7 +172,7 @@ class HandoverTracker:
         return self.mode
 
 
-class AlohaEnv(BaseEnv):
+class AlohaEnv(MujocoEnv):
     """One ALOHA task in joint space with seeded object poses and the top camera."""
 
     def __init__(self, task: str, image_size: int = 64, render_mode: str = "fast", max_episode_steps: int = HORIZON,
@@ -258,13 +258,6 @@ class AlohaEnv(BaseEnv):
         model, qpos0 = self.physics.model.ptr, self.physics.data.qpos.copy()
         plan = plan_for(self.task, object_pose(self.task, seed), start_poses(model, qpos0), route)
         return joint_trajectory(model, qpos0, plan, self.max_episode_steps)
-
-    def close(self) -> None:
-        for renderer in (self._renderer, self._video_renderer):
-            if renderer is not None:
-                renderer.close()
-        self._renderer = self._video_renderer = None
-        self._env.close()
 
 
 def run_expert_episode(env: AlohaEnv, seed: int, actions: np.ndarray | None = None) -> dict:

@@ -18,7 +18,7 @@ waypoints and exact kinematics in place of the weld:
    with the commanded openings it gives the 14-d joint-space actions.
 3. `aloha_env.run_expert_episode` replays them in the joint-space task (the one evaluated) from the
    same object pose, rendering what the policy sees; a replay that never reaches reward 4 is
-   dropped from the demonstrations (`data/aloha_demos.py`).
+   dropped from the demonstrations (`data/demo_store.py`).
 
 Transfer cube: the right gripper comes down on the cube pointing down (fingers on its front and
 back faces), closes, lifts it to the hand-over point and opens once the left gripper, pointing
@@ -32,7 +32,7 @@ low behind (hand-over points 11 cm apart, 90 steps apart in time), a fair coin p
 (`route_for_seed`). Each succeeds alone. Averaged step by step, the right gripper's opening is
 half open (which releases the 4 cm cube) from the moment the early route lets go, while the
 averaged left gripper is still half way from where the late route waits
-(`scripts/verify_aloha_experts.py` measures it). `aloha_env.HandoverTracker` labels the route an episode took from where the
+(`scripts/verify_experts.py` measures it). `aloha_env.HandoverTracker` labels the route an episode took from where the
 cube is when the left gripper takes it.
 """
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -69,3 +70,20 @@ class BaseEnv(ABC):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class MujocoEnv(BaseEnv):
+    """A MuJoCo simulator (`_env`) drawn offscreen by a renderer of the policy's images (`_renderer`)
+    and one of video frames (`_video_renderer`, made on the first `render()`): each renderer holds
+    a GL context on the simulator's model, so they are closed first, and once."""
+
+    _env: Any
+    _renderer: Any
+    _video_renderer: Any
+
+    def close(self) -> None:
+        for renderer in (self._renderer, self._video_renderer):
+            if renderer is not None:
+                renderer.close()
+        self._renderer = self._video_renderer = None
+        self._env.close()

@@ -27,7 +27,7 @@ import os
 
 import numpy as np
 
-from drifting_vla.envs.base_env import BaseEnv, StepResult
+from drifting_vla.envs.base_env import MujocoEnv, StepResult
 from drifting_vla.envs.metaworld_routes import TRACKED as ROUTE_TASKS
 from drifting_vla.envs.metaworld_routes import (
     RouteExpert,
@@ -126,7 +126,7 @@ def instruction_for(task: str) -> str:
     return TASK_INSTRUCTIONS[task]
 
 
-class MetaWorldEnv(BaseEnv):
+class MetaWorldEnv(MujocoEnv):
     """One Meta-World task with seeded resets and multi-camera uint8 observations."""
 
     end_effector = slice(0, 3)  # proprio = hand xyz + gripper opening
@@ -261,13 +261,6 @@ class MetaWorldEnv(BaseEnv):
             self._expert = ENV_POLICY_MAP[self.task]()
         return np.clip(self._expert.get_action(self.state), -1.0, 1.0).astype(np.float32)
 
-    def close(self) -> None:
-        for renderer in (self._renderer, self._video_renderer):
-            if renderer is not None:
-                renderer.close()
-        self._renderer = self._video_renderer = None
-        self._env.close()
-
     def _render_cameras(self) -> np.ndarray:
         """uint8 [V, 3, H, W]."""
         frames = [self._render(self._renderer, cam) for cam in self.cameras]
@@ -277,11 +270,6 @@ class MetaWorldEnv(BaseEnv):
         renderer.update_scene(self._env.data, camera=camera)
         frame = renderer.render()
         return frame[::-1, ::-1].copy() if camera in UPSIDE_DOWN_CAMERAS else frame
-
-
-def seed_range(seeds) -> range:
-    """`{start, count}` from the data config (`train_seeds`, `eval_seeds`) as a range of seeds."""
-    return range(int(seeds["start"]), int(seeds["start"]) + int(seeds["count"]))
 
 
 def run_expert_episode(env: MetaWorldEnv, seed: int) -> dict:
