@@ -31,6 +31,7 @@ from drifting_vla.envs.aloha_experts import ROUTES as ALOHA_ROUTES
 from drifting_vla.envs.metaworld_env import MetaWorldEnv
 from drifting_vla.envs.metaworld_routes import ROUTES as METAWORLD_ROUTES
 from drifting_vla.envs.metaworld_routes import RouteExpert
+from drifting_vla.envs.seeds import evaluation_seeds
 from drifting_vla.evaluation.results import wilson_interval
 
 AVERAGE = "average"
@@ -91,14 +92,14 @@ def check_experts(cfg: dict, episodes: int, workers: int) -> dict:
     processes; return `seeds`, `seconds`, `table` ({task: {how: figures}}) and every episode."""
     if cfg.get("name") not in CHECKS:
         raise ValueError(f"data config {cfg.get('name')!r} has no scripted experts to check; checked: {sorted(CHECKS)}")
-    start = int(cfg["eval_seeds"]["start"])
-    jobs = [(cfg, task, start + k, how) for task in cfg["tasks"] for how in ways(cfg) for k in range(episodes)]
+    seeds = evaluation_seeds(cfg, episodes)
+    jobs = [(cfg, task, seed, how) for task in cfg["tasks"] for how in ways(cfg) for seed in seeds]
     started = time.perf_counter()
     with mp.get_context("spawn").Pool(max(1, workers)) as pool:
         results = list(tqdm(pool.imap(_run, jobs), total=len(jobs), desc="expert episodes", unit="ep"))
     table = {task: {how: _figures([e for e in results if e["task"] == task and e["how"] == how]) for how in ways(cfg)}
              for task in cfg["tasks"]}
-    return {"seeds": {"start": start, "count": episodes}, "seconds": time.perf_counter() - started, "table": table,
+    return {"seeds": {"start": seeds[0], "count": len(seeds)}, "seconds": time.perf_counter() - started, "table": table,
             "episodes": results}
 
 
