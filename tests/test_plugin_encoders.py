@@ -36,7 +36,7 @@ class PatchMeanConfig(EncoderConfig):
 class PatchMean(nn.Module):
     """uint8 [N, 3, H, W] -> [N, (H/patch) * (W/patch), dim]: each patch's mean colour, projected."""
 
-    def __init__(self, patch: int = 8, dim: int = 16):
+    def __init__(self, patch: int, dim: int):  # the schema holds the defaults
         super().__init__()
         self.patch, self.out_dim = patch, dim
         self.proj = nn.Linear(3, dim)
@@ -100,6 +100,11 @@ def test_the_model_builds_with_a_plugin_encoder_and_encodes_through_it(patch_mea
     observation = {"images": images, "proprio": torch.randn(2, cfg.data.proprio_dim), "instruction": ["reach the goal"] * 2}
     chunks = model(observation, model.sample_noise(2, 3, torch.device("cpu")))
     assert chunks.shape == (2, 3, cfg.data.horizon, model.action_spec.network_dim) and torch.isfinite(chunks).all()
+
+
+def test_a_key_the_config_omits_takes_its_schema_s_default(patch_mean):
+    backbone = build_model(run_config(dim=12)).vision_encoder.backbone
+    assert (backbone.patch, backbone.out_dim) == (8, 12)
 
 
 def test_a_schema_that_is_not_an_encoder_config_is_refused_naming_the_call():

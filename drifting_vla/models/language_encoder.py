@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from drifting_vla.models.frozen import FrozenModule, frozen_forward, load_pretrained
-from drifting_vla.models.registry import LANGUAGE_ENCODERS, register_language_encoder
+from drifting_vla.models.registry import build_encoder, register_language_encoder
 
 
 class CachedTextEncoder(FrozenModule):
@@ -209,15 +209,7 @@ class TaskEmbedding(nn.Module):
 
 def build_language_encoder(cfg: dict, pretrained: bool, instructions: list[str] | None) -> nn.Module:
     """Build from `model.language`; `instructions` (from the data config) feeds task embeddings."""
-    kwargs = dict(cfg)
-    name = kwargs.pop("name")
-    if name not in LANGUAGE_ENCODERS:
-        raise ValueError(f"unknown model.language.name {name!r}; choose one of {sorted(LANGUAGE_ENCODERS)}")
-    if name == "task_embedding":
-        kwargs["instructions"] = kwargs.get("instructions") or instructions or []
-    else:
-        kwargs["pretrained"] = pretrained
-    return LANGUAGE_ENCODERS[name](**kwargs)
+    return build_encoder("language", cfg, pretrained=pretrained, instructions=instructions)
 
 
 def load_clip_tokenizer(source: str, revision: str | None = None):

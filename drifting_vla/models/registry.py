@@ -15,12 +15,14 @@ formats/config.py, so that a config is checked in full whether or not this packa
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
+from omegaconf import OmegaConf
 from torch import nn
 
 from drifting_vla.formats.config import LANGUAGE_SCHEMAS, VISION_SCHEMAS, EncoderConfig
-from drifting_vla.formats.settings import check_schema
+from drifting_vla.formats.settings import check_schema, over_defaults, plain
 
 VISION_BACKBONES: dict[str, Callable[..., nn.Module]] = {}
 """model.vision.name -> backbone class. A backbone maps uint8 [N, 3, H, W] to [N, num_tokens, out_dim]."""
@@ -42,6 +44,24 @@ def register_language_encoder(name: str, schema: type[EncoderConfig] | None = No
     `model.language` other than `name` and setting `out_dim` (D); `schema` as for
     `register_vision_encoder`."""
     return _registration("language", LANGUAGE_ENCODERS, LANGUAGE_SCHEMAS, name, schema)
+
+
+def build_encoder(part: str, cfg, **context) -> nn.Module:
+    """The encoder `model.<part>` names, built with its keys merged over its schema's defaults (so
+    the schema, not the class, says what an omitted key means) and, from `context`, what the run
+    knows and the config does not (`pretrained`, the data's `instructions`), each given only to a
+    class whose constructor takes it and whose config left it empty."""
+    builders, schemas = {"vision": (VISION_BACKBONES, VISION_SCHEMAS), "language": (LANGUAGE_ENCODERS, LANGUAGE_SCHEMAS)}[part]
+    name = cfg["name"]
+    if name not in builders:
+        raise ValueError(f"unknown model.{part}.name {name!r}; choose one of {sorted(builders)}")
+    keys = plain(cfg)
+    if name in schemas:
+        keys = OmegaConf.to_container(over_defaults(f"model.{part}", schemas[name], keys), resolve=True)
+    keys.pop("name")
+    takes = inspect.signature(builders[name]).parameters
+    keys.update({key: value for key, value in context.items() if key in takes and not keys.get(key)})
+    return builders[name](**keys)
 
 
 def _registration(part: str, builders: dict, schemas: dict, name: str, schema: type | None):

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from drifting_vla.models.frozen import FrozenModule, frozen_forward
-from drifting_vla.models.registry import VISION_BACKBONES, register_vision_encoder
+from drifting_vla.models.registry import build_encoder, register_vision_encoder
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -202,11 +202,5 @@ class VisionEncoder(nn.Module):
 
 def build_vision_encoder(cfg, num_cameras: int, pretrained: bool, num_obs_steps: int = 1) -> VisionEncoder:
     """Build from `model.vision` (name, input_size and the backbone's own keys)."""
-    kwargs = dict(cfg)
-    name = kwargs.pop("name")
-    if name not in VISION_BACKBONES:
-        raise ValueError(f"unknown model.vision.name {name!r}; choose one of {sorted(VISION_BACKBONES)}")
-    if name == "dinov2":
-        kwargs["pretrained"] = pretrained
-    return VisionEncoder(VISION_BACKBONES[name](**kwargs), num_cameras, num_obs_steps)
+    return VisionEncoder(build_encoder("vision", cfg, pretrained=pretrained), num_cameras, num_obs_steps)
 
