@@ -25,11 +25,12 @@ def test_a_ways_figures_count_successes_failed_seeds_labels_and_the_length_of_su
                 {"seed": 9, "success": True, "steps": 20, "mode": "left"}]
     figures = _figures(episodes)
     assert figures["success"] == pytest.approx(2 / 3) and figures["episodes"] == 3
-    assert figures["failed_seeds"] == [8] and figures["modes"] == {"None": 1, "left": 2}
+    assert figures["failed_seeds"] == [8] and figures["modes"] == {"left": 2}  # seed 8 carries no label
     assert figures["mean_steps_of_successes"] == 15.0
     assert 0 < figures["ci95"][0] < 2 / 3 < figures["ci95"][1] < 1
     replayed = _figures([{"seed": 1, "success": True, "mode": None, "max_reward": 4.0}])
     assert replayed["mean_steps_of_successes"] is None  # ALOHA replays whole episodes
+    assert replayed["modes"] == {}  # one expert, no routes to label
 
 
 def test_a_data_config_without_scripted_experts_is_refused():

@@ -110,10 +110,11 @@ def _run(job: tuple) -> dict:
 
 
 def _figures(episodes: list[dict]) -> dict:
-    """Success with its 95% Wilson interval, the failed seeds, the labels' counts and, where the
-    suite's episodes end at success (Meta-World), the mean length of the successful ones."""
+    """Success with its 95% Wilson interval, the failed seeds, the counts of the labels episodes
+    carry (none for an expert without routes) and, where the suite's episodes end at success
+    (Meta-World), the mean length of the successful ones."""
     wins = sum(e["success"] for e in episodes)
-    modes = [str(e["mode"]) for e in episodes]
+    modes = [e["mode"] for e in episodes if e["mode"] is not None]
     steps = [e["steps"] for e in episodes if e["success"] and "steps" in e]
     return {
         "success": wins / len(episodes),
