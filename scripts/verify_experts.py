@@ -1,11 +1,11 @@
 """Check a suite's scripted experts on the evaluation seeds and publish the figures
 (drifting_vla/evaluation/expert_check.py says what is run and what makes a suite sound).
 
-    python scripts/verify_experts.py --data metaworld_multimodal --episodes 50 --json docs/results/experts_multimodal.json
-    python scripts/verify_experts.py --data metaworld_mt10 --episodes 50 --json docs/results/experts_mt10.json
-    python scripts/verify_experts.py --data aloha_transfer_cube --episodes 50 --json docs/results/aloha_experts_transfer_cube.json
-    python scripts/verify_experts.py --data aloha_insertion --episodes 50 --json docs/results/aloha_experts_insertion.json
-    python scripts/verify_experts.py --data aloha_transfer_cube_bimodal --episodes 50 --json docs/results/aloha_experts_bimodal.json
+    python scripts/verify_experts.py --data metaworld_multimodal --episodes 25 --workers 1 --json docs/results/experts_multimodal.json
+    python scripts/verify_experts.py --data metaworld_mt10 --episodes 50 --json experts_mt10.json
+    python scripts/verify_experts.py --data aloha_transfer_cube --episodes 20 --workers 1 --json docs/results/aloha_experts_transfer_cube.json
+    python scripts/verify_experts.py --data aloha_insertion --episodes 20 --workers 1 --json docs/results/aloha_experts_insertion.json
+    python scripts/verify_experts.py --data aloha_transfer_cube_bimodal --episodes 20 --workers 1 --json docs/results/aloha_experts_bimodal.json
 """
 
 from __future__ import annotations

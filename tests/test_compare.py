@@ -91,6 +91,9 @@ def test_stages_pool_over_seeds_weighted_by_episodes():
     seed1 = {"per_task_episodes": {"insertion": 30}, "stages": {"insertion": {"both touched": 1.0, "inserted": 0.2}}}
     assert pooled_stages([seed0, seed1]) == {"insertion": {"both touched": pytest.approx(0.875), "inserted": pytest.approx(0.15)}}
     assert pooled_stages([{"success_rate": 1.0}]) is None
+    labelled_once = {"per_task_episodes": {"insertion": 5, "transfer_cube": 5},
+                     "stages": {"transfer_cube": {"touched": 0.2}, "insertion": {"both touched": 0.4, "inserted": 0.0}}}
+    assert set(pooled_stages([labelled_once, seed1])) == {"insertion"}  # seed1 labelled no transfer_cube stages
 
 
 def test_stages_make_a_table_and_a_plot(tmp_path):

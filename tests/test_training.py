@@ -192,7 +192,7 @@ def test_a_task_the_simulator_does_not_know_fails_before_training(rlbench_root, 
 def test_too_few_evaluation_seeds_fail_before_training(rlbench_root, tmp_path):
     simulator = "+data.simulator={name: metaworld, tasks: [reach-v3], eval_seeds: {start: 100, count: 3}}"
     cfg = compose_config(overrides_for(rlbench_root, tmp_path, "training.eval.at_end=true", "training.eval.episodes=25", simulator))
-    with pytest.raises(ValueError, match=re.escape("episodes=25 per task, but data.eval_seeds.count=3")):
+    with pytest.raises(ValueError, match=re.escape("episodes=25 per task, but data.simulator.eval_seeds.count=3")):
         Trainer(cfg)
     assert not (tmp_path / "config.yaml").exists()
 

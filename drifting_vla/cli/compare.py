@@ -320,6 +320,8 @@ def pooled_stages(summaries: list[dict]) -> dict | None:
         return None
     pooled = {}
     for task, names in summaries[0]["stages"].items():
+        if not all(task in s["stages"] for s in summaries):
+            continue  # a seed whose every episode of the task failed before a step labels no stages for it
         episodes = [s["per_task_episodes"][task] for s in summaries]
         pooled[task] = {
             name: sum(s["stages"][task][name] * n for s, n in zip(summaries, episodes, strict=True)) / sum(episodes)

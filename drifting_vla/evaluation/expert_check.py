@@ -18,6 +18,7 @@ succeed when the reward reaches 4.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -92,6 +93,7 @@ def check_experts(cfg: dict, episodes: int, workers: int) -> dict:
     processes; return `seeds`, `seconds`, `table` ({task: {how: figures}}) and every episode."""
     if cfg.get("name") not in CHECKS:
         raise ValueError(f"data config {cfg.get('name')!r} has no scripted experts to check; checked: {sorted(CHECKS)}")
+    os.environ.setdefault("MUJOCO_GL", "egl")  # the worker processes render offscreen, as rollout.evaluate's do
     seeds = evaluation_seeds(cfg, episodes)
     jobs = [(cfg, task, seed, how) for task in cfg["tasks"] for how in ways(cfg) for seed in seeds]
     started = time.perf_counter()
@@ -130,7 +132,7 @@ def format_table(table: dict) -> str:
     """One row a task, one column a way: success [95% interval]."""
     width = max(len(task) for task in table) + 2
     hows = list(next(iter(table.values())))
-    lines = [f"{'task':<{width}}" + "".join(f"{how:>24}" for how in hows)]
+    lines = [f"{'task':<{width}}" + "".join(f"{how:>21}  " for how in hows)]
     for task, cells in table.items():
         lines.append(f"{task:<{width}}" + "".join(f"{c['success']:>8.2f} [{c['ci95'][0]:.2f}, {c['ci95'][1]:.2f}]  "
                                                   for c in cells.values()))

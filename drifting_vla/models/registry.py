@@ -50,7 +50,8 @@ def build_encoder(part: str, cfg, **context) -> nn.Module:
     """The encoder `model.<part>` names, built with its keys merged over its schema's defaults (so
     the schema, not the class, says what an omitted key means) and, from `context`, what the run
     knows and the config does not (`pretrained`, the data's `instructions`), each given only to a
-    class whose constructor takes it and whose config left it empty."""
+    class whose constructor takes it and whose config left it unset (absent, null or an empty list:
+    an explicit value, `false` included, wins)."""
     builders, schemas = {"vision": (VISION_BACKBONES, VISION_SCHEMAS), "language": (LANGUAGE_ENCODERS, LANGUAGE_SCHEMAS)}[part]
     name = cfg["name"]
     if name not in builders:
@@ -60,7 +61,7 @@ def build_encoder(part: str, cfg, **context) -> nn.Module:
         keys = OmegaConf.to_container(over_defaults(f"model.{part}", schemas[name], keys), resolve=True)
     keys.pop("name")
     takes = inspect.signature(builders[name]).parameters
-    keys.update({key: value for key, value in context.items() if key in takes and not keys.get(key)})
+    keys.update({key: value for key, value in context.items() if key in takes and keys.get(key) in (None, [])})
     return builders[name](**keys)
 
 
@@ -69,7 +70,7 @@ def _registration(part: str, builders: dict, schemas: dict, name: str, schema: t
 
     def wrap(builder):
         builders[name] = builder
-        if schema is not None:
+        if schema is not None:  # the built-in encoders' schemas are declared in formats/config.py
             schemas[name] = schema
         return builder
 

@@ -130,7 +130,8 @@ class Trainer:
         simulator = simulation_config(cfg.data)
         if evaluates and simulator is not None:  # an unknown simulator or task, or no seeds to run, fail now, not after training
             checked_env_import_path(simulator, simulator["tasks"])
-            evaluation_seeds(simulator, t.eval.episodes)
+            from_simulator = "eval_seeds" in (cfg.data.get("simulator") or {})
+            evaluation_seeds(simulator, t.eval.episodes, range_key=f"data.{'simulator.' if from_simulator else ''}eval_seeds")
             if evaluator is None:
                 raise ValueError(
                     "training.eval asks for closed-loop evaluation (at_end or every) but the Trainer was given no "
