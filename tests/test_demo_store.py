@@ -103,7 +103,7 @@ def test_the_store_keeps_the_successes_in_seed_order_and_records_the_rest(tmp_pa
     assert sample["instruction"] == "do count" and sample["images"].shape == (1, 3, 4, 4)
 
 
-def test_a_whole_store_is_read_without_building_an_env(tmp_path, monkeypatch):
+def test_a_whole_store_is_read_without_collecting_again(tmp_path, monkeypatch):
     store = SUITE.ensure_demos(_cfg(tmp_path), progress=False)
     mtime = (store / "count" / "images.npy").stat().st_mtime_ns
 

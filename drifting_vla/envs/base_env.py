@@ -55,7 +55,10 @@ class BaseEnv(ABC):
 
     @abstractmethod
     def step(self, action: np.ndarray) -> StepResult:
-        """Apply one action (raw units of the dataset's action spec)."""
+        """Apply one action (raw units of the dataset's action spec). The step's `info` may label the
+        episode so far, and the evaluation records the labels with it: `mode` (str, the route it took),
+        `stage` (int, the furthest stage of a staged reward reached) with `stage_names` (the names of
+        stages 1, 2, ...), and `error` (str) when the simulator failed."""
 
     @abstractmethod
     def render(self) -> np.ndarray:
@@ -86,4 +89,6 @@ class MujocoEnv(BaseEnv):
             if renderer is not None:
                 renderer.close()
         self._renderer = self._video_renderer = None
-        self._env.close()
+        if self._env is not None:
+            self._env.close()
+            self._env = None
