@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 
 from drifting_vla.configs import data_config
@@ -20,7 +19,6 @@ from drifting_vla.evaluation.expert_check import CHECKS, check_experts, format_t
 
 
 def main() -> None:
-    os.environ.setdefault("MUJOCO_GL", "egl")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="metaworld_multimodal", help="a Meta-World or ALOHA data config name")
     parser.add_argument("--episodes", type=int, default=50, help="seeds per task and way (default: 50)")
